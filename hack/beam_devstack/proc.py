@@ -1,0 +1,193 @@
+"""Start and stop local server processes so that none outlives its owner.
+
+Every server of the dev stack and the test suite is a ManagedProcess. Two guarantees:
+- A process started for tests dies with the Python process that started it, even when that one
+  is killed with SIGKILL: the child is asked for PR_SET_PDEATHSIG, and it runs in its own
+  process group so that stop() reaches its children too (Kafka's JVM, fakesnow's workers).
+- A process started by `beam-dev up` is detached (it must outlive the CLI) and is recorded in a
+  pid file under the stack's run directory, so that `beam-dev down` finds it again.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+CACHE = Path(os.environ.get("BEAM_CACHE", Path.home() / ".cache" / "beam-backfill"))
+PR_SET_PDEATHSIG = 1
+
+_live: set["ManagedProcess"] = set()
+_live_lock = threading.Lock()
+
+
+def progress(component: str, message: str) -> None:
+    """One progress line on stderr; long downloads and builds call this so people see motion."""
+    print(f"[{time.strftime('%H:%M:%S')} {component}] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class ManagedProcess:
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        log_path: Path,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        detach: bool = False,
+        pid_dir: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = [str(a) for a in argv]
+        self.log_path = Path(log_path)
+        self.env = dict(os.environ if env is None else env)
+        self.cwd = cwd
+        self.detach = detach
+        self.pid_dir = pid_dir
+        self.popen: subprocess.Popen | None = None
+
+    def start(self) -> "ManagedProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.popen = subprocess.Popen(
+            self.argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env,
+            cwd=self.cwd,
+            start_new_session=True,
+            preexec_fn=None if self.detach else _die_with_parent,
+        )
+        log.close()
+        if self.pid_dir is not None:
+            self.pid_dir.mkdir(parents=True, exist_ok=True)
+            (self.pid_dir / f"{self.name}.pid").write_text(str(self.popen.pid))
+        if not self.detach:
+            with _live_lock:
+                _live.add(self)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def wait_ready(self, check: Callable[[], bool], timeout: float, what: str = "ready") -> None:
+        """Poll check() until true; fail fast with the log tail if the process exits first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(
+                    f"{self.name} exited with code {self.popen.returncode} before it was {what}; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            try:
+                if check():
+                    return
+            except Exception:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{self.name} not {what} after {timeout:.0f}s; log {self.log_path}:\n{self.log_tail()}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        if self.popen is None:
+            return
+        kill_group(self.popen.pid, grace, self.popen)
+        with _live_lock:
+            _live.discard(self)
+        if self.pid_dir is not None:
+            (self.pid_dir / f"{self.name}.pid").unlink(missing_ok=True)
+
+
+def kill_group(pid: int, grace: float = 10.0, popen: subprocess.Popen | None = None) -> None:
+    """SIGTERM the process group, then SIGKILL it after `grace` seconds."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if popen is not None:
+            if popen.poll() is not None:
+                break
+        else:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+        time.sleep(0.05)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    if popen is not None:
+        try:
+            popen.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def stop_pid_dir(pid_dir: Path, grace: float = 10.0) -> list[str]:
+    """Stop every process recorded in pid_dir (used by `beam-dev down`)."""
+    stopped = []
+    for f in sorted(Path(pid_dir).glob("*.pid")):
+        try:
+            kill_group(int(f.read_text().strip()), grace)
+            stopped.append(f.stem)
+        except ValueError:
+            pass
+        f.unlink(missing_ok=True)
+    return stopped
+
+
+@atexit.register
+def _stop_all() -> None:
+    for p in list(_live):
+        p.stop(grace=5)
+
+
+def _on_signal(signum, frame):  # pragma: no cover - exercised by interrupting a run
+    _stop_all()
+    raise SystemExit(128 + signum)
+
+
+if threading.current_thread() is threading.main_thread():
+    # SIGTERM from CI or a parent shell: stop servers before exiting. SIGINT stays
+    # KeyboardInterrupt so pytest can report, and atexit still runs after it.
+    signal.signal(signal.SIGTERM, _on_signal)
