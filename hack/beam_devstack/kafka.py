@@ -1,0 +1,223 @@
+"""A real one-node Apache Kafka (KRaft, broker and controller in one JVM) on 127.0.0.1.
+
+The jars come from Maven Central through hack/kafka/pom.xml and are cached per version; the
+broker runs on the machine's Java 17. Settings suit tests: replication factor 1 everywhere
+(transactions need it, a one-node cluster cannot meet the default of 3), small internal topics
+so the first consumer group and the first transaction do not wait for 50 partitions to be
+created, and no initial rebalance delay.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+from beam_devstack.proc import CACHE, ManagedProcess, free_port, port_open, progress
+
+VERSION = os.environ.get("BEAM_KAFKA_VERSION", "4.4.0")
+POM = Path(__file__).resolve().parent.parent / "kafka" / "pom.xml"
+READY_TIMEOUT = 120.0
+
+
+def libs_dir(version: str = VERSION) -> Path:
+    return CACHE / f"kafka-{version}" / "libs"
+
+
+def _java() -> str:
+    home = os.environ.get("JAVA_HOME")
+    if home and (Path(home) / "bin" / "java").exists():
+        return str(Path(home) / "bin" / "java")
+    java = shutil.which("java")
+    if java is None:
+        raise RuntimeError("Kafka needs Java 17 or newer on PATH (Debian: apt-get install openjdk-17-jre-headless)")
+    return java
+
+
+def _mvn() -> str:
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        progress("kafka", "mvn not found: apt-get install -y maven")
+        subprocess.run(["apt-get", "install", "-y", "-q", "maven"], check=True)
+        mvn = shutil.which("mvn")
+        assert mvn is not None
+    return mvn
+
+
+def ensure_installed(version: str = VERSION) -> Path:
+    """Resolve org.apache.kafka:kafka_2.13 and its runtime jars into the cache; return the dir."""
+    libs = libs_dir(version)
+    done = libs.parent / ".complete"
+    if done.exists():
+        return libs
+    progress("kafka", f"fetching Kafka {version} jars from Maven Central into {libs}")
+    # A half-copied libs dir would start a broker with a broken classpath: copy beside, then move.
+    staging = libs.parent / "libs.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    libs.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    result = subprocess.run(
+        [
+            _mvn(), "-B", "-q", "-f", str(POM),
+            f"-Dkafka.version={version}",
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={staging}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"mvn could not resolve Kafka {version}:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    shutil.rmtree(libs, ignore_errors=True)
+    staging.rename(libs)
+    done.write_text(version)
+    jars = list(libs.glob("*.jar"))
+    size = sum(j.stat().st_size for j in jars)
+    progress("kafka", f"{len(jars)} jars, {size / 2**20:.1f} MiB in {time.monotonic() - t0:.1f}s")
+    return libs
+
+
+def _cluster_id() -> str:
+    # KRaft wants a base64url UUID without padding, as `kafka-storage random-uuid` prints.
+    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+
+
+LOG4J2 = """\
+status = error
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = {log}
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = {level}
+rootLogger.appenderRef.file.ref = file
+"""
+
+
+class Kafka:
+    def __init__(self, run_dir: Path, *, detach: bool = False, pid_dir: Path | None = None,
+                 version: str = VERSION, heap: str = "512m", log_level: str = "WARN") -> None:
+        self.run_dir = Path(run_dir) / "kafka"
+        self.detach = detach
+        self.pid_dir = pid_dir
+        self.version = version
+        self.heap = heap
+        self.log_level = log_level
+        self.port: int | None = None
+        self.controller_port: int | None = None
+        self.proc: ManagedProcess | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def endpoints(self) -> dict:
+        return {"bootstrap": self.bootstrap}
+
+    def _write_config(self) -> Path:
+        self.port, self.controller_port = free_port(), free_port()
+        while self.controller_port == self.port:
+            self.controller_port = free_port()
+        data = self.run_dir / "data"
+        props = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "log.dirs": str(data),
+            "num.partitions": "1",
+            "auto.create.topics.enable": "true",
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "4",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "4",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "group.initial.rebalance.delay.ms": "0",
+            # Tests delete topics; without this a re-created name can collide with its ghost.
+            "delete.topic.enable": "true",
+        }
+        cfg = self.run_dir / "server.properties"
+        cfg.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        (self.run_dir / "log4j2.properties").write_text(
+            LOG4J2.format(log=self.run_dir / "kafka.log", level=self.log_level)
+        )
+        return cfg
+
+    def _java_argv(self, main: str, *args: str) -> list[str]:
+        libs = ensure_installed(self.version)
+        return [
+            _java(),
+            f"-Xms{min(self.heap, '256m', key=_mib)}", f"-Xmx{self.heap}",
+            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.run_dir / 'log4j2.properties'}",
+            f"-Dkafka.logs.dir={self.run_dir}",
+            "-cp", f"{libs}/*",
+            main, *args,
+        ]
+
+    def start(self) -> "Kafka":
+        ensure_installed(self.version)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.run_dir.mkdir(parents=True)
+        cfg = self._write_config()
+        t0 = time.monotonic()
+        fmt = subprocess.run(
+            self._java_argv("kafka.tools.StorageTool", "format", "--standalone",
+                            "-t", _cluster_id(), "-c", str(cfg)),
+            capture_output=True, text=True,
+        )
+        if fmt.returncode != 0:
+            raise RuntimeError(f"formatting Kafka storage failed:\n{fmt.stdout}\n{fmt.stderr}")
+        self.proc = ManagedProcess(
+            "kafka", self._java_argv("kafka.Kafka", str(cfg)),
+            log_path=self.run_dir / "stdout.log", detach=self.detach, pid_dir=self.pid_dir,
+        ).start()
+        try:
+            # Clients are only created once the port answers: librdkafka logs every refused
+            # connection, which would bury the broker's own log in the test output.
+            self.proc.wait_ready(lambda: port_open(self.port), READY_TIMEOUT, "listening")
+            self.proc.wait_ready(self._lists_topics, READY_TIMEOUT, "listing topics")
+            # The transaction coordinator's topic is created lazily by the first transactional
+            # producer; do it here so tests that use transactions do not pay for it or race it.
+            self.proc.wait_ready(self._inits_transactions, READY_TIMEOUT, "accepting transactions")
+        except BaseException:
+            self.stop()
+            raise
+        progress("kafka", f"Kafka {self.version} ready on {self.bootstrap} in {time.monotonic() - t0:.1f}s")
+        return self
+
+    def _lists_topics(self) -> bool:
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap, "socket.timeout.ms": 2000})
+        admin.list_topics(timeout=2)
+        return True
+
+    def _inits_transactions(self) -> bool:
+        from confluent_kafka import Producer
+
+        p = Producer({"bootstrap.servers": self.bootstrap, "transactional.id": "beam-devstack-ready"})
+        p.init_transactions(10)
+        return True
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(grace=15)
+            self.proc = None
+
+
+def _mib(size: str) -> int:
+    units = {"k": 1 / 1024, "m": 1, "g": 1024}
+    return int(float(size[:-1]) * units[size[-1].lower()])
