@@ -1,0 +1,333 @@
+"""The BeamBackfill spec and status: the single source of truth.
+
+The CRD's OpenAPI schema (crds/), the REST API's request body and the jobrunner's input are all
+this model. Field names inside spec and status are the public Beam API's snake_case on purpose,
+so that a REST create body and a BeamBackfill's spec are the same document; Kubernetes' own
+fields (metadata, conditions, observedGeneration) keep their usual camelCase.
+
+Validation that the API server can do is declared here too (`cel` rules in json_schema_extra),
+so the CRD refuses bad objects before the operator ever sees them; the pydantic validators
+enforce the same rules for the REST API and the jobrunner.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime, timezone
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GROUP = "beam-backfill.dev"
+VERSION = "v1alpha1"
+KIND = "BeamBackfill"
+PLURAL = "beambackfills"
+SINGULAR = "beambackfill"
+SHORT_NAMES = ["bbf"]
+
+# Snowflake unquoted identifiers: what a column or a table part may be. Stricter than Snowflake
+# itself (no quoted identifiers), which keeps every name safe to splice into SQL.
+IDENT_RE = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$"
+TABLE_RE = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}(\.[A-Za-z_][A-Za-z0-9_$]{0,254}){0,2}$"
+# ISO 8601 date-time with seconds; a missing offset means UTC (the seed's examples have none).
+TIMESTAMP_RE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})?$"
+K8S_NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+STATUSES = ("staging", "transporting", "completed", "failed", "cancelled")
+TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+class _Model(BaseModel):
+    # Unknown fields are an error, not silently dropped: a typo in a manifest must not
+    # turn into a backfill that ignores what the user asked for.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def parse_timestamp(value: str) -> datetime:
+    """Parse the window's ISO 8601 timestamp; naive values are UTC."""
+    if not re.match(TIMESTAMP_RE, value):
+        raise ValueError(
+            f"{value!r} is not an ISO 8601 timestamp; use YYYY-MM-DDTHH:MM:SS, "
+            "optionally with fractional seconds and Z or a +HH:MM offset"
+        )
+    dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+# CEL: a timestamp string made RFC 3339 (naive means UTC) so that timestamp() can compare it.
+def _cel_ts(field: str) -> str:
+    return (
+        f"(self.{field}.endsWith('Z') || self.{field}.matches('[+-][0-9]{{2}}:[0-9]{{2}}$') "
+        f"? timestamp(self.{field}) : timestamp(self.{field} + 'Z'))"
+    )
+
+
+class TimestampWindow(_Model):
+    """Backfill by block timestamp: start inclusive, end exclusive."""
+
+    partition_key: Literal["block_timestamp"] = Field(
+        description="Column the window applies to: block_timestamp (ISO 8601 start/end) or block (integer block heights)."
+    )
+    start: str = Field(
+        max_length=40,
+        description="Inclusive start, ISO 8601 (e.g. 2024-01-01T00:00:00); no offset means UTC. "
+        "For partition_key block: an integer block height.",
+    )
+    end: str = Field(max_length=40, description="Exclusive end, in the same form as start.")
+
+    @field_validator("start", "end")
+    @classmethod
+    def _iso(cls, v: str) -> str:
+        parse_timestamp(v)
+        return v
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "TimestampWindow":
+        if parse_timestamp(self.start) >= parse_timestamp(self.end):
+            raise ValueError(f"backfill_window.start ({self.start}) must be before end ({self.end})")
+        return self
+
+    def bounds(self) -> tuple[datetime, datetime]:
+        return parse_timestamp(self.start), parse_timestamp(self.end)
+
+
+class BlockWindow(_Model):
+    """Backfill by block height: start inclusive, end exclusive."""
+
+    partition_key: Literal["block"]
+    start: int = Field(ge=0)
+    end: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "BlockWindow":
+        if self.start >= self.end:
+            raise ValueError(f"backfill_window.start ({self.start}) must be less than end ({self.end})")
+        return self
+
+    def bounds(self) -> tuple[int, int]:
+        return self.start, self.end
+
+
+BackfillWindow = Annotated[Union[TimestampWindow, BlockWindow], Field(discriminator="partition_key")]
+
+# Rules the generated CRD attaches to backfill_window (start/end are int-or-string there).
+WINDOW_CEL = [
+    {
+        "rule": "self.partition_key != 'block' || (type(self.start) == int && type(self.end) == int)",
+        "message": "for partition_key block, start and end must be integer block heights",
+    },
+    {
+        "rule": "self.partition_key != 'block_timestamp' || (type(self.start) == string && type(self.end) == string)",
+        "message": "for partition_key block_timestamp, start and end must be ISO 8601 strings such as \"2024-01-01T00:00:00\"",
+    },
+    {
+        "rule": f"self.partition_key != 'block_timestamp' || type(self.start) != string || type(self.end) != string "
+        f"|| (self.start.matches('{TIMESTAMP_RE}') && self.end.matches('{TIMESTAMP_RE}'))",
+        "message": "start and end must be ISO 8601 timestamps like 2024-01-01T00:00:00 (optionally with fractional seconds and Z or +HH:MM)",
+    },
+    {
+        "rule": "self.partition_key != 'block' || type(self.start) != int || type(self.end) != int || (self.start >= 0 && self.start < self.end)",
+        "message": "backfill_window.start must be less than end (start is inclusive, end exclusive) and not negative",
+    },
+    {
+        "rule": f"self.partition_key != 'block_timestamp' || type(self.start) != string || type(self.end) != string "
+        f"|| !self.start.matches('{TIMESTAMP_RE}') || !self.end.matches('{TIMESTAMP_RE}') "
+        f"|| {_cel_ts('start')} < {_cel_ts('end')}",
+        "message": "backfill_window.start must be before end (start is inclusive, end exclusive)",
+    },
+]
+
+
+class Filter(_Model):
+    """Export only rows whose column is one of values: WHERE column IN (values)."""
+
+    column: str = Field(pattern=IDENT_RE, max_length=255, description="Column to filter on; a plain identifier such as token_address.")
+    values: list[Union[str, int]] = Field(
+        min_length=1,
+        max_length=10000,
+        description="Values to keep; at least one. Sent to Snowflake as bound parameters, never spliced into SQL.",
+        json_schema_extra={"x-beam-item-max-length": 1024},
+    )
+
+
+class _Destination(_Model):
+    # Secret keys this destination reads, if it names a Secret: documented contract between the
+    # operator (which maps them into the worker's env) and the jobrunner (which reads them).
+    secret_keys: ClassVar[tuple[str, ...]] = ()
+    name: str = Field(min_length=1, max_length=249, description="A label for this destination, unique per type within the backfill.")
+
+
+class KafkaDestination(_Destination):
+    """Kafka topic. Without bootstrap_servers, the operator's managed Kafka is used."""
+
+    secret_keys: ClassVar[tuple[str, ...]] = ("sasl_username", "sasl_password", "sasl_mechanism", "security_protocol", "ssl_ca_pem")
+    type: Literal["kafka"]
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,249}$", max_length=249, description="Topic to write to.")
+    bootstrap_servers: str | None = Field(
+        default=None, max_length=2048, description="host:port[,host:port] of an external Kafka; omit for the operator's managed Kafka."
+    )
+    secret: str | None = Field(
+        default=None,
+        pattern=K8S_NAME_RE,
+        max_length=253,
+        description="Name of a Secret in this namespace with keys sasl_username, sasl_password and optionally "
+        "sasl_mechanism (default PLAIN), security_protocol (default SASL_SSL) and ssl_ca_pem.",
+    )
+
+
+class WebhookDestination(_Destination):
+    """HTTP endpoint that receives rows as JSON batches, optionally HMAC-signed."""
+
+    secret_keys: ClassVar[tuple[str, ...]] = ("hash_key",)
+    type: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://[^\s]+$", max_length=2048, description="http(s) URL that receives POSTed batches.")
+    hash_key: str | None = Field(
+        default=None,
+        pattern=K8S_NAME_RE,
+        max_length=253,
+        description="Name of a Secret in this namespace whose key hash_key signs each request (HMAC-SHA256); omit to send unsigned.",
+    )
+
+
+class NatsDestination(_Destination):
+    """NATS JetStream subject (the destination name); the stream must cover it."""
+
+    secret_keys: ClassVar[tuple[str, ...]] = ("user", "password", "token")
+    type: Literal["nats"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.>*-]{1,249}$", max_length=249, description="Subject to publish to.")
+    url: str = Field(pattern=r"^(nats|tls)://[^\s]+$", max_length=2048, description="nats:// or tls:// server URL(s), comma-separated.")
+    secret: str | None = Field(
+        default=None, pattern=K8S_NAME_RE, max_length=253,
+        description="Name of a Secret with keys user and password, or token.",
+    )
+
+
+class SnsDestination(_Destination):
+    """Amazon SNS topic; FIFO topics get a deduplication id per row."""
+
+    secret_keys: ClassVar[tuple[str, ...]] = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
+    type: Literal["sns"]
+    topic_arn: str = Field(pattern=r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$", max_length=300, description="ARN of the SNS topic.")
+    region: str | None = Field(default=None, pattern=r"^[a-z0-9-]+$", max_length=32, description="AWS region; defaults to the one in topic_arn.")
+    endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$", max_length=2048, description="Override the SNS endpoint (VPC endpoints, testing).")
+    secret: str | None = Field(
+        default=None, pattern=K8S_NAME_RE, max_length=253,
+        description="Name of a Secret with keys aws_access_key_id, aws_secret_access_key and optionally aws_session_token; omit to use the worker's ambient AWS identity.",
+    )
+
+
+Destination = Annotated[
+    Union[KafkaDestination, WebhookDestination, NatsDestination, SnsDestination], Field(discriminator="type")
+]
+DESTINATION_TYPES = {"kafka": KafkaDestination, "webhook": WebhookDestination, "nats": NatsDestination, "sns": SnsDestination}
+
+
+class BackfillSpec(_Model):
+    """What to backfill: a window of a Snowflake table, optionally filtered, to one or more destinations."""
+
+    # Fields a user may change after creation; everything else is immutable (see crd.py).
+    mutable_fields: ClassVar[tuple[str, ...]] = ("cancel",)
+
+    job_name: str = Field(min_length=1, max_length=256, description="Display name of the backfill.")
+    table: str = Field(
+        pattern=TABLE_RE, max_length=767,
+        description="Source Snowflake table, e.g. base.assets.erc20_token_transfers (plain identifiers, up to 3 parts).",
+    )
+    backfill_window: BackfillWindow = Field(
+        description="Window to export: partition_key block_timestamp with ISO 8601 start/end, or block with integer start/end. "
+        "start is inclusive, end exclusive.",
+        json_schema_extra={"x-kubernetes-validations": WINDOW_CEL},
+    )
+    filter: Filter | None = Field(default=None, description="Optional WHERE column IN (values) on the export query.")
+    destinations: list[Destination] = Field(
+        min_length=1, max_length=16, description="Where every row goes: kafka, webhook, nats or sns; at least one."
+    )
+    static_egress_ip: bool = Field(default=False, description="Send from the operator's configured static egress IP (for webhook allow-lists).")
+    columns: list[Annotated[str, Field(pattern=IDENT_RE, max_length=255)]] | None = Field(
+        default=None, min_length=1, max_length=500,
+        description="Columns to export (projection); omit for all columns.",
+    )
+    parallelism: int | None = Field(
+        default=None, ge=1, le=256, description="Transport Pods running at once; defaults to the operator's setting."
+    )
+    cancel: bool = Field(
+        default=False,
+        description="Set to true to cancel: running Jobs are deleted and status becomes cancelled. The only field that may change after creation.",
+    )
+
+    @model_validator(mode="after")
+    def _distinct_destinations(self) -> "BackfillSpec":
+        seen = set()
+        for d in self.destinations:
+            key = (d.type, d.name)
+            if key in seen:
+                raise ValueError(f"destination {d.type} {d.name!r} is listed twice")
+            seen.add(key)
+        return self
+
+
+SPEC_CEL = [
+    {
+        "rule": "self.destinations.all(a, self.destinations.exists_one(b, a.type == b.type && a.name == b.name))",
+        "message": "each destination (type and name) may be listed only once",
+    },
+]
+
+
+def destination_uid(job_id: str, index: int, dest: _Destination) -> str:
+    """The per-destination uid the public API reports: stable for a job and its destination."""
+    return str(uuid.uuid5(uuid.UUID(job_id) if _is_uuid(job_id) else uuid.NAMESPACE_URL, f"{index}:{dest.type}:{dest.name}"))
+
+
+def _is_uuid(s: str) -> bool:
+    try:
+        uuid.UUID(s)
+        return True
+    except ValueError:
+        return False
+
+
+def workflow_id(namespace: str, job_id: str) -> str:
+    return f"beam-backfill-{namespace}-{job_id}"
+
+
+class Condition(BaseModel):
+    """A Kubernetes-standard condition (metav1.Condition)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str = ""
+    message: str = ""
+    lastTransitionTime: str | None = None
+    observedGeneration: int | None = None
+
+
+class BackfillStatus(BaseModel):
+    """What the operator reports. status is empty until the first reconcile, then one of STATUSES."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    status: Literal["", "staging", "transporting", "completed", "failed", "cancelled"] = Field(
+        default="", description="staging, transporting, completed, failed or cancelled; empty before the first reconcile."
+    )
+    job_id: str | None = Field(default=None, description="The resource's uid; the public API's job_id.")
+    workflow_id: str | None = Field(default=None, description="beam-backfill-<namespace>-<job_id>.")
+    num_chunks: int | None = Field(default=None, description="Parquet files staged; null while staging.")
+    chunks_left: int | None = Field(default=None, description="Chunks still to deliver; counts down to 0.")
+    num_rows: int | None = Field(default=None, description="Rows staged.")
+    error_message: str | None = Field(default=None, description="Why the backfill failed; null otherwise.")
+    time_created: str | None = Field(default=None, description="ISO 8601 UTC.")
+    time_completed: str | None = Field(default=None, description="ISO 8601 UTC; null until the backfill ends.")
+    staged_files_deleted: bool | None = Field(default=None, description="True once the staged chunks were removed (retention).")
+    observedGeneration: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+
+
+def utc_iso(dt: datetime) -> str:
+    """ISO 8601 UTC with Z, second precision: the public API's timestamp format."""
+    return dt.astimezone(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def spec_from_dict(data: dict[str, Any]) -> BackfillSpec:
+    return BackfillSpec.model_validate(data)
