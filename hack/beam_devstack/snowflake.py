@@ -1,0 +1,87 @@
+"""fakesnow's HTTP server (Snowflake's wire protocol over DuckDB) on 127.0.0.1.
+
+The real snowflake-connector-python talks to it. All connections share one in-memory DuckDB
+per server process (fakesnow's default in server mode), so data seeded through one connection
+is visible to a worker's own connection; a restart starts empty.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from beam_devstack.proc import ManagedProcess, free_port, port_open, progress
+
+READY_TIMEOUT = 60.0
+ACCOUNT, USER, PASSWORD = "fakesnow", "fake", "snow"
+# fakesnow answers SQL it cannot translate with HTTP 500, which the connector retries until
+# network_timeout: keep that short so an unsupported statement fails in seconds, not minutes.
+NETWORK_TIMEOUT = 15
+
+
+def ensure_installed() -> None:
+    if importlib.util.find_spec("fakesnow") is None:
+        progress("snowflake", "installing fakesnow[server] from PyPI")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "fakesnow[server]~=0.12.1"], check=True)
+        importlib.invalidate_caches()
+
+
+def connect(endpoints: dict, database: str | None = None, schema: str | None = None, **kw):
+    """A snowflake.connector connection to the fakesnow server described by `endpoints`."""
+    import snowflake.connector
+
+    params = dict(
+        account=endpoints["account"], user=endpoints["user"], password=endpoints["password"],
+        host=endpoints["host"], port=endpoints["port"], protocol=endpoints["protocol"],
+        database=database, schema=schema, network_timeout=NETWORK_TIMEOUT,
+        login_timeout=NETWORK_TIMEOUT, paramstyle="qmark",
+    )
+    params.update(kw)
+    return snowflake.connector.connect(**params)
+
+
+class FakeSnowflake:
+    def __init__(self, run_dir: Path, *, detach: bool = False, pid_dir: Path | None = None) -> None:
+        self.run_dir = Path(run_dir) / "snowflake"
+        self.detach = detach
+        self.pid_dir = pid_dir
+        self.port: int | None = None
+        self.proc: ManagedProcess | None = None
+
+    def endpoints(self) -> dict:
+        return {"host": "127.0.0.1", "port": self.port, "account": ACCOUNT, "user": USER,
+                "password": PASSWORD, "protocol": "http"}
+
+    def connect(self, database: str | None = None, schema: str | None = None, **kw):
+        return connect(self.endpoints(), database, schema, **kw)
+
+    def start(self) -> "FakeSnowflake":
+        ensure_installed()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        t0 = time.monotonic()
+        self.proc = ManagedProcess(
+            "fakesnow",
+            [sys.executable, "-m", "fakesnow", "-s", "-p", self.port, "--host", "127.0.0.1"],
+            log_path=self.run_dir / "fakesnow.log", detach=self.detach, pid_dir=self.pid_dir,
+        ).start()
+        try:
+            self.proc.wait_ready(lambda: port_open(self.port), READY_TIMEOUT, "listening")
+            self.proc.wait_ready(self._answers_sql, READY_TIMEOUT, "answering SQL")
+        except BaseException:
+            self.stop()
+            raise
+        progress("snowflake", f"fakesnow ready on 127.0.0.1:{self.port} in {time.monotonic() - t0:.1f}s")
+        return self
+
+    def _answers_sql(self) -> bool:
+        with self.connect() as conn:
+            return conn.cursor().execute("SELECT 1").fetchone() == (1,)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
