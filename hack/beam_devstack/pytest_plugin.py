@@ -13,3 +13,51 @@ import pytest
 # --- node agent (beam_devstack.nodeagent) ---------------------------------------------------
 
 # --- brokers: Kafka, fake-gcs-server, fakesnow, NATS, SNS ------------------------------------
+
+
+def _broker(module: str, cls: str, tmp_path_factory):
+    import importlib
+
+    server = getattr(importlib.import_module(f"beam_devstack.{module}"), cls)(tmp_path_factory.mktemp(module))
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory):
+    """A one-node Apache Kafka 4.x (KRaft); .bootstrap / endpoints()["bootstrap"]."""
+    server = _broker("kafka", "Kafka", tmp_path_factory)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+    """fake-gcs-server; endpoints()["url"] is STORAGE_EMULATOR_HOST, ["host_port"] pyarrow's endpoint_override."""
+    server = _broker("gcs", "FakeGcs", tmp_path_factory)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def snowflake(tmp_path_factory):
+    """fakesnow's server; .connect(database, schema) gives a snowflake.connector connection."""
+    server = _broker("snowflake", "FakeSnowflake", tmp_path_factory)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def nats(tmp_path_factory):
+    """nats-server with JetStream; endpoints()["url"]."""
+    server = _broker("nats", "Nats", tmp_path_factory)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sns(tmp_path_factory):
+    """moto serving SNS and SQS; .client("sns"|"sqs") gives a boto3 client for it."""
+    server = _broker("sns", "Sns", tmp_path_factory)
+    yield server
+    server.stop()
