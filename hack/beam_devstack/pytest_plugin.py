@@ -10,6 +10,29 @@ import pytest
 
 # --- Kubernetes control plane (beam_devstack.k8s) ------------------------------------------
 
+
+@pytest.fixture(scope="session")
+def k8s(tmp_path_factory):
+    """etcd + kube-apiserver + kube-controller-manager; .kubeconfig (admin), .server,
+    .kubectl(...), .api(...), .kubeconfig_for_service_account(ns, name)."""
+    from beam_devstack.k8s import ControlPlane
+
+    plane = ControlPlane(tmp_path_factory.mktemp("k8s"))
+    plane.start()
+    yield plane
+    plane.stop()
+
+
+@pytest.fixture
+def namespace(k8s, request):
+    """A fresh namespace named after the test, with its default ServiceAccount; deleted after."""
+    from beam_devstack.k8s import unique_name
+
+    name = k8s.create_namespace(unique_name(request.node.name[:40]))
+    yield name
+    k8s.delete_namespace(name)
+
+
 # --- node agent (beam_devstack.nodeagent) ---------------------------------------------------
 
 # --- brokers: Kafka, fake-gcs-server, fakesnow, NATS, SNS ------------------------------------
