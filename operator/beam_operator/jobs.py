@@ -1,0 +1,196 @@
+"""Manifests of the Jobs a backfill runs: one staging Job, then one Indexed transport Job.
+
+Names are derived from the resource's name and uid only, so an operator that restarts at any
+point asks for the same Job again and gets AlreadyExists instead of a duplicate. Every Job
+carries a controller ownerReference, so deleting the BeamBackfill garbage-collects them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .config import OperatorConfig
+from .model import GROUP, KIND, VERSION, BackfillSpec
+
+LABEL_JOB_ID = f"{GROUP}/job-id"
+LABEL_PHASE = f"{GROUP}/phase"
+LABEL_BACKFILL = f"{GROUP}/backfill"
+MANAGED_BY = "beam-backfill-operator"
+
+STAGING = "staging"
+TRANSPORT = "transport"
+
+# Worker exit code for a permanent failure (bad input, 4xx, missing table): see
+# docs/worker-contract.md. The pod failure policy fails the index (or the staging Job) at once
+# instead of burning retries on something that cannot succeed.
+EXIT_PERMANENT = 2
+
+SNOWFLAKE_KEYS = ("account", "user", "password", "host", "port", "protocol", "warehouse", "role", "database", "schema")
+
+
+def _trunc(name: str, n: int) -> str:
+    return name[:n].rstrip("-.")
+
+
+def job_name(name: str, uid: str, phase: str) -> str:
+    # Pod hostnames of an Indexed Job are <job>-<index> and must fit in 63 characters.
+    return f"{_trunc(name, 36)}-{uid[:8]}-{phase}"
+
+
+def staging_uri(config: OperatorConfig, namespace: str, uid: str) -> str:
+    prefix = config.staging_prefix.strip("/")
+    return f"gs://{config.staging_bucket}/{prefix + '/' if prefix else ''}{namespace}/{uid}/"
+
+
+def labels(name: str, uid: str, phase: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "beam-backfill",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_JOB_ID: uid,
+        LABEL_PHASE: phase,
+        LABEL_BACKFILL: _trunc(name, 63),
+    }
+
+
+def _secret_env(var: str, secret: str, key: str) -> dict[str, Any]:
+    # optional: a missing Secret must not park the Pod in CreateContainerConfigError forever;
+    # the worker sees the variable absent and fails with a message naming Secret and key.
+    return {"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
+
+
+def _common_env(spec: BackfillSpec, namespace: str, uid: str, config: OperatorConfig) -> list[dict[str, Any]]:
+    env = [
+        {"name": "BEAM_SPEC", "value": json.dumps(spec.model_dump(mode="json", exclude_none=True), separators=(",", ":"))},
+        {"name": "BEAM_JOB_ID", "value": uid},
+        {"name": "BEAM_NAMESPACE", "value": namespace},
+        {"name": "BEAM_STAGING_URI", "value": staging_uri(config, namespace, uid)},
+        {"name": "BEAM_CONNECT_TIMEOUT_S", "value": str(config.connect_timeout_seconds)},
+    ]
+    if config.gcs_endpoint:
+        env.append({"name": "STORAGE_EMULATOR_HOST", "value": config.gcs_endpoint})
+    return env
+
+
+def _job(
+    *, name: str, namespace: str, uid: str, phase: str, config: OperatorConfig, container: dict[str, Any],
+    extra_spec: dict[str, Any], pod_meta: dict[str, Any] | None = None, pod_extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    jname = job_name(name, uid, phase)
+    lab = labels(name, uid, phase)
+    pod_labels = {**lab, **((pod_meta or {}).get("labels", {}))}
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "enableServiceLinks": False,
+        **(pod_extra or {}),
+    }
+    if config.worker_service_account:
+        pod_spec["serviceAccountName"] = config.worker_service_account
+        pod_spec["automountServiceAccountToken"] = False
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": jname,
+            "namespace": namespace,
+            "labels": lab,
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": KIND,
+                    "name": name,
+                    "uid": uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "ttlSecondsAfterFinished": config.job_ttl_seconds,
+            **extra_spec,
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        },
+    }
+
+
+def _container(args: list[str], env: list[dict[str, Any]], config: OperatorConfig) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "name": "jobrunner",
+        "image": config.jobrunner_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["beam-jobrunner", *args],
+        "env": env,
+        # A crash with no message still tells the user something: the log's last lines.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
+    }
+    if config.worker_resources:
+        c["resources"] = config.worker_resources
+    return c
+
+
+def staging_job(name: str, namespace: str, uid: str, spec: BackfillSpec, config: OperatorConfig) -> dict[str, Any]:
+    env = _common_env(spec, namespace, uid, config)
+    env += [
+        {"name": "BEAM_STAGE_STRATEGY", "value": config.stage_strategy},
+        {"name": "BEAM_CHUNK_TARGET_BYTES", "value": str(config.chunk_target_bytes)},
+    ]
+    if config.unload_stage:
+        env.append({"name": "BEAM_UNLOAD_STAGE", "value": config.unload_stage})
+    env += [_secret_env(f"BEAM_SNOWFLAKE_{k.upper()}", config.snowflake_secret, k) for k in SNOWFLAKE_KEYS]
+    return _job(
+        name=name, namespace=namespace, uid=uid, phase=STAGING, config=config,
+        container=_container(["stage"], env, config),
+        extra_spec={
+            "backoffLimit": config.staging_backoff_limit,
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [EXIT_PERMANENT]}},
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                ]
+            },
+        },
+    )
+
+
+def transport_job(
+    name: str, namespace: str, uid: str, spec: BackfillSpec, config: OperatorConfig, num_chunks: int
+) -> dict[str, Any]:
+    env = _common_env(spec, namespace, uid, config)
+    env.append({"name": "BEAM_MANIFEST_URI", "value": staging_uri(config, namespace, uid) + "manifest.json"})
+    if config.managed_kafka_bootstrap:
+        env.append({"name": "BEAM_KAFKA_BOOTSTRAP", "value": config.managed_kafka_bootstrap})
+    for i, dest in enumerate(spec.destinations):
+        secret = getattr(dest, "secret", None) or getattr(dest, "hash_key", None)
+        if secret:
+            env += [_secret_env(f"BEAM_DEST_{i}_{k.upper()}", secret, k) for k in dest.secret_keys]
+    pod_meta: dict[str, Any] = {}
+    pod_extra: dict[str, Any] = {}
+    if spec.static_egress_ip:
+        pod_meta["labels"] = dict(config.egress.pod_labels)
+        if config.egress.node_selector:
+            pod_extra["nodeSelector"] = dict(config.egress.node_selector)
+        if config.egress.tolerations:
+            pod_extra["tolerations"] = list(config.egress.tolerations)
+    parallelism = min(spec.parallelism or config.default_parallelism, num_chunks)
+    return _job(
+        name=name, namespace=namespace, uid=uid, phase=TRANSPORT, config=config,
+        container=_container(["transport"], env, config),
+        pod_meta=pod_meta, pod_extra=pod_extra,
+        extra_spec={
+            "completionMode": "Indexed",
+            "completions": num_chunks,
+            "parallelism": parallelism,
+            "backoffLimitPerIndex": config.backoff_limit_per_index,
+            # One chunk that cannot be delivered fails the backfill: the user must hear about it
+            # now, not after every other chunk has been sent.
+            "maxFailedIndexes": 0,
+            "podFailurePolicy": {
+                "rules": [
+                    {"action": "FailIndex", "onExitCodes": {"operator": "In", "values": [EXIT_PERMANENT]}},
+                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                ]
+            },
+        },
+    )

@@ -1,0 +1,343 @@
+"""The reconcile logic as a pure function: what was observed in, the next status and actions out.
+
+Nothing here talks to Kubernetes. handlers.py feeds it the BeamBackfill and the Jobs and Pods
+it owns (from watch caches), then carries out the actions and writes the status. Because the
+input is only what can be observed, an operator that restarts mid-phase computes the same
+decision again, and deterministic Job names turn a repeated create into AlreadyExists.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from pydantic import ValidationError
+
+from . import jobs
+from .config import OperatorConfig
+from .model import TERMINAL, BackfillSpec, parse_timestamp, utc_iso, workflow_id
+
+MAX_ERROR = 1024
+# Job and Pod watches are separate streams: a Job can be seen finished before its Pod's
+# termination message arrives. Wait this long for the message before deciding without it.
+POD_MESSAGE_GRACE_S = 15.0
+
+
+_FINISHED = ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget")
+
+
+@dataclass(frozen=True)
+class JobObs:
+    """What the operator needs of a child Job's status."""
+
+    name: str
+    phase: str  # jobs.STAGING or jobs.TRANSPORT
+    complete: bool = False
+    failed: bool = False
+    failure_reason: str = ""
+    failure_message: str = ""
+    completed_indexes: str = ""
+    failed_indexes: str = ""
+    active: int = 0
+    deleting: bool = False
+    finished_at: str = ""
+
+    @classmethod
+    def from_job(cls, job: dict[str, Any]) -> "JobObs":
+        meta, status = job.get("metadata", {}), job.get("status") or {}
+        conds = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
+        failed = conds.get("Failed") or conds.get("FailureTarget")
+        return cls(
+            name=meta.get("name", ""),
+            phase=(meta.get("labels") or {}).get(jobs.LABEL_PHASE, ""),
+            # SuccessCriteriaMet/FailureTarget come before Complete/Failed while Pods wind down;
+            # acting on them saves a round of Pod termination.
+            complete=bool(conds.get("Complete") or conds.get("SuccessCriteriaMet")),
+            failed=bool(failed),
+            failure_reason=(failed or {}).get("reason", ""),
+            failure_message=(failed or {}).get("message", ""),
+            completed_indexes=status.get("completedIndexes") or "",
+            failed_indexes=status.get("failedIndexes") or "",
+            active=status.get("active") or 0,
+            deleting=bool(meta.get("deletionTimestamp")),
+            finished_at=status.get("completionTime")
+            or next((c.get("lastTransitionTime") for t, c in conds.items() if t in _FINISHED and c.get("lastTransitionTime")), ""),
+        )
+
+
+@dataclass(frozen=True)
+class PodObs:
+    """A finished Pod of a child Job: its exit and what the worker said."""
+
+    job: str
+    index: int | None
+    succeeded: bool
+    exit_code: int | None
+    message: str
+    finished_at: str = ""
+
+    @classmethod
+    def from_pod(cls, pod: dict[str, Any]) -> "PodObs | None":
+        meta, status = pod.get("metadata", {}), pod.get("status") or {}
+        phase = status.get("phase")
+        if phase not in ("Succeeded", "Failed"):
+            return None
+        term: dict[str, Any] = {}
+        for cs in status.get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or {}
+        idx = (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index")
+        return cls(
+            job=(meta.get("labels") or {}).get("job-name") or (meta.get("labels") or {}).get("batch.kubernetes.io/job-name", ""),
+            index=int(idx) if idx is not None and idx.isdigit() else None,
+            succeeded=phase == "Succeeded",
+            exit_code=term.get("exitCode"),
+            message=(term.get("message") or status.get("message") or "").strip(),
+            finished_at=term.get("finishedAt") or "",
+        )
+
+
+@dataclass(frozen=True)
+class Observed:
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    creation_timestamp: str
+    spec: dict[str, Any]
+    status: dict[str, Any]
+    jobs: tuple[JobObs, ...] = ()
+    pods: tuple[PodObs, ...] = ()
+    now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+@dataclass(frozen=True)
+class CreateJob:
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    name: str
+
+
+@dataclass(frozen=True)
+class DeleteStaged:
+    uri: str
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Decision:
+    status: dict[str, Any]
+    actions: list[Any] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+    @property
+    def transition(self) -> bool:
+        return any(e.reason in _TRANSITION_REASONS for e in self.events)
+
+
+_TRANSITION_REASONS = {"Staging", "Transporting", "Completed", "Failed", "Cancelled"}
+
+
+def count_indexes(ranges: str) -> int:
+    """Count a Job's completedIndexes/failedIndexes such as "0-3,5,7-8"."""
+    n = 0
+    for part in filter(None, ranges.split(",")):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+def first_index(ranges: str) -> int | None:
+    part = next(iter(filter(None, ranges.split(","))), None)
+    return int(part.partition("-")[0]) if part else None
+
+
+def _clip(msg: str) -> str:
+    msg = " ".join(msg.split())
+    return msg if len(msg) <= MAX_ERROR else msg[: MAX_ERROR - 1] + "…"
+
+
+def _set_condition(conds: list[dict[str, Any]], type_: str, status: str, reason: str, message: str, now: str, gen: int) -> list[dict[str, Any]]:
+    out = [c for c in conds if c.get("type") != type_]
+    old = next((c for c in conds if c.get("type") == type_), None)
+    ltt = old["lastTransitionTime"] if old and old.get("status") == status and old.get("lastTransitionTime") else now
+    out.append({"type": type_, "status": status, "reason": reason, "message": _clip(message), "lastTransitionTime": ltt, "observedGeneration": gen})
+    return sorted(out, key=lambda c: c["type"])
+
+
+def _worker_message(pods: tuple[PodObs, ...], job: str, index: int | None = None) -> str:
+    """The most recent termination message of a failed Pod of `job` (and index)."""
+    failed = [p for p in pods if p.job == job and not p.succeeded and (index is None or p.index == index)]
+    failed.sort(key=lambda p: p.finished_at)
+    for p in reversed(failed):
+        if p.message:
+            return p.message
+    if failed and failed[-1].exit_code is not None:
+        return f"worker exited with code {failed[-1].exit_code} and no message"
+    return ""
+
+
+def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
+    st = dict(obs.status or {})
+    now = utc_iso(obs.now)
+    events: list[Event] = []
+    actions: list[Any] = []
+    by_phase = {j.phase: j for j in obs.jobs}
+
+    def finish(new_status: str, reason: str, message: str, *, warning: bool = False, cleanup_jobs: bool = False) -> Decision:
+        st["status"] = new_status
+        st["time_completed"] = st.get("time_completed") or now
+        if new_status == "failed":
+            st["error_message"] = _clip(message)
+        conds = st.get("conditions") or []
+        conds = _set_condition(conds, "Failed", "True" if new_status == "failed" else "False", reason, message if new_status == "failed" else "", now, obs.generation)
+        conds = _set_condition(conds, "Complete", "True" if new_status == "completed" else "False", reason, message if new_status == "completed" else "", now, obs.generation)
+        if new_status == "cancelled":
+            conds = _set_condition(conds, "Cancelled", "True", reason, message, now, obs.generation)
+        st["conditions"] = conds
+        if cleanup_jobs:
+            actions.extend(DeleteJob(j.name) for j in obs.jobs if not j.deleting and (j.active or not (j.complete or j.failed)))
+        events.append(Event("Warning" if warning else "Normal", new_status.capitalize(), message))
+        if new_status == "completed" and config.staged_retention_seconds == 0 and st.get("num_chunks") is not None:
+            actions.append(DeleteStaged(jobs.staging_uri(config, obs.namespace, obs.uid)))
+            st["staged_files_deleted"] = True
+        elif new_status == "completed" and st.get("num_chunks") is not None:
+            return Decision(st, actions, events, requeue_after=float(config.staged_retention_seconds))
+        return Decision(st, actions, events)
+
+    # First sight: identity fields the public API reports.
+    if not st.get("status"):
+        st.update(
+            status="staging",
+            job_id=obs.uid,
+            workflow_id=workflow_id(obs.namespace, obs.uid),
+            time_created=obs.creation_timestamp or now,
+            num_chunks=None,
+            chunks_left=None,
+            error_message=None,
+            time_completed=None,
+        )
+        st["conditions"] = _set_condition(st.get("conditions") or [], "Staged", "False", "Staging", "exporting the window from Snowflake", now, obs.generation)
+        events.append(Event("Normal", "Staging", "exporting the window from Snowflake to staging"))
+    st["observedGeneration"] = obs.generation
+
+    if st["status"] in TERMINAL:
+        return _terminal(obs, st, config, actions, events)
+
+    # Checks the CRD cannot do: they depend on the operator's configuration.
+    try:
+        spec = BackfillSpec.model_validate(obs.spec)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        return finish("failed", "InvalidSpec", f"invalid spec: {loc}: {first['msg']}", warning=True, cleanup_jobs=True)
+    if spec.cancel:
+        return finish("cancelled", "Cancelled", "cancelled by request (spec.cancel)", cleanup_jobs=True)
+    if not config.table_allowed(spec.table):
+        allowed = ", ".join(config.allowed_tables)
+        return finish("failed", "TableNotAllowed", f"table {spec.table} is not allowed by this operator; allowed tables: {allowed}", warning=True, cleanup_jobs=True)
+    if spec.static_egress_ip and not config.egress.configured:
+        return finish(
+            "failed", "NoStaticEgress",
+            "static_egress_ip is true but this operator has no static egress configured (egress.podLabels, nodeSelector or tolerations in the chart's values); "
+            "set static_egress_ip: false or ask your administrator to configure egress",
+            warning=True, cleanup_jobs=True,
+        )
+
+    if st["status"] == "staging":
+        job = by_phase.get(jobs.STAGING)
+        if job is None:
+            actions.append(CreateJob(jobs.staging_job(obs.name, obs.namespace, obs.uid, spec, config)))
+            return Decision(st, actions, events)
+        if job.failed:
+            why = _worker_message(obs.pods, job.name)
+            if not why and _within_grace(job, obs.now):
+                return Decision(st, actions, events, requeue_after=1.0)
+            why = why or job.failure_message or job.failure_reason
+            return finish("failed", "StagingFailed", f"staging failed: {why}", warning=True, cleanup_jobs=True)
+        if not job.complete:
+            return Decision(st, actions, events)
+        result = _staging_result(obs.pods, job.name)
+        if result is None and _within_grace(job, obs.now):
+            return Decision(st, actions, events, requeue_after=1.0)
+        if result is None:
+            return finish("failed", "StagingFailed", "staging finished but reported no chunk count (no termination message from the staging Pod)", warning=True, cleanup_jobs=True)
+        st["num_chunks"], st["num_rows"] = result
+        st["chunks_left"] = result[0]
+        st["conditions"] = _set_condition(st.get("conditions") or [], "Staged", "True", "Staged", f"{result[0]} chunks, {result[1]} rows staged", now, obs.generation)
+        if result[0] == 0:
+            # An empty window is a success with nothing to deliver, not an error.
+            return finish("completed", "Completed", "the window holds no rows: nothing to deliver")
+        st["status"] = "transporting"
+        events.append(Event("Normal", "Transporting", f"staged {result[0]} chunks ({result[1]} rows); delivering to {len(spec.destinations)} destination(s)"))
+        actions.append(CreateJob(jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, result[0])))
+        return Decision(st, actions, events)
+
+    # transporting
+    num_chunks = int(st.get("num_chunks") or 0)
+    job = by_phase.get(jobs.TRANSPORT)
+    if job is None:
+        actions.append(CreateJob(jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, num_chunks)))
+        return Decision(st, actions, events)
+    done = count_indexes(job.completed_indexes)
+    st["chunks_left"] = max(num_chunks - done, 0)
+    if job.failed:
+        idx = first_index(job.failed_indexes)
+        why = _worker_message(obs.pods, job.name, idx)
+        if not why and _within_grace(job, obs.now):
+            return Decision(st, actions, events, requeue_after=1.0)
+        why = why or job.failure_message or job.failure_reason
+        where = f"chunk {idx}" if idx is not None else "a chunk"
+        return finish("failed", "TransportFailed", f"transport failed on {where} of {num_chunks}: {why}", warning=True, cleanup_jobs=True)
+    if job.complete:
+        st["chunks_left"] = 0
+        return finish("completed", "Completed", f"delivered {num_chunks} chunks to {len(spec.destinations)} destination(s)")
+    return Decision(st, actions, events)
+
+
+def _terminal(obs: Observed, st: dict[str, Any], config: OperatorConfig, actions: list[Any], events: list[Event]) -> Decision:
+    # Jobs still running after a terminal status (the operator died between status and delete).
+    actions.extend(DeleteJob(j.name) for j in obs.jobs if j.active and not j.deleting)
+    if st["status"] == "completed" and st.get("num_chunks") and not st.get("staged_files_deleted"):
+        done_at = parse_timestamp(st["time_completed"]) if st.get("time_completed") else obs.now
+        due = done_at + timedelta(seconds=config.staged_retention_seconds)
+        if obs.now >= due:
+            actions.append(DeleteStaged(jobs.staging_uri(config, obs.namespace, obs.uid)))
+            st["staged_files_deleted"] = True
+        else:
+            return Decision(st, actions, events, requeue_after=(due - obs.now).total_seconds())
+    return Decision(st, actions, events)
+
+
+def _within_grace(job: JobObs, now: datetime) -> bool:
+    if not job.finished_at:
+        return False
+    return (now - parse_timestamp(job.finished_at)).total_seconds() < POD_MESSAGE_GRACE_S
+
+
+def _staging_result(pods: tuple[PodObs, ...], job: str) -> tuple[int, int] | None:
+    for p in sorted((p for p in pods if p.job == job and p.succeeded), key=lambda p: p.finished_at, reverse=True):
+        try:
+            msg = json.loads(p.message)
+            return int(msg["num_chunks"]), int(msg.get("num_rows", 0))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def finalize_actions(obs: Observed, config: OperatorConfig) -> list[Any]:
+    """What deleting a BeamBackfill must clean up before its finalizer is removed."""
+    acts: list[Any] = [DeleteJob(j.name) for j in obs.jobs if not j.deleting]
+    acts.append(DeleteStaged(jobs.staging_uri(config, obs.namespace, obs.uid)))
+    return acts
