@@ -42,7 +42,7 @@ def _mvn() -> str:
     mvn = shutil.which("mvn")
     if mvn is None:
         progress("kafka", "mvn not found: apt-get install -y maven")
-        subprocess.run(["apt-get", "install", "-y", "-q", "maven"], check=True)
+        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", "maven"], check=True)
         mvn = shutil.which("mvn")
         assert mvn is not None
     return mvn

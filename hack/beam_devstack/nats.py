@@ -18,7 +18,8 @@ def ensure_installed() -> str:
     if found:
         return found
     progress("nats", "nats-server not found: apt-get install -y nats-server")
-    install = ["apt-get", "install", "-y", "-q", "nats-server"]
+    # Wait for dpkg's lock rather than fail: other setup steps may be installing packages too.
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", "nats-server"]
     if subprocess.run(install, capture_output=True).returncode != 0:
         # A fresh machine has no package lists yet.
         subprocess.run(["apt-get", "update", "-q"], check=True)
