@@ -303,7 +303,7 @@ class Agent:
         self.counts = {"bound": 0, "started": 0, "succeeded": 0, "failed": 0, "deleted": 0}
         self.node_uid = ""
         self.stopping = asyncio.Event()
-        self.capacity = {"cpu": "1000", "memory": "4Ti", "pods": "1000", "ephemeral-storage": "1Ti"}
+        self.capacity = {"cpu": "256", "memory": "1Ti", "pods": "500", "ephemeral-storage": "1Ti"}
         self._cache: dict[tuple[str, str, str], tuple[float, dict | None]] = {}
         self._node_transitions: dict[str, tuple[str, str]] = {}
 
