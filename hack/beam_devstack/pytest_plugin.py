@@ -35,6 +35,19 @@ def namespace(k8s, request):
 
 # --- node agent (beam_devstack.nodeagent) ---------------------------------------------------
 
+
+@pytest.fixture(scope="session")
+def node_agent(k8s, tmp_path_factory):
+    """One Ready Node `local-node` whose Pods run as host processes; .log_dir,
+    .pod_log_path(ns, pod), endpoints()["node_name"|"log_dir"|"log"]."""
+    from beam_devstack.nodeagent import NodeAgent
+
+    agent = NodeAgent(tmp_path_factory.mktemp("nodeagent"), kubeconfig=k8s.endpoints()["kubeconfig"])
+    agent.start()
+    yield agent
+    agent.stop()
+
+
 # --- brokers: Kafka, fake-gcs-server, fakesnow, NATS, SNS ------------------------------------
 
 
