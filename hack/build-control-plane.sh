@@ -17,6 +17,11 @@ PATH="$PATH:/usr/local/go/bin"
 
 log() { printf '[build-control-plane %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
+if ! command -v go >/dev/null; then
+  log "no Go toolchain on PATH or in /usr/local/go/bin: install Go >= 1.24 (https://go.dev/dl/) and rerun"
+  exit 1
+fi
+
 build_k8s() {
   if [[ -x "$K8S_DIR/kube-apiserver" && -x "$K8S_DIR/kube-controller-manager" ]]; then
     log "kubernetes $K8S_VERSION cached in $K8S_DIR"; return
@@ -63,6 +68,11 @@ MOD
   rm -rf "$ETCD_DIR"; mv "$ETCD_DIR.tmp" "$ETCD_DIR"
   log "etcd $ETCD_VERSION ready in $ETCD_DIR"
 }
+
+# Two test sessions on a fresh machine would otherwise compile the same binaries twice.
+mkdir -p "$CACHE/bin"
+exec 9>"$CACHE/bin/.build-control-plane.lock"
+flock 9
 
 case "${1:-all}" in
   etcd) build_etcd ;;

@@ -478,3 +478,26 @@ def unique_name(prefix: str) -> str:
     """A DNS-1123 label (namespaces, objects) from free text plus a random suffix."""
     base = re.sub(r"[^a-z0-9-]+", "-", prefix.lower()).strip("-")[:50].strip("-") or "x"
     return f"{base}-{uuid.uuid4().hex[:6]}"
+
+
+def main() -> None:
+    """`python -m beam_devstack.k8s [RUN_DIR]`: run a control plane in the foreground until Ctrl-C."""
+    import sys
+    import tempfile
+
+    run_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="beam-k8s-"))
+    plane = ControlPlane(run_dir).start()
+    print(json.dumps(plane.endpoints()), flush=True)
+    print(f"export KUBECONFIG={plane.kubeconfig}", flush=True)
+    try:
+        while all(p is not None and p.alive() for p in (plane.etcd, plane.apiserver, plane.controller_manager)):
+            time.sleep(1)
+        progress("k8s", "a control plane process exited; see the logs under " + str(run_dir / "logs"))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        plane.stop()
+
+
+if __name__ == "__main__":
+    main()

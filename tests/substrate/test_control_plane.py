@@ -39,6 +39,10 @@ def test_kubectl_talks_to_server_of_the_pinned_version(k8s):
     version = json.loads(k8s.kubectl("version", "-o", "json").stdout)
     assert version["serverVersion"]["gitVersion"] == K8S_VERSION
 
+    # The Python client (and kopf, which reads the same file) accepts the admin kubeconfig.
+    listed = client.CoreV1Api(python_client(k8s.kubeconfig)).list_namespace()
+    assert "default" in {ns.metadata.name for ns in listed.items}
+
     assert k8s.endpoints() == {"kubeconfig": str(k8s.kubeconfig), "server": k8s.server}
     assert k8s.server.startswith("https://127.0.0.1:")
 
