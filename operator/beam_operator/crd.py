@@ -58,7 +58,12 @@ def _merge_union(variants: list[dict[str, Any]], disc: str, where: str) -> dict[
                 continue
             if name in props and props[name].get("type") != conv.get("type"):
                 # e.g. window start: a timestamp string or a block height
-                props[name] = {"x-kubernetes-int-or-string": True, "description": props[name].get("description", conv.get("description", ""))}
+                prev = props[name]
+                props[name] = {"x-kubernetes-int-or-string": True, "description": prev.get("description", conv.get("description", ""))}
+                # CEL's cost budget needs a bound on the string form.
+                length = prev.get("maxLength") or conv.get("maxLength")
+                if length:
+                    props[name]["maxLength"] = length
             elif name in props:
                 # Same name in two variants: keep the description of the first, the constraints
                 # of the loosest (pattern/length rules per variant are enforced by CEL below).
@@ -94,7 +99,7 @@ def _merge_union(variants: list[dict[str, Any]], disc: str, where: str) -> dict[
         for name, p in v["properties"].items():
             if name != disc and "pattern" in p and "pattern" not in props.get(name, {}) and not props[name].get("x-kubernetes-int-or-string"):
                 rules.append({
-                    "rule": f"self.{disc} != '{tag}' || !has(self.{name}) || self.{name}.matches('{p['pattern']}')",
+                    "rule": f"self.{disc} != '{tag}' || !has(self.{name}) || self.{name}.matches(r'{p['pattern']}')",
                     "message": f"{name} of a {tag} {noun} must match {p['pattern']}",
                 })
     common_required = [n for n, t in required_by.items() if set(t) == set(tags)]

@@ -58,7 +58,7 @@ def parse_timestamp(value: str) -> datetime:
 # CEL: a timestamp string made RFC 3339 (naive means UTC) so that timestamp() can compare it.
 def _cel_ts(field: str) -> str:
     return (
-        f"(self.{field}.endsWith('Z') || self.{field}.matches('[+-][0-9]{{2}}:[0-9]{{2}}$') "
+        f"(self.{field}.endsWith('Z') || self.{field}.matches(r'[+-][0-9]{{2}}:[0-9]{{2}}$') "
         f"? timestamp(self.{field}) : timestamp(self.{field} + 'Z'))"
     )
 
@@ -123,7 +123,7 @@ WINDOW_CEL = [
     },
     {
         "rule": f"self.partition_key != 'block_timestamp' || type(self.start) != string || type(self.end) != string "
-        f"|| (self.start.matches('{TIMESTAMP_RE}') && self.end.matches('{TIMESTAMP_RE}'))",
+        f"|| (self.start.matches(r'{TIMESTAMP_RE}') && self.end.matches(r'{TIMESTAMP_RE}'))",
         "message": "start and end must be ISO 8601 timestamps like 2024-01-01T00:00:00 (optionally with fractional seconds and Z or +HH:MM)",
     },
     {
@@ -132,7 +132,7 @@ WINDOW_CEL = [
     },
     {
         "rule": f"self.partition_key != 'block_timestamp' || type(self.start) != string || type(self.end) != string "
-        f"|| !self.start.matches('{TIMESTAMP_RE}') || !self.end.matches('{TIMESTAMP_RE}') "
+        f"|| !self.start.matches(r'{TIMESTAMP_RE}') || !self.end.matches(r'{TIMESTAMP_RE}') "
         f"|| {_cel_ts('start')} < {_cel_ts('end')}",
         "message": "backfill_window.start must be before end (start is inclusive, end exclusive)",
     },

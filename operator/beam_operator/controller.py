@@ -1,0 +1,326 @@
+"""The controller loop: watch caches in, reconcile() per backfill, actions and status out.
+
+kopf delivers watch events (handlers.py); this module keeps what they say in memory and runs
+reconcile() for each backfill through a keyed work queue, as controller-runtime does:
+- one key per backfill, never processed by two workers at once, coalesced when events pile up;
+- a status write at most every `status_interval_seconds` per backfill while it only counts down
+  (phase transitions are written at once), so a busy transport Job cannot flood the API server;
+- no timers or daemons per object: a delayed re-queue is an entry in one heap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from . import jobs, metrics
+from .config import OperatorConfig
+from .model import GROUP, KIND, PLURAL, VERSION
+from .staged_files import delete_staged
+from .reconcile import CreateJob, DeleteJob, DeleteStaged, Event, JobObs, Observed, PodObs, finalize_actions, reconcile
+
+log = logging.getLogger("beam_operator.controller")
+
+Key = tuple[str, str]  # namespace, name
+
+
+def _clean(d: dict[str, Any]) -> dict[str, Any]:
+    # A JSON merge patch deletes keys set to null, so the stored status has no nulls: compare
+    # without them or every reconcile would look like a change.
+    return {k: v for k, v in d.items() if v is not None}
+
+
+@dataclass
+class Caches:
+    backfills: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    jobs: dict[str, dict[str, JobObs]] = field(default_factory=dict)  # by owner uid, then Job name
+    pods: dict[str, dict[str, PodObs]] = field(default_factory=dict)  # by owner uid, then Pod name
+    keys_by_uid: dict[str, Key] = field(default_factory=dict)
+
+
+class Controller:
+    def __init__(self, config: OperatorConfig, api: "KubeApi", *, workers: int = 4) -> None:
+        self.config = config
+        self.api = api
+        self.workers = workers
+        self.caches = Caches()
+        self._heap: list[tuple[float, Key]] = []
+        self._due: dict[Key, float] = {}
+        self._busy: set[Key] = set()
+        self._again: set[Key] = set()
+        self._wake = asyncio.Event()
+        self._last_write: dict[Key, float] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    # --- watch events -------------------------------------------------------------------
+
+    def on_backfill(self, event_type: str | None, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        key = (meta["namespace"], meta["name"])
+        if event_type == "DELETED":
+            self.caches.backfills.pop(key, None)
+            self.caches.keys_by_uid.pop(meta["uid"], None)
+            self.caches.jobs.pop(meta["uid"], None)
+            self.caches.pods.pop(meta["uid"], None)
+            self._last_write.pop(key, None)
+            return
+        self.caches.backfills[key] = body
+        self.caches.keys_by_uid[meta["uid"]] = key
+        if not meta.get("deletionTimestamp"):
+            self.enqueue(key)
+
+    def on_job(self, event_type: str | None, body: dict[str, Any]) -> None:
+        uid = (body["metadata"].get("labels") or {}).get(jobs.LABEL_JOB_ID)
+        if not uid:
+            return
+        name = body["metadata"]["name"]
+        if event_type == "DELETED":
+            self.caches.jobs.get(uid, {}).pop(name, None)
+        else:
+            self.caches.jobs.setdefault(uid, {})[name] = JobObs.from_job(body)
+        self._enqueue_uid(uid)
+
+    def on_pod(self, event_type: str | None, body: dict[str, Any]) -> None:
+        uid = (body["metadata"].get("labels") or {}).get(jobs.LABEL_JOB_ID)
+        if not uid:
+            return
+        name = body["metadata"]["name"]
+        obs = None if event_type == "DELETED" else PodObs.from_pod(body)
+        if obs is None:
+            # Only finished Pods matter (exit code, termination message); a running one is noise.
+            if self.caches.pods.get(uid, {}).pop(name, None) is None:
+                return
+        else:
+            if self.caches.pods.get(uid, {}).get(name) == obs:
+                return
+            self.caches.pods.setdefault(uid, {})[name] = obs
+        self._enqueue_uid(uid)
+
+    def _enqueue_uid(self, uid: str) -> None:
+        key = self.caches.keys_by_uid.get(uid)
+        if key:
+            self.enqueue(key)
+
+    # --- the queue ------------------------------------------------------------------------
+
+    def enqueue(self, key: Key, delay: float = 0.0) -> None:
+        due = time.monotonic() + delay
+        if key in self._due and self._due[key] <= due:
+            return
+        self._due[key] = due
+        heapq.heappush(self._heap, (due, key))
+        self._wake.set()
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _next(self) -> Key:
+        while True:
+            now = time.monotonic()
+            while self._heap:
+                due, key = self._heap[0]
+                if self._due.get(key) != due:
+                    heapq.heappop(self._heap)  # superseded by an earlier entry
+                    continue
+                if due > now:
+                    break
+                heapq.heappop(self._heap)
+                del self._due[key]
+                if key in self._busy:
+                    self._again.add(key)
+                    continue
+                return key
+            timeout = (self._heap[0][0] - now) if self._heap else None
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+
+    async def _worker(self, n: int) -> None:
+        while True:
+            key = await self._next()
+            self._busy.add(key)
+            try:
+                with metrics.RECONCILE_SECONDS.time():
+                    await self.process(key)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # one bad object must not stop the others
+                metrics.RECONCILE_ERRORS.inc()
+                log.exception("reconcile of %s/%s failed: %s; retrying in 5s", *key, e)
+                self.enqueue(key, 5.0)
+            finally:
+                self._busy.discard(key)
+                if key in self._again:
+                    self._again.discard(key)
+                    self.enqueue(key)
+
+    # --- one reconcile --------------------------------------------------------------------
+
+    def observe(self, body: dict[str, Any], now: datetime | None = None) -> Observed:
+        meta = body["metadata"]
+        uid = meta["uid"]
+        return Observed(
+            name=meta["name"],
+            namespace=meta["namespace"],
+            uid=uid,
+            generation=meta.get("generation", 1),
+            creation_timestamp=meta.get("creationTimestamp", ""),
+            spec=body.get("spec") or {},
+            status=body.get("status") or {},
+            jobs=tuple(self.caches.jobs.get(uid, {}).values()),
+            pods=tuple(self.caches.pods.get(uid, {}).values()),
+            now=now or datetime.now(timezone.utc),
+        )
+
+    async def process(self, key: Key) -> None:
+        body = self.caches.backfills.get(key)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return
+        old = body.get("status") or {}
+        decision = reconcile(self.observe(body), self.config)
+        new = _clean(decision.status)
+        changed = new != _clean(old)
+        if changed and not decision.transition and not decision.actions:
+            # Only a counter moved: hold the write until the interval has passed.
+            wait = self._last_write.get(key, 0.0) + self.config.status_interval_seconds - time.monotonic()
+            if wait > 0:
+                self.enqueue(key, wait)
+                return
+        for action in decision.actions:
+            await self._apply(body, action)
+        if changed:
+            patched = await asyncio.to_thread(self.api.patch_status, key[0], key[1], new)
+            self._last_write[key] = time.monotonic()
+            metrics.STATUS_WRITES.inc()
+            if patched is not None and key in self.caches.backfills:
+                # Our own write must be what the next reconcile sees, even before its watch
+                # event arrives; otherwise a transition could be decided (and announced) twice.
+                self.caches.backfills[key] = patched
+        for ev in decision.events:
+            metrics.TRANSITIONS.labels(to=ev.reason.lower()).inc()
+            await asyncio.to_thread(self.api.post_event, body, ev)
+            log.info("%s/%s: %s: %s", key[0], key[1], ev.reason, ev.message)
+        if decision.requeue_after is not None:
+            self.enqueue(key, decision.requeue_after)
+
+    async def _apply(self, body: dict[str, Any], action: Any) -> None:
+        ns = body["metadata"]["namespace"]
+        if isinstance(action, CreateJob):
+            created = await asyncio.to_thread(self.api.create_job, ns, action.manifest)
+            log.info("%s/%s: %s job %s", ns, body["metadata"]["name"], "created" if created else "found existing", action.manifest["metadata"]["name"])
+        elif isinstance(action, DeleteJob):
+            await asyncio.to_thread(self.api.delete_job, ns, action.name)
+        elif isinstance(action, DeleteStaged):
+            n = await asyncio.to_thread(self.api.delete_staged, action.uri)
+            log.info("%s/%s: deleted %d staged objects under %s", ns, body["metadata"]["name"], n, action.uri)
+
+    async def finalize(self, body: dict[str, Any]) -> bool:
+        """Clean up a deleted backfill; True once nothing of it is left."""
+        obs = self.observe(body)
+        for action in finalize_actions(obs, self.config):
+            if isinstance(action, DeleteStaged) and obs.jobs:
+                continue  # a running worker could still write there: wait for the Jobs to go
+            await self._apply(body, action)
+        left = await asyncio.to_thread(self.api.list_job_names, obs.namespace, obs.uid)
+        return not left
+
+    def count_by_status(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for b in self.caches.backfills.values():
+            s = (b.get("status") or {}).get("status") or "pending"
+            counts[s] = counts.get(s, 0) + 1
+        return counts
+
+
+class KubeApi:
+    """The handful of API calls the controller makes, with the kubernetes client."""
+
+    def __init__(self, config: OperatorConfig, identity: str = "beam-backfill-operator") -> None:
+        from kubernetes import client, config as kconfig
+
+        try:
+            kconfig.load_incluster_config()
+        except kconfig.ConfigException:
+            kconfig.load_kube_config()
+        self.client = client
+        self.batch = client.BatchV1Api()
+        self.core = client.CoreV1Api()
+        self.custom = client.CustomObjectsApi()
+        self.config = config
+        self.identity = identity
+
+    def _ok_unless(self, e: Exception, *codes: int) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        if not (isinstance(e, ApiException) and e.status in codes):
+            raise e
+
+    def create_job(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        metrics.API_WRITES.labels(kind="create_job").inc()
+        try:
+            self.batch.create_namespaced_job(namespace, manifest)
+            return True
+        except Exception as e:
+            self._ok_unless(e, 409)  # AlreadyExists: the deterministic name did its job
+            return False
+
+    def delete_job(self, namespace: str, name: str) -> None:
+        metrics.API_WRITES.labels(kind="delete_job").inc()
+        try:
+            # Foreground: the Job disappears only after its Pods, so "no Jobs left" also means
+            # no worker still sending.
+            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Foreground")
+        except Exception as e:
+            self._ok_unless(e, 404)
+
+    def list_job_names(self, namespace: str, uid: str) -> list[str]:
+        res = self.batch.list_namespaced_job(namespace, label_selector=f"{jobs.LABEL_JOB_ID}={uid}")
+        return [j.metadata.name for j in res.items]
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            return self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
+        except Exception as e:
+            self._ok_unless(e, 404)  # deleted meanwhile
+            return None
+
+    def post_event(self, body: dict[str, Any], ev: Event) -> None:
+        meta = body["metadata"]
+        now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+        metrics.API_WRITES.labels(kind="event").inc()
+        try:
+            self.core.create_namespaced_event(
+                meta["namespace"],
+                {
+                    "metadata": {"generateName": f"{meta['name']}."},
+                    "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
+                    "reason": ev.reason,
+                    "message": ev.message[:1024],
+                    "type": ev.type,
+                    "firstTimestamp": now,
+                    "lastTimestamp": now,
+                    "count": 1,
+                    "source": {"component": self.identity},
+                    "reportingComponent": self.identity,
+                },
+            )
+        except Exception as e:
+            log.warning("could not record event %s on %s/%s: %s", ev.reason, meta["namespace"], meta["name"], e)
+
+    def delete_staged(self, uri: str) -> int:
+        return delete_staged(uri, endpoint=self.config.gcs_endpoint)
+
+
+Factory = Callable[[OperatorConfig], KubeApi]
