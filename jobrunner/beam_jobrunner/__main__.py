@@ -1,0 +1,69 @@
+"""beam-jobrunner stage | transport | cleanup (docs/worker-contract.md).
+
+Every run ends with a one-line termination message and the contract's exit code: 0 done,
+1 unexpected error, 2 permanent failure, 3 transient failure that outlived its retries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from beam_jobrunner.config import termination_path
+from beam_jobrunner.errors import EXIT_BUG, EXIT_OK, JobError
+
+log = logging.getLogger("beam_jobrunner")
+
+
+def _terminate(message: str) -> None:
+    try:
+        with open(termination_path(), "w") as f:
+            f.write(message)
+    except OSError as e:  # outside Kubernetes there may be no termination log; stderr still has it
+        log.debug("cannot write termination message: %s", e)
+
+
+def _run(command: str) -> dict:
+    from beam_jobrunner.config import Common, require
+
+    if command == "cleanup":
+        from beam_jobrunner.storage import delete_staged
+
+        uri = require("BEAM_STAGING_URI")
+        return {"deleted": delete_staged(uri), "staging": uri}
+    common = Common.from_env()
+    if command == "stage":
+        from beam_jobrunner import stage
+
+        return stage.run(common)
+    from beam_jobrunner import transport
+
+    return transport.run(common)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="beam-jobrunner", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["stage", "transport", "cleanup"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = _run(args.command)
+    except JobError as e:
+        log.error("%s", e.message)
+        _terminate(e.message)
+        return e.exit_code
+    except Exception as e:
+        log.exception("%s failed unexpectedly", args.command)
+        _terminate(" ".join(f"{args.command}: unexpected error: {type(e).__name__}: {e}".split())[:1000])
+        return EXIT_BUG
+    line = json.dumps(result, separators=(",", ":"))
+    print(line, flush=True)
+    _terminate(line)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Destinations: one class per type, all driven by transport.deliver_chunk().
+
+A sink gets the chunk's rows as encoded batches (JSON text and keys, see serialize.py) and must
+either deliver all of them or raise a JobError. Whether a chunk was already delivered is the
+sink's business: Kafka keeps that fact inside its own transaction (kafka.py); the others
+record it in GCS after the last acknowledgement (markers.py), which makes them at-least-once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable
+from urllib.parse import urlsplit
+
+from beam_jobrunner.errors import PermanentError
+
+
+@dataclass
+class Batch:
+    values: list[str]
+    keys: list[str | None]
+    first_row: int  # offset of values[0] within the chunk
+
+
+@dataclass
+class Context:
+    job_id: str
+    chunk: int
+    dest_index: int
+    staging_uri: str
+    connect_timeout: float
+
+
+class Sink:
+    kind = "destination"
+
+    def __init__(self, dest, ctx: Context) -> None:
+        self.dest = dest
+        self.ctx = ctx
+
+    @property
+    def label(self) -> str:
+        return f"{self.dest.type} destination {self.dest.name!r} chunk {self.ctx.chunk}"
+
+    def secret(self, key: str) -> str | None:
+        value = os.environ.get(f"BEAM_DEST_{self.ctx.dest_index}_{key.upper()}")
+        return value or None
+
+    def require_secret(self, key: str) -> str:
+        value = self.secret(key)
+        if value is None:
+            raise PermanentError(
+                f"{self.label}: secret key {key} missing (env BEAM_DEST_{self.ctx.dest_index}_{key.upper()}; "
+                f"is it in the Secret the destination names?)"
+            )
+        return value
+
+    def open(self) -> None:
+        """Connect, or fail within ctx.connect_timeout naming what is wrong."""
+
+    def already_delivered(self) -> bool:
+        raise NotImplementedError
+
+    def deliver(self, batches: Iterable[Batch], crash_hook) -> int:
+        """Deliver every row; return the number of bytes sent. crash_hook(rows) is for tests."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+def redact_url(url: str) -> str:
+    """scheme://host[:port]/path: no userinfo, query or fragment, which may carry tokens."""
+    try:
+        u = urlsplit(url)
+        host = u.hostname or ""
+        port = f":{u.port}" if u.port else ""
+        return f"{u.scheme}://{host}{port}{u.path}"
+    except ValueError:
+        return re.sub(r"//[^@/]*@", "//", url.split("?")[0])
+
+
+def make_sink(dest, ctx: Context) -> Sink:
+    if dest.type == "kafka":
+        from beam_jobrunner.sinks.kafka import KafkaSink as cls
+    elif dest.type == "webhook":
+        from beam_jobrunner.sinks.webhook import WebhookSink as cls
+    elif dest.type == "nats":
+        from beam_jobrunner.sinks.nats import NatsSink as cls
+    elif dest.type == "sns":
+        from beam_jobrunner.sinks.sns import SnsSink as cls
+    else:  # the model's discriminator makes this unreachable
+        raise PermanentError(f"unknown destination type {dest.type!r}")
+    return cls(dest, ctx)

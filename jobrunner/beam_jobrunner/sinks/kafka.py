@@ -1,0 +1,207 @@
+"""Kafka: exactly once per chunk, through one transaction per (job, destination, chunk).
+
+The chunk's rows and its delivery marker commit atomically in the same transaction. The marker
+is a consumer-group offset, committed with send_offsets_to_transaction() for a group that
+belongs to this chunk alone (`beam-delivered.<job_id>.<dest>.<chunk>`, partition 0 of the data
+topic, metadata = the chunk's row count): Kafka's own mechanism for "this input was processed
+exactly once", with no extra topic to create. A restarted attempt
+  1. init_transactions() with the same transactional.id: fences a zombie attempt and aborts
+     its open transaction (or completes one that was already committing);
+  2. reads the group's committed offset with a read_committed consumer (the broker answers
+     only once no transactional offset commit is pending for the group);
+  3. skips the chunk if the marker is there, else produces it again in a new transaction.
+Killed mid-chunk: the open transaction is aborted, read_committed consumers never see it.
+Killed after commit: step 2 finds the marker, nothing is sent twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Iterable
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from beam_jobrunner.errors import PermanentError, TransientError
+from beam_jobrunner.sinks import Batch, Context, Sink
+
+log = logging.getLogger("beam_jobrunner.kafka")
+
+# Throughput settings measured in bench/transport.py: big lz4 batches, a short linger.
+PRODUCER_TUNING = {
+    "compression.type": "lz4",
+    "linger.ms": 20,
+    "batch.size": 1_000_000,
+    "batch.num.messages": 10_000,
+    "queue.buffering.max.messages": 500_000,
+    "queue.buffering.max.kbytes": 512 * 1024,
+    # Java clients' partitioner: the same key lands in the same partition whoever produces it.
+    "partitioner": "murmur2_random",
+    # Only failures come back as delivery reports: no Python callback per message.
+    "delivery.report.only.error": True,
+}
+TRANSACTION_TIMEOUT_MS = 900_000  # the broker's default transaction.max.timeout.ms
+
+
+def transactional_id(job_id: str, dest_index: int, chunk: int) -> str:
+    return f"beam-{job_id}-{dest_index}-{chunk}"
+
+
+def marker_group(job_id: str, dest_index: int, chunk: int) -> str:
+    return f"beam-delivered.{job_id}.{dest_index}.{chunk}"
+
+
+class KafkaSink(Sink):
+    def __init__(self, dest, ctx: Context, *, transactions: bool | None = None) -> None:
+        super().__init__(dest, ctx)
+        self.topic = dest.name
+        self.bootstrap = dest.bootstrap_servers or os.environ.get("BEAM_KAFKA_BOOTSTRAP")
+        if transactions is None:
+            transactions = os.environ.get("BEAM_KAFKA_TRANSACTIONS", "true").lower() not in ("0", "false", "no")
+        self.transactions = transactions
+        self.headers = [("beam_job_id", ctx.job_id.encode()), ("beam_chunk", str(ctx.chunk).encode())]
+        self.producer: Producer | None = None
+        self._errors: list[KafkaError] = []
+        self._delivery_errors: list[KafkaError] = []
+
+    # --- configuration -----------------------------------------------------------------------
+    def _client_conf(self) -> dict:
+        if not self.bootstrap:
+            raise PermanentError(f"{self.label}: no bootstrap_servers and no managed Kafka (BEAM_KAFKA_BOOTSTRAP) configured")
+        ms = int(self.ctx.connect_timeout * 1000)
+        conf = {"bootstrap.servers": self.bootstrap, "socket.connection.setup.timeout.ms": ms,
+                "error_cb": self._on_error}
+        if self.dest.secret:
+            conf.update({
+                "security.protocol": self.secret("security_protocol") or "SASL_SSL",
+                "sasl.mechanism": self.secret("sasl_mechanism") or "PLAIN",
+                "sasl.username": self.require_secret("sasl_username"),
+                "sasl.password": self.require_secret("sasl_password"),
+            })
+            ca = self.secret("ssl_ca_pem")
+            if ca:
+                conf["ssl.ca.pem"] = ca
+        return conf
+
+    def _on_error(self, err: KafkaError) -> None:
+        # Connection errors arrive here; they are retried by librdkafka and reported only if fatal.
+        self._errors.append(err)
+
+    def _on_delivery(self, err, msg) -> None:
+        if err is not None:
+            self._delivery_errors.append(err)
+
+    def _unreachable(self, what: str, e: BaseException | None = None) -> TransientError:
+        last = next((str(x.str()) for x in reversed(self._errors)), None) or (str(e) if e else "no answer")
+        return TransientError(
+            f"{self.label}: {what}: broker {self.bootstrap} unreachable after {self.ctx.connect_timeout:.0f}s ({last})"
+        )
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def open(self) -> None:
+        conf = self._client_conf()
+        conf.update(PRODUCER_TUNING)
+        conf["enable.idempotence"] = True
+        conf["on_delivery"] = self._on_delivery
+        if self.transactions:
+            conf["transactional.id"] = transactional_id(self.ctx.job_id, self.ctx.dest_index, self.ctx.chunk)
+            conf["transaction.timeout.ms"] = TRANSACTION_TIMEOUT_MS
+        self.producer = Producer(conf)
+        if self.transactions:
+            try:
+                # Fences any earlier attempt of this chunk and resolves its open transaction.
+                self.producer.init_transactions(self.ctx.connect_timeout)
+            except KafkaException as e:
+                raise self._fail("init_transactions", e) from None
+        else:
+            self._metadata()
+
+    def _metadata(self) -> None:
+        try:
+            self.producer.list_topics(self.topic, timeout=self.ctx.connect_timeout)
+        except KafkaException as e:
+            raise self._unreachable("metadata", e) from None
+
+    def _fail(self, what: str, e: KafkaException) -> Exception:
+        err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
+        if err is not None and err.code() in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
+            return self._unreachable(what, e)
+        if err is not None and err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+                                              KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaError.SASL_AUTHENTICATION_FAILED,
+                                              KafkaError._AUTHENTICATION, KafkaError.TOPIC_EXCEPTION):
+            return PermanentError(f"{self.label}: {what}: {err.str()}")
+        return TransientError(f"{self.label}: {what}: {err.str() if err else e}")
+
+    def already_delivered(self) -> bool:
+        if not self.transactions:
+            return False
+        consumer = Consumer({**self._client_conf(), "group.id": marker_group(self.ctx.job_id, self.ctx.dest_index, self.ctx.chunk),
+                             "isolation.level": "read_committed", "enable.auto.commit": False})
+        deadline = time.monotonic() + max(self.ctx.connect_timeout, 30)
+        try:
+            while True:
+                try:
+                    tp = consumer.committed([TopicPartition(self.topic, 0)], timeout=self.ctx.connect_timeout)[0]
+                    break
+                except KafkaException as e:
+                    # The group coordinator may still be loading (NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS).
+                    if time.monotonic() > deadline or not e.args[0].retriable() and e.args[0].code() != KafkaError.NOT_COORDINATOR:
+                        raise self._fail("reading the delivery marker", e) from None
+                    time.sleep(0.2)
+        finally:
+            consumer.close()
+        if tp.offset >= 0:
+            log.info("%s: already delivered (marker %s)", self.label, tp.metadata)
+            return True
+        return False
+
+    def deliver(self, batches: Iterable[Batch], crash_hook) -> int:
+        p = self.producer
+        produce, poll, topic, headers = p.produce, p.poll, self.topic, self.headers
+        nbytes = rows = 0
+        if self.transactions:
+            p.begin_transaction()
+        for batch in batches:
+            for value, key in zip(batch.values, batch.keys):
+                try:
+                    produce(topic, value, key, headers=headers)
+                except BufferError:
+                    # Local queue full: let librdkafka drain it, then try once more.
+                    poll(0.1)
+                    while True:
+                        try:
+                            produce(topic, value, key, headers=headers)
+                            break
+                        except BufferError:
+                            poll(0.1)
+            poll(0)
+            rows += len(batch.values)
+            nbytes += sum(map(len, batch.values))
+            crash_hook(rows, p.flush)
+        if self.transactions:
+            marker = TopicPartition(topic, 0, rows, metadata=json.dumps({"rows": rows, "bytes": nbytes}))
+            group = Consumer({**self._client_conf(), "group.id": marker_group(self.ctx.job_id, self.ctx.dest_index, self.ctx.chunk)})
+            try:
+                p.send_offsets_to_transaction([marker], group.consumer_group_metadata(), self.ctx.connect_timeout * 2)
+                p.commit_transaction(TRANSACTION_TIMEOUT_MS / 1000)
+            except KafkaException as e:
+                if e.args[0].txn_requires_abort():
+                    p.abort_transaction(self.ctx.connect_timeout)
+                raise self._fail("commit", e) from None
+            finally:
+                group.close()
+        else:
+            remaining = p.flush(TRANSACTION_TIMEOUT_MS / 1000)
+            if remaining:
+                raise self._unreachable(f"{remaining} messages undelivered")
+        failed = self._delivery_errors + [e for e in self._errors if e.fatal()]
+        if failed:
+            raise TransientError(f"{self.label}: {failed[0].str()}")
+        return nbytes
+
+    def close(self) -> None:
+        if self.producer is not None:
+            self.producer.flush(1)
+            self.producer = None

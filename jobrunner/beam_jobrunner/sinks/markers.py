@@ -1,0 +1,28 @@
+"""Delivery markers in GCS for the at-least-once sinks: <staging>/delivered/<dest>/<chunk>.
+
+Written only after the destination acknowledged the chunk's last row, so a marker never
+claims more than happened; a crash between the last acknowledgement and the marker resends the
+chunk, which receivers deduplicate by idempotency key / message id (docs/message-format.md).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from beam_jobrunner import storage
+from beam_jobrunner.sinks import Context
+
+
+def marker_uri(ctx: Context) -> str:
+    return storage.join(ctx.staging_uri, "delivered", str(ctx.dest_index), str(ctx.chunk))
+
+
+def is_delivered(ctx: Context) -> bool:
+    return storage.exists(marker_uri(ctx))
+
+
+def mark_delivered(ctx: Context, rows: int, nbytes: int) -> None:
+    body = {"job_id": ctx.job_id, "chunk": ctx.chunk, "destination": ctx.dest_index, "rows": rows,
+            "bytes": nbytes, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.write_bytes(marker_uri(ctx), json.dumps(body).encode())

@@ -1,0 +1,213 @@
+"""`beam-jobrunner stage`: export one window of a Snowflake table to parquet chunks in GCS.
+
+Two strategies, one result (chunks under <staging>/chunks/ and <staging>/manifest.json):
+- unload: Snowflake writes the parquet files itself (COPY INTO @stage); production default.
+- fetch: the worker runs the same SELECT with bound parameters, streams Arrow batches and
+  writes zstd parquet chunks of about BEAM_CHUNK_TARGET_BYTES. The dev stack and the tests use
+  it because fakesnow cannot unload.
+Column names are lower-cased in the chunks (Snowflake reports unquoted names upper-cased); the
+message format uses the names users see in the docs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from beam_jobrunner import sql, storage
+from beam_jobrunner.config import DEFAULT_CHUNK_TARGET_BYTES, Common, env
+from beam_jobrunner.errors import JobError, PermanentError, TransientError
+
+log = logging.getLogger("beam_jobrunner.stage")
+
+ROW_GROUP_ROWS = 65536
+# Snowflake's error for "no such object or no privilege on it" (same code in fakesnow).
+SF_OBJECT_MISSING = 2003
+
+
+def chunk_uri(staging_uri: str, index: int) -> str:
+    return storage.join(staging_uri, "chunks", f"chunk-{index:05d}.parquet")
+
+
+def manifest_uri(staging_uri: str) -> str:
+    return storage.join(staging_uri, "manifest.json")
+
+
+def snowflake_connect(timeout: float):
+    import snowflake.connector
+
+    params = {"paramstyle": "qmark", "login_timeout": timeout, "network_timeout": max(timeout, 60)}
+    for key in ("account", "user", "password", "host", "port", "protocol", "warehouse", "role", "database", "schema"):
+        value = env(f"BEAM_SNOWFLAKE_{key.upper()}")
+        if value is not None:
+            params[key] = int(value) if key == "port" else value
+    for key in ("account", "user", "password"):
+        if key not in params:
+            raise PermanentError(f"staging: Snowflake {key} missing (env BEAM_SNOWFLAKE_{key.upper()} from the Snowflake Secret)")
+    try:
+        return snowflake.connector.connect(**params)
+    except snowflake.connector.errors.DatabaseError as e:
+        where = params.get("host") or f"account {params['account']}"
+        # The connector's messages name the account and user, never the password.
+        raise TransientError(f"staging: cannot connect to Snowflake at {where} within {timeout:.0f}s: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:500]
+
+
+def _query_error(e: Exception, table: str) -> JobError:
+    import snowflake.connector
+
+    if isinstance(e, snowflake.connector.errors.ProgrammingError):
+        if getattr(e, "errno", None) == SF_OBJECT_MISSING:
+            return PermanentError(f"staging: table {table} does not exist or is not authorized")
+        return PermanentError(f"staging: query on {table} failed: {_one_line(e)}")
+    return TransientError(f"staging: query on {table} failed: {_one_line(e)}")
+
+
+def _clear(staging_uri: str) -> None:
+    # A retried stage Pod must not leave the previous attempt's chunks beside its own.
+    for uri, _ in storage.list_files(storage.join(staging_uri, "chunks") + "/"):
+        storage.filesystem().delete_file(storage.path_of(uri))
+    if storage.exists(manifest_uri(staging_uri)):
+        storage.filesystem().delete_file(storage.path_of(manifest_uri(staging_uri)))
+
+
+def _normalize(table: pa.Table) -> pa.Table:
+    # Lower-case names; drop the connector's per-field metadata (it would be copied into every file).
+    fields = [pa.field(f.name.lower(), f.type, f.nullable) for f in table.schema]
+    return pa.Table.from_batches(table.to_batches(), schema=pa.schema(fields)) if table.num_rows else pa.table(
+        {f.name: pa.array([], f.type) for f in fields}
+    )
+
+
+class ChunkWriter:
+    """Writes row groups into in-memory parquet and uploads a chunk once it reaches the target size."""
+
+    def __init__(self, staging_uri: str, target_bytes: int) -> None:
+        self.staging_uri = staging_uri
+        self.target = target_bytes
+        self.chunks: list[dict] = []
+        self.schema: pa.Schema | None = None
+        self._sink: pa.BufferOutputStream | None = None
+        self._writer: pq.ParquetWriter | None = None
+        self._rows = 0
+
+    def write(self, table: pa.Table) -> None:
+        if self.schema is None:
+            self.schema = table.schema
+        elif table.schema != self.schema:
+            table = table.cast(self.schema)
+        for batch in table.to_batches(max_chunksize=ROW_GROUP_ROWS):
+            if batch.num_rows == 0:
+                continue
+            if self._writer is None:
+                self._sink = pa.BufferOutputStream()
+                self._writer = pq.ParquetWriter(self._sink, self.schema, compression="zstd")
+            self._writer.write_batch(batch, row_group_size=ROW_GROUP_ROWS)
+            self._rows += batch.num_rows
+            if self._sink.tell() >= self.target:
+                self._finish()
+
+    def _finish(self) -> None:
+        if self._writer is None:
+            return
+        self._writer.close()
+        data = self._sink.getvalue().to_pybytes()
+        uri = chunk_uri(self.staging_uri, len(self.chunks))
+        storage.write_bytes(uri, data)
+        self.chunks.append({"index": len(self.chunks), "uri": uri, "rows": self._rows, "bytes": len(data)})
+        log.info("staged chunk %d: %d rows, %d bytes -> %s", len(self.chunks) - 1, self._rows, len(data), uri)
+        self._writer, self._sink, self._rows = None, None, 0
+
+    def close(self) -> list[dict]:
+        self._finish()
+        return self.chunks
+
+
+def stage_fetch(common: Common, conn, target_bytes: int) -> list[dict]:
+    q = sql.select_query(common.spec)
+    log.info("fetch: %s (%d parameters)", q.sql[:300], len(q.params))
+    cur = conn.cursor()
+    try:
+        cur.execute(q.sql, q.params)
+        writer = ChunkWriter(common.staging_uri, target_bytes)
+        for table in cur.fetch_arrow_batches():
+            writer.write(_normalize(table))
+        return writer.close()
+    except JobError:
+        raise
+    except Exception as e:
+        raise _query_error(e, common.spec.table) from None
+    finally:
+        cur.close()
+
+
+def stage_unload(common: Common, conn, target_bytes: int) -> list[dict]:
+    stage = env("BEAM_UNLOAD_STAGE")
+    if stage is None:
+        raise PermanentError("staging: strategy unload needs BEAM_UNLOAD_STAGE (the external stage over the staging bucket)")
+    # The stage's URL is the staging root; the job's files go under <namespace>/<job_id>/chunks/.
+    path = f"{common.namespace}/{common.job_id}/chunks"
+    cur = conn.cursor()
+    try:
+        cur.execute(sql.unload_sql(common.spec, stage, path, target_bytes))
+        listed = cur.execute(sql.list_sql(stage, path)).fetchall()
+    except JobError:
+        raise
+    except Exception as e:
+        raise _query_error(e, common.spec.table) from None
+    finally:
+        cur.close()
+    return chunks_from_listing(common.staging_uri, [(row[0], int(row[1])) for row in listed])
+
+
+def chunks_from_listing(staging_uri: str, listing: list[tuple[str, int]]) -> list[dict]:
+    """Manifest entries for the files Snowflake unloaded (LIST gives name and size; rows from footers)."""
+    chunks = []
+    for name, size in sorted(listing):
+        if "/chunks/" not in name or not name.endswith(".parquet"):
+            continue
+        uri = storage.join(staging_uri, "chunks", name.split("/chunks/", 1)[1])
+        with storage.filesystem().open_input_file(storage.path_of(uri)) as f:
+            rows = pq.ParquetFile(f).metadata.num_rows
+        if rows:
+            chunks.append({"index": len(chunks), "uri": uri, "rows": rows, "bytes": size})
+    return chunks
+
+
+def run(common: Common) -> dict:
+    strategy = env("BEAM_STAGE_STRATEGY", "unload")
+    if strategy not in ("unload", "fetch"):
+        raise PermanentError(f"staging: unknown BEAM_STAGE_STRATEGY {strategy!r} (unload or fetch)")
+    target = int(env("BEAM_CHUNK_TARGET_BYTES", str(DEFAULT_CHUNK_TARGET_BYTES)))
+    sql.table_name(common.spec.table)  # refuse a bad name before connecting anywhere
+    t0 = time.monotonic()
+    _clear(common.staging_uri)
+    conn = snowflake_connect(common.connect_timeout)
+    try:
+        chunks = (stage_fetch if strategy == "fetch" else stage_unload)(common, conn, target)
+    finally:
+        conn.close()
+    manifest = {
+        "version": 1,
+        "job_id": common.job_id,
+        "table": common.spec.table,
+        "strategy": strategy,
+        "num_chunks": len(chunks),
+        "num_rows": sum(c["rows"] for c in chunks),
+        "num_bytes": sum(c["bytes"] for c in chunks),
+        "chunks": chunks,
+        "created": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+    }
+    uri = manifest_uri(common.staging_uri)
+    storage.write_json(uri, manifest)
+    elapsed = time.monotonic() - t0
+    log.info("staged %d rows in %d chunks (%d bytes) in %.1fs (%.0f rows/s)", manifest["num_rows"], len(chunks),
+             manifest["num_bytes"], elapsed, manifest["num_rows"] / elapsed if elapsed else 0)
+    return {"num_chunks": len(chunks), "num_rows": manifest["num_rows"], "manifest": uri}

@@ -1,0 +1,92 @@
+"""gs:// objects through pyarrow's GCS filesystem: chunks, the manifest, delivery markers.
+
+Layout under the staging URI (gs://<bucket>/<prefix>/<namespace>/<job_id>/):
+  chunks/chunk-00000.parquet ...   the staged rows (fetch), or Snowflake's files (unload)
+  manifest.json                    what `stage` produced; `transport` reads it
+  delivered/<dest>/<chunk>         written once a chunk reached a non-Kafka destination
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from beam_jobrunner.errors import PermanentError, TransientError
+
+
+@lru_cache(maxsize=None)
+def filesystem(timeout: float | None = None) -> pafs.GcsFileSystem:
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+    kw = {"retry_time_limit": timeout or float(os.environ.get("BEAM_CONNECT_TIMEOUT_S", "30"))}
+    if emulator:
+        u = urlparse(emulator if "://" in emulator else f"http://{emulator}")
+        return pafs.GcsFileSystem(anonymous=True, endpoint_override=u.netloc, scheme=u.scheme or "http", **kw)
+    return pafs.GcsFileSystem(**kw)
+
+
+def path_of(uri: str) -> str:
+    """gs://bucket/a/b -> bucket/a/b (pyarrow's path form)."""
+    if not uri.startswith("gs://"):
+        raise PermanentError(f"storage: {uri!r} is not a gs:// URI")
+    return uri[len("gs://"):]
+
+
+def join(base: str, *parts: str) -> str:
+    return base.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    try:
+        with filesystem().open_output_stream(path_of(uri)) as out:
+            out.write(data)
+    except OSError as e:
+        raise TransientError(f"storage: cannot write {uri}: {e}") from None
+
+
+def read_bytes(uri: str) -> bytes:
+    try:
+        with filesystem().open_input_stream(path_of(uri)) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise PermanentError(f"storage: {uri} does not exist") from None
+    except OSError as e:
+        raise TransientError(f"storage: cannot read {uri}: {e}") from None
+
+
+def exists(uri: str) -> bool:
+    info = filesystem().get_file_info(path_of(uri))
+    return info.type != pafs.FileType.NotFound
+
+
+def list_files(prefix_uri: str) -> list[tuple[str, int]]:
+    """(gs:// URI, size) of every object under prefix_uri, sorted by name."""
+    sel = pafs.FileSelector(path_of(prefix_uri).rstrip("/"), recursive=True, allow_not_found=True)
+    infos = [i for i in filesystem().get_file_info(sel) if i.type == pafs.FileType.File]
+    return sorted((f"gs://{i.path}", i.size) for i in infos)
+
+
+def delete_staged(staging_uri: str) -> int:
+    """Delete every object under a job's staging prefix; return how many were deleted.
+
+    Refuses a bucket root or a one-segment prefix: a misconfigured URI must not wipe a bucket.
+    """
+    path = path_of(staging_uri).strip("/")
+    if len([p for p in path.split("/") if p]) < 3:
+        raise PermanentError(f"cleanup: refusing to delete {staging_uri!r}: expected gs://<bucket>/<prefix>/<namespace>/<job_id>/")
+    files = list_files(staging_uri.rstrip("/") + "/")
+    fs = filesystem()
+    for uri, _ in files:
+        fs.delete_file(path_of(uri))
+    return len(files)
+
+
+def write_json(uri: str, obj) -> None:
+    write_bytes(uri, json.dumps(obj, indent=1, sort_keys=False).encode() + b"\n")
+
+
+def read_json(uri: str):
+    return json.loads(read_bytes(uri))

@@ -1,0 +1,143 @@
+"""`beam-jobrunner transport`: deliver one staged chunk (JOB_COMPLETION_INDEX) to every destination.
+
+The chunk is read once per destination; a reader thread decodes parquet and encodes JSON
+(DuckDB, GIL released) while the main thread hands the previous batch to the sink, so the
+sink's own loop (librdkafka's produce) is the only per-row Python work.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from beam_jobrunner import serialize, storage
+from beam_jobrunner.config import Common, env, require
+from beam_jobrunner.errors import PermanentError
+from beam_jobrunner.sinks import Batch, Context, make_sink
+
+log = logging.getLogger("beam_jobrunner.transport")
+
+DEFAULT_BATCH_ROWS = 50_000
+
+
+def read_chunk(uri: str) -> pq.ParquetFile:
+    return pq.ParquetFile(pa.BufferReader(storage.read_bytes(uri)))
+
+
+def encoded_batches(pf: pq.ParquetFile, batch_rows: int, prefetch: int = 2) -> Iterator[Batch]:
+    """Encoded batches of the chunk, produced ahead by a reader thread."""
+    q: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+    done = object()
+
+    def work() -> None:
+        try:
+            first = 0
+            for rb in pf.iter_batches(batch_size=batch_rows):
+                values, keys = serialize.encode(pa.Table.from_batches([rb]))
+                while not stop.is_set():
+                    try:
+                        q.put(Batch(values, keys, first), timeout=0.2)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+                first += rb.num_rows
+            q.put(done)
+        except BaseException as e:  # handed to the consumer, which raises it in its own thread
+            q.put(e)
+
+    t = threading.Thread(target=work, name="encode", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def _crash_hook():
+    """Test hooks (BEAM_TEST_CRASH_AFTER_ROWS): die like a killed Pod, mid-chunk."""
+    after = env("BEAM_TEST_CRASH_AFTER_ROWS")
+    if after is None:
+        return lambda rows, flush: None
+    limit = int(after)
+
+    def hook(rows: int, flush) -> None:
+        if rows >= limit:
+            if flush is not None:
+                flush(10)  # make sure the rows reached the broker: the open transaction is real
+            log.warning("BEAM_TEST_CRASH_AFTER_ROWS: exiting abruptly after %d rows", rows)
+            os._exit(137)
+
+    return hook
+
+
+def _metrics():
+    port = env("BEAM_METRICS_PORT")
+    if port is None:
+        return None
+    from prometheus_client import Counter, start_http_server
+
+    start_http_server(int(port))
+    return (Counter("beam_rows_delivered", "Rows delivered", ["destination"]),
+            Counter("beam_bytes_delivered", "Bytes of JSON delivered", ["destination"]))
+
+
+def run(common: Common) -> dict:
+    index = int(require("JOB_COMPLETION_INDEX"))
+    manifest_uri = env("BEAM_MANIFEST_URI") or storage.join(common.staging_uri, "manifest.json")
+    manifest = storage.read_json(manifest_uri)
+    chunks = manifest.get("chunks", [])
+    if not 0 <= index < len(chunks):
+        raise PermanentError(f"transport: chunk {index} not in manifest {manifest_uri} ({len(chunks)} chunks)")
+    chunk = chunks[index]
+    batch_rows = int(env("BEAM_TRANSPORT_BATCH_ROWS", str(DEFAULT_BATCH_ROWS)))
+    if env("BEAM_TEST_CRASH_AFTER_ROWS"):
+        batch_rows = max(1, min(batch_rows, int(env("BEAM_TEST_CRASH_AFTER_ROWS"))))
+    crash_hook = _crash_hook()
+    metrics = _metrics()
+    pf = None
+    results = []
+    for dest_index, dest in enumerate(common.spec.destinations):
+        ctx = Context(job_id=common.job_id, chunk=index, dest_index=dest_index,
+                      staging_uri=common.staging_uri, connect_timeout=common.connect_timeout)
+        sink = make_sink(dest, ctx)
+        t0 = time.monotonic()
+        try:
+            sink.open()
+            if sink.already_delivered():
+                log.info("%s: already delivered, skipped", sink.label)
+                results.append({"destination": dest.name, "type": dest.type, "rows": 0, "skipped": True})
+                continue
+            if pf is None:
+                pf = read_chunk(chunk["uri"])
+            nbytes = sink.deliver(encoded_batches(pf, batch_rows), crash_hook)
+        finally:
+            sink.close()
+        if env("BEAM_TEST_CRASH_AFTER_COMMIT"):
+            log.warning("BEAM_TEST_CRASH_AFTER_COMMIT: exiting abruptly after the commit")
+            os._exit(137)
+        elapsed = time.monotonic() - t0
+        rows = pf.metadata.num_rows
+        log.info("%s: delivered %d rows, %d bytes in %.2fs (%.0f rows/s)", sink.label, rows, nbytes, elapsed,
+                 rows / elapsed if elapsed else 0)
+        if metrics:
+            metrics[0].labels(dest.name).inc(rows)
+            metrics[1].labels(dest.name).inc(nbytes)
+        results.append({"destination": dest.name, "type": dest.type, "rows": rows, "bytes": nbytes,
+                        "seconds": round(elapsed, 3)})
+    return {"chunk": index, "rows": chunk["rows"], "destinations": results}
