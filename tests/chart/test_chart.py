@@ -1,0 +1,222 @@
+"""The Helm chart: lints, renders, wires every operator setting, and grants no more than needed."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+from beam_operator.config import OperatorConfig
+
+from chartlib import CHART, FULL_VALUES, REPO, container_env, run_template
+
+# Settings the chart derives from other values rather than from `config`.
+DERIVED = {"jobrunner_image", "image_pull_policy", "worker_service_account", "metrics_port"}
+ALL_ENV = {f"BEAM_{name.upper()}" for name in OperatorConfig.model_fields}
+
+
+def test_helm_lint_strict(helm):
+    for values in ([], ["--values", str(FULL_VALUES)]):
+        proc = subprocess.run([helm, "lint", "--strict", str(CHART), *values], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout
+
+
+def test_values_config_covers_every_operator_setting():
+    config = yaml.safe_load((CHART / "values.yaml").read_text())["config"]
+    assert set(config) | DERIVED == set(OperatorConfig.model_fields)
+    assert not set(config) & DERIVED
+
+
+def test_chart_crd_is_the_generated_crd():
+    assert (CHART / "crds" / "beambackfills.yaml").read_bytes() == (REPO / "crds" / "beambackfills.yaml").read_bytes(), (
+        "charts/beam-backfill/crds/beambackfills.yaml differs from crds/beambackfills.yaml: "
+        "cp crds/beambackfills.yaml charts/beam-backfill/crds/"
+    )
+
+
+def test_default_render(render):
+    docs = render()
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted([
+        "CustomResourceDefinition", "Deployment", "Service", "ServiceAccount", "ServiceAccount",
+        "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
+    ])
+    assert docs.one("CustomResourceDefinition")["metadata"]["name"] == "beambackfills.beam-backfill.dev"
+
+    dep = docs.one("Deployment", "beam-beam-backfill")
+    spec = dep["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == "beam-beam-backfill"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    (c,) = pod["containers"]
+    assert c["image"] == "beam-backfill/operator:0.1.0"
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 8080, "health": 8081}
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+
+    svc = docs.one("Service", "beam-beam-backfill-metrics")
+    assert svc["spec"]["ports"] == [{"name": "metrics", "port": 8080, "targetPort": "metrics", "protocol": "TCP"}]
+    assert svc["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+
+    worker = docs.one("ServiceAccount", "beam-beam-backfill-worker")
+    assert worker["automountServiceAccountToken"] is False
+    assert worker["metadata"]["namespace"] == "beam-system"
+
+
+def test_default_env_is_every_setting_at_the_operators_defaults(render):
+    env = container_env(render().one("Deployment"))
+    beam = {k: v for k, v in env.items() if k.startswith("BEAM_")}
+    assert set(beam) == ALL_ENV
+    parsed = OperatorConfig.from_env(beam)
+    expected = OperatorConfig(worker_service_account="beam-beam-backfill-worker")
+    assert parsed == expected
+
+
+def test_full_values_reach_the_operator(render):
+    docs = render("--values", str(FULL_VALUES))
+    dep = docs.one("Deployment", "beam-ops")
+    env = container_env(dep)
+    assert set(k for k in env if k.startswith("BEAM_")) == ALL_ENV
+    config = OperatorConfig.from_env({k: v for k, v in env.items() if k.startswith("BEAM_")})
+    full = yaml.safe_load(FULL_VALUES.read_text())
+    for name, value in full["config"].items():
+        got = getattr(config, name)
+        assert (got.model_dump() if hasattr(got, "model_dump") else got) == value, name
+    assert config.jobrunner_image == "registry.example.com/beam/jobrunner:1.2.4"
+    assert config.image_pull_policy == "Always"
+    assert config.worker_service_account == "beam-worker"
+    assert config.metrics_port == 9090
+    # Big numbers survive Helm's float64 values unmangled (no 1.34217728e+08).
+    assert env["BEAM_CHUNK_TARGET_BYTES"] == "134217728"
+
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"] == "registry.example.com/beam/operator:1.2.3" and c["imagePullPolicy"] == "Always"
+    assert c["args"] == ["--verbose"]
+    assert env["HTTPS_PROXY"] == "http://proxy.example.com:3128"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 9090, "health": 9081}
+    assert c["resources"]["limits"] == {"cpu": "1", "memory": "600Mi"}
+    assert pod["serviceAccountName"] == "beam-operator-sa"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["nodeSelector"] == {"pool": "system"}
+    assert pod["priorityClassName"] == "system-cluster-critical"
+    assert pod["tolerations"][0]["key"] == "dedicated"
+    assert "nodeAffinity" in pod["affinity"]
+    assert pod["securityContext"]["runAsUser"] == 20000
+    assert dep["spec"]["template"]["metadata"]["annotations"] == {"example.com/owner": "data-platform"}
+    assert dep["spec"]["template"]["metadata"]["labels"]["team"] == "data"
+
+    svc = docs.one("Service", "beam-ops-metrics")
+    assert svc["spec"]["ports"][0]["port"] == 9090
+    assert svc["metadata"]["annotations"] == {"prometheus.io/scrape": "true"}
+
+    # The worker ServiceAccount exists wherever Jobs may run: the release namespace and each
+    # listed organization.
+    workers = [d for d in docs.of("ServiceAccount") if d["metadata"]["name"] == "beam-worker"]
+    assert sorted(w["metadata"]["namespace"] for w in workers) == ["beam-system", "org-acme", "org-globex"]
+    assert all(w["automountServiceAccountToken"] is False for w in workers)
+    assert docs.one("ServiceAccount", "beam-operator-sa")["metadata"]["annotations"]
+
+
+# Exactly the operator's rules (see the comments in templates/rbac.yaml): a new permission must
+# be a deliberate change to this list.
+OPERATOR_RULES = {
+    ("beam-backfill.dev", "beambackfills"): {"get", "list", "watch", "patch", "update"},
+    ("beam-backfill.dev", "beambackfills/status"): {"get", "patch", "update"},
+    ("beam-backfill.dev", "beambackfills/finalizers"): {"update"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "delete", "patch"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "events"): {"create", "patch"},
+    ("events.k8s.io", "events"): {"create", "patch"},
+    ("", "namespaces"): {"list", "watch"},
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+}
+
+
+def _grants(role) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def test_operator_clusterrole_is_least_privilege(render):
+    docs = render()
+    role = docs.one("ClusterRole", "beam-beam-backfill-operator")
+    for rule in role["rules"]:
+        for key in ("apiGroups", "resources", "verbs"):
+            assert "*" not in rule[key], f"wildcard in {key}: {rule}"
+        assert "resourceNames" not in rule and "nonResourceURLs" not in rule
+    grants = _grants(role)
+    assert not [k for k in grants if k[1].startswith("secrets")], "the operator must not read Secrets"
+    assert grants == OPERATOR_RULES
+
+    binding = docs.one("ClusterRoleBinding", "beam-beam-backfill-operator")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "beam-beam-backfill", "namespace": "beam-system"}]
+
+
+def test_no_cluster_role_reads_secrets(render):
+    for docs in (render(), render("--values", str(FULL_VALUES))):
+        for role in docs.of("ClusterRole"):
+            assert not [k for k in _grants(role) if k[1] == "secrets"], role["metadata"]["name"]
+
+
+def test_api_identity_is_off_by_default_and_confined_when_on(render):
+    assert not [d for d in render() if d["metadata"]["name"].endswith("-api") or d["kind"] in ("Role", "RoleBinding")]
+
+    docs = render("--set", "api.enabled=true")
+    sa = docs.one("ServiceAccount", "beam-beam-backfill-api")
+    api_role = docs.one("ClusterRole", "beam-beam-backfill-api")
+    assert _grants(api_role) == {("beam-backfill.dev", "beambackfills"): {"get", "list", "watch", "create", "patch"}}
+    keys = docs.one("Role", "beam-beam-backfill-api-keys")
+    assert keys["metadata"]["namespace"] == "beam-system"
+    assert _grants(keys) == {("", "secrets"): {"get", "list"}}
+    for binding in (docs.one("ClusterRoleBinding", "beam-beam-backfill-api"), docs.one("RoleBinding")):
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "beam-system"}]
+
+    keys = render("--values", str(FULL_VALUES)).one("Role", "beam-ops-api-keys")
+    assert keys["metadata"]["namespace"] == "beam-api-keys"
+
+
+def test_rbac_and_service_accounts_can_be_left_to_the_cluster_admin(render, helm):
+    docs = render("--set", "rbac.create=false", "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=ops",
+                  "--set", "worker.serviceAccount.create=false", "--set", "api.enabled=true",
+                  "--set", "api.serviceAccount.create=false", "--set", "api.serviceAccount.name=api")
+    assert sorted(d["kind"] for d in docs) == ["CustomResourceDefinition", "Deployment", "Service"]
+    dep = docs.one("Deployment")
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
+    # No worker ServiceAccount: Jobs fall back to their namespace's default one.
+    assert container_env(dep)["BEAM_WORKER_SERVICE_ACCOUNT"] == ""
+
+    proc = run_template(helm, "--set", "serviceAccount.create=false")
+    assert proc.returncode != 0
+    assert "serviceAccount.name is required when serviceAccount.create is false" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, complaint",
+    [
+        (["--set", "config.staging_bukcet=x"], "staging_bukcet"),
+        (["--set", "config.stage_strategy=copy"], "stage_strategy"),
+        (["--set", "config.default_parallelism=0"], "default_parallelism"),
+        (["--set", "config.chunk_target_bytes=lots"], "chunk_target_bytes"),
+        (["--set", "operator.image.pullPolicy=Sometimes"], "pullPolicy"),
+        (["--set", "config.allowed_tables={drop table x}"], "allowed_tables"),
+        (["--set", "replicas=2"], "replicas"),
+    ],
+    ids=["typo", "enum", "minimum", "type", "pull-policy", "table-pattern", "unknown-top-level"],
+)
+def test_schema_rejects_bad_values(helm, args, complaint):
+    proc = run_template(helm, *args)
+    assert proc.returncode != 0, f"helm accepted {args}"
+    assert "values don't meet the specifications of the schema" in proc.stderr
+    assert complaint in proc.stderr, proc.stderr
