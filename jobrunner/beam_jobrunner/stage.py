@@ -24,7 +24,7 @@ from beam_jobrunner.errors import JobError, PermanentError, TransientError
 
 log = logging.getLogger("beam_jobrunner.stage")
 
-ROW_GROUP_ROWS = 65536
+ROW_GROUP_ROWS = 65536  # BEAM_CHUNK_ROW_GROUP_ROWS overrides: a chunk is cut only between row groups
 # Snowflake's error for "no such object or no privilege on it" (same code in fakesnow).
 SF_OBJECT_MISSING = 2003
 
@@ -81,17 +81,16 @@ def _clear(staging_uri: str) -> None:
 def _normalize(table: pa.Table) -> pa.Table:
     # Lower-case names; drop the connector's per-field metadata (it would be copied into every file).
     fields = [pa.field(f.name.lower(), f.type, f.nullable) for f in table.schema]
-    return pa.Table.from_batches(table.to_batches(), schema=pa.schema(fields)) if table.num_rows else pa.table(
-        {f.name: pa.array([], f.type) for f in fields}
-    )
+    return pa.Table.from_arrays(table.columns, schema=pa.schema(fields))
 
 
 class ChunkWriter:
     """Writes row groups into in-memory parquet and uploads a chunk once it reaches the target size."""
 
-    def __init__(self, staging_uri: str, target_bytes: int) -> None:
+    def __init__(self, staging_uri: str, target_bytes: int, row_group_rows: int = ROW_GROUP_ROWS) -> None:
         self.staging_uri = staging_uri
         self.target = target_bytes
+        self.row_group_rows = row_group_rows
         self.chunks: list[dict] = []
         self.schema: pa.Schema | None = None
         self._sink: pa.BufferOutputStream | None = None
@@ -103,13 +102,13 @@ class ChunkWriter:
             self.schema = table.schema
         elif table.schema != self.schema:
             table = table.cast(self.schema)
-        for batch in table.to_batches(max_chunksize=ROW_GROUP_ROWS):
+        for batch in table.to_batches(max_chunksize=self.row_group_rows):
             if batch.num_rows == 0:
                 continue
             if self._writer is None:
                 self._sink = pa.BufferOutputStream()
                 self._writer = pq.ParquetWriter(self._sink, self.schema, compression="zstd")
-            self._writer.write_batch(batch, row_group_size=ROW_GROUP_ROWS)
+            self._writer.write_batch(batch, row_group_size=self.row_group_rows)
             self._rows += batch.num_rows
             if self._sink.tell() >= self.target:
                 self._finish()
@@ -136,7 +135,7 @@ def stage_fetch(common: Common, conn, target_bytes: int) -> list[dict]:
     cur = conn.cursor()
     try:
         cur.execute(q.sql, q.params)
-        writer = ChunkWriter(common.staging_uri, target_bytes)
+        writer = ChunkWriter(common.staging_uri, target_bytes, int(env("BEAM_CHUNK_ROW_GROUP_ROWS", str(ROW_GROUP_ROWS))))
         for table in cur.fetch_arrow_batches():
             writer.write(_normalize(table))
         return writer.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import timedelta
 from functools import lru_cache
 from urllib.parse import urlparse
 
@@ -21,7 +22,8 @@ from beam_jobrunner.errors import PermanentError, TransientError
 @lru_cache(maxsize=None)
 def filesystem(timeout: float | None = None) -> pafs.GcsFileSystem:
     emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-    kw = {"retry_time_limit": timeout or float(os.environ.get("BEAM_CONNECT_TIMEOUT_S", "30"))}
+    limit = timeout or float(os.environ.get("BEAM_CONNECT_TIMEOUT_S", "30"))
+    kw = {"retry_time_limit": timedelta(seconds=limit)}
     if emulator:
         u = urlparse(emulator if "://" in emulator else f"http://{emulator}")
         return pafs.GcsFileSystem(anonymous=True, endpoint_override=u.netloc, scheme=u.scheme or "http", **kw)

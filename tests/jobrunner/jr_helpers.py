@@ -1,0 +1,161 @@
+"""Seeding fakesnow, running the real CLI, and reading Kafka back for the jobrunner tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+TABLE = "base.assets.erc20_token_transfers"
+BUCKET = "beam-staging"
+T0 = datetime(2024, 1, 1, 0, 0, 0)
+TOKENS = [f"0x{n:040x}" for n in (0xA0B8, 0xDAC1, 0x4200, 0x833F)]
+N_ROWS = 3000
+
+COLUMNS = [
+    ("from_address", "VARCHAR"), ("to_address", "VARCHAR"), ("token_address", "VARCHAR"),
+    ("token_name", "VARCHAR"), ("token_symbol", "VARCHAR"), ("raw_amount", "FLOAT"), ("amount", "FLOAT"),
+    ("usd_amount", "FLOAT"), ("usd_exchange_rate", "FLOAT"), ("raw_amount_str", "VARCHAR"),
+    ("amount_str", "VARCHAR"), ("transaction_from_address", "VARCHAR"), ("transaction_to_address", "VARCHAR"),
+    ("transaction_hash", "VARCHAR"), ("transaction_index", "BIGINT"), ("log_index", "BIGINT"),
+    ("block_number", "BIGINT"), ("block_timestamp", "TIMESTAMP_NTZ(9)"), ("block_hash", "VARCHAR"),
+    ("unique_id", "VARCHAR"),
+]
+
+
+def make_rows(n: int = N_ROWS) -> list[dict]:
+    """Synthetic transfers: one every 10 s from T0, block = 1000 + i, four tokens in turn."""
+    rows = []
+    for i in range(n):
+        raw = (i * 7919 % 10**6) * 10**12 + i  # large but exact in float64? not always: that is the point
+        tx = f"0x{i:064x}"
+        rows.append({
+            "from_address": f"0x{i * 31 % 2**160:040x}", "to_address": f"0x{i * 17 % 2**160:040x}",
+            "token_address": TOKENS[i % 4], "token_name": ["USD Coin", "Tether", "Wrapped \"Ether\"", "Ünicode ✓"][i % 4],
+            "token_symbol": ["USDC", "USDT", "WETH", "UNI'"][i % 4],
+            "raw_amount": float(raw), "amount": raw / 1e18, "usd_amount": (raw / 1e18) * 1.0001 if i % 5 else None,
+            "usd_exchange_rate": 1.0001, "raw_amount_str": str(raw), "amount_str": str(raw / 1e18),
+            "transaction_from_address": f"0x{i:040x}", "transaction_to_address": TOKENS[i % 4],
+            "transaction_hash": tx, "transaction_index": i % 50, "log_index": i % 7,
+            "block_number": 1000 + i, "block_timestamp": T0 + timedelta(seconds=10 * i),
+            "block_hash": f"0x{1000 + i:064x}", "unique_id": f"{tx}-{i % 7}",
+        })
+    return rows
+
+
+def _lit(v) -> str:
+    if v is None:
+        return "NULL"
+    if isinstance(v, datetime):
+        return f"'{v.isoformat(sep=' ')}'"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return "'" + str(v).replace("'", "''") + "'"
+
+
+def seed(conn, rows: list[dict], table: str = TABLE) -> None:
+    cur = conn.cursor()
+    db, schema, _ = table.split(".")
+    cur.execute(f"CREATE DATABASE IF NOT EXISTS {db}")
+    cur.execute(f"CREATE SCHEMA IF NOT EXISTS {db}.{schema}")
+    cur.execute(f"CREATE OR REPLACE TABLE {table} ({', '.join(f'{c} {t}' for c, t in COLUMNS)})")
+    for i in range(0, len(rows), 1000):
+        values = ", ".join("(" + ", ".join(_lit(r[c]) for c, _ in COLUMNS) + ")" for r in rows[i:i + 1000])
+        cur.execute(f"INSERT INTO {table} VALUES {values}")
+
+
+@dataclass
+class Run:
+    code: int
+    message: str
+    stderr: str
+
+    @property
+    def json(self) -> dict:
+        return json.loads(self.message)
+
+
+class Job:
+    """One backfill's worker env, as the operator would set it (docs/worker-contract.md)."""
+
+    def __init__(self, tmp: Path, spec: dict, *, snowflake, gcs, kafka=None, extra: dict | None = None) -> None:
+        self.tmp = tmp
+        self.spec = spec
+        self.job_id = str(uuid.uuid4())
+        self.staging = f"gs://{BUCKET}/backfills/test-ns/{self.job_id}/"
+        sf = snowflake.endpoints()
+        self.env = {
+            "PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"),
+            "BEAM_SPEC": json.dumps(spec), "BEAM_JOB_ID": self.job_id, "BEAM_NAMESPACE": "test-ns",
+            "BEAM_STAGING_URI": self.staging, "STORAGE_EMULATOR_HOST": gcs.endpoints()["url"],
+            "BEAM_CONNECT_TIMEOUT_S": "10", "BEAM_STAGE_STRATEGY": "fetch",
+            "BEAM_CHUNK_TARGET_BYTES": "20000", "BEAM_CHUNK_ROW_GROUP_ROWS": "200",
+            "BEAM_SNOWFLAKE_ACCOUNT": sf["account"], "BEAM_SNOWFLAKE_USER": sf["user"],
+            "BEAM_SNOWFLAKE_PASSWORD": sf["password"], "BEAM_SNOWFLAKE_HOST": sf["host"],
+            "BEAM_SNOWFLAKE_PORT": str(sf["port"]), "BEAM_SNOWFLAKE_PROTOCOL": sf["protocol"],
+            "BEAM_SNOWFLAKE_DATABASE": "base", "BEAM_SNOWFLAKE_SCHEMA": "assets",
+        }
+        if kafka is not None:
+            self.env["BEAM_KAFKA_BOOTSTRAP"] = kafka.bootstrap
+        self.env.update(extra or {})
+        self._n = 0
+
+    def run(self, command: str, **env) -> Run:
+        self._n += 1
+        term = self.tmp / f"termination-{self.job_id[:8]}-{self._n}"
+        e = {**self.env, "TERMINATION_MESSAGE_PATH": str(term), **{k: str(v) for k, v in env.items()}}
+        p = subprocess.run([sys.executable, "-m", "beam_jobrunner", command], env=e, capture_output=True, text=True, timeout=300)
+        message = term.read_text() if term.exists() else ""
+        return Run(p.returncode, message, p.stderr)
+
+    def stage(self, **env) -> Run:
+        r = self.run("stage", **env)
+        assert r.code == 0, r.stderr[-3000:]
+        return r
+
+    def transport(self, chunk: int, **env) -> Run:
+        return self.run("transport", JOB_COMPLETION_INDEX=chunk, **env)
+
+    def transport_all(self, num_chunks: int) -> None:
+        for i in range(num_chunks):
+            r = self.transport(i)
+            assert r.code == 0, r.stderr[-3000:]
+
+
+def consume_all(bootstrap: str, topic: str, isolation: str = "read_committed") -> list:
+    """Every message of a one-partition topic, up to its end (EOF at the last stable offset)."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4()}", "isolation.level": isolation,
+                  "enable.partition.eof": True, "enable.auto.commit": False})
+    c.assign([TopicPartition(topic, 0, 0)])
+    out = []
+    try:
+        while True:
+            m = c.poll(30)
+            assert m is not None, f"no EOF on {topic} within 30s"
+            if m.error():
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    return out
+                raise AssertionError(m.error())
+            out.append(m)
+    finally:
+        c.close()
+
+
+def expected_ids(rows, start=None, end=None, blocks=None, tokens=None) -> list[str]:
+    out = []
+    for r in rows:
+        if start is not None and not (start <= r["block_timestamp"] < end):
+            continue
+        if blocks is not None and not (blocks[0] <= r["block_number"] < blocks[1]):
+            continue
+        if tokens is not None and r["token_address"] not in tokens:
+            continue
+        out.append(r["unique_id"])
+    return out

@@ -1,0 +1,119 @@
+"""Stage from fakesnow through the real CLI into fake-gcs-server, transport into Apache Kafka."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime
+
+from jr_helpers import TOKENS, Job, consume_all, expected_ids
+
+
+def spec(topic: str, window: dict, **extra) -> dict:
+    return {"job_name": "test", "table": "base.assets.erc20_token_transfers", "backfill_window": window,
+            "destinations": [{"type": "kafka", "name": topic}], **extra}
+
+
+def test_timestamp_window_with_filter_exactly_once(tmp_path, source, bucket, gcs, kafka, rows):
+    topic = f"ts-{uuid.uuid4().hex[:8]}"
+    start, end = datetime(2024, 1, 1, 1, 0, 0), datetime(2024, 1, 1, 6, 0, 0)
+    tokens = TOKENS[:2]
+    job = Job(tmp_path, spec(topic, {"partition_key": "block_timestamp", "start": "2024-01-01T01:00:00",
+                                     "end": "2024-01-01T06:00:00Z"},
+                             filter={"column": "token_address", "values": tokens}),
+              snowflake=source, gcs=gcs, kafka=kafka)
+    staged = job.stage().json
+    want = expected_ids(rows, start, end, tokens=tokens)
+    assert staged["num_rows"] == len(want)
+    assert staged["num_chunks"] >= 2, "the small target size must split the window"
+    assert staged["manifest"] == job.staging + "manifest.json"
+
+    job.transport_all(staged["num_chunks"])
+    msgs = consume_all(kafka.bootstrap, topic)
+    got = [m.key().decode() for m in msgs]
+    assert len(got) == len(set(got)), "duplicates"
+    assert set(got) == set(want)
+
+    by_id = {r["unique_id"]: r for r in rows}
+    first = min(want, key=lambda u: by_id[u]["block_timestamp"])
+    assert by_id[first]["block_timestamp"] == start, "the row exactly at start is included"
+    at_end = [r for r in rows if r["block_timestamp"] == end]
+    assert at_end and at_end[0]["unique_id"] not in set(got), "the row exactly at end is excluded"
+
+    # The message format (docs/message-format.md), checked on the row at the window's start.
+    m = next(m for m in msgs if m.key().decode() == first)
+    body = json.loads(m.value())
+    src = by_id[first]
+    assert body["unique_id"] == first and body["block_timestamp"] == "2024-01-01T01:00:00Z"
+    assert body["block_number"] == src["block_number"] and body["amount"] == src["amount"]
+    assert body["raw_amount"] == src["raw_amount"] and body["token_name"] == src["token_name"]
+    assert list(body) == [c for c in body], "columns keep the table's order"
+    assert dict(m.headers()) == {"beam_job_id": job.job_id.encode(), "beam_chunk": b"0"}
+
+
+def test_block_window_with_projection(tmp_path, source, bucket, gcs, kafka, rows):
+    topic = f"blk-{uuid.uuid4().hex[:8]}"
+    job = Job(tmp_path, spec(topic, {"partition_key": "block", "start": 1500, "end": 2100},
+                             columns=["unique_id", "block_number", "amount", "block_timestamp"]),
+              snowflake=source, gcs=gcs, kafka=kafka)
+    staged = job.stage().json
+    job.transport_all(staged["num_chunks"])
+    msgs = consume_all(kafka.bootstrap, topic)
+    got = [m.key().decode() for m in msgs]
+    want = expected_ids(rows, blocks=(1500, 2100))
+    assert len(got) == len(set(got)) == len(want) == 600
+    assert set(got) == set(want)
+    blocks = sorted(json.loads(m.value())["block_number"] for m in msgs)
+    assert blocks[0] == 1500 and blocks[-1] == 2099
+    assert set(json.loads(msgs[0].value())) == {"unique_id", "block_number", "amount", "block_timestamp"}
+
+
+def test_killed_mid_chunk_and_after_commit(tmp_path, source, bucket, gcs, kafka, rows):
+    topic = f"crash-{uuid.uuid4().hex[:8]}"
+    job = Job(tmp_path, spec(topic, {"partition_key": "block", "start": 1000, "end": 2000}),
+              snowflake=source, gcs=gcs, kafka=kafka)
+    staged = job.stage().json
+    n = staged["num_chunks"]
+    assert n >= 2
+
+    # Chunk 0: the worker dies with 100 rows produced inside its open transaction.
+    crashed = job.transport(0, BEAM_TEST_CRASH_AFTER_ROWS=100)
+    assert crashed.code == 137, crashed.stderr[-2000:]
+    assert len(consume_all(kafka.bootstrap, topic, "read_uncommitted")) >= 100, "the crashed attempt really produced"
+    assert job.transport(0).code == 0
+
+    # Chunk 1: the worker dies right after its commit; the rerun must find the marker and skip.
+    crashed = job.transport(1, BEAM_TEST_CRASH_AFTER_COMMIT=1)
+    assert crashed.code == 137, crashed.stderr[-2000:]
+    rerun = job.transport(1)
+    assert rerun.code == 0, rerun.stderr[-2000:]
+    assert rerun.json["destinations"][0]["skipped"] is True
+
+    for i in range(2, n):
+        assert job.transport(i).code == 0
+    got = [m.key().decode() for m in consume_all(kafka.bootstrap, topic)]
+    want = expected_ids(rows, blocks=(1000, 2000))
+    assert len(got) == len(set(got)), "duplicates after the reruns"
+    assert set(got) == set(want)
+
+
+def test_unreachable_broker_and_missing_secret(tmp_path, source, bucket, gcs, kafka):
+    from beam_devstack.proc import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    job = Job(tmp_path, {**spec("x", {"partition_key": "block", "start": 1000, "end": 1100}),
+                         "destinations": [{"type": "kafka", "name": "dead", "bootstrap_servers": dead}]},
+              snowflake=source, gcs=gcs, kafka=kafka, extra={"BEAM_CONNECT_TIMEOUT_S": "3"})
+    job.stage()
+    r = job.transport(0)
+    assert r.code == 3, r.stderr[-2000:]
+    assert r.message.startswith("kafka destination 'dead' chunk 0:") and dead in r.message
+
+    job = Job(tmp_path, {**spec("x", {"partition_key": "block", "start": 1000, "end": 1100}),
+                         "destinations": [{"type": "kafka", "name": "ext", "bootstrap_servers": kafka.bootstrap,
+                                           "secret": "ext-kafka"}]},
+              snowflake=source, gcs=gcs, kafka=kafka, extra={"BEAM_DEST_0_SASL_USERNAME": "alice"})
+    job.stage()
+    r = job.transport(0)
+    assert r.code == 2
+    assert "sasl_password missing" in r.message and "BEAM_DEST_0_SASL_PASSWORD" in r.message
