@@ -164,16 +164,46 @@ def kill_group(pid: int, grace: float = 10.0, popen: subprocess.Popen | None = N
 
 
 def stop_pid_dir(pid_dir: Path, grace: float = 10.0) -> list[str]:
-    """Stop every process recorded in pid_dir (used by `beam-dev down`)."""
+    """Stop every process recorded in pid_dir (used by `beam-dev down`), newest first.
+
+    Reverse start order matters: kube-apiserver stops in a second while etcd is up, but
+    hangs until SIGKILL once etcd is gone.
+    """
+    files = sorted(Path(pid_dir).glob("*.pid"), key=lambda f: f.stat().st_mtime, reverse=True)
     stopped = []
-    for f in sorted(Path(pid_dir).glob("*.pid")):
+    for f in files:
         try:
-            kill_group(int(f.read_text().strip()), grace)
-            stopped.append(f.stem)
+            pid = int(f.read_text().strip())
         except ValueError:
+            f.unlink(missing_ok=True)
+            continue
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _exists(pid):
+            time.sleep(0.05)
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
         f.unlink(missing_ok=True)
+        stopped.append(f.stem)
     return stopped
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A detached child of ours that exited stays a zombie until reaped; it is gone for us.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 @atexit.register

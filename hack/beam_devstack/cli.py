@@ -1,0 +1,184 @@
+"""`beam-dev`: the local stack for people (the tests use the same modules through fixtures).
+
+    beam-dev fetch    get and cache every binary and jar (Kubernetes is built from source)
+    beam-dev up       start the stack in the background; prints endpoints and start times
+    beam-dev status   what is running
+    beam-dev down     stop everything `up` started
+    beam-dev demo     up, then run the sample backfill end to end (see demo.py)
+
+State lives in .devstack/ at the repository root: state.json (endpoints), pids/ (one pid file
+per process, which is how `down` finds them) and logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from beam_devstack.proc import progress, stop_pid_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+STACK = Path(os.environ.get("BEAM_DEVSTACK_DIR", ROOT / ".devstack"))
+STATE = STACK / "state.json"
+PIDS = STACK / "pids"
+
+# name -> (module, class); order is start order (the node agent needs the control plane).
+COMPONENTS = {
+    "k8s": ("k8s", "ControlPlane"),
+    "kafka": ("kafka", "Kafka"),
+    "gcs": ("gcs", "FakeGcs"),
+    "snowflake": ("snowflake", "FakeSnowflake"),
+    "nats": ("nats", "Nats"),
+    "sns": ("sns", "Sns"),
+}
+
+
+def _module(name: str):
+    return importlib.import_module(f"beam_devstack.{name}")
+
+
+def fetch() -> dict[str, float]:
+    """Everything the stack and the tests need, fetched or built once and cached."""
+    times = {}
+    for name, (mod, _) in COMPONENTS.items():
+        t = time.monotonic()
+        progress("fetch", f"{name}: checking cache")
+        _module(mod).ensure_installed()
+        times[name] = time.monotonic() - t
+    from beam_devstack.operator_proc import helm_binary
+
+    t = time.monotonic()
+    progress("fetch", "helm: checking cache")
+    helm_binary()
+    times["helm"] = time.monotonic() - t
+    return times
+
+
+def load_state() -> dict:
+    return json.loads(STATE.read_text()) if STATE.exists() else {}
+
+
+def up(components: list[str] | None = None) -> dict:
+    """Start the stack detached; returns the state (endpoints and start seconds)."""
+    state = load_state()
+    if state and _all_alive():
+        progress("up", f"already running ({STATE})")
+        return state
+    if state:
+        down(quiet=True)
+    STACK.mkdir(parents=True, exist_ok=True)
+    fetch_times = fetch()
+    state = {"components": {}, "start_seconds": {}, "fetch_seconds": fetch_times}
+    t0 = time.monotonic()
+    started = []
+    try:
+        for name in components or list(COMPONENTS):
+            mod, cls = COMPONENTS[name]
+            t = time.monotonic()
+            server = getattr(_module(mod), cls)(STACK / name, detach=True, pid_dir=PIDS)
+            server.start()
+            started.append(server)
+            state["components"][name] = server.endpoints()
+            state["start_seconds"][name] = round(time.monotonic() - t, 2)
+            if name == "k8s":
+                from beam_devstack.nodeagent import NodeAgent
+
+                t = time.monotonic()
+                agent = NodeAgent(STACK / "nodeagent", kubeconfig=server.endpoints()["kubeconfig"], detach=True, pid_dir=PIDS)
+                agent.start()
+                started.append(agent)
+                state["components"]["nodeagent"] = agent.endpoints()
+                state["start_seconds"]["nodeagent"] = round(time.monotonic() - t, 2)
+            STATE.write_text(json.dumps(state, indent=2))
+    except BaseException:
+        progress("up", "start failed; stopping what was started")
+        down(quiet=True)
+        raise
+    state["start_seconds"]["total"] = round(time.monotonic() - t0, 2)
+    STATE.write_text(json.dumps(state, indent=2))
+    fetched = sum(fetch_times.values())
+    progress("up", f"stack up: fetch/build {fetched:.1f}s, start {state['start_seconds']['total']:.1f}s "
+             f"({', '.join(f'{k} {v:.1f}s' for k, v in state['start_seconds'].items() if k != 'total')})")
+    return state
+
+
+def _all_alive() -> bool:
+    pidfiles = list(PIDS.glob("*.pid"))
+    if not pidfiles:
+        return False
+    for f in pidfiles:
+        try:
+            os.kill(int(f.read_text()), 0)
+        except (ProcessLookupError, ValueError):
+            return False
+    return True
+
+
+def down(quiet: bool = False) -> list[str]:
+    stopped = stop_pid_dir(PIDS, grace=10) if PIDS.exists() else []
+    STATE.unlink(missing_ok=True)
+    if not quiet:
+        progress("down", f"stopped {len(stopped)} processes: {', '.join(stopped) or 'none'}")
+    return stopped
+
+
+def status() -> int:
+    state = load_state()
+    if not state:
+        print("stack is down (beam-dev up to start it)")
+        return 1
+    ok = True
+    for f in sorted(PIDS.glob("*.pid")):
+        pid = int(f.read_text())
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        ok &= alive
+        print(f"{f.stem:<24} pid {pid:<8} {'running' if alive else 'DEAD'}")
+    print(json.dumps(state["components"], indent=2))
+    if "k8s" in state["components"]:
+        print(f"\nexport KUBECONFIG={state['components']['k8s']['kubeconfig']}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="beam-dev", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("fetch", help="fetch and build everything into the cache")
+    sub.add_parser("up", help="start the stack in the background")
+    sub.add_parser("down", help="stop the stack")
+    sub.add_parser("status", help="show what runs")
+    demo = sub.add_parser("demo", help="start the stack and run the sample backfill")
+    demo.add_argument("--rows", type=int, default=int(os.environ.get("BEAM_DEMO_ROWS", "2000000")), help="synthetic rows to seed")
+    demo.add_argument("--manifest", default=str(ROOT / "examples" / "seed-usdc-base.yaml"))
+    demo.add_argument("--down", action="store_true", help="tear the stack down after the demo")
+    args = p.parse_args(argv)
+    if args.cmd == "fetch":
+        times = fetch()
+        progress("fetch", "done: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
+        return 0
+    if args.cmd == "up":
+        state = up()
+        print(f"export KUBECONFIG={state['components']['k8s']['kubeconfig']}")
+        return 0
+    if args.cmd == "down":
+        down()
+        return 0
+    if args.cmd == "status":
+        return status()
+    if args.cmd == "demo":
+        from beam_devstack.demo import run_demo
+
+        return run_demo(rows=args.rows, manifest=Path(args.manifest), teardown=args.down)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
