@@ -66,7 +66,14 @@ def encoded_batches(pf: pq.ParquetFile, batch_rows: int, prefetch: int = 2) -> I
                 raise item
             yield item
     finally:
+        # Join the reader: a daemon thread still inside DuckDB or parquet code while the
+        # interpreter shuts down aborts the process (C++ terminate), losing the exit code.
         stop.set()
+        while t.is_alive():
+            try:
+                q.get(timeout=0.1)
+            except queue.Empty:
+                pass
 
 
 def _crash_hook():
@@ -125,7 +132,11 @@ def run(common: Common) -> dict:
                 continue
             if pf is None:
                 pf = read_chunk(chunk["uri"])
-            nbytes = sink.deliver(encoded_batches(pf, batch_rows), crash_hook)
+            batches = encoded_batches(pf, batch_rows)
+            try:
+                nbytes = sink.deliver(batches, crash_hook)
+            finally:
+                batches.close()
         finally:
             sink.close()
         if env("BEAM_TEST_CRASH_AFTER_COMMIT"):
