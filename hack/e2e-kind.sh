@@ -10,9 +10,11 @@
 #   SNOWFLAKE_ACCOUNT, SNOWFLAKE_USER, SNOWFLAKE_PASSWORD   (and optionally SNOWFLAKE_WAREHOUSE,
 #       SNOWFLAKE_ROLE, SNOWFLAKE_DATABASE, SNOWFLAKE_SCHEMA, SNOWFLAKE_HOST, SNOWFLAKE_PORT,
 #       SNOWFLAKE_PROTOCOL): become the Secret beam-snowflake in the example's namespace
-#   E2E_VALUES   a values file for the chart with at least config.staging_bucket (and
-#       config.gcs_endpoint for an emulator, config.managed_kafka_bootstrap, ...)
-# Other knobs: KIND_CLUSTER (default beam-backfill-e2e), E2E_TIMEOUT seconds (default 1800),
+#   E2E_VALUES   a values file for the chart with at least config.staging_bucket and
+#       config.managed_kafka_bootstrap (the example writes to the operator's managed Kafka), and
+#       whatever else your setup needs (config.unload_stage, config.gcs_endpoint, ...)
+# Other knobs: E2E_NAMESPACE, the organization the example goes to when it names none (default
+# org-e2e); KIND_CLUSTER (default beam-backfill-e2e); E2E_TIMEOUT seconds (default 1800);
 # KEEP_CLUSTER=1 to leave the cluster running afterwards.
 set -euo pipefail
 
@@ -68,7 +70,7 @@ kind load docker-image --name "$CLUSTER" "beam-backfill/operator:$TAG" "beam-bac
 # Snowflake Secret must live there.
 ns=""
 ns="$("${KUBECTL[@]}" create --dry-run=client -f "$EXAMPLE" -o jsonpath='{.metadata.namespace}')"
-ns="${ns:-default}"
+ns="${ns:-${E2E_NAMESPACE:-org-e2e}}"
 name="$("${KUBECTL[@]}" create --dry-run=client -f "$EXAMPLE" -o jsonpath='{.metadata.name}')"
 "${KUBECTL[@]}" create namespace "$ns" --dry-run=client -o yaml | "${KUBECTL[@]}" apply -f -
 
@@ -90,7 +92,7 @@ done
   | "${KUBECTL[@]}" apply -f - >/dev/null
 
 log "applying $EXAMPLE ($ns/$name)"
-"${KUBECTL[@]}" apply -f "$EXAMPLE"
+"${KUBECTL[@]}" -n "$ns" apply -f "$EXAMPLE"
 
 deadline=$((SECONDS + TIMEOUT))
 last=""
