@@ -68,10 +68,13 @@ kind load docker-image --name "$CLUSTER" "beam-backfill/operator:$TAG" "beam-bac
 
 # The example names its namespace (its organization); the worker ServiceAccount and the
 # Snowflake Secret must live there.
-ns=""
-ns="$("${KUBECTL[@]}" create --dry-run=client -f "$EXAMPLE" -o jsonpath='{.metadata.namespace}')"
+# Read before the CRD exists (kubectl cannot map the kind yet): the first metadata block's
+# two-space-indented name and namespace.
+meta() { awk -v key="$1" '/^metadata:/ {m=1; next} m && /^[^ #]/ {exit} m && $1 == key":" {print $2; exit}' "$EXAMPLE" | tr -d "\"'"; }
+name="$(meta name)"
+ns="$(meta namespace)"
 ns="${ns:-${E2E_NAMESPACE:-org-e2e}}"
-name="$("${KUBECTL[@]}" create --dry-run=client -f "$EXAMPLE" -o jsonpath='{.metadata.name}')"
+[[ -n "$name" ]] || die "no metadata.name in $EXAMPLE"
 "${KUBECTL[@]}" create namespace "$ns" --dry-run=client -o yaml | "${KUBECTL[@]}" apply -f -
 
 log "installing the chart (operator in $OPERATOR_NS, organization namespace $ns)"
