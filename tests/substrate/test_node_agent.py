@@ -325,6 +325,38 @@ def test_agent_stop_kills_pods_and_restart_fails_lost_ones(k8s, node_agent, name
         k8s.api("DELETE", "/api/v1/nodes/restart-node")
 
 
+def test_active_deadline_and_on_failure_restart(k8s, node_agent, namespace, tmp_path):
+    make_pod(k8s, namespace, "too-slow", py_container("import time; time.sleep(600)"), activeDeadlineSeconds=2)
+    flaky = ("import os, sys; m = sys.argv[1]; first = not os.path.exists(m); open(m, 'a').write('x'); "
+             "sys.exit(5 if first else 0)")
+    make_pod(k8s, namespace, "flaky", py_container(flaky, str(tmp_path / "tries")), restartPolicy="OnFailure")
+
+    slow = finished_pod(k8s, namespace, "too-slow")["status"]
+    assert (slow["phase"], slow["reason"]) == ("Failed", "DeadlineExceeded")
+
+    status = finished_pod(k8s, namespace, "flaky")["status"]
+    assert status["phase"] == "Succeeded"
+    container = status["containerStatuses"][0]
+    assert container["restartCount"] == 1
+    assert container["lastState"]["terminated"]["exitCode"] == 5
+    assert (tmp_path / "tries").read_text() == "xx"
+
+
+def test_agent_rides_out_an_apiserver_restart(k8s, node_agent, namespace):
+    # This Pod exits while the apiserver is down: its terminal status must still arrive.
+    waiter = ("import socket, sys, time\n"
+              "while socket.socket().connect_ex(('127.0.0.1', int(sys.argv[1]))) == 0: time.sleep(0.1)")
+    make_pod(k8s, namespace, "across", py_container(waiter, str(k8s.port)))
+    eventually(lambda: (get_pod(k8s, namespace, "across") or {}).get("status", {}).get("phase") == "Running",
+               what="pod running")
+    k8s.restart_apiserver(downtime=3)
+
+    assert finished_pod(k8s, namespace, "across")["status"]["phase"] == "Succeeded"
+    # ...and the watch resumed: a new Pod still runs.
+    make_pod(k8s, namespace, "after", py_container("pass"))
+    assert finished_pod(k8s, namespace, "after")["status"]["phase"] == "Succeeded"
+
+
 @pytest.mark.slow
 def test_fifty_trivial_completions(k8s, node_agent, namespace):
     started = time.monotonic()
