@@ -46,7 +46,8 @@ def table_name(name: str) -> str:
 
 
 def path_segment(value: str, what: str) -> str:
-    if not re.fullmatch(_PATH_SEGMENT_RE, value or ""):
+    # The stage path is unquoted SQL text: `--` would start a comment (valid in a k8s name, though).
+    if not re.fullmatch(_PATH_SEGMENT_RE, value or "") or "--" in value:
         raise PermanentError(f"staging: {what} {value!r} cannot be part of a stage path")
     return value
 

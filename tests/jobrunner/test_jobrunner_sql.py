@@ -1,0 +1,142 @@
+"""The export SQL: golden unload statements parsed by sqlglot, hostile names refused, hostile values inert."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import sqlglot
+from sqlglot import exp
+
+from beam_operator.model import BackfillSpec
+from beam_jobrunner import sql
+from beam_jobrunner.errors import PermanentError
+
+from jr_helpers import Job, consume_all
+
+HOSTILE_VALUES = ["x'; DROP TABLE base.assets.erc20_token_transfers; --", "a\\' OR 1=1 --", "\\", "'", "''",
+                  "-- comment", "ünï©ødé ✓", "line\nbreak", "$$dollar$$", "%s ? :1"]
+
+
+def make_spec(**kw) -> BackfillSpec:
+    base = {"job_name": "t", "table": "base.assets.erc20_token_transfers",
+            "backfill_window": {"partition_key": "block_timestamp", "start": "2024-01-01T00:00:00", "end": "2024-01-02T00:00:00Z"},
+            "destinations": [{"type": "kafka", "name": "t"}]}
+    base.update(kw)
+    return BackfillSpec.model_validate(base)
+
+
+def test_golden_unload_sql():
+    spec = make_spec(columns=["unique_id", "amount"], filter={"column": "token_address", "values": ["0xabc", 7]})
+    got = sql.unload_sql(spec, "beam.staging.gcs_stage", "ns-1/1234-abcd/chunks", 134217728)
+    assert got == (
+        "COPY INTO @beam.staging.gcs_stage/ns-1/1234-abcd/chunks/ FROM (SELECT unique_id, amount "
+        "FROM base.assets.erc20_token_transfers WHERE block_timestamp >= CAST('2024-01-01 00:00:00.000000' AS TIMESTAMP_NTZ) "
+        "AND block_timestamp < CAST('2024-01-02 00:00:00.000000' AS TIMESTAMP_NTZ) AND token_address IN ('0xabc', 7)) "
+        "FILE_FORMAT = (TYPE = PARQUET) HEADER = TRUE MAX_FILE_SIZE = 134217728"
+    )
+    tree = sqlglot.parse_one(got, dialect="snowflake")
+    assert isinstance(tree, exp.Copy)
+    select = tree.find(exp.Select)
+    assert [c.sql() for c in select.expressions] == ["unique_id", "amount"]
+    assert select.find(exp.Table).sql(dialect="snowflake") == "base.assets.erc20_token_transfers"
+
+    block = sql.unload_sql(make_spec(backfill_window={"partition_key": "block", "start": 10, "end": 20}), "s", "a/b", 1000)
+    assert "WHERE block_number >= 10 AND block_number < 20)" in block
+    sqlglot.parse_one(block, dialect="snowflake")
+
+
+def test_timestamps_are_converted_to_utc():
+    q = sql.select_query(make_spec(backfill_window={"partition_key": "block_timestamp", "start": "2024-01-01T02:00:00+02:00",
+                                                    "end": "2024-01-01T01:00:00.5Z"}))
+    assert q.params == ["2024-01-01 00:00:00.000000", "2024-01-01 01:00:00.500000"]
+
+
+@pytest.mark.parametrize("value", HOSTILE_VALUES)
+def test_hostile_filter_values_stay_literals_in_unload(value):
+    spec = make_spec(filter={"column": "token_address", "values": [value, "0xabc"]})
+    stmt = sql.unload_sql(spec, "st", "p/q", 1000)
+    tree = sqlglot.parse_one(stmt, dialect="snowflake")  # one statement, nothing appended
+    in_ = tree.find(exp.In)
+    assert [lit.this for lit in in_.expressions] == [value, "0xabc"]
+    assert len(sqlglot.parse(stmt, dialect="snowflake")) == 1
+
+
+@pytest.mark.parametrize("bad", ["x; DROP TABLE y", 'a"b', "tok'en", "naïve", "a--b", "a b", "1abc", "a.b", "x\n"])
+def test_hostile_identifiers_refused_by_model_and_by_sql(bad):
+    with pytest.raises(ValueError):
+        make_spec(columns=[bad])
+    with pytest.raises(ValueError):
+        make_spec(filter={"column": bad, "values": ["v"]})
+    with pytest.raises(ValueError):
+        make_spec(table=bad + ".t" if "." not in bad else bad + ";")
+    # Even a spec that skipped validation cannot get the name into SQL.
+    forged = make_spec().model_copy(update={"columns": [bad]})
+    with pytest.raises(PermanentError):
+        sql.select_query(forged)
+    forged = make_spec().model_copy(update={"table": f"base.assets.{bad}"})
+    with pytest.raises(PermanentError):
+        sql.select_query(forged)
+    if bad not in ("1abc", "a.b"):  # both are fine as a stage path segment (a namespace, a uuid)
+        with pytest.raises(PermanentError):
+            sql.unload_sql(make_spec(), "stage", f"ns/{bad}", 10)
+
+
+def test_hostile_filter_values_end_to_end(tmp_path, source, bucket, gcs, kafka, rows):
+    """Bound parameters: hostile values match nothing and the table survives."""
+    topic = f"hostile-{uuid.uuid4().hex[:8]}"
+    job = Job(tmp_path, {"job_name": "t", "table": "base.assets.erc20_token_transfers",
+                         "backfill_window": {"partition_key": "block", "start": 1000, "end": 1100},
+                         "filter": {"column": "token_symbol", "values": HOSTILE_VALUES + ["UNI'"]},
+                         "destinations": [{"type": "kafka", "name": topic}]},
+              snowflake=source, gcs=gcs, kafka=kafka)
+    staged = job.stage().json
+    # Only the genuine value (which itself has a quote) matches: every 4th row.
+    assert staged["num_rows"] == 25
+    job.transport_all(staged["num_chunks"])
+    assert len(consume_all(kafka.bootstrap, topic)) == 25
+    with source.connect("base", "assets") as conn:
+        assert conn.cursor().execute("SELECT COUNT(*) FROM base.assets.erc20_token_transfers").fetchone()[0] == len(rows)
+
+
+def test_missing_table_and_column(tmp_path, source, bucket, gcs):
+    spec = {"job_name": "t", "table": "base.assets.nope", "backfill_window": {"partition_key": "block", "start": 1, "end": 2},
+            "destinations": [{"type": "kafka", "name": "t"}]}
+    r = Job(tmp_path, spec, snowflake=source, gcs=gcs).run("stage")
+    assert r.code == 2
+    assert r.message == "staging: table base.assets.nope does not exist or is not authorized"
+
+    spec.update(table="base.assets.erc20_token_transfers", columns=["no_such_column"])
+    r = Job(tmp_path, spec, snowflake=source, gcs=gcs).run("stage")
+    assert r.code == 2 and r.message.startswith("staging: query on base.assets.erc20_token_transfers failed")
+
+
+def test_empty_window_and_cleanup(tmp_path, source, bucket, gcs):
+    from beam_jobrunner import storage
+
+    spec = {"job_name": "t", "table": "base.assets.erc20_token_transfers",
+            "backfill_window": {"partition_key": "block_timestamp", "start": "2030-01-01T00:00:00", "end": "2030-01-02T00:00:00"},
+            "destinations": [{"type": "kafka", "name": "t"}]}
+    job = Job(tmp_path, spec, snowflake=source, gcs=gcs)
+    staged = job.stage().json
+    assert staged == {"num_chunks": 0, "num_rows": 0, "manifest": job.staging + "manifest.json"}
+
+    # cleanup removes what stage wrote (here: the manifest) and nothing outside the prefix.
+    other = Job(tmp_path, {**spec, "backfill_window": {"partition_key": "block", "start": 1000, "end": 1900}},
+                snowflake=source, gcs=gcs)
+    assert other.stage().json["num_chunks"] >= 2
+    r = job.run("cleanup")
+    assert r.code == 0 and r.json["deleted"] == 1
+    import os
+    os.environ["STORAGE_EMULATOR_HOST"] = gcs.endpoints()["url"]
+    storage.filesystem.cache_clear()
+    try:
+        n = len(storage.list_files(other.staging))
+        assert n >= 3  # chunks + manifest
+        assert storage.delete_staged(other.staging) == n
+        assert storage.list_files(other.staging) == []
+        with pytest.raises(PermanentError):
+            storage.delete_staged(f"gs://{bucket}/backfills/")
+    finally:
+        del os.environ["STORAGE_EMULATOR_HOST"]
+        storage.filesystem.cache_clear()
