@@ -5,6 +5,7 @@
     beam-dev status   what is running
     beam-dev down     stop everything `up` started
     beam-dev demo     up, then run the sample backfill end to end (see demo.py)
+    beam-dev consume  print a few messages of a topic of the stack's Kafka
 
 State lives in .devstack/ at the repository root: state.json (endpoints), pids/ (one pid file
 per process, which is how `down` finds them) and logs.
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--rows", type=int, default=int(os.environ.get("BEAM_DEMO_ROWS", "2000000")), help="synthetic rows to seed")
     demo.add_argument("--manifest", default=str(ROOT / "examples" / "seed-usdc-base.yaml"))
     demo.add_argument("--down", action="store_true", help="tear the stack down after the demo")
+    cons = sub.add_parser("consume", help="print messages of a Kafka topic of the stack (read_committed)")
+    cons.add_argument("topic")
+    cons.add_argument("--max", type=int, default=5)
     args = p.parse_args(argv)
     if args.cmd == "fetch":
         times = fetch()
@@ -173,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "status":
         return status()
+    if args.cmd == "consume":
+        from beam_devstack.demo import consume
+
+        return consume(args.topic, args.max)
     if args.cmd == "demo":
         from beam_devstack.demo import run_demo
 
