@@ -8,6 +8,12 @@ operator see real Pods that start, finish, fail and get deleted.
 
     python -m beam_devstack.nodeagent --kubeconfig K --node-name local-node --log-dir D
 
+Every Pod whose schedulerName is `default-scheduler` and that has no nodeName is bound to this
+node, whatever its nodeSelector, affinity or tolerations (there is one node). A Pod that must stay
+Pending (a test of the unscheduled state) names another schedulerName. The node lifecycle is a
+kubelet's: a Lease in kube-node-lease renewed every 10 s, a Ready condition refreshed every 60 s.
+There is no kubelet API: `kubectl logs/exec` do not work; read `pod_log_path()` instead.
+
 One asyncio loop does everything: one watch on Pods (list, then watch from its resourceVersion,
 relist on 410 Gone), a Lease renewal in kube-node-lease every 10 s, and a subprocess per
 running Pod whose exit is noticed through a pidfd. No thread per Pod.
@@ -87,6 +93,7 @@ import datetime as dt
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import ssl
@@ -120,6 +127,10 @@ IMAGES: dict[str, dict[str, Any]] = {
     "busybox": {"entrypoint": [], "cmd": ["sh"], "venv": False},
     "alpine": {"entrypoint": [], "cmd": ["sh"], "venv": False},
 }
+
+
+def ensure_installed() -> None:
+    """Nothing to fetch: the agent is Python plus util-linux's setpriv, if present."""
 
 
 def pod_log_path(log_dir: Path | str, namespace: str, pod: str) -> Path:
@@ -1082,6 +1093,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", help="JSON object or file adding to the image table")
     parser.add_argument("--ready-file", type=Path, help="written once the node is Ready and Pods are listed")
     args = parser.parse_args(argv)
+    # One pidfd per running Pod: hundreds of Pods would exhaust the usual soft limit of 1024.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
     agent = Agent(Api(args.kubeconfig), args.node_name, args.log_dir.resolve(), load_images(args.images), args.ready_file)
     asyncio.run(agent.run())
 
