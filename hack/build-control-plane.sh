@@ -41,9 +41,13 @@ build_k8s() {
     for m in $staging; do echo "replace $m => $m $minor"; done
   } >"$work/go.mod"
   printf 'package main\nimport (\n _ "k8s.io/kubernetes/cmd/kube-apiserver/app"\n _ "k8s.io/kubernetes/cmd/kube-controller-manager/app"\n)\nfunc main() {}\n' >"$work/tools.go"
-  (cd "$work" && log "downloading modules (first time: several minutes)" && go mod tidy >/dev/null 2>&1 || go mod tidy)
+  log "downloading modules (first time: several minutes)"
+  # Quiet on success; on failure run again so the error is what the user sees.
+  if ! (cd "$work" && go mod tidy >/dev/null 2>&1); then (cd "$work" && go mod tidy); fi
   mkdir -p "$K8S_DIR.tmp"
-  local ld="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$(echo "$K8S_VERSION" | cut -d. -f2) -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
+  local minor_num ld
+  minor_num="$(echo "$K8S_VERSION" | cut -d. -f2)"
+  ld="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor_num -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION"
   for cmd in kube-apiserver kube-controller-manager; do
     log "compiling $cmd (first time: 5-15 minutes on 2 cores)"
     (cd "$work" && go build -trimpath -ldflags "$ld" -o "$K8S_DIR.tmp/$cmd" "k8s.io/kubernetes/cmd/$cmd")
@@ -62,7 +66,7 @@ go 1.24.0
 require go.etcd.io/etcd/server/v3 $ETCD_VERSION
 MOD
   printf 'package main\nimport _ "go.etcd.io/etcd/server/v3/etcdmain"\nfunc main() {}\n' >"$work/tools.go"
-  (cd "$work" && go mod tidy >/dev/null 2>&1 || (cd "$work" && go mod tidy))
+  if ! (cd "$work" && go mod tidy >/dev/null 2>&1); then (cd "$work" && go mod tidy); fi
   mkdir -p "$ETCD_DIR.tmp"
   (cd "$work" && go build -trimpath -ldflags "-s -w" -o "$ETCD_DIR.tmp/etcd" go.etcd.io/etcd/server/v3)
   rm -rf "$ETCD_DIR"; mv "$ETCD_DIR.tmp" "$ETCD_DIR"

@@ -1,7 +1,7 @@
 """Generate the BeamBackfill CustomResourceDefinition from the pydantic model.
 
-`python -m beam_operator.crd > crds/beambackfills.yaml` writes the checked-in CRD;
-tests/unit/test_crd.py fails when the two disagree.
+`python -m beam_operator.crd --write` writes the checked-in CRD (crds/ and the chart's copy);
+tests/unit/test_crd_matches_model.py fails when they disagree with the model.
 
 Pydantic emits JSON Schema; Kubernetes wants a structural OpenAPI v3 schema. The conversion:
 - $refs are inlined, `anyOf [X, null]` becomes X with nullable, `const` becomes a one-value enum;
@@ -257,8 +257,20 @@ def render() -> str:
     return header + yaml.safe_dump(crd(), sort_keys=False, width=120)
 
 
+TARGETS = ("crds/beambackfills.yaml", "charts/beam-backfill/crds/beambackfills.yaml")
+
+
 def main() -> None:
-    sys.stdout.write(render())
+    """Print the CRD; with --write, write it to every checked-in copy (crds/ and the chart's)."""
+    if "--write" in sys.argv[1:]:
+        from pathlib import Path
+
+        root = Path(__file__).resolve().parents[2]
+        for target in TARGETS:
+            (root / target).write_text(render())
+            print(f"wrote {target}", file=sys.stderr)
+    else:
+        sys.stdout.write(render())
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_checked_in_crd_equals_the_model():
     on_disk = (ROOT / "crds" / "beambackfills.yaml").read_text()
-    assert on_disk == crd.render(), "crds/ is stale: run `.venv/bin/python -m beam_operator.crd > crds/beambackfills.yaml`"
+    assert on_disk == crd.render(), "crds/ is stale: run `.venv/bin/python -m beam_operator.crd --write`"
 
 
 def test_crd_has_status_subresource_and_printer_columns():
