@@ -225,12 +225,17 @@ Average message {avg:.0f} bytes (20 ERC20 columns as JSON). Single run, warm sec
 
 | measurement | rows/s | ratio to ceiling |
 |---|---|---|
-| JSON encoding alone (DuckDB json_object, 1 thread) | {encode_rate:,.0f} | |
+| JSON encoding alone (Arrow compute + DuckDB to_json, 1 thread) | {encode_rate:,.0f} | |
 | raw produce ceiling (same pre-serialized messages, keys, headers) | {r['ceiling']:,.0f} | 1.00 |
 | transport, transactions on (exactly-once) | {r['txn']:,.0f} | {r['txn'] / r['ceiling']:.2f} |
 | transport, transactions off | {r['notxn']:,.0f} | {r['notxn'] / r['ceiling']:.2f} |
 | stage `fetch` (fakesnow server -> Arrow -> zstd parquet -> GCS) | {r['stage_fetch']:,.0f} | |
 | DuckDB COPY of the same window to zstd parquet (local) | {r['stage_duckdb']:,.0f} | |
+
+Target: transport ≥ 0.8× the ceiling. Not met: encoding (reader thread) and producing (main
+thread, plus librdkafka's lz4 threads) share 2 cores, and encoding alone is slower than the
+produce ceiling. The machine was also running other test suites, so the ceiling itself moved
+between 93k and 297k msg/s across rounds of the same run.
 
 Staging through `fetch` is bounded by fakesnow's server (it builds the whole result in one
 Arrow batch over HTTP), not by the writer; production uses `unload`, where Snowflake writes the
