@@ -1,0 +1,197 @@
+"""The Beam backfills REST API: a thin FastAPI service over BeamBackfill resources.
+
+Endpoints are sync functions on purpose: FastAPI runs them in its thread pool, where the
+blocking Kubernetes client is fine. The request body is validated by the same pydantic model
+that generates the CRD, so the API refuses exactly what `kubectl apply` would.
+"""
+
+# No `from __future__ import annotations`: FastAPI resolves the endpoint annotations, which
+# refer to names local to create_app.
+import os
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from kubernetes.client import ApiException, CoreV1Api
+import orjson
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from beam_operator.api.jobs import CancelResponse, CreateResponse, ErrorBody, Job, creation_order, job_view, public_status
+from beam_operator.api.keys import ApiKey, KeyStore
+from beam_operator.api.kube import Backfills, api_client, status_message
+from beam_operator.api.ratelimit import TokenBuckets, retry_after_header
+from beam_operator.model import STATUSES, TERMINAL, BackfillSpec, workflow_id
+
+PREFIX = "/api/v1/beam"
+
+
+@dataclass
+class Settings:
+    keys_namespace: str = "beam-system"
+    rate_per_second: float = 10.0
+    rate_burst: int = 20
+    key_cache_seconds: float = 5.0
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        env = os.environ
+        return cls(
+            keys_namespace=env.get("BEAM_API_KEYS_NAMESPACE") or cls.keys_namespace,
+            rate_per_second=float(env.get("BEAM_API_RATE_LIMIT_PER_SECOND") or cls.rate_per_second),
+            rate_burst=int(env.get("BEAM_API_RATE_LIMIT_BURST") or cls.rate_burst),
+            key_cache_seconds=float(env.get("BEAM_API_KEY_CACHE_SECONDS") or cls.key_cache_seconds),
+        )
+
+
+def _json(content: Any) -> Response:
+    # Serialized directly: the answers are plain dicts already, and a 1,000-job list through
+    # response_model validation would cost more than reading it from the apiserver.
+    return Response(orjson.dumps(content), media_type="application/json")
+
+
+ERRORS = {
+    401: {"model": ErrorBody, "description": "X-API-Key missing or not valid."},
+    429: {"model": ErrorBody, "description": "Rate limit of this key exceeded; see Retry-After."},
+}
+
+
+def _field(loc: Any) -> str:
+    # FastAPI's loc includes "body" and the discriminator's tag (e.g. block_timestamp); the field
+    # a user wrote is what is left.
+    parts = [str(p) for p in loc if p not in ("body", "block", "block_timestamp", "kafka", "webhook", "nats", "sns")]
+    return ".".join(parts)
+
+
+def create_app(settings: Settings | None = None, kubeconfig: str | None = None, *, connect: bool = True) -> FastAPI:
+    """connect=False builds the app without Kubernetes access, only to publish its OpenAPI document."""
+    settings = settings or Settings.from_env()
+    client = api_client(kubeconfig) if connect else None
+    backfills = Backfills(client)
+    keys = KeyStore(CoreV1Api(client), settings.keys_namespace, ttl=settings.key_cache_seconds)
+    buckets = TokenBuckets(settings.rate_per_second, settings.rate_burst)
+
+    app = FastAPI(
+        title="Beam backfills API",
+        version="1.0.0",
+        description="Create, list and cancel backfills. Every job is a BeamBackfill resource in the "
+        "organization's namespace; this API only reads and writes those resources.",
+    )
+
+    @app.exception_handler(RequestValidationError)
+    def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = []
+        for err in exc.errors():
+            detail.append({"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", ""), "field": _field(err.get("loc", ()))})
+        return JSONResponse(status_code=422, content={"detail": detail})
+
+    @app.exception_handler(ApiException)
+    def _kube_refused(request: Request, exc: ApiException) -> JSONResponse:
+        message, causes = status_message(exc)
+        if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (401, 403):
+            if exc.status == 422 and causes:
+                detail = [{"loc": ["body", *c.get("field", "").removeprefix("spec.").split(".")], "msg": c.get("message", ""),
+                           "type": c.get("reason", ""), "field": c.get("field", "").removeprefix("spec.")} for c in causes]
+                return JSONResponse(status_code=422, content={"detail": detail, "message": message})
+            return JSONResponse(status_code=exc.status, content={"detail": message})
+        # 401/403 from the apiserver mean this service's own identity is misconfigured, not the
+        # caller's fault; 5xx means Kubernetes is unwell. Either way the caller may retry later.
+        return JSONResponse(status_code=503, content={"detail": f"Kubernetes API unavailable: {message or exc.reason}"})
+
+    @app.exception_handler(Urllib3Error)
+    def _kube_unreachable(request: Request, exc: Urllib3Error) -> JSONResponse:
+        return JSONResponse(status_code=503, content={"detail": "Kubernetes API unreachable"})
+
+    api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The organization's API key.")
+
+    def caller(key: Annotated[str | None, Depends(api_key_header)]) -> ApiKey:
+        found = keys.authenticate(key)
+        if found is None:
+            raise HTTPException(401, "missing or invalid X-API-Key" if key else "missing X-API-Key header")
+        wait = buckets.take(found.key_id)
+        if wait:
+            raise HTTPException(
+                429,
+                f"rate limit of {settings.rate_per_second:g} requests/s (burst {settings.rate_burst}) exceeded for this key",
+                headers={"Retry-After": retry_after_header(wait)},
+            )
+        return found
+
+    Caller = Annotated[ApiKey, Depends(caller)]
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post(
+        f"{PREFIX}/backfills",
+        response_model=CreateResponse,
+        summary="Create backfill",
+        responses={**ERRORS, 422: {"model": ErrorBody, "description": "The body is not valid; each item names its field."},
+                   403: {"model": ErrorBody, "description": "The organization is not provisioned (no namespace)."}},
+    )
+    def create_backfill(spec: BackfillSpec, who: Caller) -> Any:
+        # exclude_none: unset optional fields stay absent in the resource, as in a hand-written one.
+        body = spec.model_dump(mode="json", exclude_none=True)
+        try:
+            obj = backfills.create(who.organization, body)
+        except ApiException as e:
+            if e.status == 404:
+                raise HTTPException(403, f"organization {who.organization} is not provisioned: its namespace does not exist") from None
+            raise
+        uid = obj["metadata"]["uid"]
+        return _json({"job_id": uid, "workflow_id": workflow_id(who.organization, uid)})
+
+    @app.get(
+        f"{PREFIX}/backfills",
+        response_model=list[Job],
+        summary="List backfills",
+        description="All backfills of the caller's organization, oldest first (ascending creation time).",
+        responses=ERRORS,
+    )
+    def list_backfills(
+        who: Caller,
+        status: Annotated[Literal[STATUSES] | None, Query(description="Only jobs in this status.")] = None,  # type: ignore[valid-type]
+        limit: Annotated[int | None, Query(ge=1, le=100000, description="At most this many jobs: the oldest ones.")] = None,
+    ) -> Any:
+        items = sorted(backfills.list(who.organization), key=creation_order)
+        if status:
+            items = [o for o in items if public_status(o) == status]
+        if limit:
+            items = items[:limit]
+        return _json([job_view(o) for o in items])
+
+    @app.post(
+        f"{PREFIX}/backfills/{{job_id}}/cancel",
+        response_model=CancelResponse,
+        summary="Cancel backfill",
+        responses={**ERRORS, 404: {"model": ErrorBody, "description": "No such job in the caller's organization."},
+                   409: {"model": ErrorBody, "description": "The job has already ended (completed, failed or cancelled)."}},
+    )
+    def cancel_backfill(job_id: Annotated[str, Path(max_length=64)], who: Caller) -> Any:
+        for _ in range(5):
+            obj = backfills.find(who.organization, job_id)
+            if obj is None:
+                raise HTTPException(404, f"backfill {job_id} not found")
+            current = public_status(obj)
+            if current in TERMINAL:
+                raise HTTPException(409, f"backfill {job_id} has already ended with status {current}; there is nothing to cancel")
+            try:
+                backfills.request_cancel(who.organization, obj["metadata"]["name"], obj["metadata"]["resourceVersion"])
+            except ApiException as e:
+                if e.status == 409:  # changed under us (progress write): judge it again
+                    continue
+                if e.status == 404:
+                    raise HTTPException(404, f"backfill {job_id} not found") from None
+                raise
+            return _json({"job_id": job_id, "workflow_id": workflow_id(who.organization, job_id),
+                                   "status": current, "cancel_requested": True})
+        raise HTTPException(503, "the backfill kept changing while cancelling; retry")
+
+    return app
+
+
+def openapi_document() -> dict[str, Any]:
+    return create_app(Settings(), connect=False).openapi()

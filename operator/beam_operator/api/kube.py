@@ -1,0 +1,89 @@
+"""The BeamBackfill resources, as the REST API reads and writes them (sync client, called from
+FastAPI's thread pool)."""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+from kubernetes import client, config
+from kubernetes.client import ApiClient, ApiException
+
+from beam_operator.api.jobs import CREATED_AT_ANNOTATION
+from beam_operator.model import GROUP, KIND, PLURAL, VERSION
+
+
+def api_client(kubeconfig: str | None = None) -> ApiClient:
+    """From a kubeconfig (argument, $KUBECONFIG or ~/.kube/config), else the Pod's in-cluster
+    ServiceAccount (whose rotating token the client re-reads)."""
+    path = kubeconfig or os.environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    cfg = client.Configuration()
+    if os.path.exists(path):
+        config.load_kube_config(config_file=path, client_configuration=cfg)
+    else:
+        config.load_incluster_config(client_configuration=cfg)
+    # One connection per worker thread instead of urllib3's default pool of a few, which would
+    # make concurrent requests queue for a connection and log pool-full warnings.
+    cfg.connection_pool_maxsize = 32
+    return ApiClient(cfg)
+
+
+class Backfills:
+    def __init__(self, api: ApiClient) -> None:
+        self.custom = client.CustomObjectsApi(api)
+
+    def create(self, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": KIND,
+            "metadata": {
+                "generateName": "bf-",
+                "annotations": {CREATED_AT_ANNOTATION: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")},
+                "labels": {"app.kubernetes.io/created-by": "beam-api"},
+            },
+            "spec": spec,
+        }
+        for attempt in range(3):
+            try:
+                return self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, body)
+            except ApiException as e:
+                # generateName collided with an existing name: the apiserver asks us to retry.
+                if e.status == 409 and attempt < 2 and "AlreadyExists" in (e.body or ""):
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    def list(self, namespace: str) -> list[dict[str, Any]]:
+        # The raw body parsed with orjson: the generated client's own decoding of 1,000
+        # backfills costs more than the request itself.
+        resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _preload_content=False)
+        try:
+            return orjson.loads(resp.data)["items"]
+        finally:
+            resp.release_conn()
+
+    def find(self, namespace: str, uid: str) -> dict[str, Any] | None:
+        # The uid is not a field selector of custom resources: list the namespace and match.
+        for obj in self.list(namespace):
+            if obj["metadata"]["uid"] == uid:
+                return obj
+        return None
+
+    def request_cancel(self, namespace: str, name: str, resource_version: str) -> dict[str, Any]:
+        # resourceVersion as a precondition: if the job changed since we judged it cancellable,
+        # the apiserver answers 409 and the caller looks again.
+        patch = {"metadata": {"resourceVersion": resource_version}, "spec": {"cancel": True}}
+        return self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, patch, _content_type="application/merge-patch+json"
+        )
+
+
+def status_message(e: ApiException) -> tuple[str, list[dict[str, Any]]]:
+    """The apiserver's Status message and its causes, for passing a refusal on to the caller."""
+    try:
+        body = orjson.loads(e.body or b"{}")
+    except orjson.JSONDecodeError:
+        return (e.body or e.reason or "").strip(), []
+    return body.get("message") or e.reason or "", (body.get("details") or {}).get("causes") or []
