@@ -1,0 +1,252 @@
+"""The REST API as a user's script sees it: a real `beam-api` process under the chart's
+ServiceAccount, against the local control plane, with keys an administrator created."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from apiproc import KEYS_NS, ApiProcess
+from beam_operator.model import destination_uid, spec_from_dict
+
+# The seed's create example, verbatim, and its block-height form (the other documented window).
+SEED_CREATE = {
+    "job_name": "USDC transfers on Base — Mar 2026",
+    "table": "base.assets.erc20_token_transfers",
+    "backfill_window": {"partition_key": "block_timestamp", "start": "2026-03-01T00:00:00", "end": "2026-04-01T00:00:00"},
+    "filter": {"column": "token_address", "values": ["0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"]},
+    "destinations": [{"type": "kafka", "name": "base-usdc-transfers-backfill"}],
+}
+SEED_CREATE_BLOCKS = {
+    "job_name": "Base blocks 1M-1.1M",
+    "table": "base.assets.erc20_token_transfers",
+    "backfill_window": {"partition_key": "block", "start": 1000000, "end": 1100000},
+    "destinations": [{"type": "kafka", "name": "base-blocks-backfill"}],
+    "static_egress_ip": False,
+}
+# The seed's list example, verbatim: the shape every listed job must have.
+SEED_LIST_ITEM = {
+    "job_id": "f47ac10b-58cc-4372-a567-0e02b2c3d479",
+    "workflow_id": "beam-backfill-org123-f47ac10b-58cc-4372-a567-0e02b2c3d479",
+    "organization_id": "org123",
+    "status": "transporting",
+    "job_name": "USDC transfers Jan 2024",
+    "table": "ETHEREUM.RAW.ERC20_TOKEN_TRANSFER",
+    "partition_key": "block_timestamp",
+    "backfill_start": "2024-01-01T00:00:00",
+    "backfill_end": "2024-02-01T00:00:00",
+    "filter_column": "token_address",
+    "filter_values": ["0xa0b86991c6218b36c1d19d4a2e9eb0ce3606eb48"],
+    "destinations": [{"type": "kafka", "name": "usdc-transfers-backfill", "uid": "..."}],
+    "static_egress_ip": False,
+    "num_chunks": 1000,
+    "chunks_left": 423,
+    "error_message": None,
+    "time_created": "2024-04-27T10:30:00Z",
+    "time_completed": None,
+}
+# Fields the seed's table documents as "or null".
+NULLABLE = {"filter_column", "filter_values", "num_chunks", "chunks_left", "error_message", "time_completed"}
+
+
+def get_bbf_by_uid(k8s, ns, uid):
+    items = json.loads(k8s.kubectl("get", "beambackfills", "-n", ns, "-o", "json").stdout)["items"]
+    return next(o for o in items if o["metadata"]["uid"] == uid)
+
+
+def assert_seed_shape(job: dict) -> None:
+    assert set(job) == set(SEED_LIST_ITEM), set(job) ^ set(SEED_LIST_ITEM)
+    for field, example in SEED_LIST_ITEM.items():
+        value = job[field]
+        if value is None:
+            assert field in NULLABLE, f"{field} is null"
+            continue
+        if field in ("backfill_start", "backfill_end"):
+            assert isinstance(value, (str, int)), field  # block windows report integers
+        else:
+            assert type(value) is type(example), f"{field}: {value!r} is not like {example!r}"
+    for d in job["destinations"]:
+        assert {"type", "name", "uid"} <= set(d)
+        uuid.UUID(d["uid"])
+    uuid.UUID(job["job_id"])
+    assert job["workflow_id"] == f"beam-backfill-{job['organization_id']}-{job['job_id']}"
+    assert job["time_created"].endswith("Z")
+    assert job["status"] in ("staging", "transporting", "completed", "failed", "cancelled")
+
+
+def test_seed_create_examples_are_accepted_and_listed_in_the_seed_shape(api, org, k8s):
+    ns, key = org
+    with api.client(key) as c:
+        first = c.post("/backfills", json=SEED_CREATE)
+        second = c.post("/backfills", json=SEED_CREATE_BLOCKS)
+        assert first.status_code == 200, first.text
+        assert second.status_code == 200, second.text
+        for r in (first, second):
+            body = r.json()
+            assert set(body) == {"job_id", "workflow_id"}
+            assert body["workflow_id"] == f"beam-backfill-{ns}-{body['job_id']}"
+        listed = c.get("/backfills")
+    assert listed.status_code == 200 and listed.headers["content-type"] == "application/json"
+    jobs = listed.json()
+    assert isinstance(jobs, list)
+    # Ascending creation time: the order the script created them in.
+    assert [j["job_id"] for j in jobs] == [first.json()["job_id"], second.json()["job_id"]]
+    for j in jobs:
+        assert_seed_shape(j)
+    ts, blocks = jobs
+    assert ts == {
+        "job_id": ts["job_id"], "workflow_id": ts["workflow_id"], "organization_id": ns,
+        # The operator does not run in this test: a job it has not seen yet is reported as staging.
+        "status": "staging",
+        "job_name": "USDC transfers on Base — Mar 2026", "table": "base.assets.erc20_token_transfers",
+        "partition_key": "block_timestamp", "backfill_start": "2026-03-01T00:00:00", "backfill_end": "2026-04-01T00:00:00",
+        "filter_column": "token_address", "filter_values": ["0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"],
+        "destinations": [{"type": "kafka", "name": "base-usdc-transfers-backfill",
+                          "uid": destination_uid(ts["job_id"], 0, spec_from_dict(SEED_CREATE).destinations[0])}],
+        "static_egress_ip": False, "num_chunks": None, "chunks_left": None, "error_message": None,
+        "time_created": ts["time_created"], "time_completed": None,
+    }
+    assert (blocks["partition_key"], blocks["backfill_start"], blocks["backfill_end"]) == ("block", 1000000, 1100000)
+    assert (blocks["filter_column"], blocks["filter_values"]) == (None, None)
+    # The resource is the record: kubectl sees the same spec the script sent.
+    obj = get_bbf_by_uid(k8s, ns, ts["job_id"])
+    assert obj["spec"]["backfill_window"] == SEED_CREATE["backfill_window"]
+    assert obj["spec"]["filter"] == SEED_CREATE["filter"]
+    assert obj["metadata"]["creationTimestamp"] == ts["time_created"]
+
+
+def test_list_filters_by_status_and_limit(api, org, k8s):
+    ns, key = org
+    with api.client(key) as c:
+        ids = [c.post("/backfills", json={**SEED_CREATE_BLOCKS, "job_name": f"n{i}"}).json()["job_id"] for i in range(3)]
+        mark_status(k8s, ns, ids[1], {"status": "completed", "num_chunks": 2, "chunks_left": 0, "time_completed": "2026-01-01T00:00:00Z"})
+        assert [j["job_id"] for j in c.get("/backfills", params={"limit": 2}).json()] == ids[:2]
+        assert [j["job_id"] for j in c.get("/backfills", params={"status": "completed"}).json()] == [ids[1]]
+        assert [j["job_id"] for j in c.get("/backfills", params={"status": "staging"}).json()] == [ids[0], ids[2]]
+        assert c.get("/backfills", params={"status": "bogus"}).status_code == 422
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"backfill_window": {"partition_key": "block_timestamp", "start": "2026-04-01T00:00:00", "end": "2026-03-01T00:00:00"}}, "backfill_window"),
+    ({"backfill_window": {"partition_key": "block_timestamp", "start": "yesterday", "end": "2026-03-01T00:00:00"}}, "backfill_window.start"),
+    ({"backfill_window": {"partition_key": "block_height", "start": 1, "end": 2}}, "backfill_window"),
+    ({"table": "base.assets; drop table x"}, "table"),
+    ({"destinations": []}, "destinations"),
+    ({"destinations": [{"type": "kafka", "name": "has space"}]}, "destinations.0.name"),
+    ({"filter": {"column": "token_address", "values": []}}, "filter.values"),
+    ({"colour": "blue"}, "colour"),
+])
+def test_invalid_bodies_answer_422_naming_the_field(api, org, k8s, change, field):
+    ns, key = org
+    with api.client(key) as c:
+        r = c.post("/backfills", json={**SEED_CREATE, **change})
+    assert r.status_code == 422, r.text
+    assert field in [d["field"] for d in r.json()["detail"]], r.json()
+    assert json.loads(k8s.kubectl("get", "beambackfills", "-n", ns, "-o", "json").stdout)["items"] == []
+
+
+def test_missing_fields_are_named(api, org):
+    _, key = org
+    with api.client(key) as c:
+        r = c.post("/backfills", json={"job_name": "x"})
+    assert r.status_code == 422
+    assert {"table", "backfill_window", "destinations"} <= {d["field"] for d in r.json()["detail"]}
+
+
+def test_organizations_are_isolated(api, org, other_org):
+    ns_a, key_a = org
+    ns_b, key_b = other_org
+    with api.client(key_a) as a, api.client(key_b) as b:
+        job = a.post("/backfills", json=SEED_CREATE).json()["job_id"]
+        assert b.get("/backfills").json() == []
+        assert [j["job_id"] for j in a.get("/backfills").json()] == [job]
+        theirs = b.post(f"/backfills/{job}/cancel")
+        unknown_id = str(uuid.uuid4())
+        unknown = b.post(f"/backfills/{unknown_id}/cancel")
+        # Another organization's job is indistinguishable from one that does not exist.
+        assert theirs.status_code == unknown.status_code == 404
+        assert theirs.json() == {"detail": f"backfill {job} not found"}
+        assert unknown.json() == {"detail": f"backfill {unknown_id} not found"}
+        assert a.get("/backfills").json()[0]["status"] == "staging"
+
+
+def mark_status(k8s, ns, uid, status):
+    """Write status as the operator would (admin, status subresource)."""
+    name = get_bbf_by_uid(k8s, ns, uid)["metadata"]["name"]
+    k8s.api("PATCH", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills/{name}/status", {"status": status})
+
+
+def test_cancel_sets_the_resource_and_refuses_finished_jobs(api, org, k8s):
+    ns, key = org
+    with api.client(key) as c:
+        job = c.post("/backfills", json=SEED_CREATE).json()["job_id"]
+        r = c.post(f"/backfills/{job}/cancel")
+        assert r.status_code == 200, r.text
+        assert r.json() == {"job_id": job, "workflow_id": f"beam-backfill-{ns}-{job}", "status": "staging", "cancel_requested": True}
+        assert get_bbf_by_uid(k8s, ns, job)["spec"]["cancel"] is True
+        # Asking again before the operator has acted is harmless.
+        assert c.post(f"/backfills/{job}/cancel").status_code == 200
+        for final in ("completed", "failed", "cancelled"):
+            mark_status(k8s, ns, job, {"status": final})
+            r = c.post(f"/backfills/{job}/cancel")
+            assert r.status_code == 409, r.text
+            assert r.json() == {"detail": f"backfill {job} has already ended with status {final}; there is nothing to cancel"}
+
+
+def test_keys_are_required_and_checked(api, org, k8s):
+    ns, key = org
+    with api.client(None) as c:
+        r = c.get("/backfills")
+        assert r.status_code == 401 and r.json() == {"detail": "missing X-API-Key header"}
+        assert c.post("/backfills", json=SEED_CREATE).status_code == 401
+    wrong_secret = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
+    for bad in ("nonsense", wrong_secret, "bbk_000000000000_" + "A" * 43):
+        with api.client(bad) as c:
+            r = c.get("/backfills")
+            assert r.status_code == 401 and r.json() == {"detail": "missing or invalid X-API-Key"}, bad
+    # Only a digest is stored: the key itself appears nowhere in the cluster.
+    secrets = k8s.kubectl("get", "secrets", "-n", KEYS_NS, "-o", "json").stdout
+    assert key not in secrets and key.split("_")[2] not in secrets
+
+
+def beam_api(k8s, *args):
+    return subprocess.run([str(Path(sys.executable).parent / "beam-api"), "--kubeconfig", str(k8s.kubeconfig),
+                           "--keys-namespace", KEYS_NS, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_admin_cli_creates_lists_and_revokes_keys(api, namespace, k8s):
+    out = beam_api(k8s, "keys", "create", "--org", namespace, "--description", "ci")
+    assert out.returncode == 0, out.stderr
+    key = out.stdout.strip()
+    key_id = key.split("_")[1]
+    assert key_id in out.stderr
+    listed = beam_api(k8s, "keys", "list").stdout
+    assert f"{key_id}\t{namespace}\t" in listed and key not in listed
+    with api.client(key) as c:
+        assert c.get("/backfills").status_code == 200
+        assert beam_api(k8s, "keys", "revoke", key_id).returncode == 0
+        time.sleep(0.6)  # the API's key cache lasts 0.5 s in this test service (5 s by default)
+        assert c.get("/backfills").status_code == 401
+    assert beam_api(k8s, "keys", "revoke", key_id).returncode == 1
+
+
+def test_rate_limit_per_key_answers_429_with_retry_after(api_kubeconfig, org, other_org, tmp_path):
+    limited = ApiProcess(tmp_path, kubeconfig=api_kubeconfig, rate=0.2, burst=3).start()
+    try:
+        with limited.client(org[1]) as a, limited.client(other_org[1]) as b:
+            codes = [a.get("/backfills").status_code for _ in range(3)]
+            assert codes == [200, 200, 200]
+            r = a.get("/backfills")
+            assert r.status_code == 429
+            assert 1 <= int(r.headers["retry-after"]) <= 5
+            assert "rate limit" in r.json()["detail"]
+            # The bucket is per key: another organization's key is unaffected.
+            assert b.get("/backfills").status_code == 200
+    finally:
+        limited.stop()
