@@ -21,7 +21,6 @@ from typing import Any, Callable
 from . import jobs, metrics
 from .config import OperatorConfig
 from .model import GROUP, KIND, PLURAL, VERSION
-from .staged_files import delete_staged
 from .reconcile import CreateJob, DeleteJob, DeleteStaged, Event, JobObs, Observed, PodObs, finalize_actions, reconcile
 
 log = logging.getLogger("beam_operator.controller")
@@ -320,7 +319,11 @@ class KubeApi:
             log.warning("could not record event %s on %s/%s: %s", ev.reason, meta["namespace"], meta["name"], e)
 
     def delete_staged(self, uri: str) -> int:
-        return delete_staged(uri, endpoint=self.config.gcs_endpoint)
+        # The jobrunner's storage layer: one implementation of the staging layout and of the
+        # guard that refuses to delete anything shallower than a job's own prefix.
+        from beam_jobrunner.storage import delete_staged
+
+        return delete_staged(uri)
 
 
 Factory = Callable[[OperatorConfig], KubeApi]

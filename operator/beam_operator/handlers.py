@@ -30,6 +30,9 @@ def controller() -> Controller:
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) -> None:
     config = OperatorConfig.from_env()
+    if config.gcs_endpoint:
+        # The staging store reads the emulator endpoint from the environment, as workers do.
+        os.environ["STORAGE_EMULATOR_HOST"] = config.gcs_endpoint
     # Progress and diff-base in annotations under our own prefix: status stays the public
     # document, and the CRD's structural schema has no room for kopf's bookkeeping.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)

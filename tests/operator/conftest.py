@@ -34,11 +34,13 @@ def helm():
 
 @pytest.fixture(scope="session")
 def operator_kubeconfig(k8s, crd_installed, helm):
-    return install_chart_rbac(k8s, helm)
+    return install_chart_rbac(k8s, helm, namespace="beam-operator-tests", release="optests")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator(k8s, node_agent, operator_kubeconfig, gcs, tmp_path_factory):
+    """The operator for this module's tests. Module scope: two operators on one cluster would
+    both reconcile every BeamBackfill, so each test module that runs one stops it when done."""
     run_dir = tmp_path_factory.mktemp("operator")
     op = OperatorProcess(
         run_dir,

@@ -91,6 +91,9 @@ def _job(name: str, **spec) -> dict:
             "template": {
                 "spec": {
                     "restartPolicy": "Never",
+                    # No scheduler serves this name, so the node agent (when another test
+                    # module started it) never runs these Pods: these tests play the kubelet.
+                    "schedulerName": "unscheduled",
                     "containers": [{"name": "main", "image": "busybox", "command": ["true"]}],
                 }
             },
