@@ -53,6 +53,9 @@ class OperatorConfig(BaseModel):
     status_interval_seconds: float = 1.0
     connect_timeout_seconds: int = 30
     worker_resources: dict[str, Any] = Field(default_factory=dict)
+    # Extra env for every worker (tuning such as BEAM_CHUNK_ROW_GROUP_ROWS, log levels); never
+    # secrets, which reach workers only as secretKeyRef.
+    worker_env: dict[str, str] = Field(default_factory=dict)
     egress: EgressConfig = Field(default_factory=EgressConfig)
     metrics_port: int = 8080
 
@@ -66,7 +69,7 @@ class OperatorConfig(BaseModel):
                 continue
             if name == "allowed_tables":
                 data[name] = [t.strip() for t in raw.split(",") if t.strip()]
-            elif name in ("egress", "worker_resources"):
+            elif name in ("egress", "worker_resources", "worker_env"):
                 data[name] = json.loads(raw)
             else:
                 data[name] = raw

@@ -69,6 +69,8 @@ def _common_env(spec: BackfillSpec, namespace: str, uid: str, config: OperatorCo
     ]
     if config.gcs_endpoint:
         env.append({"name": "STORAGE_EMULATOR_HOST", "value": config.gcs_endpoint})
+    taken = {e["name"] for e in env}
+    env += [{"name": k, "value": v} for k, v in sorted(config.worker_env.items()) if k not in taken]
     return env
 
 

@@ -268,3 +268,14 @@ def test_secrets_reach_workers_only_as_secret_refs():
     assert env["BEAM_DEST_1_HASH_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "hook-key"
     assert json.loads(env["BEAM_SPEC"]["value"])["destinations"][1]["hash_key"] == "hook-key"  # a name, not a value
     assert all("value" not in e for k, e in env.items() if k.startswith("BEAM_DEST_"))
+
+
+def test_worker_env_reaches_workers_but_cannot_override_the_contract():
+    from beam_operator.model import BackfillSpec
+
+    cfg = OperatorConfig(worker_env={"BEAM_CHUNK_ROW_GROUP_ROWS": "500", "BEAM_JOB_ID": "forged"})
+    m = jobs.staging_job("usdc", "org123", UID, BackfillSpec.model_validate(SPEC), cfg)
+    env = {e["name"]: e.get("value") for e in m["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["BEAM_CHUNK_ROW_GROUP_ROWS"] == "500"
+    assert env["BEAM_JOB_ID"] == UID
+    assert OperatorConfig.from_env({"BEAM_WORKER_ENV": '{"A": "1"}'}).worker_env == {"A": "1"}
