@@ -14,7 +14,9 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from kubernetes.client import ApiException, CoreV1Api
 import orjson
 from urllib3.exceptions import HTTPError as Urllib3Error
@@ -23,7 +25,9 @@ from beam_operator.api.jobs import CancelResponse, CreateResponse, ErrorBody, Jo
 from beam_operator.api.keys import ApiKey, KeyStore
 from beam_operator.api.kube import Backfills, api_client, status_message
 from beam_operator.api.ratelimit import TokenBuckets, retry_after_header
-from beam_operator.model import STATUSES, TERMINAL, BackfillSpec, workflow_id
+from fastapi.openapi.utils import get_openapi
+
+from beam_operator.model import STATUSES, TERMINAL, TIMESTAMP_RE, BackfillSpec, workflow_id
 
 PREFIX = "/api/v1/beam"
 
@@ -104,6 +108,15 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
     def _kube_unreachable(request: Request, exc: Urllib3Error) -> JSONResponse:
         return JSONResponse(status_code=503, content={"detail": "Kubernetes API unreachable"})
 
+    @app.exception_handler(StarletteHTTPException)
+    def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route that matched the path; list every method.
+            methods = sorted({m for r in app.routes if isinstance(r, APIRoute) and r.path_regex.match(request.url.path) for m in r.methods})
+            headers["Allow"] = ", ".join(methods)
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=headers)
+
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The organization's API key.")
 
     def caller(key: Annotated[str | None, Depends(api_key_header)]) -> ApiKey:
@@ -129,7 +142,11 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
         f"{PREFIX}/backfills",
         response_model=CreateResponse,
         summary="Create backfill",
-        responses={**ERRORS, 422: {"model": ErrorBody, "description": "The body is not valid; each item names its field."},
+        operation_id="create_backfill",
+        responses={**ERRORS, 200: {"links": {"CancelBackfill": {
+            "operationId": "cancel_backfill", "parameters": {"job_id": "$response.body#/job_id"}}}},
+                   400: {"model": ErrorBody, "description": "The body is not JSON."},
+                   422: {"model": ErrorBody, "description": "The body is not valid; each item names its field."},
                    403: {"model": ErrorBody, "description": "The organization is not provisioned (no namespace)."}},
     )
     def create_backfill(spec: BackfillSpec, who: Caller) -> Any:
@@ -148,6 +165,7 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
         f"{PREFIX}/backfills",
         response_model=list[Job],
         summary="List backfills",
+        operation_id="list_backfills",
         description="All backfills of the caller's organization, oldest first (ascending creation time).",
         responses=ERRORS,
     )
@@ -167,6 +185,7 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
         f"{PREFIX}/backfills/{{job_id}}/cancel",
         response_model=CancelResponse,
         summary="Cancel backfill",
+        operation_id="cancel_backfill",
         responses={**ERRORS, 404: {"model": ErrorBody, "description": "No such job in the caller's organization."},
                    409: {"model": ErrorBody, "description": "The job has already ended (completed, failed or cancelled)."}},
     )
@@ -190,6 +209,18 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
                                    "status": current, "cancel_requested": True})
         raise HTTPException(503, "the backfill kept changing while cancelling; retry")
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            # The model checks timestamps in a validator, which its JSON schema cannot show;
+            # publishing the pattern lets clients (and fuzzers) build valid windows.
+            window = doc["components"]["schemas"]["TimestampWindow"]["properties"]
+            for bound in ("start", "end"):
+                window[bound]["pattern"] = TIMESTAMP_RE
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app
 
 
