@@ -191,9 +191,11 @@ def test_rbac_and_service_accounts_can_be_left_to_the_cluster_admin(render, helm
     docs = render("--set", "rbac.create=false", "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=ops",
                   "--set", "worker.serviceAccount.create=false", "--set", "api.enabled=true",
                   "--set", "api.serviceAccount.create=false", "--set", "api.serviceAccount.name=api")
-    assert sorted(d["kind"] for d in docs) == ["CustomResourceDefinition", "Deployment", "Service"]
-    dep = docs.one("Deployment")
+    # The operator's Deployment and metrics Service, and the API's Deployment and Service.
+    assert sorted(d["kind"] for d in docs) == ["CustomResourceDefinition", "Deployment", "Deployment", "Service", "Service"]
+    dep = docs.one("Deployment", "beam-beam-backfill")
     assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
+    assert docs.one("Deployment", "beam-beam-backfill-api")["spec"]["template"]["spec"]["serviceAccountName"] == "api"
     # No worker ServiceAccount: Jobs fall back to their namespace's default one.
     assert container_env(dep)["BEAM_WORKER_SERVICE_ACCOUNT"] == ""
 
