@@ -207,7 +207,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             conds = _set_condition(conds, "Cancelled", "True", reason, message, now, obs.generation)
         st["conditions"] = conds
         if cleanup_jobs:
-            actions.extend(DeleteJob(j.name) for j in obs.jobs if not j.deleting and (j.active or not (j.complete or j.failed)))
+            actions.extend(DeleteJob(j.name) for j in obs.jobs if not j.deleting and (new_status == "cancelled" or _running(j)))
         events.append(Event("Warning" if warning else "Normal", new_status.capitalize(), message))
         if new_status == "completed" and config.staged_retention_seconds == 0 and st.get("num_chunks") is not None:
             actions.append(DeleteStaged(jobs.staging_uri(config, obs.namespace, obs.uid)))
@@ -307,8 +307,9 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
 
 
 def _terminal(obs: Observed, st: dict[str, Any], config: OperatorConfig, actions: list[Any], events: list[Event]) -> Decision:
-    # Jobs still running after a terminal status (the operator died between status and delete).
-    actions.extend(DeleteJob(j.name) for j in obs.jobs if j.active and not j.deleting)
+    # Jobs left after a terminal status (the operator died between status and delete): a
+    # cancelled backfill keeps none, a failed or completed one keeps finished Jobs until their TTL.
+    actions.extend(DeleteJob(j.name) for j in obs.jobs if not j.deleting and (st["status"] == "cancelled" or _running(j)))
     if st["status"] == "completed" and st.get("num_chunks") and not st.get("staged_files_deleted"):
         done_at = parse_timestamp(st["time_completed"]) if st.get("time_completed") else obs.now
         due = done_at + timedelta(seconds=config.staged_retention_seconds)
@@ -318,6 +319,10 @@ def _terminal(obs: Observed, st: dict[str, Any], config: OperatorConfig, actions
         else:
             return Decision(st, actions, events, requeue_after=(due - obs.now).total_seconds())
     return Decision(st, actions, events)
+
+
+def _running(job: JobObs) -> bool:
+    return bool(job.active) or not (job.complete or job.failed)
 
 
 def _within_grace(job: JobObs, now: datetime) -> bool:

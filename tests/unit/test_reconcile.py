@@ -178,13 +178,14 @@ def test_transport_failure_names_the_chunk_and_what_the_worker_said():
 
 
 @pytest.mark.parametrize("phase", ["staging", "transporting"])
-def test_cancel_deletes_running_jobs_and_ends_cancelled(phase):
+def test_cancel_deletes_every_job_and_ends_cancelled(phase):
     st = run(obs()).status if phase == "staging" else transporting_status()
     running = [JobObs(STAGE, jobs.STAGING, active=1)] if phase == "staging" else [JobObs(STAGE, jobs.STAGING, complete=True), JobObs(XPORT, jobs.TRANSPORT, active=2)]
     d = run(obs(status=st, jobs_=running, spec={**SPEC, "cancel": True}, generation=2))
     assert d.status["status"] == "cancelled"
     assert d.status["time_completed"] == "2026-03-01T12:00:00Z"
-    assert [a.name for a in d.actions if isinstance(a, DeleteJob)] == [running[-1].name]
+    # all of them, finished staging Job included: a cancelled backfill leaves no Jobs behind
+    assert [a.name for a in d.actions if isinstance(a, DeleteJob)] == [j.name for j in running]
     assert d.status["observedGeneration"] == 2
     assert [e.reason for e in d.events] == ["Cancelled"]
 
@@ -199,8 +200,11 @@ def test_cancel_after_completion_changes_nothing():
 def test_terminal_status_with_a_job_still_running_deletes_it():
     st = transporting_status(3)
     failed = {**st, "status": "failed", "error_message": "x", "time_completed": "2026-03-01T12:00:00Z"}
-    d = run(obs(status=failed, jobs_=[JobObs(XPORT, jobs.TRANSPORT, active=2)]))
-    assert d.actions == [DeleteJob(XPORT)]
+    left = [JobObs(STAGE, jobs.STAGING, complete=True), JobObs(XPORT, jobs.TRANSPORT, active=2)]
+    d = run(obs(status=failed, jobs_=left))
+    assert d.actions == [DeleteJob(XPORT)]  # the finished staging Job stays for debugging
+    cancelled = run(obs(status={**failed, "status": "cancelled"}, jobs_=left))
+    assert cancelled.actions == [DeleteJob(STAGE), DeleteJob(XPORT)]
 
 
 def test_table_not_in_allow_list_fails_with_the_list():

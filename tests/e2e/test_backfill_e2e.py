@@ -1,0 +1,240 @@
+"""kubectl apply → rows in Kafka, as a user runs it (issue: end to end).
+
+Each test applies BeamBackfills with kubectl to the real operator (under the chart's RBAC);
+staging and transport run as real jobrunner processes through the node agent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import WINDOW, backfill, expected_ids, pods_of, read_topic, staged_objects
+
+API = "/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills/{name}"
+
+
+def apply(k8s, ns, obj):
+    k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(obj))
+    return k8s.api("GET", API.format(ns=ns, name=obj["metadata"]["name"]))
+
+
+def status(k8s, ns, name):
+    return k8s.api("GET", API.format(ns=ns, name=name)).get("status") or {}
+
+
+def wait_status(k8s, ns, name, wanted, timeout=180, until=None):
+    """Wait for one of the `wanted` statuses (and `until(status)` if given); a backfill that
+    ends otherwise fails the test at once with its error_message."""
+    wanted = {wanted} if isinstance(wanted, str) else set(wanted)
+    deadline = time.monotonic() + timeout
+    st = {}
+    while time.monotonic() < deadline:
+        st = status(k8s, ns, name)
+        if st.get("status") in wanted and (until is None or until(st)):
+            return st
+        if st.get("status") in {"completed", "failed", "cancelled"} - wanted:
+            raise AssertionError(f"{ns}/{name} ended {st['status']}: {st.get('error_message')}")
+        time.sleep(0.2)
+    raise AssertionError(f"{ns}/{name} not {wanted} after {timeout}s: {st}")
+
+
+def wait_until(fn, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = fn()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def jobs(k8s, ns, uid):
+    return k8s.api("GET", f"/apis/batch/v1/namespaces/{ns}/jobs?labelSelector=beam-backfill.dev%2Fjob-id%3D{uid}")["items"]
+
+
+def assert_exactly(messages, ids):
+    keys = Counter(k for k, _ in messages)
+    dupes = {k: n for k, n in keys.items() if n > 1}
+    assert not dupes, f"{len(dupes)} keys delivered more than once, e.g. {list(dupes.items())[:3]}"
+    assert set(keys) == ids, f"missing {len(ids - set(keys))}, unexpected {len(set(keys) - ids)}"
+
+
+def test_seed_example_completes_with_exactly_the_window_in_kafka(k8s, operator, kafka, seeded, bucket, org):
+    ids = expected_ids(seeded)
+    assert len(ids) > 5000
+    obj = apply(k8s, org, backfill("usdc", "e2e-seed", parallelism=3))
+    st = wait_status(k8s, org, "usdc", "completed")
+    assert st["num_rows"] == len(ids)
+    assert st["num_chunks"] >= 5 and st["chunks_left"] == 0
+    msgs = read_topic(kafka.bootstrap, "e2e-seed")
+    assert_exactly(msgs, ids)
+    sample = msgs[0][1]
+    assert sample["token_address"] == "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"
+    assert sample["block_timestamp"].endswith("Z") and "2026-03-01T00:00:00Z" <= sample["block_timestamp"] < "2026-04-01T00:00:00Z"
+    # staged files go once the backfill completed (retention 0)
+    assert staged_objects(bucket, org, obj["metadata"]["uid"]) == []
+
+
+def test_two_organizations_at_once_see_only_their_own_data_and_jobs(k8s, operator, kafka, seeded, org, namespace_factory):
+    other = namespace_factory()
+    march_1 = {**WINDOW, "end": "2026-03-16T00:00:00"}
+    march_2 = {**WINDOW, "start": "2026-03-16T00:00:00"}
+    a = apply(k8s, org, backfill("first-half", "e2e-org-a", window=march_1))
+    b = apply(k8s, other, backfill("second-half", "e2e-org-b", window=march_2))
+    wait_status(k8s, org, "first-half", "completed")
+    wait_status(k8s, other, "second-half", "completed")
+    assert_exactly(read_topic(kafka.bootstrap, "e2e-org-a"), expected_ids(seeded, march_1))
+    assert_exactly(read_topic(kafka.bootstrap, "e2e-org-b"), expected_ids(seeded, march_2))
+    # Each organization's Jobs live in its own namespace and belong to its own backfill.
+    assert {j["metadata"]["namespace"] for j in jobs(k8s, org, a["metadata"]["uid"])} == {org}
+    assert jobs(k8s, other, a["metadata"]["uid"]) == [] and jobs(k8s, org, b["metadata"]["uid"]) == []
+    assert status(k8s, other, "second-half")["workflow_id"] == f"beam-backfill-{other}-{b['metadata']['uid']}"
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    key = b""
+    rows: list = []
+    bad = 0
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        ts, nonce, sig = self.headers["X-Webhook-Timestamp"], self.headers["X-Webhook-Nonce"], self.headers["X-Signature-256"]
+        want = "sha256=" + hmac.new(self.key, f"{nonce}.{ts}.".encode() + body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(want, sig) or abs(time.time() - int(ts)) > 300:
+            type(self).bad += 1
+            self.send_response(401)
+            self.end_headers()
+            return
+        type(self).rows.extend(r["unique_id"] for r in json.loads(body)["rows"])
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+def test_one_backfill_delivers_to_kafka_and_a_signed_webhook(k8s, operator, kafka, seeded, org):
+    import base64
+
+    _Receiver.key, _Receiver.rows, _Receiver.bad = b"e2e-signing-key", [], 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        k8s.api("POST", f"/api/v1/namespaces/{org}/secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hook-key"},
+                                                              "data": {"hash_key": base64.b64encode(_Receiver.key).decode()}})
+        window = {**WINDOW, "end": "2026-03-08T00:00:00"}
+        obj = backfill("fanout", "e2e-fanout", window=window)
+        obj["spec"]["destinations"].append({"type": "webhook", "name": "hook", "url": f"http://127.0.0.1:{server.server_port}/beam", "hash_key": "hook-key"})
+        apply(k8s, org, obj)
+        wait_status(k8s, org, "fanout", "completed")
+        ids = expected_ids(seeded, window)
+        assert_exactly(read_topic(kafka.bootstrap, "e2e-fanout"), ids)
+        assert set(_Receiver.rows) == ids and _Receiver.bad == 0
+    finally:
+        server.shutdown()
+
+
+def test_cancel_mid_transport_stops_delivery(k8s, operator, kafka, seeded, org):
+    obj = apply(k8s, org, backfill("cancelled", "e2e-cancel", parallelism=1))
+    uid = obj["metadata"]["uid"]
+    wait_status(k8s, org, "cancelled", "transporting", until=lambda s: s["chunks_left"] < s["num_chunks"])
+    k8s.api("PATCH", API.format(ns=org, name="cancelled"), {"spec": {"cancel": True}})
+    st = wait_status(k8s, org, "cancelled", "cancelled", timeout=15)
+    assert st["time_completed"] and st["chunks_left"] > 0
+    wait_until(lambda: not jobs(k8s, org, uid) and not pods_of(k8s, org, uid), 60, "Jobs and Pods gone")
+    after = len(read_topic(kafka.bootstrap, "e2e-cancel"))
+    time.sleep(3)
+    assert len(read_topic(kafka.bootstrap, "e2e-cancel")) == after, "messages kept arriving after cancel"
+    assert 0 < after < len(expected_ids(seeded))
+
+
+def test_delete_mid_transport_leaves_no_jobs_and_no_staged_files(k8s, operator, bucket, org):
+    obj = apply(k8s, org, backfill("deleted", "e2e-delete", parallelism=1))
+    uid = obj["metadata"]["uid"]
+    wait_status(k8s, org, "deleted", "transporting")
+    assert staged_objects(bucket, org, uid), "nothing was staged"
+    k8s.kubectl("delete", "bbf", "deleted", "-n", org, "--wait=true", "--timeout=90s")
+    assert jobs(k8s, org, uid) == []
+    assert pods_of(k8s, org, uid) == []
+    assert staged_objects(bucket, org, uid) == []
+
+
+def _worker_pids(uid: str) -> dict[int, str]:
+    """pid -> completion index of this backfill's running transport processes on this machine."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in kv)
+        except (OSError, ValueError):
+            continue
+        if env.get("BEAM_JOB_ID") == uid and "JOB_COMPLETION_INDEX" in env:
+            found[int(proc.name)] = env["JOB_COMPLETION_INDEX"]
+    return found
+
+
+def test_killed_transport_process_is_retried_without_loss_or_duplicates(k8s, operator, kafka, seeded, org):
+    obj = apply(k8s, org, backfill("killed", "e2e-kill", parallelism=2))
+    uid = obj["metadata"]["uid"]
+    wait_status(k8s, org, "killed", "transporting")
+    killed = set()
+    deadline = time.monotonic() + 60
+    while len(killed) < 2 and time.monotonic() < deadline:
+        for pid, idx in _worker_pids(uid).items():
+            if idx not in killed:
+                time.sleep(0.7)  # let it get into its chunk
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.add(idx)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.05)
+    assert killed, "no transport process was caught running"
+    st = wait_status(k8s, org, "killed", "completed")
+    assert st["chunks_left"] == 0
+    assert_exactly(read_topic(kafka.bootstrap, "e2e-kill"), expected_ids(seeded))
+
+
+def test_operator_killed_mid_transport_still_completes_with_one_transport_job(k8s, operator, kafka, seeded, org):
+    obj = apply(k8s, org, backfill("resilient", "e2e-operator-kill", parallelism=1))
+    uid = obj["metadata"]["uid"]
+    wait_status(k8s, org, "resilient", "transporting")
+    operator.kill()
+    time.sleep(2)
+    operator.start()
+    wait_status(k8s, org, "resilient", "completed")
+    transport = [j for j in jobs(k8s, org, uid) if j["metadata"]["labels"]["beam-backfill.dev/phase"] == "transport"]
+    assert len(transport) == 1
+    assert_exactly(read_topic(kafka.bootstrap, "e2e-operator-kill"), expected_ids(seeded))
+
+
+def test_bad_spec_is_refused_and_nothing_is_created(k8s, operator, org):
+    bad = backfill("bad", "e2e-bad", window={**WINDOW, "start": WINDOW["end"], "end": WINDOW["start"]})
+    out = k8s.kubectl("apply", "-n", org, "-f", "-", input=json.dumps(bad), check=False)
+    assert out.returncode != 0
+    assert "backfill_window.start must be before end" in out.stderr
+    assert k8s.api("GET", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills")["items"] == []
+    assert k8s.api("GET", f"/apis/batch/v1/namespaces/{org}/jobs")["items"] == []
+
+
+def test_staging_failure_is_actionable_and_leaves_nothing_running(k8s, operator, org):
+    obj = backfill("missing-table", "e2e-missing")
+    obj["spec"]["table"] = "base.assets.erc20_token_transfers_v9"
+    uid = apply(k8s, org, obj)["metadata"]["uid"]
+    st = wait_status(k8s, org, "missing-table", "failed", timeout=120)
+    assert st["error_message"] == ("staging failed: staging: table base.assets.erc20_token_transfers_v9 "
+                                   "does not exist or is not authorized")
+    assert all(not (j.get("status") or {}).get("active") for j in jobs(k8s, org, uid))
+    assert [j for j in jobs(k8s, org, uid) if j["metadata"]["labels"]["beam-backfill.dev/phase"] == "transport"] == []
