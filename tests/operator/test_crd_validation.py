@@ -80,6 +80,20 @@ BAD = [
      "each destination (type and name) may be listed only once"),
     ("unknown destination type", with_spec(destinations=[{"type": "pubsub", "name": "t"}]), 'supported values: "kafka", "webhook", "nats", "sns"'),
     ("parallelism out of range", with_spec(parallelism=0), "should be greater than or equal to 1"),
+    ("nats without url", with_spec(destinations=[{"type": "nats", "name": "s"}]), "url is required when type is nats"),
+    ("bootstrap_servers on a webhook", with_spec(destinations=[{"type": "webhook", "name": "h", "url": "https://x", "bootstrap_servers": "k:9092"}]),
+     "bootstrap_servers is only valid when type is kafka"),
+    ("secret on a webhook", with_spec(destinations=[{"type": "webhook", "name": "h", "url": "https://x", "secret": "s"}]),
+     "secret is only valid when type is kafka or nats or sns"),
+    ("hash_key on kafka", with_spec(destinations=[{"type": "kafka", "name": "t", "hash_key": "k"}]), "hash_key is only valid when type is webhook"),
+    ("topic_arn on nats", with_spec(destinations=[{"type": "nats", "name": "s", "url": "nats://n:4222", "topic_arn": "arn:aws:sns:us-east-1:123456789012:t"}]),
+     "topic_arn is only valid when type is sns"),
+    ("region on kafka", with_spec(destinations=[{"type": "kafka", "name": "t", "region": "us-east-1"}]), "region is only valid when type is sns"),
+    ("endpoint_url on kafka", with_spec(destinations=[{"type": "kafka", "name": "t", "endpoint_url": "http://x"}]), "endpoint_url is only valid when type is sns"),
+    ("webhook url not http", with_spec(destinations=[{"type": "webhook", "name": "h", "url": "ftp://x"}]), "url of a webhook destination must match"),
+    ("nats subject with spaces", with_spec(destinations=[{"type": "nats", "name": "a b", "url": "nats://n:4222"}]), "name of a nats destination must match"),
+    ("nats url not nats://", with_spec(destinations=[{"type": "nats", "name": "s", "url": "http://n:4222"}]), "url of a nats destination must match"),
+    ("sns arn malformed", with_spec(destinations=[{"type": "sns", "name": "s", "topic_arn": "arn:aws:sqs:x"}]), "spec.destinations[0].topic_arn"),
 ]
 
 
