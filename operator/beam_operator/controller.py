@@ -5,15 +5,22 @@ reconcile() for each backfill through a keyed work queue, as controller-runtime 
 - one key per backfill, never processed by two workers at once, coalesced when events pile up;
 - a status write at most every `status_interval_seconds` per backfill while it only counts down
   (phase transitions are written at once), so a busy transport Job cannot flood the API server;
-- no timers or daemons per object: a delayed re-queue is an entry in one heap.
+- no timers or daemons per object: a delayed re-queue is an entry in one heap;
+- API calls run in a thread pool of the controller's own, one thread per worker, so the
+  number of workers is the number of requests in flight (docs/operations.md);
+- only what reconcile() reads is cached: a transport Pod that succeeded says nothing the
+  Job's completedIndexes does not, so it is neither kept nor a reason to reconcile.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
 import heapq
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -55,6 +62,10 @@ class Controller:
         self._wake = asyncio.Event()
         self._last_write: dict[Key, float] = {}
         self._tasks: list[asyncio.Task] = []
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="beam-api")
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
 
     # --- watch events -------------------------------------------------------------------
 
@@ -90,6 +101,10 @@ class Controller:
             return
         name = body["metadata"]["name"]
         obs = None if event_type == "DELETED" else PodObs.from_pod(body)
+        if obs is not None and obs.succeeded and (body["metadata"].get("labels") or {}).get(jobs.LABEL_PHASE) == jobs.TRANSPORT:
+            # 20 chunks are 20 such Pods: caching them would cost memory and a reconcile each
+            # for nothing; the Job's completedIndexes already counts them.
+            return
         if obs is None:
             # Only finished Pods matter (exit code, termination message); a running one is noise.
             if self.caches.pods.get(uid, {}).pop(name, None) is None:
@@ -122,6 +137,7 @@ class Controller:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     async def _next(self) -> Key:
         while True:
@@ -200,7 +216,7 @@ class Controller:
         for action in decision.actions:
             await self._apply(body, action)
         if changed:
-            patched = await asyncio.to_thread(self.api.patch_status, key[0], key[1], new)
+            patched = await self._call(self.api.patch_status, key[0], key[1], new)
             self._last_write[key] = time.monotonic()
             metrics.STATUS_WRITES.inc()
             if patched is not None and key in self.caches.backfills:
@@ -209,7 +225,7 @@ class Controller:
                 self.caches.backfills[key] = patched
         for ev in decision.events:
             metrics.TRANSITIONS.labels(to=ev.reason.lower()).inc()
-            await asyncio.to_thread(self.api.post_event, body, ev)
+            await self._call(self.api.post_event, body, ev)
             log.info("%s/%s: %s: %s", key[0], key[1], ev.reason, ev.message)
         if decision.requeue_after is not None:
             self.enqueue(key, decision.requeue_after)
@@ -217,12 +233,12 @@ class Controller:
     async def _apply(self, body: dict[str, Any], action: Any) -> None:
         ns = body["metadata"]["namespace"]
         if isinstance(action, CreateJob):
-            created = await asyncio.to_thread(self.api.create_job, ns, action.manifest)
+            created = await self._call(self.api.create_job, ns, action.manifest)
             log.info("%s/%s: %s job %s", ns, body["metadata"]["name"], "created" if created else "found existing", action.manifest["metadata"]["name"])
         elif isinstance(action, DeleteJob):
-            await asyncio.to_thread(self.api.delete_job, ns, action.name)
+            await self._call(self.api.delete_job, ns, action.name)
         elif isinstance(action, DeleteStaged):
-            n = await asyncio.to_thread(self.api.delete_staged, action.uri)
+            n = await self._call(self.api.delete_staged, action.uri)
             log.info("%s/%s: deleted %d staged objects under %s", ns, body["metadata"]["name"], n, action.uri)
 
     async def finalize(self, body: dict[str, Any]) -> bool:
@@ -232,31 +248,43 @@ class Controller:
             if isinstance(action, DeleteStaged) and obs.jobs:
                 continue  # a running worker could still write there: wait for the Jobs to go
             await self._apply(body, action)
-        left = await asyncio.to_thread(self.api.list_job_names, obs.namespace, obs.uid)
+        left = await self._call(self.api.list_job_names, obs.namespace, obs.uid)
         return not left
 
     def count_by_status(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for b in self.caches.backfills.values():
+        """For the beam_backfills gauge, computed when scraped rather than on every event."""
+        counts = dict.fromkeys(("pending", "staging", "transporting", "completed", "failed", "cancelled"), 0)
+        for b in list(self.caches.backfills.values()):
             s = (b.get("status") or {}).get("status") or "pending"
             counts[s] = counts.get(s, 0) + 1
         return counts
 
 
+def _drain(resp: Any) -> bytes:
+    """Read a raw (_preload_content=False) response to its end and give its connection back."""
+    data = resp.data
+    resp.release_conn()
+    return data
+
+
 class KubeApi:
     """The handful of API calls the controller makes, with the kubernetes client."""
 
-    def __init__(self, config: OperatorConfig, identity: str = "beam-backfill-operator") -> None:
+    def __init__(self, config: OperatorConfig, identity: str = "beam-backfill-operator", *, connections: int = 10) -> None:
         from kubernetes import client, config as kconfig
 
         try:
             kconfig.load_incluster_config()
         except kconfig.ConfigException:
             kconfig.load_kube_config()
+        cfg = client.Configuration.get_default_copy()
+        # One connection per worker thread: a smaller pool makes threads queue for a socket.
+        cfg.connection_pool_maxsize = connections
+        api = client.ApiClient(cfg)
         self.client = client
-        self.batch = client.BatchV1Api()
-        self.core = client.CoreV1Api()
-        self.custom = client.CustomObjectsApi()
+        self.batch = client.BatchV1Api(api)
+        self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
         self.config = config
         self.identity = identity
 
@@ -269,7 +297,10 @@ class KubeApi:
     def create_job(self, namespace: str, manifest: dict[str, Any]) -> bool:
         metrics.API_WRITES.labels(kind="create_job").inc()
         try:
-            self.batch.create_namespaced_job(namespace, manifest)
+            # _preload_content=False: only the bytes are read (they must be, or the pooled
+            # connection is reused with a response pending); turning them into V1Job models
+            # cost more CPU than the request itself.
+            _drain(self.batch.create_namespaced_job(namespace, manifest, _preload_content=False))
             return True
         except Exception as e:
             self._ok_unless(e, 409)  # AlreadyExists: the deterministic name did its job
@@ -280,13 +311,13 @@ class KubeApi:
         try:
             # Foreground: the Job disappears only after its Pods, so "no Jobs left" also means
             # no worker still sending.
-            self.batch.delete_namespaced_job(name, namespace, propagation_policy="Foreground")
+            _drain(self.batch.delete_namespaced_job(name, namespace, propagation_policy="Foreground", _preload_content=False))
         except Exception as e:
             self._ok_unless(e, 404)
 
     def list_job_names(self, namespace: str, uid: str) -> list[str]:
-        res = self.batch.list_namespaced_job(namespace, label_selector=f"{jobs.LABEL_JOB_ID}={uid}")
-        return [j.metadata.name for j in res.items]
+        res = _drain(self.batch.list_namespaced_job(namespace, label_selector=f"{jobs.LABEL_JOB_ID}={uid}", _preload_content=False))
+        return [j["metadata"]["name"] for j in json.loads(res)["items"]]
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
         try:
@@ -300,7 +331,7 @@ class KubeApi:
         now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
         metrics.API_WRITES.labels(kind="event").inc()
         try:
-            self.core.create_namespaced_event(
+            _drain(self.core.create_namespaced_event(
                 meta["namespace"],
                 {
                     "metadata": {"generateName": f"{meta['name']}."},
@@ -314,7 +345,8 @@ class KubeApi:
                     "source": {"component": self.identity},
                     "reportingComponent": self.identity,
                 },
-            )
+                _preload_content=False,
+            ))
         except Exception as e:
             log.warning("could not record event %s on %s/%s: %s", ev.reason, meta["namespace"], meta["name"], e)
 

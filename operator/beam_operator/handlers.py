@@ -27,6 +27,10 @@ def controller() -> Controller:
     return _state["controller"]
 
 
+def log_debug() -> bool:
+    return os.environ.get("BEAM_LOG_LEVEL", "INFO").upper() == "DEBUG"
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) -> None:
     config = OperatorConfig.from_env()
@@ -45,8 +49,19 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
     # We record our own Events on transitions; kopf's per-handler Events would double the writes.
     settings.posting.enabled = False
     settings.networking.request_timeout = 30
-    ctl = Controller(config, KubeApi(config), workers=int(os.environ.get("BEAM_WORKERS", "4")))
+    # Filter on the server: without selectors every Job and Pod of the cluster, ours or not,
+    # would be sent to us, parsed and dropped. Pods are needed only once finished.
+    settings.watching.label_selectors["batch", "v1", "jobs"] = jobs.LABEL_JOB_ID
+    settings.watching.label_selectors["", "v1", "pods"] = jobs.LABEL_JOB_ID
+    settings.watching.field_selectors["", "v1", "pods"] = "status.phase!=Pending,status.phase!=Running"
+    # kopf logs one "Handler succeeded" line per watch event at INFO: tens of thousands of lines
+    # at scale, each costing CPU. The controller logs what matters (Jobs, transitions).
+    if not log_debug():
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    workers = int(os.environ.get("BEAM_WORKERS", "16"))
+    ctl = Controller(config, KubeApi(config, connections=workers), workers=workers)
     _state["controller"] = ctl
+    metrics.BACKFILLS.source = ctl.count_by_status
     ctl.start()
     if config.metrics_port:
         start_http_server(config.metrics_port)
@@ -59,20 +74,20 @@ async def cleanup(**_) -> None:
         await _state["controller"].stop()
 
 
+# async: kopf runs a plain function in a thread pool, a thread hop per watch event, and the
+# controller's queue belongs to the event loop's thread.
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def backfill_event(event: kopf.RawEvent, **_) -> None:
+async def backfill_event(event: kopf.RawEvent, **_) -> None:
     controller().on_backfill(event["type"], event["object"])
-    for status, n in controller().count_by_status().items():
-        metrics.BACKFILLS.labels(status=status).set(n)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={jobs.LABEL_JOB_ID: kopf.PRESENT})
-def job_event(event: kopf.RawEvent, **_) -> None:
+async def job_event(event: kopf.RawEvent, **_) -> None:
     controller().on_job(event["type"], event["object"])
 
 
 @kopf.on.event("", "v1", "pods", labels={jobs.LABEL_JOB_ID: kopf.PRESENT})
-def pod_event(event: kopf.RawEvent, **_) -> None:
+async def pod_event(event: kopf.RawEvent, **_) -> None:
     controller().on_pod(event["type"], event["object"])
 
 
