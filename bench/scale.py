@@ -1,0 +1,406 @@
+#!/usr/bin/env python3
+"""The operator at scale: many live BeamBackfills on the local control plane (issue 7).
+
+    .venv/bin/python bench/scale.py                              # 1,000 backfills x 20 chunks, 10 namespaces
+    .venv/bin/python bench/scale.py --backfills 100 --chunks 5   # a quick run
+    .venv/bin/python bench/scale.py --restart-apiserver-at 0.3 --restart-operator-at 0.6
+
+What runs: etcd, kube-apiserver (with an audit log of the operator's requests only),
+kube-controller-manager, the node agent, fake-gcs-server, and the real operator process under
+the chart's RBAC. The jobrunner image maps to bench/scale_standin/beam-jobrunner, a sh script
+that sleeps briefly and keeps the worker contract, so that the operator, not Python start-ups
+of 20,000 workers, is what is measured. Everything is stopped at the end.
+
+What it reports (docs/benchmarks.md, "Operator at scale", explains how to read it):
+- latency apply -> staging Job created, and transport Job finished -> `completed` written,
+  p50/p99, both timed by the benchmark's own watches;
+- the operator's peak RSS (VmHWM) and CPU seconds (utime + stime), summed over restarts;
+- the operator's API requests (from the audit log) as reads, writes and watches per backfill,
+  and its status patches per backfill (total, per minute of life, most in any 1 s);
+- total time until every backfill is completed, and any that got stuck;
+- with --restart-*: whether every backfill still completed, Jobs per backfill (duplicates),
+  and how soon the operator wrote again after kube-apiserver came back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+from beam_devstack.gcs import FakeGcs  # noqa: E402
+from beam_devstack.k8s import K8S_VERSION, ControlPlane  # noqa: E402
+from beam_devstack.nodeagent import NodeAgent  # noqa: E402
+from beam_devstack.operator_proc import OperatorProcess, helm_binary, install_chart_rbac, install_crd  # noqa: E402
+from beam_devstack.proc import progress  # noqa: E402
+
+from scale_audit import POLICY, READS, WATCHES, WRITES, max_in_window, read_audit  # noqa: E402
+from scale_watch import Client, Watcher, admin_ssl  # noqa: E402
+
+IMAGE = "beam-backfill/scale-standin:bench"
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+def say(msg: str) -> None:
+    progress("scale", msg)
+
+
+class AuditedControlPlane(ControlPlane):
+    """The dev stack's control plane plus an audit log of the operator's requests."""
+
+    @property
+    def audit_log(self) -> Path:
+        return self.run_dir / "audit" / "audit.log"
+
+    def _apiserver_argv(self) -> list[str]:
+        policy = self.run_dir / "audit" / "policy.yaml"
+        policy.parent.mkdir(parents=True, exist_ok=True)
+        policy.write_text(POLICY)
+        return super()._apiserver_argv() + [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}", "--audit-log-format=json"]
+
+
+def proc_usage(pid: int) -> dict[str, float]:
+    """Peak and current RSS (MB) and CPU seconds of a live process, from /proc."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmHWM", "VmRSS"):
+            fields[k] = int(v.split()[0]) / 1024
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return {"hwm_mb": fields["VmHWM"], "rss_mb": fields["VmRSS"], "cpu_s": (int(stat[11]) + int(stat[12])) / ticks}
+
+
+def pct(values: list[float], p: float) -> float:
+    """Nearest-rank percentile; NaN when there is nothing to rank."""
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, int(round(p / 100 * len(v) + 0.5)) - 1))]
+
+
+def manifest(name: str, chunks: int, parallelism: int) -> dict:
+    return {
+        "apiVersion": "beam-backfill.dev/v1alpha1",
+        "kind": "BeamBackfill",
+        "metadata": {"name": name},
+        "spec": {
+            "job_name": f"scale benchmark {name}",
+            "table": "base.assets.erc20_token_transfers",
+            "backfill_window": {"partition_key": "block", "start": 0, "end": chunks},
+            "destinations": [{"type": "kafka", "name": "scale-bench"}],
+            "parallelism": parallelism,
+        },
+    }
+
+
+class Operator:
+    """The operator process plus the usage of every incarnation of it (restarts add up)."""
+
+    def __init__(self, op: OperatorProcess) -> None:
+        self.op = op
+        self.finished: list[dict[str, float]] = []
+        self.pids: list[int] = []
+
+    def start(self) -> None:
+        self.started_at = time.time()
+        self.op.start()
+        self.pids.append(self.op.proc.pid)
+
+    def usage(self) -> dict[str, float]:
+        now = proc_usage(self.op.proc.pid) if self.op.proc and self.op.proc.alive() else {"hwm_mb": 0, "rss_mb": 0, "cpu_s": 0}
+        return {
+            "hwm_mb": max([now["hwm_mb"]] + [u["hwm_mb"] for u in self.finished]),
+            "rss_mb": now["rss_mb"],
+            "cpu_s": now["cpu_s"] + sum(u["cpu_s"] for u in self.finished),
+        }
+
+    def kill_and_restart(self) -> None:
+        self.finished.append(proc_usage(self.op.proc.pid))
+        self.op.kill()
+        self.start()
+
+    def stop(self) -> None:
+        if self.op.proc and self.op.proc.alive():
+            self.finished.append(proc_usage(self.op.proc.pid))
+        self.op.stop()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backfills", type=int, default=1000)
+    ap.add_argument("--namespaces", type=int, default=10)
+    ap.add_argument("--chunks", type=int, default=20, help="chunks per backfill (transport Pods)")
+    ap.add_argument("--parallelism", type=int, default=4, help="spec.parallelism of each backfill")
+    ap.add_argument("--sleep", type=float, default=0.1, help="seconds the stand-in worker sleeps per Pod")
+    ap.add_argument("--create-workers", type=int, default=8, help="concurrent creates (0 s between them: a burst)")
+    ap.add_argument("--restart-apiserver-at", type=float, help="restart kube-apiserver when this fraction has completed")
+    ap.add_argument("--restart-operator-at", type=float, help="SIGKILL and restart the operator when this fraction has completed")
+    ap.add_argument("--operator-env", action="append", default=[], metavar="BEAM_X=V", help="extra operator setting")
+    ap.add_argument("--timeout", type=float, default=3 * 3600, help="give up (and report the stuck ones) after this many seconds")
+    ap.add_argument("--progress-every", type=float, default=5.0)
+    ap.add_argument("--run-dir", type=Path, help="keep logs here (default: a temporary directory)")
+    ap.add_argument("--json", type=Path, help="write the figures here as JSON")
+    args = ap.parse_args()
+
+    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="beam-scale-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    say(f"run dir {run_dir}")
+    # The node agent reads its image table from the environment when it starts.
+    os.environ["BEAM_NODE_AGENT_IMAGES"] = json.dumps({
+        "beam-backfill/scale-standin": {
+            "entrypoint": ["beam-jobrunner"], "cmd": [], "venv": False,
+            "env": {"PATH": f"{BENCH / 'scale_standin'}:/usr/bin:/bin", "SCALE_CHUNKS": str(args.chunks), "SCALE_SLEEP": str(args.sleep)},
+        }
+    })
+    plane = AuditedControlPlane(run_dir / "k8s")
+    gcs = FakeGcs(run_dir)
+    agent = None
+    operator = None
+    watcher = None
+    try:
+        plane.start()
+        gcs.start()
+        agent = NodeAgent(run_dir / "nodeagent", kubeconfig=plane.kubeconfig).start()
+        install_crd(plane)
+        kubeconfig = install_chart_rbac(plane, helm_binary())
+        config = {
+            "BEAM_JOBRUNNER_IMAGE": IMAGE,
+            "BEAM_GCS_ENDPOINT": gcs.endpoints()["url"],
+            "BEAM_STAGING_BUCKET": "beam-staging",
+        }
+        config.update(kv.split("=", 1) for kv in args.operator_env)
+        operator = Operator(OperatorProcess(run_dir / "operator", kubeconfig=kubeconfig, config=config))
+        operator.start()
+        namespaces = [f"scale-{i}" for i in range(args.namespaces)]
+        for ns in namespaces:
+            plane.create_namespace(ns)
+        others = {"kube-apiserver": plane.apiserver, "etcd": plane.etcd, "kube-controller-manager": plane.controller_manager, "node agent": agent.proc}
+        figures = run(args, plane, operator, namespaces, run_dir, others)
+    finally:
+        for stop in (operator, agent, gcs, plane):
+            if stop is not None:
+                try:
+                    stop.stop()
+                except Exception as e:  # keep stopping the others
+                    say(f"stopping {type(stop).__name__}: {e}")
+    report(figures, args)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+        say(f"wrote {args.json}")
+
+
+def wait_watching(plane: AuditedControlPlane, since: float, timeout: float = 60) -> None:
+    """Until the operator has watches open on backfills, Jobs and Pods (it may have retried a
+    429 while a fresh CRD's storage initializes): latency counts from a ready operator."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        watching = {r for t, v, r, c in read_audit(plane.audit_log, since).times if v == "watch" and c == 200}
+        if {"beambackfills", "jobs", "pods"} <= watching:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"the operator is not watching after {timeout:.0f}s")
+
+
+def run(args, plane: AuditedControlPlane, operator: Operator, namespaces: list[str], run_dir: Path, others: dict) -> dict:
+    ctx = admin_ssl(plane.pki)
+    watcher = Watcher(plane.port, ctx).start()
+    wait_watching(plane, operator.started_at)
+    watcher.ready.wait(30)
+    names = [(namespaces[i % len(namespaces)], f"bf-{i:05d}") for i in range(args.backfills)]
+    sent: dict[tuple[str, str], float] = {}
+    local = threading.local()
+    errors: Counter = Counter()
+
+    def create(key: tuple[str, str]) -> None:
+        if not hasattr(local, "client"):
+            local.client = Client(plane.port, ctx)
+        ns, name = key
+        while True:
+            sent[key] = time.time()
+            try:
+                code, body = local.client.request("POST", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills",
+                                                  manifest(name, args.chunks, args.parallelism))
+            except OSError as e:  # the apiserver restarting: try again
+                errors[type(e).__name__] += 1
+                time.sleep(0.5)
+                continue
+            if code in (201, 409):
+                return
+            errors[f"HTTP {code}"] += 1
+            time.sleep(0.5)
+
+    t0 = time.time()
+    say(f"creating {args.backfills} backfills x {args.chunks} chunks in {len(namespaces)} namespaces ({args.create_workers} at a time)")
+    pool = ThreadPoolExecutor(args.create_workers)
+    futures = [pool.submit(create, k) for k in names]
+    restarts: dict[str, dict[str, float]] = {}
+    last_progress = 0.0
+    deadline = t0 + args.timeout
+    while True:
+        time.sleep(0.5)
+        with watcher.lock:
+            by_status = Counter(b.status or "pending" for b in watcher.backfills.values())
+            jobs = len(watcher.jobs)
+        done = sum(by_status[s] for s in TERMINAL)
+        created = sum(f.done() for f in futures)
+        now = time.time()
+        if now - last_progress >= args.progress_every:
+            last_progress = now
+            u = operator.usage()
+            counts = " ".join(f"{s}={by_status[s]}" for s in ("pending", "staging", "transporting", *TERMINAL) if by_status[s])
+            say(f"{now - t0:7.1f}s created {created}/{args.backfills} | {counts} | jobs {jobs} | operator rss {u['rss_mb']:.0f} MB cpu {u['cpu_s']:.0f}s")
+        if created == args.backfills and done == args.backfills:
+            break
+        if now > deadline:
+            say(f"timeout after {args.timeout:.0f}s")
+            break
+        frac = by_status["completed"] / args.backfills
+        if args.restart_apiserver_at is not None and "apiserver" not in restarts and frac >= args.restart_apiserver_at:
+            say(f"restarting kube-apiserver at {by_status['completed']} completed")
+            r0 = time.time()
+            plane.restart_apiserver()
+            restarts["apiserver"] = {"at": r0, "back": time.time(), "completed_before": by_status["completed"], "operator_pid": operator.pids[-1]}
+            say(f"kube-apiserver back after {time.time() - r0:.1f}s; the operator keeps running (pid {operator.pids[-1]})")
+        if args.restart_operator_at is not None and "operator" not in restarts and frac >= args.restart_operator_at:
+            say(f"SIGKILL of the operator at {by_status['completed']} completed, then a new one")
+            r0 = time.time()
+            operator.kill_and_restart()
+            restarts["operator"] = {"at": r0, "back": time.time(), "completed_before": by_status["completed"]}
+    t_end = time.time()
+    pool.shutdown(wait=False, cancel_futures=True)
+    usage = operator.usage()
+    # The rest of the machine's CPU, to read the operator's figures against (2 cores shared).
+    cpu_others = {}
+    for what, p in others.items():
+        try:
+            cpu_others[what] = round(proc_usage(p.pid)["cpu_s"], 1)
+        except (OSError, AssertionError):
+            pass
+    if "apiserver" in restarts:
+        cpu_others["kube-apiserver"] = f"{cpu_others.get('kube-apiserver')} (since its restart)"
+    try:
+        metrics_text = operator.op.metrics()
+    except OSError:
+        metrics_text = ""
+    operator.stop()  # nothing more in the audit log after this
+    watcher.stop()
+    figures = figures_from(args, plane, watcher, sent, names, t0, t_end, usage, metrics_text, restarts, errors, operator)
+    figures["cpu_s_of_other_processes"] = cpu_others
+    return figures
+
+
+def figures_from(args, plane, watcher, sent, names, t0, t_end, usage, metrics_text, restarts, errors, operator) -> dict:
+    with watcher.lock:
+        backfills = dict(watcher.backfills)
+        jobs = list(watcher.jobs.values())
+    by_phase = {}
+    jobs_per: Counter = Counter()
+    for j in jobs:
+        by_phase[(j.namespace, j.backfill, j.phase)] = j
+        jobs_per[(j.namespace, j.backfill, j.phase)] += 1
+    lat_stage, lat_done, lifetimes = [], [], {}
+    for key in names:
+        b = backfills.get(key)
+        stage = by_phase.get((key[0], key[1], "staging"))
+        xport = by_phase.get((key[0], key[1], "transport"))
+        if stage and key in sent:
+            lat_stage.append(stage.created - sent[key])
+        if b and "completed" in b.status_at and xport and xport.finished:
+            lat_done.append(b.status_at["completed"] - xport.finished)
+        if b and "completed" in b.status_at and key in sent:
+            lifetimes[key] = b.status_at["completed"] - sent[key]
+    final = Counter((backfills.get(k).status if backfills.get(k) else "") or "pending" for k in names)
+    stuck = [f"{ns}/{n}" for ns, n in names if (backfills.get((ns, n)) and backfills[(ns, n)].status) not in TERMINAL]
+
+    req = read_audit(plane.audit_log)
+    n = args.backfills
+    patches = {k: req.status_patches.get(k, []) for k in names}
+    per_min = [len(patches[k]) / (lifetimes[k] / 60) for k in lifetimes if lifetimes[k] > 0]
+    counts = [len(v) for v in patches.values()]
+    # Countdown writes: those between the transport phase's start and completion.
+    burst = max((max_in_window(v, 1.0) for v in patches.values()), default=0)
+    creates = {k: v for k, v in req.by_kind.items() if k.startswith("create jobs ")}
+    dup_jobs = sum(1 for j in jobs if len(j.uids) > 1) + sum(1 for v in jobs_per.values() if v > 1)
+    status_writes_metric = sum(float(m) for m in re.findall(r"^beam_status_writes_total (\S+)$", metrics_text, re.M))
+
+    recovery = {}
+    if "apiserver" in restarts:
+        back = restarts["apiserver"]["back"]
+        after = [(t, v, r) for t, v, r, c in req.times if t >= back and c < 400]
+        recovery = {
+            "apiserver_down_s": round(back - restarts["apiserver"]["at"], 1),
+            "first_watch_after_s": next((round(t - back, 2) for t, v, r in after if v == "watch"), None),
+            "first_status_patch_after_s": next((round(t - back, 2) for t, v, r in after if r == "beambackfills/status"), None),
+            "operator_restarted": operator.pids[-1] != restarts["apiserver"]["operator_pid"] if "operator" not in restarts else None,
+        }
+
+    completed_at = [b.status_at["completed"] for b in backfills.values() if "completed" in b.status_at]
+    return {
+        "command": " ".join([".venv/bin/python", "bench/scale.py", *sys.argv[1:]]),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kubernetes": K8S_VERSION, "kopf": _version("kopf")},
+        "backfills": n, "namespaces": args.namespaces, "chunks": args.chunks, "parallelism": args.parallelism, "worker_sleep_s": args.sleep,
+        "final_status": dict(final), "stuck": stuck[:20], "stuck_count": len(stuck),
+        "total_s": round((max(completed_at) if completed_at else t_end) - t0, 1),
+        "create_errors": dict(errors),
+        "latency_apply_to_staging_job_s": {"p50": round(pct(lat_stage, 50), 3), "p99": round(pct(lat_stage, 99), 3), "max": round(max(lat_stage, default=float("nan")), 3), "n": len(lat_stage)},
+        "latency_transport_done_to_completed_s": {"p50": round(pct(lat_done, 50), 3), "p99": round(pct(lat_done, 99), 3), "max": round(max(lat_done, default=float("nan")), 3), "n": len(lat_done)},
+        "backfill_lifetime_s": {"p50": round(pct(list(lifetimes.values()), 50), 1), "max": round(max(lifetimes.values(), default=float("nan")), 1)},
+        "operator": {"peak_rss_mb": round(usage["hwm_mb"], 1), "cpu_s": round(usage["cpu_s"], 1), "starts": len(operator.pids)},
+        "api_requests": {
+            "reads": req.total(READS), "writes": req.total(WRITES), "watches": req.total(WATCHES),
+            "per_backfill": {"reads": round(req.total(READS) / n, 2), "writes": round(req.total(WRITES) / n, 2), "watches": round(req.total(WATCHES) / n, 3)},
+            "by_kind": dict(req.by_kind.most_common()),
+        },
+        "status_patches": {
+            "per_backfill_mean": round(sum(counts) / n, 2), "per_backfill_max": max(counts, default=0),
+            "per_backfill_per_minute_p50": round(pct(per_min, 50), 2), "per_backfill_per_minute_max": round(max(per_min, default=float("nan")), 2),
+            "most_in_any_1s_for_one_backfill": burst, "operator_metric_total_last_process": status_writes_metric,
+        },
+        "jobs": {"created_201": sum(v for k, v in creates.items() if k.endswith(" 201")), "already_exists_409": sum(v for k, v in creates.items() if k.endswith(" 409")),
+                 "seen": len(jobs), "duplicates": dup_jobs},
+        "restarts": restarts, "recovery": recovery,
+        "watch_reconnects_of_benchmark": dict(watcher.reconnects),
+    }
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import version
+
+    try:
+        return version(dist)
+    except Exception:
+        return "?"
+
+
+def report(f: dict, args) -> None:
+    la, ld, api, sp = f["latency_apply_to_staging_job_s"], f["latency_transport_done_to_completed_s"], f["api_requests"], f["status_patches"]
+    print(f"""
+command: {f['command']}
+machine: {f['machine']}
+{f['backfills']} backfills x {f['chunks']} chunks in {f['namespaces']} namespaces: {f['final_status']}; stuck {f['stuck_count']} {f['stuck'][:5]}
+total time until all completed: {f['total_s']} s
+apply -> staging Job created:     p50 {la['p50']} s  p99 {la['p99']} s  max {la['max']} s  (n={la['n']})
+transport finished -> completed:  p50 {ld['p50']} s  p99 {ld['p99']} s  max {ld['max']} s  (n={ld['n']})
+operator: peak RSS {f['operator']['peak_rss_mb']} MB, CPU {f['operator']['cpu_s']} s, starts {f['operator']['starts']}; other processes' CPU s {f['cpu_s_of_other_processes']}
+API requests: reads {api['reads']} writes {api['writes']} watches {api['watches']}; per backfill {api['per_backfill']}
+status patches per backfill: mean {sp['per_backfill_mean']} max {sp['per_backfill_max']}; per minute p50 {sp['per_backfill_per_minute_p50']} max {sp['per_backfill_per_minute_max']}; most in 1 s {sp['most_in_any_1s_for_one_backfill']}
+jobs: {f['jobs']}
+restarts: {f['restarts']} recovery: {f['recovery']}
+by kind: {json.dumps(api['by_kind'])}""", flush=True)
+
+
+if __name__ == "__main__":
+    main()
