@@ -250,3 +250,42 @@ def test_rate_limit_per_key_answers_429_with_retry_after(api_kubeconfig, org, ot
             assert b.get("/backfills").status_code == 200
     finally:
         limited.stop()
+
+
+
+def test_apiserver_refusals_are_passed_on_with_their_message(api, org, k8s):
+    """A cluster's own CEL admission policy refuses what the model allows: the caller gets the
+    apiserver's status and message."""
+    ns, key = org
+    name = f"no-forbidden-tables-{ns}"[:63]
+    k8s.api("POST", "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies", {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy", "metadata": {"name": name},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{"apiGroups": ["beam-backfill.dev"], "apiVersions": ["*"],
+                                                    "operations": ["CREATE"], "resources": ["beambackfills"]}]},
+            "validations": [{"expression": "!object.spec.table.startsWith('base.secret.')",
+                             "message": "tables under base.secret are not for backfills"}],
+        },
+    })
+    k8s.api("POST", "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicybindings", {
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding", "metadata": {"name": name},
+        "spec": {"policyName": name, "validationActions": ["Deny"],
+                 "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}},
+    })
+    try:
+        with api.client(key) as c:
+            # The apiserver applies a new policy once its informer has seen it.
+            deadline = time.monotonic() + 30
+            while True:
+                r = c.post("/backfills", json={**SEED_CREATE, "table": "base.secret.salaries"})
+                if r.status_code != 200 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert r.status_code == 422, r.text
+            assert "tables under base.secret are not for backfills" in r.json()["message"]
+            assert "tables under base.secret are not for backfills" in r.json()["detail"][0]["msg"]
+            assert c.post("/backfills", json=SEED_CREATE).status_code == 200
+    finally:
+        k8s.api("DELETE", f"/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicybindings/{name}")
+        k8s.api("DELETE", f"/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/{name}")

@@ -94,14 +94,19 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
     @app.exception_handler(ApiException)
     def _kube_refused(request: Request, exc: ApiException) -> JSONResponse:
         message, causes = status_message(exc)
-        if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (401, 403):
-            if exc.status == 422 and causes:
+        # An RBAC denial of this service's own identity is not the caller's doing; any other 403
+        # (a quota, an admission webhook) is a refusal of the request and is passed on.
+        own_identity = exc.status == 401 or (exc.status == 403 and 'User "' in message and " cannot " in message)
+        if exc.status is not None and 400 <= exc.status < 500 and not own_identity:
+            if exc.status == 422:
+                # The same shape as the API's own 422, so a script handles both alike.
                 detail = [{"loc": ["body", *c.get("field", "").removeprefix("spec.").split(".")], "msg": c.get("message", ""),
                            "type": c.get("reason", ""), "field": c.get("field", "").removeprefix("spec.")} for c in causes]
+                detail = detail or [{"loc": ["body"], "msg": message, "type": "Invalid", "field": ""}]
                 return JSONResponse(status_code=422, content={"detail": detail, "message": message})
             return JSONResponse(status_code=exc.status, content={"detail": message})
-        # 401/403 from the apiserver mean this service's own identity is misconfigured, not the
-        # caller's fault; 5xx means Kubernetes is unwell. Either way the caller may retry later.
+        # 5xx means Kubernetes is unwell, and a refused identity means a misconfigured deployment;
+        # either way the caller is not at fault and may retry later.
         return JSONResponse(status_code=503, content={"detail": f"Kubernetes API unavailable: {message or exc.reason}"})
 
     @app.exception_handler(Urllib3Error)
