@@ -41,6 +41,19 @@ def _clean(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
+_KEPT_METADATA = ("name", "namespace", "uid", "generation", "creationTimestamp", "deletionTimestamp", "resourceVersion")
+
+
+def _slim(body: dict[str, Any]) -> dict[str, Any]:
+    """What reconcile() and the Events read of a BeamBackfill, nothing more.
+
+    A full body carries managedFields (one entry per writer) and kopf's annotations (a copy of
+    the spec): kilobytes of JSON, ten times that as Python objects, times every backfill.
+    """
+    meta = body["metadata"]
+    return {"metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta}, "spec": body.get("spec") or {}, "status": body.get("status") or {}}
+
+
 @dataclass
 class Caches:
     backfills: dict[Key, dict[str, Any]] = field(default_factory=dict)
@@ -79,7 +92,7 @@ class Controller:
             self.caches.pods.pop(meta["uid"], None)
             self._last_write.pop(key, None)
             return
-        self.caches.backfills[key] = body
+        self.caches.backfills[key] = _slim(body)
         self.caches.keys_by_uid[meta["uid"]] = key
         if not meta.get("deletionTimestamp"):
             self.enqueue(key)
@@ -222,7 +235,7 @@ class Controller:
             if patched is not None and key in self.caches.backfills:
                 # Our own write must be what the next reconcile sees, even before its watch
                 # event arrives; otherwise a transition could be decided (and announced) twice.
-                self.caches.backfills[key] = patched
+                self.caches.backfills[key] = _slim(patched)
         for ev in decision.events:
             metrics.TRANSITIONS.labels(to=ev.reason.lower()).inc()
             await self._call(self.api.post_event, body, ev)
@@ -234,6 +247,11 @@ class Controller:
         ns = body["metadata"]["namespace"]
         if isinstance(action, CreateJob):
             created = await self._call(self.api.create_job, ns, action.manifest)
+            # Expect the Job before its watch event arrives: a reconcile in between must not
+            # ask for it again (a 409 each time, as controller-runtime's expectations avoid).
+            meta = action.manifest["metadata"]
+            uid = meta["labels"][jobs.LABEL_JOB_ID]
+            self.caches.jobs.setdefault(uid, {}).setdefault(meta["name"], JobObs(name=meta["name"], phase=meta["labels"].get(jobs.LABEL_PHASE, "")))
             log.info("%s/%s: %s job %s", ns, body["metadata"]["name"], "created" if created else "found existing", action.manifest["metadata"]["name"])
         elif isinstance(action, DeleteJob):
             await self._call(self.api.delete_job, ns, action.name)

@@ -27,6 +27,20 @@ def controller() -> Controller:
     return _state["controller"]
 
 
+def limit_malloc_arenas(n: int = 2) -> None:
+    """glibc gives each thread that allocates its own malloc arena (up to 8 per core), and
+    freed memory stays in them: with 16 API threads that measured +30 MB of RSS at 300
+    backfills. An explicit MALLOC_ARENA_MAX in the environment wins."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, n)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 def log_debug() -> bool:
     return os.environ.get("BEAM_LOG_LEVEL", "INFO").upper() == "DEBUG"
 
@@ -58,6 +72,7 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
     # at scale, each costing CPU. The controller logs what matters (Jobs, transitions).
     if not log_debug():
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    limit_malloc_arenas()  # before the controller's threads exist
     workers = int(os.environ.get("BEAM_WORKERS", "16"))
     ctl = Controller(config, KubeApi(config, connections=workers), workers=workers)
     _state["controller"] = ctl
