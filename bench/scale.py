@@ -145,7 +145,8 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=20, help="chunks per backfill (transport Pods)")
     ap.add_argument("--parallelism", type=int, default=4, help="spec.parallelism of each backfill")
     ap.add_argument("--sleep", type=float, default=0.1, help="seconds the stand-in worker sleeps per Pod")
-    ap.add_argument("--create-workers", type=int, default=8, help="concurrent creates (0 s between them: a burst)")
+    ap.add_argument("--create-workers", type=int, default=8, help="concurrent creates")
+    ap.add_argument("--create-rate", type=float, default=0.0, help="creates per second in all (default 0: as fast as the apiserver takes them, a burst)")
     ap.add_argument("--restart-apiserver-at", type=float, help="restart kube-apiserver when this fraction has completed")
     ap.add_argument("--restart-operator-at", type=float, help="SIGKILL and restart the operator when this fraction has completed")
     ap.add_argument("--operator-env", action="append", default=[], metavar="BEAM_X=V", help="extra operator setting")
@@ -224,7 +225,9 @@ def run(args, plane: AuditedControlPlane, operator: Operator, namespaces: list[s
     local = threading.local()
     errors: Counter = Counter()
 
-    def create(key: tuple[str, str]) -> None:
+    def create(key: tuple[str, str], at: float) -> None:
+        if at > time.time():
+            time.sleep(at - time.time())
         if not hasattr(local, "client"):
             local.client = Client(plane.port, ctx)
         ns, name = key
@@ -245,7 +248,7 @@ def run(args, plane: AuditedControlPlane, operator: Operator, namespaces: list[s
     t0 = time.time()
     say(f"creating {args.backfills} backfills x {args.chunks} chunks in {len(namespaces)} namespaces ({args.create_workers} at a time)")
     pool = ThreadPoolExecutor(args.create_workers)
-    futures = [pool.submit(create, k) for k in names]
+    futures = [pool.submit(create, k, t0 + (i / args.create_rate if args.create_rate else 0)) for i, k in enumerate(names)]
     restarts: dict[str, dict[str, float]] = {}
     last_progress = 0.0
     deadline = t0 + args.timeout
@@ -253,6 +256,7 @@ def run(args, plane: AuditedControlPlane, operator: Operator, namespaces: list[s
         time.sleep(0.5)
         with watcher.lock:
             by_status = Counter(b.status or "pending" for b in watcher.backfills.values())
+            chunks_done = sum(args.chunks - (b.chunks_left if b.chunks_left is not None else args.chunks) for b in watcher.backfills.values() if b.status in ("transporting", "completed"))
             jobs = len(watcher.jobs)
         done = sum(by_status[s] for s in TERMINAL)
         created = sum(f.done() for f in futures)
@@ -261,7 +265,7 @@ def run(args, plane: AuditedControlPlane, operator: Operator, namespaces: list[s
             last_progress = now
             u = operator.usage()
             counts = " ".join(f"{s}={by_status[s]}" for s in ("pending", "staging", "transporting", *TERMINAL) if by_status[s])
-            say(f"{now - t0:7.1f}s created {created}/{args.backfills} | {counts} | jobs {jobs} | operator rss {u['rss_mb']:.0f} MB cpu {u['cpu_s']:.0f}s")
+            say(f"{now - t0:7.1f}s created {created}/{args.backfills} | {counts} | jobs {jobs} chunks {chunks_done}/{args.backfills * args.chunks} | operator rss {u['rss_mb']:.0f} MB cpu {u['cpu_s']:.0f}s")
         if created == args.backfills and done == args.backfills:
             break
         if now > deadline:
