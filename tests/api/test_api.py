@@ -289,3 +289,16 @@ def test_apiserver_refusals_are_passed_on_with_their_message(api, org, k8s):
     finally:
         k8s.api("DELETE", f"/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicybindings/{name}")
         k8s.api("DELETE", f"/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/{name}")
+
+
+def test_guessing_keys_is_rate_limited_per_client(api_kubeconfig, org, tmp_path):
+    limited = ApiProcess(tmp_path, kubeconfig=api_kubeconfig, rate=0.2, burst=3).start()
+    try:
+        with limited.client("bbk_0123456789ab_" + "A" * 43) as guess, limited.client(org[1]) as good:
+            assert [guess.get("/backfills").status_code for _ in range(3)] == [401, 401, 401]
+            r = guess.get("/backfills")
+            assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+            # A valid key is never held back by someone else's failures.
+            assert good.get("/backfills").status_code == 200
+    finally:
+        limited.stop()

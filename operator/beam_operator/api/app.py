@@ -76,6 +76,7 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
     backfills = Backfills(client)
     keys = KeyStore(CoreV1Api(client), settings.keys_namespace, ttl=settings.key_cache_seconds)
     buckets = TokenBuckets(settings.rate_per_second, settings.rate_burst)
+    failures = TokenBuckets(settings.rate_per_second, settings.rate_burst)
 
     app = FastAPI(
         title="Beam backfills API",
@@ -124,9 +125,15 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
 
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The organization's API key.")
 
-    def caller(key: Annotated[str | None, Depends(api_key_header)]) -> ApiKey:
+    def caller(request: Request, key: Annotated[str | None, Depends(api_key_header)]) -> ApiKey:
         found = keys.authenticate(key)
         if found is None:
+            # Each made-up key id costs one GET of a Secret: failed attempts share a bucket per
+            # client address, so guessing cannot turn into a flood on the apiserver.
+            wait = failures.take(request.client.host if request.client else "")
+            if wait:
+                raise HTTPException(429, "too many requests with a missing or invalid X-API-Key",
+                                    headers={"Retry-After": retry_after_header(wait)})
             raise HTTPException(401, "missing or invalid X-API-Key" if key else "missing X-API-Key header")
         wait = buckets.take(found.key_id)
         if wait:
