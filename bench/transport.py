@@ -21,6 +21,8 @@ import os
 import platform
 import random
 import re
+import resource
+import statistics
 import sys
 import tempfile
 import time
@@ -64,12 +66,41 @@ def synthetic(n: int) -> pa.Table:
     })
 
 
+class CpuMeter:
+    """CPU seconds used by this process (all threads: Python, DuckDB, librdkafka) and by the
+    broker's JVM over a measurement: on 2 cores, where the time goes decides what is possible."""
+
+    def __init__(self, broker_pid: int) -> None:
+        self.broker_pid = broker_pid
+
+    def _broker(self) -> float:
+        f = open(f"/proc/{self.broker_pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self):
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        self.t0, self.c0, self.b0 = time.perf_counter(), r.ru_utime + r.ru_stime, self._broker()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        self.wall = time.perf_counter() - self.t0
+        self.client = r.ru_utime + r.ru_stime - self.c0
+        self.broker = self._broker() - self.b0
+
+    def describe(self, n: int) -> str:
+        return (f"client {self.client / self.wall:.2f} cores ({self.client / n * 1e6:.2f} us/row), "
+                f"broker {self.broker / self.wall:.2f} cores ({self.broker / n * 1e6:.2f} us/row)")
+
+
 def ceiling(bootstrap: str, topic: str, values, keys, headers) -> float:
+    """Pre-built messages (the same UTF-8 bytes, keys, headers) in the sink's own produce loop."""
     from confluent_kafka import Producer
 
     from beam_jobrunner.sinks.kafka import PRODUCER_TUNING
 
     p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, **PRODUCER_TUNING})
+    p.list_topics(topic, timeout=30)  # create the topic outside the timed part, as transport does in open()
     produce, poll = p.produce, p.poll
     t0 = time.perf_counter()
     for v, k in zip(values, keys):
@@ -83,9 +114,10 @@ def ceiling(bootstrap: str, topic: str, values, keys, headers) -> float:
 
 
 def transport_once(common, chunk_uri: str, topic: str, transactions: bool) -> float:
+    """What `beam-jobrunner transport` does for one Kafka destination (transport.run)."""
     from beam_jobrunner.sinks import Context
     from beam_jobrunner.sinks.kafka import KafkaSink
-    from beam_jobrunner.transport import encoded_batches, read_chunk
+    from beam_jobrunner.transport import DEFAULT_BATCH_ROWS, encoded_batches, read_chunk
 
     class Dest:
         type, name, bootstrap_servers, secret = "kafka", topic, None, None
@@ -94,18 +126,24 @@ def transport_once(common, chunk_uri: str, topic: str, transactions: bool) -> fl
     t0 = time.perf_counter()
     sink = KafkaSink(Dest(), ctx, transactions=transactions)
     sink.open()
-    pf = read_chunk(chunk_uri)
-    batches = encoded_batches(pf, 50_000)
-    sink.deliver(batches, lambda rows, flush: None)
-    batches.close()
-    sink.close()
-    return pf.metadata.num_rows / (time.perf_counter() - t0)
+    assert not sink.already_delivered()  # a worker asks this of every chunk: part of its cost
+    local = read_chunk(chunk_uri)
+    try:
+        batches = encoded_batches(local, DEFAULT_BATCH_ROWS, as_bytes=sink.takes_bytes)
+        sink.deliver(batches, lambda rows, flush: None)
+        batches.close()
+        sink.close()
+    finally:
+        local.close()
+    return local.num_rows / (time.perf_counter() - t0)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--stage-rows", type=int, default=1_000_000)
+    ap.add_argument("--rounds", type=int, default=5, help="measured rounds after one warm-up round")
+    ap.add_argument("--no-stage", action="store_true", help="skip the staging measurement (and the doc update)")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args()
 
@@ -140,25 +178,59 @@ def main() -> None:
         say(f"chunk: {sink.getvalue().size / 2**20:.1f} MiB zstd parquet")
 
         t0 = time.perf_counter()
+        local = run / "chunk.parquet"
+        local.write_bytes(sink.getvalue().to_pybytes())
         values, keys = [], []
-        for rb in pq.ParquetFile(pa.BufferReader(sink.getvalue())).iter_batches(50_000):
-            v, k = serialize.encode(pa.Table.from_batches([rb]))
+        cpu0 = time.process_time()
+        for v, k in serialize.parquet_batches(str(local), 50_000, as_bytes=True):
             values += v
             keys += k
         encode_rate = args.rows / (time.perf_counter() - t0)
-        avg = sum(map(len, values[:10000])) / 10000
-        say(f"encode only: {encode_rate:,.0f} rows/s, average message {avg:.0f} bytes")
+        encode_cpu = (time.process_time() - cpu0) / args.rows * 1e6
+        avg = sum(map(len, values)) / len(values)
+        say(f"encode only (parquet -> JSON bytes, what transport's reader thread does): {encode_rate:,.0f} rows/s, "
+            f"{encode_cpu:.2f} us CPU/row, average message {avg:.0f} bytes")
         headers = [("beam_job_id", str(uuid.uuid4()).encode()), ("beam_chunk", b"0")]
 
-        results = {}
-        for attempt in range(2):  # the second round is warm (topics, coordinator)
-            results["ceiling"] = ceiling(kafka.bootstrap, f"ceil-{attempt}", values, keys, headers)
-            say(f"raw produce ceiling: {results['ceiling']:,.0f} msg/s")
-            results["txn"] = transport_once({"staging": staging}, chunk, f"txn-{attempt}", True)
-            say(f"transport, transactions on: {results['txn']:,.0f} rows/s ({results['txn'] / results['ceiling']:.2f}x ceiling)")
-            results["notxn"] = transport_once({"staging": staging}, chunk, f"notxn-{attempt}", False)
-            say(f"transport, transactions off: {results['notxn']:,.0f} rows/s ({results['notxn'] / results['ceiling']:.2f}x ceiling)")
+        from confluent_kafka.admin import AdminClient
+
+        admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+        meter = CpuMeter(kafka.proc.pid)
+        runs: dict[str, list[float]] = {"ceiling": [], "txn": [], "notxn": []}
+        cpu: dict[str, list[str]] = {k: [] for k in runs}
+        # Round 0 warms up (JIT of the broker, transaction coordinator) and is not counted.
+        for attempt in range(args.rounds + 1):
+            topics = {k: f"{k}-{attempt}-{uuid.uuid4().hex[:6]}" for k in runs}
+            for t in topics.values():
+                admin.list_topics(t, timeout=30)  # auto-creates it: nobody pays for topic creation
+            rate = {}
+            with meter:
+                rate["ceiling"] = ceiling(kafka.bootstrap, topics["ceiling"], values, keys, headers)
+            cpu["ceiling"].append(meter.describe(args.rows))
+            with meter:
+                rate["txn"] = transport_once({"staging": staging}, chunk, topics["txn"], True)
+            cpu["txn"].append(meter.describe(args.rows))
+            with meter:
+                rate["notxn"] = transport_once({"staging": staging}, chunk, topics["notxn"], False)
+            cpu["notxn"].append(meter.describe(args.rows))
+            top = rate["ceiling"]
+            say(f"round {attempt}{' (warm-up, not counted)' if attempt == 0 else ''}: "
+                f"ceiling {rate['ceiling']:,.0f} msg/s [{cpu['ceiling'][-1]}]; "
+                f"transport txn {rate['txn']:,.0f} rows/s = {rate['txn'] / top:.2f}x [{cpu['txn'][-1]}]; "
+                f"no txn {rate['notxn']:,.0f} rows/s = {rate['notxn'] / top:.2f}x [{cpu['notxn'][-1]}]")
+            if attempt == 0:
+                cpu = {k: [] for k in runs}
+                continue
+            for k, r in rate.items():
+                runs[k].append(r)
+            runs.setdefault("ratio_txn", []).append(rate["txn"] / top)
+            runs.setdefault("ratio_notxn", []).append(rate["notxn"] / top)
+        results = {k: (statistics.median(v), min(v), max(v)) for k, v in runs.items()}
+        for k, (med, lo, hi) in results.items():
+            say(f"{k}: median {med:,.2f} (min {lo:,.2f}, max {hi:,.2f}) over {args.rounds} rounds")
         del values, keys
+        if args.no_stage:
+            return
 
         # --- staging ------------------------------------------------------------------------
         n = min(args.stage_rows, args.rows)

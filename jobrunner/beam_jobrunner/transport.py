@@ -1,8 +1,9 @@
 """`beam-jobrunner transport`: deliver one staged chunk (JOB_COMPLETION_INDEX) to every destination.
 
-The chunk is read once per destination; a reader thread decodes parquet and encodes JSON
-(DuckDB, GIL released) while the main thread hands the previous batch to the sink, so the
-sink's own loop (librdkafka's produce) is the only per-row Python work.
+The chunk is downloaded once into a local file (DuckDB reads parquet faster than pyarrow
+decodes it, see serialize.py). For each destination a reader thread streams it through one
+DuckDB query into JSON (GIL released) while the main thread hands the previous batch to the
+sink, so the sink's own loop (librdkafka's produce) is the only per-row Python work.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import threading
 import time
 from typing import Iterator
 
-import pyarrow as pa
+import tempfile
+from dataclasses import dataclass
+
 import pyarrow.parquet as pq
 
 from beam_jobrunner import serialize, storage
@@ -27,21 +30,47 @@ log = logging.getLogger("beam_jobrunner.transport")
 DEFAULT_BATCH_ROWS = 50_000
 
 
-def read_chunk(uri: str) -> pq.ParquetFile:
-    return pq.ParquetFile(pa.BufferReader(storage.read_bytes(uri)))
+@dataclass
+class LocalChunk:
+    path: str
+    num_rows: int
+
+    def close(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
 
 
-def encoded_batches(pf: pq.ParquetFile, batch_rows: int, prefetch: int = 2) -> Iterator[Batch]:
-    """Encoded batches of the chunk, produced ahead by a reader thread."""
+def read_chunk(uri: str) -> LocalChunk:
+    """Download a staged chunk into a temporary file (TMPDIR); close() deletes it."""
+    data = storage.read_bytes(uri)
+    fd, path = tempfile.mkstemp(prefix="beam-chunk-", suffix=".parquet")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return LocalChunk(path, pq.read_metadata(path).num_rows)
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
+def encoded_batches(chunk: LocalChunk, batch_rows: int, prefetch: int = 2, *, as_bytes: bool = False) -> Iterator[Batch]:
+    """Encoded batches of the chunk, produced ahead by a reader thread.
+
+    With as_bytes=True a Batch's values and keys are UTF-8 bytes (for sinks that declare
+    `takes_bytes`), else str. The thread does as little Python as it can: every return from C
+    code must win the GIL back from the producing thread (see serialize.py).
+    """
     q: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
     done = object()
 
     def work() -> None:
+        encoded = serialize.parquet_batches(chunk.path, batch_rows, as_bytes=as_bytes)
         try:
             first = 0
-            for rb in pf.iter_batches(batch_size=batch_rows):
-                values, keys = serialize.encode(pa.Table.from_batches([rb]))
+            for values, keys in encoded:
                 while not stop.is_set():
                     try:
                         q.put(Batch(values, keys, first), timeout=0.2)
@@ -50,10 +79,12 @@ def encoded_batches(pf: pq.ParquetFile, batch_rows: int, prefetch: int = 2) -> I
                         pass
                 if stop.is_set():
                     return
-                first += rb.num_rows
+                first += len(values)
             q.put(done)
         except BaseException as e:  # handed to the consumer, which raises it in its own thread
             q.put(e)
+        finally:
+            encoded.close()  # in this thread: DuckDB's connection (thread-local) owns the open result
 
     t = threading.Thread(target=work, name="encode", daemon=True)
     t.start()
@@ -117,38 +148,42 @@ def run(common: Common) -> dict:
         batch_rows = max(1, min(batch_rows, int(env("BEAM_TEST_CRASH_AFTER_ROWS"))))
     crash_hook = _crash_hook()
     metrics = _metrics()
-    pf = None
+    local: LocalChunk | None = None
     results = []
-    for dest_index, dest in enumerate(common.spec.destinations):
-        ctx = Context(job_id=common.job_id, chunk=index, dest_index=dest_index,
-                      staging_uri=common.staging_uri, connect_timeout=common.connect_timeout)
-        sink = make_sink(dest, ctx)
-        t0 = time.monotonic()
-        try:
-            sink.open()
-            if sink.already_delivered():
-                log.info("%s: already delivered, skipped", sink.label)
-                results.append({"destination": dest.name, "type": dest.type, "rows": 0, "skipped": True})
-                continue
-            if pf is None:
-                pf = read_chunk(chunk["uri"])
-            batches = encoded_batches(pf, batch_rows)
+    try:
+        for dest_index, dest in enumerate(common.spec.destinations):
+            ctx = Context(job_id=common.job_id, chunk=index, dest_index=dest_index,
+                          staging_uri=common.staging_uri, connect_timeout=common.connect_timeout)
+            sink = make_sink(dest, ctx)
+            t0 = time.monotonic()
             try:
-                nbytes = sink.deliver(batches, crash_hook)
+                sink.open()
+                if sink.already_delivered():
+                    log.info("%s: already delivered, skipped", sink.label)
+                    results.append({"destination": dest.name, "type": dest.type, "rows": 0, "skipped": True})
+                    continue
+                if local is None:
+                    local = read_chunk(chunk["uri"])
+                batches = encoded_batches(local, batch_rows, as_bytes=getattr(sink, "takes_bytes", False))
+                try:
+                    nbytes = sink.deliver(batches, crash_hook)
+                finally:
+                    batches.close()
             finally:
-                batches.close()
-        finally:
-            sink.close()
-        if env("BEAM_TEST_CRASH_AFTER_COMMIT"):
-            log.warning("BEAM_TEST_CRASH_AFTER_COMMIT: exiting abruptly after the commit")
-            os._exit(137)
-        elapsed = time.monotonic() - t0
-        rows = pf.metadata.num_rows
-        log.info("%s: delivered %d rows, %d bytes in %.2fs (%.0f rows/s)", sink.label, rows, nbytes, elapsed,
-                 rows / elapsed if elapsed else 0)
-        if metrics:
-            metrics[0].labels(dest.name).inc(rows)
-            metrics[1].labels(dest.name).inc(nbytes)
-        results.append({"destination": dest.name, "type": dest.type, "rows": rows, "bytes": nbytes,
-                        "seconds": round(elapsed, 3)})
+                sink.close()
+            if env("BEAM_TEST_CRASH_AFTER_COMMIT"):
+                log.warning("BEAM_TEST_CRASH_AFTER_COMMIT: exiting abruptly after the commit")
+                os._exit(137)
+            elapsed = time.monotonic() - t0
+            rows = local.num_rows
+            log.info("%s: delivered %d rows, %d bytes in %.2fs (%.0f rows/s)", sink.label, rows, nbytes, elapsed,
+                     rows / elapsed if elapsed else 0)
+            if metrics:
+                metrics[0].labels(dest.name).inc(rows)
+                metrics[1].labels(dest.name).inc(nbytes)
+            results.append({"destination": dest.name, "type": dest.type, "rows": rows, "bytes": nbytes,
+                            "seconds": round(elapsed, 3)})
+    finally:
+        if local is not None:
+            local.close()
     return {"chunk": index, "rows": chunk["rows"], "destinations": results}
