@@ -12,8 +12,9 @@ from chartlib import CHART
 pytestmark = pytest.mark.k8s
 
 RELEASE = "beam"
-OPERATOR_NS = "beam-system"
-KEYS_NS = "beam-api-keys"
+# Namespaces of its own: other test modules render the chart into theirs in the same session.
+OPERATOR_NS = "beam-chart-install"
+KEYS_NS = "beam-chart-install-keys"
 ORG = "org-acme"
 
 
