@@ -28,7 +28,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "api"))
 
-from apiproc import KEYS_NS, ApiProcess, install_api_rbac  # noqa: E402
+from apiproc import KEYS_NS, ApiProcess, install_chart_identities  # noqa: E402
 from beam_devstack.k8s import ControlPlane  # noqa: E402
 from beam_devstack.operator_proc import helm_binary, install_crd  # noqa: E402
 from beam_operator.api import keys as keymod  # noqa: E402
@@ -99,7 +99,7 @@ def main() -> None:
         api = None
         try:
             install_crd(plane)
-            sa_kubeconfig = install_api_rbac(plane, helm_binary())
+            sa_kubeconfig = install_chart_identities(plane, helm_binary())["api"]
             ns = plane.create_namespace("org-bench", wait_service_account=False)
             admin = api_client(str(plane.kubeconfig))
             _, key = keymod.create_key(CoreV1Api(admin), KEYS_NS, ns, "bench")

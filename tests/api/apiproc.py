@@ -14,9 +14,11 @@ import yaml
 from beam_devstack.operator_proc import CHART
 from beam_devstack.proc import ManagedProcess, free_port, progress
 
-RELEASE = "beam"
-API_NS = "beam-system"
-KEYS_NS = "beam-api-keys"
+# A release and namespaces of its own: tests/chart installs the chart as release "beam" into
+# beam-system later in the same session, and must not find objects of ours there.
+RELEASE = "beam-apitest"
+API_NS = "beam-apitest"
+KEYS_NS = "beam-apitest-keys"
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 
 
@@ -28,20 +30,27 @@ def ensure_namespace(k8s, name: str) -> None:
             raise
 
 
-def install_api_rbac(k8s, helm: str) -> Path:
-    """Apply the chart's API ServiceAccount and RBAC (api.enabled); a kubeconfig for that identity."""
+def install_chart_identities(k8s, helm: str) -> dict[str, Path]:
+    """Apply the chart's ServiceAccounts and RBAC with api.enabled; kubeconfigs for the API's and
+    the operator's identities: {"api": ..., "operator": ...}."""
     for ns in (API_NS, KEYS_NS):
         ensure_namespace(k8s, ns)
     rendered = subprocess.run(
         [helm, "template", RELEASE, str(CHART), "--namespace", API_NS,
-         "--set", "api.enabled=true", "--set", f"api.apiKeysNamespace={KEYS_NS}"],
+         "--set", "api.enabled=true", "--set", f"api.apiKeysNamespace={KEYS_NS}",
+         # The aggregated admin/edit/view rules would change what other tests' users may do.
+         "--set", "rbac.aggregateToDefaultRoles=false"],
         capture_output=True, text=True, check=True,
     ).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
-    api_docs = [d for d in docs if d["kind"] in RBAC_KINDS and d["metadata"]["labels"].get("app.kubernetes.io/component") == "api"]
-    k8s.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in api_docs))
-    sa = next(d for d in api_docs if d["kind"] == "ServiceAccount")["metadata"]["name"]
-    return k8s.kubeconfig_for_service_account(API_NS, sa, create=False)
+    k8s.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in docs if d["kind"] in RBAC_KINDS))
+    accounts = {}
+    for d in docs:
+        if d["kind"] == "Deployment":
+            component = d["metadata"]["labels"]["app.kubernetes.io/component"]
+            sa = d["spec"]["template"]["spec"]["serviceAccountName"]
+            accounts[component] = k8s.kubeconfig_for_service_account(API_NS, sa, create=False)
+    return accounts
 
 
 class ApiProcess:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from kubernetes.client import CoreV1Api
 
-from apiproc import KEYS_NS, ApiProcess, install_api_rbac
+from apiproc import KEYS_NS, ApiProcess, install_chart_identities
 from beam_operator.api import keys as keymod
 from beam_operator.api.kube import api_client
 
@@ -26,8 +26,14 @@ def helm():
 
 
 @pytest.fixture(scope="session")
-def api_kubeconfig(k8s, crd, helm):
-    return install_api_rbac(k8s, helm)
+def chart_identities(k8s, crd, helm):
+    """{"api": kubeconfig, "operator": kubeconfig} of the chart's ServiceAccounts."""
+    return install_chart_identities(k8s, helm)
+
+
+@pytest.fixture(scope="session")
+def api_kubeconfig(chart_identities):
+    return chart_identities["api"]
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,14 @@ import time
 
 import pytest
 
-from beam_devstack.operator_proc import OperatorProcess, install_chart_rbac
+from beam_devstack.operator_proc import OperatorProcess
 
 
 @pytest.fixture(scope="module")
-def operator(k8s, crd, helm, node_agent, gcs, tmp_path_factory):
+def operator(k8s, chart_identities, node_agent, gcs, tmp_path_factory):
     op = OperatorProcess(
         tmp_path_factory.mktemp("operator"),
-        kubeconfig=install_chart_rbac(k8s, helm),
+        kubeconfig=chart_identities["operator"],
         config={
             "BEAM_JOBRUNNER_IMAGE": "beam-backfill/standin-jobrunner:test",
             "BEAM_GCS_ENDPOINT": gcs.endpoints()["url"],

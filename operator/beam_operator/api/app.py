@@ -11,22 +11,21 @@ import os
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from kubernetes.client import ApiException, CoreV1Api
-import orjson
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from beam_operator.api.jobs import CancelResponse, CreateResponse, ErrorBody, Job, creation_order, job_view, public_status
 from beam_operator.api.keys import ApiKey, KeyStore
 from beam_operator.api.kube import Backfills, api_client, status_message
 from beam_operator.api.ratelimit import TokenBuckets, retry_after_header
-from fastapi.openapi.utils import get_openapi
-
 from beam_operator.model import STATUSES, TERMINAL, TIMESTAMP_RE, BackfillSpec, workflow_id
 
 PREFIX = "/api/v1/beam"
