@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 
 from . import jobs, metrics
 from .config import OperatorConfig
-from .controller import Controller, KubeApi
+from .controller import Controller, KubeApi, event_threads
 from .model import GROUP, PLURAL, VERSION
 
 FINALIZER = f"{GROUP}/cleanup"
@@ -94,7 +94,7 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     limit_malloc_arenas()  # before the controller's threads exist
     workers = int(os.environ.get("BEAM_WORKERS", "16"))
-    ctl = Controller(config, KubeApi(config, connections=workers), workers=workers)
+    ctl = Controller(config, KubeApi(config, connections=workers + event_threads(workers)), workers=workers)
     _state["controller"] = ctl
     metrics.BACKFILLS.source = ctl.count_by_status
     ctl.start()
