@@ -117,24 +117,25 @@ def transport_once(common, chunk_uri: str, topic: str, transactions: bool) -> fl
     """What `beam-jobrunner transport` does for one Kafka destination (transport.run)."""
     from beam_jobrunner.sinks import Context
     from beam_jobrunner.sinks.kafka import KafkaSink
-    from beam_jobrunner.transport import DEFAULT_BATCH_ROWS, encoded_batches, read_chunk
+    from beam_jobrunner.transport import DEFAULT_BATCH_ROWS, ChunkDownload, encoded_batches
 
     class Dest:
         type, name, bootstrap_servers, secret = "kafka", topic, None, None
 
     ctx = Context(job_id=str(uuid.uuid4()), chunk=0, dest_index=0, staging_uri=common["staging"], connect_timeout=30)
     t0 = time.perf_counter()
-    sink = KafkaSink(Dest(), ctx, transactions=transactions)
-    sink.open()
-    assert not sink.already_delivered()  # a worker asks this of every chunk: part of its cost
-    local = read_chunk(chunk_uri)
+    download = ChunkDownload(chunk_uri)
     try:
+        sink = KafkaSink(Dest(), ctx, transactions=transactions)
+        sink.open()
+        assert not sink.already_delivered()  # a worker asks this of every chunk: part of its cost
+        local = download.result()
         batches = encoded_batches(local, DEFAULT_BATCH_ROWS, as_bytes=sink.takes_bytes)
         sink.deliver(batches, lambda rows, flush: None)
         batches.close()
         sink.close()
     finally:
-        local.close()
+        download.discard()
     return local.num_rows / (time.perf_counter() - t0)
 
 

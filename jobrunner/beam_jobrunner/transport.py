@@ -18,11 +18,12 @@ from typing import Iterator
 import tempfile
 from dataclasses import dataclass
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from beam_jobrunner import serialize, storage
 from beam_jobrunner.config import Common, env, require
-from beam_jobrunner.errors import PermanentError
+from beam_jobrunner.errors import PermanentError, TransientError
 from beam_jobrunner.sinks import Batch, Context, make_sink
 
 log = logging.getLogger("beam_jobrunner.transport")
@@ -44,15 +45,49 @@ class LocalChunk:
 
 def read_chunk(uri: str) -> LocalChunk:
     """Download a staged chunk into a temporary file (TMPDIR); close() deletes it."""
-    data = storage.read_bytes(uri)
     fd, path = tempfile.mkstemp(prefix="beam-chunk-", suffix=".parquet")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        try:
+            # Streamed by Arrow's C++ (GIL released), never held whole in Python memory.
+            pafs.copy_files(storage.path_of(uri), path, source_filesystem=storage.filesystem(),
+                            destination_filesystem=pafs.LocalFileSystem())
+        except FileNotFoundError:
+            raise PermanentError(f"storage: {uri} does not exist") from None
+        except OSError as e:
+            raise TransientError(f"storage: cannot read {uri}: {e}") from None
         return LocalChunk(path, pq.read_metadata(path).num_rows)
     except BaseException:
         os.unlink(path)
         raise
+
+
+class ChunkDownload:
+    """read_chunk() started in the background, so the download overlaps connecting to the
+    destination (init_transactions, the delivery-marker lookup). result() waits for it."""
+
+    def __init__(self, uri: str) -> None:
+        self._result: LocalChunk | BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(uri,), name="download", daemon=True)
+        self._thread.start()
+
+    def _run(self, uri: str) -> None:
+        try:
+            self._result = read_chunk(uri)
+        except BaseException as e:
+            self._result = e
+
+    def result(self) -> LocalChunk:
+        self._thread.join()
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+    def discard(self) -> None:
+        """Wait for the download and delete the file; a failed download no longer matters."""
+        self._thread.join()
+        if isinstance(self._result, LocalChunk):
+            self._result.close()
 
 
 def encoded_batches(chunk: LocalChunk, batch_rows: int, prefetch: int = 2, *, as_bytes: bool = False) -> Iterator[Batch]:
@@ -148,6 +183,7 @@ def run(common: Common) -> dict:
         batch_rows = max(1, min(batch_rows, int(env("BEAM_TEST_CRASH_AFTER_ROWS"))))
     crash_hook = _crash_hook()
     metrics = _metrics()
+    download = ChunkDownload(chunk["uri"])
     local: LocalChunk | None = None
     results = []
     try:
@@ -163,7 +199,7 @@ def run(common: Common) -> dict:
                     results.append({"destination": dest.name, "type": dest.type, "rows": 0, "skipped": True})
                     continue
                 if local is None:
-                    local = read_chunk(chunk["uri"])
+                    local = download.result()
                 batches = encoded_batches(local, batch_rows, as_bytes=getattr(sink, "takes_bytes", False))
                 try:
                     nbytes = sink.deliver(batches, crash_hook)
@@ -184,6 +220,5 @@ def run(common: Common) -> dict:
             results.append({"destination": dest.name, "type": dest.type, "rows": rows, "bytes": nbytes,
                             "seconds": round(elapsed, 3)})
     finally:
-        if local is not None:
-            local.close()
+        download.discard()
     return {"chunk": index, "rows": chunk["rows"], "destinations": results}
