@@ -8,8 +8,10 @@ reconcile() for each backfill through a keyed work queue, as controller-runtime 
 - no timers or daemons per object: a delayed re-queue is an entry in one heap;
 - API calls run in a thread pool of the controller's own, one thread per worker, so the
   number of workers is the number of requests in flight (docs/operations.md);
-- only what reconcile() reads is cached: a transport Pod that succeeded says nothing the
-  Job's completedIndexes does not, so it is neither kept nor a reason to reconcile.
+- Pods are not watched: a backfill needs a Pod only for what its worker said once its Job
+  has finished (the staging result, a failure message), so the Pods of that one Job are read
+  then. A watch would send every Pod of every transport Job (20,000 for 1,000 backfills of
+  20 chunks), and kopf keeps memory per watched object until it is deleted.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, Callable
 
 from . import jobs, metrics
 from .config import OperatorConfig
-from .model import GROUP, KIND, PLURAL, VERSION
+from .model import GROUP, KIND, PLURAL, TERMINAL, VERSION
 from .reconcile import CreateJob, DeleteJob, DeleteStaged, Event, JobObs, Observed, PodObs, finalize_actions, reconcile
 
 log = logging.getLogger("beam_operator.controller")
@@ -114,25 +116,26 @@ class Controller:
             self.caches.jobs.setdefault(uid, {})[name] = JobObs.from_job(body)
         self._enqueue_uid(uid)
 
-    def on_pod(self, event_type: str | None, body: dict[str, Any]) -> None:
-        uid = (body["metadata"].get("labels") or {}).get(jobs.LABEL_JOB_ID)
-        if not uid:
+    def _needs_pods(self, uid: str) -> list[str]:
+        """Finished Jobs of this backfill whose Pods reconcile() will read but has not got."""
+        need = []
+        pods = list(self.caches.pods.get(uid, {}).values())
+        for job in self.caches.jobs.get(uid, {}).values():
+            if job.failed:
+                if not any(p.job == job.name and not p.succeeded and p.message for p in pods):
+                    need.append(job.name)
+            elif job.complete and job.phase == jobs.STAGING:
+                if not any(p.job == job.name and p.succeeded and p.message for p in pods):
+                    need.append(job.name)
+        return need
+
+    async def _read_pods(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        if (body.get("status") or {}).get("status") in TERMINAL:
             return
-        name = body["metadata"]["name"]
-        obs = None if event_type == "DELETED" else PodObs.from_pod(body)
-        if obs is not None and obs.succeeded and (body["metadata"].get("labels") or {}).get(jobs.LABEL_PHASE) == jobs.TRANSPORT:
-            # 20 chunks are 20 such Pods: caching them would cost memory and a reconcile each
-            # for nothing; the Job's completedIndexes already counts them.
-            return
-        if obs is None:
-            # Only finished Pods matter (exit code, termination message); a running one is noise.
-            if self.caches.pods.get(uid, {}).pop(name, None) is None:
-                return
-        else:
-            if self.caches.pods.get(uid, {}).get(name) == obs:
-                return
-            self.caches.pods.setdefault(uid, {})[name] = obs
-        self._enqueue_uid(uid)
+        for job_name in self._needs_pods(meta["uid"]):
+            found = await self._call(self.api.finished_pods, meta["namespace"], job_name)
+            self.caches.pods.setdefault(meta["uid"], {}).update(found)
 
     def _enqueue_uid(self, uid: str) -> None:
         key = self.caches.keys_by_uid.get(uid)
@@ -224,6 +227,7 @@ class Controller:
         body = self.caches.backfills.get(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
+        await self._read_pods(body)
         old = body.get("status") or {}
         decision = reconcile(self.observe(body), self.config)
         new = _clean(decision.status)
@@ -346,6 +350,19 @@ class KubeApi:
     def list_job_names(self, namespace: str, uid: str) -> list[str]:
         res = _drain(self.batch.list_namespaced_job(namespace, label_selector=f"{jobs.LABEL_JOB_ID}={uid}", _preload_content=False))
         return [j["metadata"]["name"] for j in json.loads(res)["items"]]
+
+    def finished_pods(self, namespace: str, job_name: str) -> dict[str, PodObs]:
+        """The finished Pods of one Job, by name: what their workers said."""
+        raw = _drain(self.core.list_namespaced_pod(
+            namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}",
+            field_selector="status.phase!=Pending,status.phase!=Running", _preload_content=False,
+        ))
+        found = {}
+        for pod in json.loads(raw)["items"]:
+            obs = PodObs.from_pod(pod)
+            if obs is not None:
+                found[pod["metadata"]["name"]] = obs
+        return found
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
         try:

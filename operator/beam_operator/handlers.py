@@ -83,11 +83,9 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
     # We record our own Events on transitions; kopf's per-handler Events would double the writes.
     settings.posting.enabled = False
     settings.networking.request_timeout = 30
-    # Filter on the server: without selectors every Job and Pod of the cluster, ours or not,
-    # would be sent to us, parsed and dropped. Pods are needed only once finished.
+    # Filter on the server: without a selector every Job of the cluster, ours or not, would be
+    # sent to us, parsed and dropped. Pods are not watched (controller.py reads the few needed).
     settings.watching.label_selectors["batch", "v1", "jobs"] = jobs.LABEL_JOB_ID
-    settings.watching.label_selectors["", "v1", "pods"] = jobs.LABEL_JOB_ID
-    settings.watching.field_selectors["", "v1", "pods"] = "status.phase!=Pending,status.phase!=Running"
     # kopf logs one "Handler succeeded" line per watch event at INFO: tens of thousands of lines
     # at scale, each costing CPU. The controller logs what matters (Jobs, transitions).
     if not log_debug():
@@ -110,9 +108,8 @@ async def cleanup(**_) -> None:
 
 
 # Indices that index nothing (None stores nothing): kopf invokes no handler until every indexed
-# resource has finished its initial list. So a restarted operator fills its caches with all
-# backfills, Jobs and Pods before the first reconcile, and cannot judge a backfill by a Job
-# whose Pod (the staging result, a failure message) it has not been sent yet.
+# resource has finished its initial list. So a restarted operator has all backfills and Jobs
+# cached before the first reconcile, and does not re-create a Job it has not been sent yet.
 @kopf.index(GROUP, VERSION, PLURAL)
 async def backfills_listed(**_) -> None:
     return None
@@ -120,11 +117,6 @@ async def backfills_listed(**_) -> None:
 
 @kopf.index("batch", "v1", "jobs", labels={jobs.LABEL_JOB_ID: kopf.PRESENT})
 async def jobs_listed(**_) -> None:
-    return None
-
-
-@kopf.index("", "v1", "pods", labels={jobs.LABEL_JOB_ID: kopf.PRESENT})
-async def pods_listed(**_) -> None:
     return None
 
 
@@ -139,10 +131,6 @@ async def backfill_event(event: kopf.RawEvent, **_) -> None:
 async def job_event(event: kopf.RawEvent, **_) -> None:
     controller().on_job(event["type"], event["object"])
 
-
-@kopf.on.event("", "v1", "pods", labels={jobs.LABEL_JOB_ID: kopf.PRESENT})
-async def pod_event(event: kopf.RawEvent, **_) -> None:
-    controller().on_pod(event["type"], event["object"])
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL)
