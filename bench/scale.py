@@ -219,12 +219,12 @@ def main() -> None:
 
 
 def wait_watching(plane: AuditedControlPlane, since: float, timeout: float = 60) -> None:
-    """Until the operator has watches open on backfills, Jobs and Pods (it may have retried a
-    429 while a fresh CRD's storage initializes): latency counts from a ready operator."""
+    """Until the operator has watches open on backfills and Jobs (it may have retried a 429
+    while a fresh CRD's storage initializes): latency counts from a ready operator."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         watching = {r for t, v, r, c in read_audit(plane.audit_log, since).times if v == "watch" and c == 200}
-        if {"beambackfills", "jobs", "pods"} <= watching:
+        if {"beambackfills", "jobs"} <= watching:
             return
         time.sleep(0.2)
     raise TimeoutError(f"the operator is not watching after {timeout:.0f}s")
