@@ -181,13 +181,15 @@ def main() -> None:
         t0 = time.perf_counter()
         local = run / "chunk.parquet"
         local.write_bytes(sink.getvalue().to_pybytes())
-        values, keys = [], []
-        cpu0 = time.process_time()
-        for v, k in serialize.parquet_batches(str(local), 50_000, as_bytes=True):
-            values += v
-            keys += k
-        encode_rate = args.rows / (time.perf_counter() - t0)
-        encode_cpu = (time.process_time() - cpu0) / args.rows * 1e6
+        encode_rate, encode_cpu = 0.0, float("inf")
+        for _ in range(3):  # best of 3: the machine is shared
+            values, keys = [], []
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            for v, k in serialize.parquet_batches(str(local), 50_000, as_bytes=True):
+                values += v
+                keys += k
+            encode_rate = max(encode_rate, args.rows / (time.perf_counter() - t0))
+            encode_cpu = min(encode_cpu, (time.process_time() - cpu0) / args.rows * 1e6)
         avg = sum(map(len, values)) / len(values)
         say(f"encode only (parquet -> JSON bytes, what transport's reader thread does): {encode_rate:,.0f} rows/s, "
             f"{encode_cpu:.2f} us CPU/row, average message {avg:.0f} bytes")
@@ -197,38 +199,42 @@ def main() -> None:
 
         admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
         meter = CpuMeter(kafka.proc.pid)
-        runs: dict[str, list[float]] = {"ceiling": [], "txn": [], "notxn": []}
-        cpu: dict[str, list[str]] = {k: [] for k in runs}
+        names = ("ceiling", "txn", "notxn")
+        runs: dict[str, list[float]] = {}
         # Round 0 warms up (JIT of the broker, transaction coordinator) and is not counted.
         for attempt in range(args.rounds + 1):
-            topics = {k: f"{k}-{attempt}-{uuid.uuid4().hex[:6]}" for k in runs}
+            topics = {k: f"{k}-{attempt}-{uuid.uuid4().hex[:6]}" for k in names}
             for t in topics.values():
                 admin.list_topics(t, timeout=30)  # auto-creates it: nobody pays for topic creation
-            rate = {}
-            with meter:
-                rate["ceiling"] = ceiling(kafka.bootstrap, topics["ceiling"], values, keys, headers)
-            cpu["ceiling"].append(meter.describe(args.rows))
-            with meter:
-                rate["txn"] = transport_once({"staging": staging}, chunk, topics["txn"], True)
-            cpu["txn"].append(meter.describe(args.rows))
-            with meter:
-                rate["notxn"] = transport_once({"staging": staging}, chunk, topics["notxn"], False)
-            cpu["notxn"].append(meter.describe(args.rows))
+            rate, cpu = {}, {}
+            for k in names:
+                with meter:
+                    if k == "ceiling":
+                        rate[k] = ceiling(kafka.bootstrap, topics[k], values, keys, headers)
+                    else:
+                        rate[k] = transport_once({"staging": staging}, chunk, topics[k], k == "txn")
+                cpu[k] = meter
+                meter = CpuMeter(kafka.proc.pid)
             top = rate["ceiling"]
             say(f"round {attempt}{' (warm-up, not counted)' if attempt == 0 else ''}: "
-                f"ceiling {rate['ceiling']:,.0f} msg/s [{cpu['ceiling'][-1]}]; "
-                f"transport txn {rate['txn']:,.0f} rows/s = {rate['txn'] / top:.2f}x [{cpu['txn'][-1]}]; "
-                f"no txn {rate['notxn']:,.0f} rows/s = {rate['notxn'] / top:.2f}x [{cpu['notxn'][-1]}]")
+                f"ceiling {top:,.0f} msg/s [{cpu['ceiling'].describe(args.rows)}]; "
+                f"transport txn {rate['txn']:,.0f} rows/s = {rate['txn'] / top:.2f}x [{cpu['txn'].describe(args.rows)}]; "
+                f"no txn {rate['notxn']:,.0f} rows/s = {rate['notxn'] / top:.2f}x [{cpu['notxn'].describe(args.rows)}]")
             if attempt == 0:
-                cpu = {k: [] for k in runs}
                 continue
-            for k, r in rate.items():
-                runs[k].append(r)
+            for k in names:
+                runs.setdefault(k, []).append(rate[k])
+                runs.setdefault(f"{k}_client_us", []).append(cpu[k].client / args.rows * 1e6)
+                runs.setdefault(f"{k}_broker_us", []).append(cpu[k].broker / args.rows * 1e6)
+                runs.setdefault(f"{k}_client_cores", []).append(cpu[k].client / cpu[k].wall)
+            for k in ("txn", "notxn"):  # what transport's CPU costs beyond the ceiling's, per row
+                runs.setdefault("extra_us", []).append((cpu[k].client - cpu["ceiling"].client) / args.rows * 1e6)
             runs.setdefault("ratio_txn", []).append(rate["txn"] / top)
             runs.setdefault("ratio_notxn", []).append(rate["notxn"] / top)
         results = {k: (statistics.median(v), min(v), max(v)) for k, v in runs.items()}
         for k, (med, lo, hi) in results.items():
             say(f"{k}: median {med:,.2f} (min {lo:,.2f}, max {hi:,.2f}) over {args.rounds} rounds")
+        results["encode_rate"], results["encode_cpu"], results["avg"] = encode_rate, encode_cpu, avg
         del values, keys
         if args.no_stage:
             return
@@ -277,38 +283,55 @@ def main() -> None:
         say(f"DuckDB COPY of the same window: {results['stage_duckdb']:,.0f} rows/s")
 
         if not args.no_write:
-            write_doc(args, results, encode_rate, avg)
+            write_doc(args, results)
     finally:
         for s in reversed(servers):
             s.stop()
 
 
-def write_doc(args, r, encode_rate, avg) -> None:
+def write_doc(args, r) -> None:
     cpu = "unknown CPU"
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+
+    def rng(k: str, fmt: str = ",.0f") -> str:
+        med, lo, hi = r[k]
+        return f"{med:{fmt}} ({lo:{fmt}}–{hi:{fmt}})"
+
+    c, e = r["ceiling_client_us"][0] + r["ceiling_broker_us"][0], r["extra_us"][0]
     section = f"""## jobrunner
 
-Command: `.venv/bin/python bench/transport.py --rows {args.rows} --stage-rows {args.stage_rows}`
-Machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}; measured {time.strftime('%Y-%m-%d')}.
-One local Apache Kafka (beam_devstack.kafka), one partition, lz4, idempotent producer; chunk read from fake-gcs-server.
-Average message {avg:.0f} bytes (20 ERC20 columns as JSON). Single run, warm second round; expect ±30 %.
+Command: `.venv/bin/python bench/transport.py --rows {args.rows} --stage-rows {args.stage_rows} --rounds {args.rounds}`
+Machine: {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}; measured {time.strftime('%Y-%m-%d')},
+while other engineers' test suites ran on the same 2 cores (load average {os.getloadavg()[0]:.1f} at the end of the run).
+One local Apache Kafka (beam_devstack.kafka, same machine), one partition, lz4, idempotent producer; chunk of
+{args.rows:,} synthetic ERC20 rows (zstd parquet) read from fake-gcs-server; average message {r['avg']:.0f} bytes.
+{args.rounds} measured rounds after a warm-up round; each round measures the ceiling, then transport with
+transactions on and off, so each ratio compares neighbours in time. Median (min–max):
 
-| measurement | rows/s | ratio to ceiling |
-|---|---|---|
-| JSON encoding alone (Arrow compute + DuckDB to_json, 1 thread) | {encode_rate:,.0f} | |
-| raw produce ceiling (same pre-serialized messages, keys, headers) | {r['ceiling']:,.0f} | 1.00 |
-| transport, transactions on (exactly-once) | {r['txn']:,.0f} | {r['txn'] / r['ceiling']:.2f} |
-| transport, transactions off | {r['notxn']:,.0f} | {r['notxn'] / r['ceiling']:.2f} |
-| stage `fetch` (fakesnow server -> Arrow -> zstd parquet -> GCS) | {r['stage_fetch']:,.0f} | |
-| DuckDB COPY of the same window to zstd parquet (local) | {r['stage_duckdb']:,.0f} | |
+| measurement | rows/s | ratio to ceiling | client CPU µs/row | broker CPU µs/row |
+|---|---|---|---|---|
+| raw produce ceiling: the same pre-encoded bytes, keys, headers, producer settings, loop | {rng('ceiling')} | 1.00 | {r['ceiling_client_us'][0]:.2f} | {r['ceiling_broker_us'][0]:.2f} |
+| transport, transactions on (exactly-once) | {rng('txn')} | {rng('ratio_txn', '.2f')} | {r['txn_client_us'][0]:.2f} | {r['txn_broker_us'][0]:.2f} |
+| transport, transactions off | {rng('notxn')} | {rng('ratio_notxn', '.2f')} | {r['notxn_client_us'][0]:.2f} | {r['notxn_broker_us'][0]:.2f} |
+| encoding alone (parquet file -> JSON bytes, one DuckDB thread, best of 3) | {r['encode_rate']:,.0f} | | {r['encode_cpu']:.2f} | |
+| stage `fetch` (fakesnow server -> Arrow -> zstd parquet -> GCS) | {r['stage_fetch']:,.0f} | | | |
+| DuckDB COPY of the same window to zstd parquet (local) | {r['stage_duckdb']:,.0f} | | | |
 
-Target: transport ≥ 0.8× the ceiling. Not met: encoding (reader thread) and producing (main
-thread, plus librdkafka's lz4 threads) share 2 cores, and encoding alone is slower than the
-produce ceiling. The machine was also running other test suites, so the ceiling itself moved
-between 93k and 297k msg/s across rounds of the same run.
+Transport's time includes everything a worker does for a chunk: init_transactions, the
+delivery-marker lookup, the download from GCS (overlapped with those two), encoding, producing,
+the commit. The ceiling excludes all of that but the produce loop and the final flush.
+
+Target ≥ 0.8× the ceiling: **{'met' if min(r['ratio_txn'][0], r['ratio_notxn'][0]) >= 0.8 else 'not met'}**. The CPU columns say why it is hard. The ceiling already spends
+about {c:.1f} µs of CPU per message (Python's produce call, librdkafka's lz4 and socket threads,
+and the broker's JVM on the same 2 cores), so at its pace it keeps both cores nearly busy.
+Transport must spend the encoding on top: its process used {e:.1f} µs more CPU per row than the
+ceiling's (median over rounds; DuckDB reads the parquet and runs to_json, pyarrow builds the
+bytes objects produce() needs). On a CPU-bound machine the
+ratio cannot exceed {c:.1f} / ({c:.1f} + {e:.1f}) = {c / (c + e):.2f}; 0.8× would need the encoding
+under {c / 4:.1f} µs per row, or a core that the broker does not share.
 
 Staging through `fetch` is bounded by fakesnow's server (it builds the whole result in one
 Arrow batch over HTTP), not by the writer; production uses `unload`, where Snowflake writes the
