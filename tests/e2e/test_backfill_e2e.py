@@ -17,9 +17,8 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
 
-from conftest import WINDOW, backfill, expected_ids, pods_of, read_topic, staged_objects
+from e2e_helpers import WINDOW, backfill, expected_ids, pods_of, read_topic, staged_objects
 
 API = "/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills/{name}"
 

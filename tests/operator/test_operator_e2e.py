@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import get_bbf, jobs_of, wait_for, wait_status
+from op_helpers import get_bbf, jobs_of, wait_for, wait_status
 
 
 def backfill(name, job_name="seed", start=0, end=4, table="base.assets.erc20_token_transfers", **spec):

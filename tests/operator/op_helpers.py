@@ -1,0 +1,41 @@
+"""Polling helpers for the operator tests (a module of its own: every test dir has a conftest)."""
+
+import time
+
+
+def get_bbf(k8s, ns, name):
+    return k8s.api("GET", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills/{name}")
+
+
+def wait_for(fn, timeout=60.0, what="condition", interval=0.2):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def wait_status(k8s, ns, name, statuses, timeout=60.0):
+    statuses = {statuses} if isinstance(statuses, str) else set(statuses)
+    seen = []
+
+    def check():
+        st = (get_bbf(k8s, ns, name).get("status") or {})
+        if not seen or seen[-1] != st.get("status"):
+            seen.append(st.get("status"))
+        return st if st.get("status") in statuses else None
+
+    try:
+        return wait_for(check, timeout, f"{ns}/{name} to be {statuses}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; statuses seen: {seen}") from None
+
+
+def jobs_of(k8s, ns, uid, phase=None):
+    sel = f"beam-backfill.dev/job-id={uid}" + (f",beam-backfill.dev/phase={phase}" if phase else "")
+    import urllib.parse
+
+    return k8s.api("GET", f"/apis/batch/v1/namespaces/{ns}/jobs?labelSelector={urllib.parse.quote(sel)}")["items"]
