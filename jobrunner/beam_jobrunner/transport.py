@@ -8,6 +8,7 @@ sink, so the sink's own loop (librdkafka's produce) is the only per-row Python w
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import queue
@@ -43,9 +44,23 @@ class LocalChunk:
             pass
 
 
-def read_chunk(uri: str) -> LocalChunk:
+def _temp_prefix(tag: str) -> str:
+    return f"beam-chunk-{tag}-" if tag else "beam-chunk-"
+
+
+def remove_stale_downloads(tag: str) -> None:
+    """Delete what an earlier attempt of this job's chunk left in TMPDIR when it was killed
+    (a Pod's restarted container may share its filesystem; the dev stack's node agent does)."""
+    for stale in glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(_temp_prefix(tag)) + "*.parquet")):
+        try:
+            os.unlink(stale)
+        except OSError:
+            pass
+
+
+def read_chunk(uri: str, tag: str = "") -> LocalChunk:
     """Download a staged chunk into a temporary file (TMPDIR); close() deletes it."""
-    fd, path = tempfile.mkstemp(prefix="beam-chunk-", suffix=".parquet")
+    fd, path = tempfile.mkstemp(prefix=_temp_prefix(tag), suffix=".parquet")
     os.close(fd)
     try:
         try:
@@ -66,14 +81,14 @@ class ChunkDownload:
     """read_chunk() started in the background, so the download overlaps connecting to the
     destination (init_transactions, the delivery-marker lookup). result() waits for it."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, tag: str = "") -> None:
         self._result: LocalChunk | BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(uri,), name="download", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(uri, tag), name="download", daemon=True)
         self._thread.start()
 
-    def _run(self, uri: str) -> None:
+    def _run(self, uri: str, tag: str) -> None:
         try:
-            self._result = read_chunk(uri)
+            self._result = read_chunk(uri, tag)
         except BaseException as e:
             self._result = e
 
@@ -183,7 +198,9 @@ def run(common: Common) -> dict:
         batch_rows = max(1, min(batch_rows, int(env("BEAM_TEST_CRASH_AFTER_ROWS"))))
     crash_hook = _crash_hook()
     metrics = _metrics()
-    download = ChunkDownload(chunk["uri"])
+    tag = f"{common.job_id}-{index}"
+    remove_stale_downloads(tag)
+    download = ChunkDownload(chunk["uri"], tag)
     local: LocalChunk | None = None
     results = []
     try:
