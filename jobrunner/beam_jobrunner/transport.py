@@ -12,12 +12,11 @@ import glob
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
-from typing import Iterator
-
-import tempfile
 from dataclasses import dataclass
+from typing import Iterator
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
