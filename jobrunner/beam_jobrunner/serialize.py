@@ -3,8 +3,8 @@
 Per-row Python (to_pylist + json.dumps) caps transport at a fraction of what the brokers take,
 so the chunk becomes JSON in one DuckDB query: the format's rules are SQL expressions (UTC
 timestamps with Z, decimals as strings, non-finite floats as null, integers beyond 2^53 as
-strings) and to_json() renders each row. DuckDB also reads the parquet file itself, which costs
-a third of what decoding it with pyarrow first does.
+strings) and to_json() renders each row. DuckDB also reads the parquet file itself, for about half
+the CPU of decoding it with pyarrow first.
 
 Why one streaming query and so little Python around it: the encoding runs in a thread beside
 the producing thread, which holds the GIL for every message it hands to librdkafka. Each time
