@@ -133,8 +133,8 @@ def test_nats_jetstream(tmp_path, source, bucket, gcs, nats, rows):
         out = []
         while True:
             try:
-                msgs = await sub.fetch(500, timeout=2)
-            except nats_py.errors.TimeoutError:
+                msgs = await sub.fetch(500, timeout=5)
+            except asyncio.TimeoutError:  # nats-py raises its own subclass or asyncio's
                 break
             for m in msgs:
                 out.append(((m.headers or {}).get("Nats-Msg-Id"), json.loads(m.data)))
