@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import sys
@@ -109,11 +108,10 @@ def _ensure_bucket(gcs_url: str) -> None:
 
 
 def _snowflake_secret(kube: _Kube, sf: dict) -> None:
-    data = {"account": sf["account"], "user": sf["user"], "password": sf["password"], "host": sf["host"], "port": str(sf["port"]),
-            "protocol": sf["protocol"], "database": "base", "schema": "assets"}
-    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SNOWFLAKE_SECRET, "namespace": NAMESPACE},
-              "type": "Opaque", "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
-    kube.kubectl("apply", "-f", "-", input=json.dumps(secret))
+    from beam_devstack.snowflake import connection_secret
+
+    secret = connection_secret(sf, name=SNOWFLAKE_SECRET)
+    kube.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(secret))
 
 
 def operator_config(state: dict) -> dict[str, str]:

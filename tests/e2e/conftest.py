@@ -3,12 +3,12 @@ the node agent, fakesnow → fake-gcs-server → Apache Kafka (and a webhook rec
 
 from __future__ import annotations
 
-import base64
 import json
 
 import pytest
 
 from beam_devstack import dataset
+from beam_devstack.snowflake import connection_secret
 from beam_devstack.operator_proc import OperatorProcess, helm_binary, install_chart_rbac, install_crd
 
 BUCKET = "beam-e2e"
@@ -62,24 +62,8 @@ def operator(k8s, node_agent, kafka, gcs, seeded, bucket, tmp_path_factory):
 @pytest.fixture
 def org(k8s, namespace, snowflake):
     """A namespace (organization) with its Snowflake Secret, as an administrator would set it up."""
-    sf = snowflake.endpoints()
-    data = {"account": sf["account"], "user": sf["user"], "password": sf["password"], "host": sf["host"],
-            "port": str(sf["port"]), "protocol": sf["protocol"], "database": "base", "schema": "assets"}
-    k8s.api("POST", f"/api/v1/namespaces/{namespace}/secrets", {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "beam-snowflake"},
-        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
-    })
+    k8s.api("POST", f"/api/v1/namespaces/{namespace}/secrets", connection_secret(snowflake.endpoints()))
     return namespace
-
-
-
-
-
-
-
-
-
-
 
 
 @pytest.fixture
@@ -92,13 +76,7 @@ def namespace_factory(k8s, snowflake, request):
     def make() -> str:
         ns = k8s.create_namespace(unique_name(f"org-{len(made)}"))
         made.append(ns)
-        sf = snowflake.endpoints()
-        data = {"account": sf["account"], "user": sf["user"], "password": sf["password"], "host": sf["host"],
-                "port": str(sf["port"]), "protocol": sf["protocol"], "database": "base", "schema": "assets"}
-        k8s.api("POST", f"/api/v1/namespaces/{ns}/secrets", {
-            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "beam-snowflake"},
-            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
-        })
+        k8s.api("POST", f"/api/v1/namespaces/{ns}/secrets", connection_secret(snowflake.endpoints()))
         return ns
 
     yield make

@@ -11,21 +11,14 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from beam_devstack.dataset import COLUMNS  # the table's schema: one definition for tests and demo
+
 TABLE = "base.assets.erc20_token_transfers"
 BUCKET = "beam-staging"
 T0 = datetime(2024, 1, 1, 0, 0, 0)
 TOKENS = [f"0x{n:040x}" for n in (0xA0B8, 0xDAC1, 0x4200, 0x833F)]
 N_ROWS = 3000
 
-COLUMNS = [
-    ("from_address", "VARCHAR"), ("to_address", "VARCHAR"), ("token_address", "VARCHAR"),
-    ("token_name", "VARCHAR"), ("token_symbol", "VARCHAR"), ("raw_amount", "FLOAT"), ("amount", "FLOAT"),
-    ("usd_amount", "FLOAT"), ("usd_exchange_rate", "FLOAT"), ("raw_amount_str", "VARCHAR"),
-    ("amount_str", "VARCHAR"), ("transaction_from_address", "VARCHAR"), ("transaction_to_address", "VARCHAR"),
-    ("transaction_hash", "VARCHAR"), ("transaction_index", "BIGINT"), ("log_index", "BIGINT"),
-    ("block_number", "BIGINT"), ("block_timestamp", "TIMESTAMP_NTZ(9)"), ("block_hash", "VARCHAR"),
-    ("unique_id", "VARCHAR"),
-]
 
 
 def make_rows(n: int = N_ROWS) -> list[dict]:
