@@ -107,19 +107,6 @@ async def cleanup(**_) -> None:
         await _state["controller"].stop()
 
 
-# Indices that index nothing (None stores nothing): kopf invokes no handler until every indexed
-# resource has finished its initial list. So a restarted operator has all backfills and Jobs
-# cached before the first reconcile, and does not re-create a Job it has not been sent yet.
-@kopf.index(GROUP, VERSION, PLURAL)
-async def backfills_listed(**_) -> None:
-    return None
-
-
-@kopf.index("batch", "v1", "jobs", labels={jobs.LABEL_JOB_ID: kopf.PRESENT})
-async def jobs_listed(**_) -> None:
-    return None
-
-
 # async: kopf runs a plain function in a thread pool, a thread hop per watch event, and the
 # controller's queue belongs to the event loop's thread.
 @kopf.on.event(GROUP, VERSION, PLURAL)
