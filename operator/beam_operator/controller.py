@@ -116,7 +116,7 @@ class Controller:
             self.caches.jobs.setdefault(uid, {})[name] = JobObs.from_job(body)
         self._enqueue_uid(uid)
 
-    def _needs_pods(self, uid: str) -> list[str]:
+    def _needs_pods(self, uid: str, status: str) -> list[str]:
         """Finished Jobs of this backfill whose Pods reconcile() will read but has not got."""
         need = []
         pods = list(self.caches.pods.get(uid, {}).values())
@@ -124,16 +124,19 @@ class Controller:
             if job.failed:
                 if not any(p.job == job.name and not p.succeeded and p.message for p in pods):
                     need.append(job.name)
-            elif job.complete and job.phase == jobs.STAGING:
+            elif job.complete and job.phase == jobs.STAGING and status in ("", "staging"):
+                # Once transporting, the chunk count is in the status: a restarted operator
+                # must not read 1,000 staging Pods again.
                 if not any(p.job == job.name and p.succeeded and p.message for p in pods):
                     need.append(job.name)
         return need
 
     async def _read_pods(self, body: dict[str, Any]) -> None:
         meta = body["metadata"]
-        if (body.get("status") or {}).get("status") in TERMINAL:
+        status = (body.get("status") or {}).get("status") or ""
+        if status in TERMINAL:
             return
-        for job_name in self._needs_pods(meta["uid"]):
+        for job_name in self._needs_pods(meta["uid"], status):
             found = await self._call(self.api.finished_pods, meta["namespace"], job_name)
             self.caches.pods.setdefault(meta["uid"], {}).update(found)
 
