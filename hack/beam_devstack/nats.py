@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
-from beam_devstack.proc import ManagedProcess, free_port, progress
+from beam_devstack.proc import ManagedProcess, free_port, progress, start_ready
 
 READY_TIMEOUT = 30.0
 
@@ -51,20 +50,15 @@ class Nats:
         binary = ensure_installed()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.port, self.monitor_port = free_port(), free_port()
-        t0 = time.monotonic()
-        self.proc = ManagedProcess(
+        self.proc = start_ready(
             "nats-server",
             [binary, "-js", "-a", "127.0.0.1", "-p", self.port, "-sd", self.run_dir / "js",
              # The monitoring port gives a readiness probe that also reports JetStream's state.
              "-m", self.monitor_port, "-l", self.run_dir / "nats-server.log"],
-            log_path=self.run_dir / "stdout.log", detach=self.detach, pid_dir=self.pid_dir,
-        ).start()
-        try:
-            self.proc.wait_ready(self._jetstream_ready, READY_TIMEOUT, "serving JetStream")
-        except BaseException:
-            self.stop()
-            raise
-        progress("nats", f"nats-server ready on {self.url} in {time.monotonic() - t0:.1f}s")
+            log_path=self.run_dir / "stdout.log", checks=[(self._jetstream_ready, "serving JetStream")],
+            timeout=READY_TIMEOUT, component="nats", describe=f"nats-server ready on {self.url}",
+            detach=self.detach, pid_dir=self.pid_dir,
+        )
         return self
 
     def _jetstream_ready(self) -> bool:

@@ -135,6 +135,33 @@ class ManagedProcess:
             (self.pid_dir / f"{self.name}.pid").unlink(missing_ok=True)
 
 
+def start_ready(
+    name: str,
+    argv: Sequence[str],
+    *,
+    log_path: Path,
+    checks: Sequence[tuple[Callable[[], bool], str]],
+    timeout: float,
+    component: str,
+    describe: str,
+    detach: bool = False,
+    pid_dir: Path | None = None,
+) -> ManagedProcess:
+    """Start a server and wait until each readiness check passes in turn; on any failure (or
+    interrupt) stop it before raising, so a half-started server is never left behind. Prints
+    `<describe> in <seconds>` when ready."""
+    t0 = time.monotonic()
+    proc = ManagedProcess(name, argv, log_path=log_path, detach=detach, pid_dir=pid_dir).start()
+    try:
+        for check, what in checks:
+            proc.wait_ready(check, timeout, what)
+    except BaseException:
+        proc.stop()
+        raise
+    progress(component, f"{describe} in {time.monotonic() - t0:.1f}s")
+    return proc
+
+
 def kill_group(pid: int, grace: float = 10.0, popen: subprocess.Popen | None = None) -> None:
     """SIGTERM the process group, then SIGKILL it after `grace` seconds."""
     try:

@@ -10,10 +10,9 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from beam_devstack.proc import ManagedProcess, free_port, port_open, progress
+from beam_devstack.proc import ManagedProcess, free_port, port_open, progress, start_ready
 
 READY_TIMEOUT = 60.0
 ACCOUNT, USER, PASSWORD = "fakesnow", "fake", "snow"
@@ -62,19 +61,14 @@ class FakeSnowflake:
         ensure_installed()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        t0 = time.monotonic()
-        self.proc = ManagedProcess(
+        self.proc = start_ready(
             "fakesnow",
             [sys.executable, "-m", "fakesnow", "-s", "-p", self.port, "--host", "127.0.0.1"],
-            log_path=self.run_dir / "fakesnow.log", detach=self.detach, pid_dir=self.pid_dir,
-        ).start()
-        try:
-            self.proc.wait_ready(lambda: port_open(self.port), READY_TIMEOUT, "listening")
-            self.proc.wait_ready(self._answers_sql, READY_TIMEOUT, "answering SQL")
-        except BaseException:
-            self.stop()
-            raise
-        progress("snowflake", f"fakesnow ready on 127.0.0.1:{self.port} in {time.monotonic() - t0:.1f}s")
+            log_path=self.run_dir / "fakesnow.log",
+            checks=[(lambda: port_open(self.port), "listening"), (self._answers_sql, "answering SQL")],
+            timeout=READY_TIMEOUT, component="snowflake", describe=f"fakesnow ready on 127.0.0.1:{self.port}",
+            detach=self.detach, pid_dir=self.pid_dir,
+        )
         return self
 
     def _answers_sql(self) -> bool:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
-from beam_devstack.proc import ManagedProcess, free_port, progress
+from beam_devstack.proc import ManagedProcess, free_port, progress, start_ready
 
 REGION = "us-east-1"
 READY_TIMEOUT = 60.0
@@ -48,19 +47,14 @@ class Sns:
         ensure_installed()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        t0 = time.monotonic()
-        self.proc = ManagedProcess(
+        self.proc = start_ready(
             "moto-server",
             # The interpreter that runs us has moto; a bare `moto_server` on PATH may be another.
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", self.port],
-            log_path=self.run_dir / "moto.log", detach=self.detach, pid_dir=self.pid_dir,
-        ).start()
-        try:
-            self.proc.wait_ready(self._answers, READY_TIMEOUT, "answering")
-        except BaseException:
-            self.stop()
-            raise
-        progress("sns", f"moto (SNS, SQS) ready on {self.url} in {time.monotonic() - t0:.1f}s")
+            log_path=self.run_dir / "moto.log", checks=[(self._answers, "answering")],
+            timeout=READY_TIMEOUT, component="sns", describe=f"moto (SNS, SQS) ready on {self.url}",
+            detach=self.detach, pid_dir=self.pid_dir,
+        )
         return self
 
     def _answers(self) -> bool:
