@@ -72,18 +72,10 @@ def list_files(prefix_uri: str) -> list[tuple[str, int]]:
 
 
 def delete_staged(staging_uri: str) -> int:
-    """Delete every object under a job's staging prefix; return how many were deleted.
+    """Delete every object under a job's staging prefix (see cleanup.py)."""
+    from beam_jobrunner.cleanup import delete_staged as delete
 
-    Refuses a bucket root or a one-segment prefix: a misconfigured URI must not wipe a bucket.
-    """
-    path = path_of(staging_uri).strip("/")
-    if len([p for p in path.split("/") if p]) < 3:
-        raise PermanentError(f"cleanup: refusing to delete {staging_uri!r}: expected gs://<bucket>/<prefix>/<namespace>/<job_id>/")
-    files = list_files(staging_uri.rstrip("/") + "/")
-    fs = filesystem()
-    for uri, _ in files:
-        fs.delete_file(path_of(uri))
-    return len(files)
+    return delete(staging_uri)
 
 
 def write_json(uri: str, obj) -> None:

@@ -135,8 +135,12 @@ def test_empty_window_and_cleanup(tmp_path, source, bucket, gcs):
         assert n >= 3  # chunks + manifest
         assert storage.delete_staged(other.staging) == n
         assert storage.list_files(other.staging) == []
-        with pytest.raises(PermanentError):
+        with pytest.raises(PermanentError, match="refusing to delete"):
             storage.delete_staged(f"gs://{bucket}/backfills/")
+        with pytest.raises(PermanentError, match="not a gs:// URI"):
+            storage.delete_staged(f"/{bucket}/backfills/ns/uid/")
+        # A second cleanup of the same prefix finds nothing and succeeds (a retried finalizer).
+        assert storage.delete_staged(other.staging) == 0
     finally:
         del os.environ["STORAGE_EMULATOR_HOST"]
         storage.filesystem.cache_clear()
