@@ -16,7 +16,7 @@ from prometheus_client import start_http_server
 
 from . import jobs, metrics
 from .config import OperatorConfig
-from .controller import Controller, KubeApi, event_threads
+from .controller import Controller, KubeApi, api_threads, event_threads
 from .model import GROUP, PLURAL, VERSION
 
 FINALIZER = f"{GROUP}/cleanup"
@@ -83,6 +83,13 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
     # We record our own Events on transitions; kopf's per-handler Events would double the writes.
     settings.posting.enabled = False
     settings.networking.request_timeout = 30
+    # Memory at a full list (start-up, or after kube-apiserver restarted): unpaged, the list of
+    # every Job arrives as one response parsed at once, and each object's kopf worker keeps its
+    # last full body for `idle_timeout` (5 s by default) after handling it, so all ~3,000
+    # bodies of 1,000 backfills were alive together (+60 MB, docs/benchmarks.md). Our handlers
+    # only copy a few fields into the controller's cache, so workers may exit sooner.
+    settings.watching.chunk_size = int(os.environ.get("BEAM_LIST_CHUNK_SIZE", "200")) or None
+    settings.queueing.idle_timeout = float(os.environ.get("BEAM_KOPF_IDLE_SECONDS", "0.5"))
     # Filter on the server: without a selector every Job of the cluster, ours or not, would be
     # sent to us, parsed and dropped. Pods are not watched (controller.py reads the few needed).
     settings.watching.label_selectors["batch", "v1", "jobs"] = jobs.LABEL_JOB_ID
@@ -92,7 +99,7 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     limit_malloc_arenas()  # before the controller's threads exist
     workers = int(os.environ.get("BEAM_WORKERS", "16"))
-    ctl = Controller(config, KubeApi(config, connections=workers + event_threads(workers)), workers=workers)
+    ctl = Controller(config, KubeApi(config, connections=api_threads(workers) + event_threads(workers)), workers=workers)
     _state["controller"] = ctl
     metrics.BACKFILLS.source = ctl.count_by_status
     ctl.start()
