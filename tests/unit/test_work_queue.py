@@ -1,0 +1,56 @@
+"""The controller's work queue: order, coalescing and busy keys, without a cluster.
+
+No API call is made here: only Controller._next and enqueue run, on caches filled by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from beam_operator.config import OperatorConfig
+from beam_operator.controller import Controller
+
+
+def _controller() -> Controller:
+    return Controller(OperatorConfig(), api=None, workers=1)  # type: ignore[arg-type]
+
+
+def _backfill(ctl: Controller, name: str, status: str | None) -> tuple[str, str]:
+    body = {"metadata": {"namespace": "ns", "name": name, "uid": f"uid-{name}"}, "spec": {}}
+    if status:
+        body["status"] = {"status": status}
+    ctl.on_backfill("ADDED", body)
+    return ("ns", name)
+
+
+def _drain(ctl: Controller, n: int) -> list[str]:
+    async def take() -> list[str]:
+        return [(await asyncio.wait_for(ctl._next(), 1))[1] for _ in range(n)]
+
+    return asyncio.run(take())
+
+
+def test_new_backfills_go_before_work_under_way():
+    ctl = _controller()
+    # Arrival order: two under way, then two new, then one more under way.
+    _backfill(ctl, "old-1", "transporting")
+    _backfill(ctl, "old-2", "staging")
+    _backfill(ctl, "new-1", None)
+    _backfill(ctl, "new-2", None)
+    _backfill(ctl, "old-3", "transporting")
+    assert _drain(ctl, 5) == ["new-1", "new-2", "old-1", "old-2", "old-3"]
+
+
+def test_events_for_a_queued_key_coalesce_and_a_busy_key_waits():
+    ctl = _controller()
+    a = _backfill(ctl, "a", "transporting")
+    _backfill(ctl, "b", "transporting")
+    ctl.enqueue(a)
+    ctl.enqueue(a)  # already due: no second entry
+    assert _drain(ctl, 2) == ["a", "b"]
+    ctl._busy.add(a)
+    ctl.enqueue(a)
+    c = _backfill(ctl, "c", "transporting")
+    # a is being reconciled: it is set aside (again after its worker ends), c comes out.
+    assert _drain(ctl, 1) == ["c"]
+    assert a in ctl._again and c not in ctl._due
