@@ -33,6 +33,7 @@ def main() -> None:
     add("final status", lambda r: ", ".join(f"{k} {v}" for k, v in r["final_status"].items()) + f"; stuck {r['stuck_count']}")
     add("total time, first create to last completed", lambda r: f"{r['total_s']:.0f} s")
     add("apply → staging Job created, p50 / p99", lambda r: f"{r['latency_apply_to_staging_job_s']['p50']:.2f} s / {r['latency_apply_to_staging_job_s']['p99']:.2f} s")
+    add("apply → staging Job created, apiserver's clock (audit log), p50 / p99", lambda r: f"{r['latency_apply_to_staging_job_apiserver_s']['p50']:.2f} s / {r['latency_apply_to_staging_job_apiserver_s']['p99']:.2f} s" if "latency_apply_to_staging_job_apiserver_s" in r else "")
     add("transport Job finished → `completed` written, p50 / p99", lambda r: f"{r['latency_transport_done_to_completed_s']['p50']:.2f} s / {r['latency_transport_done_to_completed_s']['p99']:.2f} s")
     add("operator peak RSS (VmHWM)", lambda r: f"{r['operator']['peak_rss_mb']:.0f} MB")
     add("operator CPU (user + system)", lambda r: f"{r['operator']['cpu_s']:.0f} s")
