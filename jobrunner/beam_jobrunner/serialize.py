@@ -1,160 +1,216 @@
 """Rows of a parquet chunk -> JSON messages, vectorized (see docs/message-format.md).
 
 Per-row Python (to_pylist + json.dumps) caps transport at a fraction of what the brokers take,
-so the chunk becomes JSON in one DuckDB query: the format's rules are SQL expressions (UTC
-timestamps with Z, decimals as strings, non-finite floats as null, integers beyond 2^53 as
-strings) and to_json() renders each row. DuckDB also reads the parquet file itself, for about half
-the CPU of decoding it with pyarrow first.
+so each batch becomes JSON in polars: the format's rules are column expressions (UTC timestamps
+with Z, decimals as strings, non-finite floats as null, integers beyond 2^53 as strings) and one
+pl.format() writes every row's text from the rendered columns. Measured on the benchmark's
+1M-row chunk (docs/benchmarks.md, "jobrunner"): 1.85 us of CPU per row from the parquet file to
+Python bytes, against 2.8 for DuckDB's to_json(struct_pack()) and 2.6 for DuckDB string
+concatenation; polars also decodes the parquet file in half of pyarrow's CPU.
 
-Why one streaming query and so little Python around it: the encoding runs in a thread beside
-the producing thread, which holds the GIL for every message it hands to librdkafka. Each time
-the encoder leaves C code it has to win the GIL back, which can take a switch interval (5 ms);
-per-column Arrow compute calls did that ~100 times per batch and halved the encoder's speed.
-A streaming query releases the GIL once per batch.
+Strings are pasted between quotes as they are unless they need JSON escaping, which costs about
+as much as everything else together when done on every value. Whether they need it is checked
+per batch with what is cheap: a memchr2 search for `"` and `\\` in the string columns, and the
+smallest byte of the rendered text for control characters. Only a column that fails gets
+escaped (by polars' JSON encoder).
 
-The Kafka sink gets UTF-8 bytes (what the producer copies as is; building them from Arrow
-costs less than building str), the other sinks get str.
+Why so few calls per batch: the encoding runs in a thread beside the producing thread, which
+holds the GIL for every message it hands to librdkafka. Each time the encoder leaves native code
+it has to win the GIL back, which can take a switch interval (5 ms); per-column calls did that
+~100 times per batch and halved the encoder's speed. Polars releases the GIL inside select().
+
+The Kafka sink gets UTF-8 bytes (what the producer copies as is; they cost less to build than
+str), the other sinks get str.
 """
 
 from __future__ import annotations
 
-import threading
+import json
+import os
 from typing import Iterator
 
-import duckdb
-import pyarrow as pa
+# The producing thread and librdkafka need the other core: polars' pool is sized at import.
+os.environ.setdefault("POLARS_MAX_THREADS", "1")
+
+import polars as pl  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 
 MAX_SAFE_INT = 2**53 - 1
 KEY_COLUMN = "unique_id"
-
-_local = threading.local()
-
-
-def _con() -> duckdb.DuckDBPyConnection:
-    # A DuckDB connection is not safe to share between threads; one per thread, reused.
-    con = getattr(_local, "con", None)
-    if con is None:
-        con = _local.con = duckdb.connect()
-        con.execute("SET threads TO 1")  # the producing thread and librdkafka need the other core
-    return con
+QUOTE_OR_BACKSLASH = r'["\\]'  # a two-byte class: the regex engine scans it with memchr2
+NEEDS_ESCAPE = r'[\x00-\x1f"\\]'
+WHOLE_SECONDS, WITH_MICROS = "%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S%.6fZ"
 
 
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+def _literal(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")  # pl.format() reads "{}" as a placeholder
 
 
-def _timestamp_sql(src: str, t: pa.TimestampType) -> str:
-    # Whole seconds without a fraction, anything else with 6 digits (microsecond precision).
-    # tz-aware values are UTC instants: rebuilt from epoch micros as naive timestamps, since
-    # DuckDB would format a TIMESTAMPTZ in the session's zone. Nanoseconds are truncated
-    # toward zero (`//` on BIGINT), as an Arrow cast to microseconds does.
-    if t.unit == "us" and not t.tz:
-        ts, micros = src, f"epoch_us({src})"
-    else:
-        micros = f"(epoch_ns({src}) // 1000)" if t.unit == "ns" else f"epoch_us({src})"
-        ts = f"make_timestamp({micros})"
-    return (f"CASE WHEN {micros} % 1000000 = 0 THEN strftime({ts}, '%Y-%m-%dT%H:%M:%SZ') "
-            f"ELSE strftime({ts}, '%Y-%m-%dT%H:%M:%S.%fZ') END")
+def _micros(c: pl.Expr, dt: pl.Datetime, negative_ns: bool) -> pl.Expr:
+    if dt.time_unit != "ns" or not negative_ns:
+        return c.dt.epoch("us")
+    # Nanoseconds are truncated toward zero, as an Arrow cast to microseconds does; polars' // floors.
+    ns = c.dt.epoch("ns")
+    return ns // 1000 + ((ns < 0) & (ns % 1000 != 0)).cast(pl.Int64)
 
 
-def _columns(schema: pa.Schema) -> list[tuple[str, str, tuple[str, str] | None]]:
-    """(output name, SQL that renders the column, optional (check, rule)) for each column.
-
-    A check counts the rows that need a per-value rule (non-finite floats, integers past 2^53);
-    the rule's CASE costs time on every row, so it is only applied when some row needs it.
-    """
+def _checks(schema: pl.Schema) -> list[pl.Expr]:
+    """Per batch: which columns need a rule that costs time on every row."""
     out = []
-    for field in schema:
-        name, t, src = field.name.lower(), field.type, _q(field.name)
-        expr, check = src, None
-        if pa.types.is_timestamp(t):
-            expr = _timestamp_sql(src, t)
-        elif pa.types.is_date(t):
-            expr = f"strftime({src}::DATE, '%Y-%m-%d')"
-        elif pa.types.is_decimal(t):
-            expr = f"{src}::VARCHAR"  # exact digits: a JSON number would be rounded to a double
-        elif pa.types.is_floating(t):
-            check = (f"count(*) FILTER (WHERE NOT isfinite({src}))", f"CASE WHEN isfinite({src}) THEN {src} END")
-        elif pa.types.is_int64(t) or pa.types.is_uint64(t):
-            big = f"{src} > {MAX_SAFE_INT} OR {src} < -{MAX_SAFE_INT}"
-            check = (f"count(*) FILTER (WHERE {big})", f"CASE WHEN {big} THEN to_json({src}::VARCHAR) ELSE to_json({src}) END")
-        elif pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
-            expr = f"to_base64({src}::BLOB)"
-        out.append((name, expr, check))
+    for name, dt in schema.items():
+        c = pl.col(name)
+        out.append(c.null_count().alias(f"nulls:{name}"))
+        if dt.is_float():
+            out.append((~c.is_finite()).any().alias(f"rule:{name}"))
+        elif dt in (pl.Int64, pl.UInt64):
+            out.append(((c > MAX_SAFE_INT) | (c < -MAX_SAFE_INT)).any().alias(f"rule:{name}"))
+        elif isinstance(dt, pl.Datetime):
+            out.append((c.dt.epoch("us") % 1_000_000 != 0).any().alias(f"rule:{name}"))
+            out.append((c.dt.epoch("ns") < 0).any().alias(f"neg:{name}"))
+        elif dt == pl.Time:
+            out.append((c.cast(pl.Int64) % 1_000_000_000 != 0).any().alias(f"rule:{name}"))
     return out
 
 
-def render_sql(schema: pa.Schema, source: str, con: duckdb.DuckDBPyConnection) -> str:
-    """The query that turns `source` (rows with `schema`) into (v: JSON text, k: key)."""
-    cols = _columns(schema)
-    checks = [c for c in cols if c[2] is not None]
-    needed: set[str] = set()
-    if checks:
-        counts = con.sql(f"SELECT {', '.join(c[2][0] for c in checks)} FROM {source}").fetchall()[0]
-        needed = {name for (name, _, _), n in zip(checks, counts) if n}
-    select = []
-    for name, expr, check in cols:
-        if name in needed:
-            expr = check[1]
-        select.append(f"{_q(name)} := {expr}")
-    key = next((f"{_q(f.name)}::VARCHAR" for f in schema if f.name.lower() == KEY_COLUMN), "NULL::VARCHAR")
-    return f"SELECT to_json(struct_pack({', '.join(select)}))::VARCHAR AS v, {key} AS k FROM {source}"
+def _column(c: pl.Expr, dt: pl.DataType, rule: bool, negative: bool, escape: bool) -> tuple[pl.Expr, bool]:
+    """(text of the value, whether the format puts it between quotes)."""
+    if dt in (pl.String, pl.Categorical) or isinstance(dt, pl.Enum):
+        if escape:  # {"a":<JSON string>} -> <JSON string>
+            return pl.struct(c.cast(pl.String).alias("a")).struct.json_encode().str.slice(5).str.head(-1), False
+        return c.cast(pl.String), True
+    if dt.is_float():
+        f = c.cast(pl.Float64)  # a float32 is sent as the float64 it equals
+        return (pl.when(f.is_finite()).then(f) if rule else f).cast(pl.String), False
+    if dt in (pl.Int64, pl.UInt64) and rule:
+        s = c.cast(pl.String)
+        return pl.when((c > MAX_SAFE_INT) | (c < -MAX_SAFE_INT)).then(pl.format('"{}"', s)).otherwise(s), False
+    if dt.is_integer() or dt == pl.Boolean:
+        return c.cast(pl.String), False
+    if isinstance(dt, pl.Datetime):
+        if dt.time_zone or dt.time_unit != "us":  # UTC instants, naive, in microseconds
+            us = _micros(c, dt, negative)
+            c = pl.from_epoch(us, "us")
+            whole = us % 1_000_000 == 0
+        else:
+            whole = c.dt.epoch("us") % 1_000_000 == 0
+        if not rule:
+            return c.dt.strftime(WHOLE_SECONDS), True
+        return pl.when(whole).then(c.dt.strftime(WHOLE_SECONDS)).otherwise(c.dt.strftime(WITH_MICROS)), True
+    if dt == pl.Date:
+        return c.dt.strftime("%Y-%m-%d"), True
+    if dt == pl.Time:
+        if not rule:
+            return c.dt.strftime("%H:%M:%S"), True
+        return pl.when(c.cast(pl.Int64) % 1_000_000_000 == 0).then(c.dt.strftime("%H:%M:%S")).otherwise(c.dt.strftime("%H:%M:%S%.6f")), True
+    if isinstance(dt, pl.Decimal):
+        return c.cast(pl.String), True  # exact digits: a JSON number would be rounded to a double
+    if dt == pl.Binary:
+        return c.bin.encode("base64"), True
+    if dt == pl.Null:
+        return pl.lit("null"), False
+    # Anything else (nested types do not occur in a flat Snowflake table): polars' own JSON.
+    return pl.struct(c.alias("a")).struct.json_encode().str.slice(5).str.head(-1), False
 
 
-def _sql_string(s: str) -> str:
-    return "'" + s.replace("'", "''") + "'"
+def render(df: pl.DataFrame, escape: frozenset[str] = frozenset()) -> pl.Expr:
+    """The expression that turns each row of df into its JSON text; `escape`: string columns
+    whose values need JSON escaping (the others are pasted between quotes as they are)."""
+    stats = df.select(_checks(df.schema)).row(0, named=True) if df.width else {}
+    fmt, args = "", []
+    for i, (name, dt) in enumerate(df.schema.items()):
+        lead = ("{" if i == 0 else ",") + json.dumps(name.lower(), ensure_ascii=False) + ":"
+        expr, quoted = _column(pl.col(name), dt, bool(stats.get(f"rule:{name}")), bool(stats.get(f"neg:{name}")),
+                               name in escape)
+        if stats[f"nulls:{name}"]:
+            if quoted:
+                expr, quoted = pl.format('"{}"', expr), False
+            expr = expr.fill_null("null")
+        fmt += _literal(lead) + ('"{}"' if quoted else "{}")
+        args.append(expr)
+    if not args:
+        return pl.lit("{}")
+    return pl.format(fmt + "}}", *args)
 
 
-def _decimals_beyond_duckdb(schema: pa.Schema) -> bool:
-    # DuckDB's DECIMAL stops at 38 digits (it would read wider ones as DOUBLE); Snowflake's
-    # NUMBER does too, so this only guards files written by something else.
+def _has_control_bytes(text: pl.Series) -> bool:
+    """Whether any rendered row may hold a raw byte below 0x20 (conservative: it may say yes
+    for bytes no row uses). Reads polars' buffers in place: no copy, one SIMD min per buffer."""
+    if text.len() == 0:
+        return False
+    if text.str.len_bytes().min() <= 12:
+        return True  # short strings sit inside the views, not in the data buffers checked below
+    arr = text.to_arrow(compat_level=pl.CompatLevel.newest())
+    for chunk in arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]:
+        for buf in chunk.buffers()[2:]:
+            if buf is not None and buf.size and pc.min(pa.Array.from_buffers(pa.uint8(), buf.size, [None, buf])).as_py() < 0x20:
+                return True
+    return False
+
+
+def encode_frame(df: pl.DataFrame) -> tuple[pl.Series, pl.Series]:
+    """JSON text of every row of df and its key (unique_id as text, or null), as polars Series."""
+    strings = [n for n, dt in df.schema.items() if dt in (pl.String, pl.Categorical) or isinstance(dt, pl.Enum)]
+    key_col = next((n for n in df.columns if n.lower() == KEY_COLUMN), None)
+    key = pl.col(key_col).cast(pl.String) if key_col else pl.lit(None, pl.String)
+    escape: frozenset[str] = frozenset()
+    if strings:
+        flags = df.select(pl.col(n).cast(pl.String).str.contains(QUOTE_OR_BACKSLASH).any() for n in strings).row(0)
+        escape = frozenset(n for n, f in zip(strings, flags) if f)
+    out = df.select(v=render(df, escape), k=key)
+    if len(escape) < len(strings) and _has_control_bytes(out["v"]):
+        flags = df.select(pl.col(n).cast(pl.String).str.contains(NEEDS_ESCAPE).any() for n in strings).row(0)
+        escape = frozenset(n for n, f in zip(strings, flags) if f)
+        out = df.select(v=render(df, escape), k=key)
+    return out["v"], out["k"]
+
+
+def _as_lists(values: pl.Series, keys: pl.Series, as_bytes: bool) -> tuple[list, list]:
+    if as_bytes:  # a view cast; bytes need no UTF-8 validation, so they are made faster than str
+        values, keys = values.cast(pl.Binary), keys.cast(pl.Binary)
+    return values.to_list(), keys.to_list()
+
+
+def _wide_decimals(schema: pa.Schema) -> bool:
+    # Snowflake's NUMBER stops at 38 digits; wider decimals only come from files written by
+    # something else, and go through pyarrow as strings.
     return any(pa.types.is_decimal(f.type) and f.type.precision > 38 for f in schema)
 
 
-def _as_lists(values, keys, as_bytes: bool) -> tuple[list, list]:
-    if as_bytes:  # a zero-copy view; bytes need no UTF-8 validation, so they are made faster than str
-        values, keys = values.cast(pa.binary()), keys.cast(pa.binary())
-    return values.to_pylist(), keys.to_pylist()
+def _frame(table: pa.Table) -> pl.DataFrame:
+    for i, f in enumerate(table.schema):
+        if pa.types.is_decimal(f.type) and f.type.precision > 38:
+            table = table.set_column(i, f.name, table.column(i).cast(pa.string()))
+    return pl.from_arrow(table)
 
 
 def parquet_batches(path: str, batch_rows: int, *, as_bytes: bool = False) -> Iterator[tuple[list, list]]:
-    """(values, keys) of a local parquet file, batch_rows at a time, in row order."""
+    """(values, keys) of a local parquet file, at most batch_rows at a time, in row order.
+
+    Decoded one row group at a time (staged chunks have 65,536-row groups, see stage.py), so
+    memory holds one row group's columns and one batch's JSON.
+    """
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(path)
-    if _decimals_beyond_duckdb(schema):
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
-            yield _as_lists(*encode_arrow(pa.Table.from_batches([rb])), as_bytes)
-        return
-    con = _con()
-    reader = con.sql(render_sql(schema, f"read_parquet({_sql_string(path)})", con)).to_arrow_reader(batch_rows)
-    try:
-        for rb in reader:
-            yield _as_lists(rb.column(0), rb.column(1), as_bytes)
-    finally:
-        reader.close()
-
-
-def encode_arrow(table: pa.Table) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
-    """JSON text of every row of an in-memory table and its key (unique_id, or null), as Arrow strings."""
-    if _decimals_beyond_duckdb(table.schema):
-        for i, f in enumerate(table.schema):
-            if pa.types.is_decimal(f.type) and f.type.precision > 38:
-                table = table.set_column(i, f.name, table.column(i).cast(pa.string()))
-    con = _con()
-    con.register("batch", table)
-    try:
-        out = con.sql(render_sql(table.schema, "batch", con)).to_arrow_table()
-    finally:
-        con.unregister("batch")
-    return out.column("v"), out.column("k")
+    with pq.ParquetFile(path) as meta:
+        wide = _wide_decimals(meta.schema_arrow)
+        first = 0
+        for g in range(meta.metadata.num_row_groups):
+            n = meta.metadata.row_group(g).num_rows
+            if wide:
+                df = _frame(meta.read_row_group(g, use_threads=False))
+            else:  # slicing on a row group's bounds decodes that group only
+                df = pl.scan_parquet(path).slice(first, n).collect()
+            first += n
+            for start in range(0, n, batch_rows):
+                yield _as_lists(*encode_frame(df.slice(start, batch_rows)), as_bytes)
 
 
 def encode_bytes(table: pa.Table) -> tuple[list[bytes], list[bytes | None]]:
     """JSON of every row and its key as UTF-8 bytes, what a Kafka producer sends as is."""
-    return _as_lists(*encode_arrow(table), True)
+    return _as_lists(*encode_frame(_frame(table)), True)
 
 
 def encode(table: pa.Table) -> tuple[list[str], list[str | None]]:
     """JSON text of every row and its Kafka key (unique_id), in row order, as Python lists."""
-    return _as_lists(*encode_arrow(table), False)
+    return _as_lists(*encode_frame(_frame(table)), False)
