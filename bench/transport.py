@@ -316,7 +316,7 @@ transactions on and off, so each ratio compares neighbours in time. Median (min�
 | raw produce ceiling: the same pre-encoded bytes, keys, headers, producer settings, loop | {rng('ceiling')} | 1.00 | {r['ceiling_client_us'][0]:.2f} | {r['ceiling_broker_us'][0]:.2f} |
 | transport, transactions on (exactly-once) | {rng('txn')} | {rng('ratio_txn', '.2f')} | {r['txn_client_us'][0]:.2f} | {r['txn_broker_us'][0]:.2f} |
 | transport, transactions off | {rng('notxn')} | {rng('ratio_notxn', '.2f')} | {r['notxn_client_us'][0]:.2f} | {r['notxn_broker_us'][0]:.2f} |
-| encoding alone (parquet file -> JSON bytes, one DuckDB thread, best of 3) | {r['encode_rate']:,.0f} | | {r['encode_cpu']:.2f} | |
+| encoding alone (parquet file -> JSON bytes, one polars thread, best of 3) | {r['encode_rate']:,.0f} | | {r['encode_cpu']:.2f} | |
 | stage `fetch` (fakesnow server -> Arrow -> zstd parquet -> GCS) | {r['stage_fetch']:,.0f} | | | |
 | DuckDB COPY of the same window to zstd parquet (local) | {r['stage_duckdb']:,.0f} | | | |
 
@@ -328,7 +328,7 @@ Target ≥ 0.8× the ceiling: **{'met' if min(r['ratio_txn'][0], r['ratio_notxn'
 about {c:.1f} µs of CPU per message (Python's produce call, librdkafka's lz4 and socket threads,
 and the broker's JVM on the same 2 cores), so at its pace it keeps both cores nearly busy.
 Transport must spend the encoding on top: its process used {e:.1f} µs more CPU per row than the
-ceiling's (median over rounds; DuckDB reads the parquet and runs to_json, pyarrow builds the
+ceiling's (median over rounds; polars reads the parquet and renders the JSON, then builds the
 bytes objects produce() needs). On a CPU-bound machine the
 ratio cannot exceed {c:.1f} / ({c:.1f} + {e:.1f}) = {c / (c + e):.2f}; 0.8× would need the encoding
 under {c / 4:.1f} µs per row, or a core that the broker does not share.
