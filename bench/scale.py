@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import sys
 import tempfile
 import threading
@@ -166,6 +167,9 @@ def main() -> None:
     ap.add_argument("--restart-operator-at", type=float, help="SIGKILL and restart the operator when this fraction of all chunks is delivered")
     ap.add_argument("--job-syncs", type=int, default=50, help="kube-controller-manager --concurrent-job-syncs")
     ap.add_argument("--operator-env", action="append", default=[], metavar="BEAM_X=V", help="extra operator setting")
+    ap.add_argument("--operator-prefix", default="", metavar="CMD",
+                    help="run the operator under this command, e.g. 'memray run --native -o /tmp/op.bin' or 'py-spy record -o /tmp/op.svg --' "
+                         "(the RSS and CPU figures then include the profiler's)")
     ap.add_argument("--timeout", type=float, default=3 * 3600, help="give up (and report the stuck ones) after this many seconds")
     ap.add_argument("--progress-every", type=float, default=5.0)
     ap.add_argument("--run-dir", type=Path, help="keep logs here (default: a temporary directory)")
@@ -200,7 +204,7 @@ def main() -> None:
             "BEAM_STAGING_BUCKET": "beam-staging",
         }
         config.update(kv.split("=", 1) for kv in args.operator_env)
-        operator = Operator(OperatorProcess(run_dir / "operator", kubeconfig=kubeconfig, config=config))
+        operator = Operator(OperatorProcess(run_dir / "operator", kubeconfig=kubeconfig, config=config, prefix=shlex.split(args.operator_prefix)))
         operator.start()
         namespaces = [f"scale-{i}" for i in range(args.namespaces)]
         for ns in namespaces:

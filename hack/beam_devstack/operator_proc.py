@@ -61,8 +61,11 @@ def install_chart_rbac(k8s, helm: str, namespace: str = OPERATOR_NS, release: st
 class OperatorProcess:
     """`beam-operator` as a host process, configured through BEAM_* env as the chart would."""
 
-    def __init__(self, run_dir: Path, *, kubeconfig: Path, config: dict[str, str], detach: bool = False, pid_dir: Path | None = None) -> None:
+    def __init__(self, run_dir: Path, *, kubeconfig: Path, config: dict[str, str], detach: bool = False, pid_dir: Path | None = None,
+                 prefix: list[str] | None = None) -> None:
         self.run_dir = Path(run_dir)
+        # A profiler to run the operator under, e.g. ["memray", "run", "-o", "op.bin"] (bench/scale.py).
+        self.prefix = list(prefix or [])
         self.health_port = free_port()
         self.metrics_port = free_port()
         self.env = dict(os.environ)
@@ -87,7 +90,7 @@ class OperatorProcess:
     def start(self) -> "OperatorProcess":
         self.starts += 1
         self.proc = ManagedProcess(
-            "operator", [str(Path(sys.executable).parent / "beam-operator")], log_path=self.log_path, env=self.env,
+            "operator", [*self.prefix, str(Path(sys.executable).parent / "beam-operator")], log_path=self.log_path, env=self.env,
             detach=self.detach, pid_dir=self.pid_dir,
         )
         self.proc.start()
