@@ -133,12 +133,66 @@ def render(df: pl.DataFrame, escape: frozenset[str] = frozenset()) -> pl.Expr:
     return pl.format(fmt + "}}", *args)
 
 
+INLINE_BYTES = 12  # Arrow string views keep values up to this long inside the view, not in a data buffer
+
+
+def _strings(df: pl.DataFrame) -> list[str]:
+    return [n for n, dt in df.schema.items() if dt in (pl.String, pl.Categorical) or isinstance(dt, pl.Enum)]
+
+
+def _buffers_hold(text: pl.Series, needles: tuple[bytes, ...], views: bool) -> bool:
+    """Whether the buffers under a string column contain one of the needles (memchr over a copy
+    of each buffer: a pass over memory instead of a regex call per value). views=False: the data
+    buffers, views=True: the views (where values of up to INLINE_BYTES are kept whole, after a
+    length below 13 and before zero padding). Conservative: polars' views point into the decoded
+    parquet pages, whose length prefixes and headers are scanned as well, and the buffers may
+    hold rows outside the frame, so it may answer yes for a column that has no such byte."""
+    arr = text.to_arrow(compat_level=pl.CompatLevel.newest())
+    for chunk in arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]:
+        if not pa.types.is_string_view(chunk.type):
+            return True
+        for buf in chunk.buffers()[1:2] if views else chunk.buffers()[2:]:
+            if buf is not None and buf.size:
+                raw = buf.to_pybytes()
+                if any(n in raw for n in needles):
+                    return True
+    return False
+
+
+def quoted_columns(df: pl.DataFrame) -> frozenset[str]:
+    """String columns of df with a value holding a double quote or a backslash.
+
+    A column whose values are all longer than INLINE_BYTES has every value's bytes in its data
+    buffers, which are scanned whole; one whose values all fit in INLINE_BYTES has them in its
+    views, scanned whole likewise. A column with both, or whose buffers hold a needle, is checked
+    value by value with a regex that the regex engine runs as memchr2. Control characters are looked for afterwards, in the
+    rendered text (_has_control_bytes).
+    """
+    strings = _strings(df)
+    if not strings or not df.height:
+        return frozenset()
+    text = {n: pl.col(n).cast(pl.String) for n in strings}
+    lengths = df.select(pl.concat_list(c.str.len_bytes().min(), c.str.len_bytes().max()) for c in text.values()).row(0)
+    per_value = []
+    for name, (low, high) in zip(strings, lengths):
+        if low is None:  # only nulls
+            continue
+        if df.schema[name] == pl.String and (low > INLINE_BYTES or high <= INLINE_BYTES) \
+                and not _buffers_hold(df[name], (b'"', b"\\"), views=high <= INLINE_BYTES):
+            continue
+        per_value.append(name)
+    if not per_value:
+        return frozenset()
+    flags = df.select(text[n].str.contains(QUOTE_OR_BACKSLASH).any() for n in per_value).row(0)
+    return frozenset(n for n, f in zip(per_value, flags) if f)
+
+
 def _has_control_bytes(text: pl.Series) -> bool:
     """Whether any rendered row may hold a raw byte below 0x20 (conservative: it may say yes
     for bytes no row uses). Reads polars' buffers in place: no copy, one SIMD min per buffer."""
     if text.len() == 0:
         return False
-    if text.str.len_bytes().min() <= 12:
+    if text.str.len_bytes().min() <= INLINE_BYTES:
         return True  # short strings sit inside the views, not in the data buffers checked below
     arr = text.to_arrow(compat_level=pl.CompatLevel.newest())
     for chunk in arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]:
@@ -148,15 +202,13 @@ def _has_control_bytes(text: pl.Series) -> bool:
     return False
 
 
-def encode_frame(df: pl.DataFrame) -> tuple[pl.Series, pl.Series]:
-    """JSON text of every row of df and its key (unique_id as text, or null), as polars Series."""
-    strings = [n for n, dt in df.schema.items() if dt in (pl.String, pl.Categorical) or isinstance(dt, pl.Enum)]
+def encode_frame(df: pl.DataFrame, quoted: frozenset[str] | None = None) -> tuple[pl.Series, pl.Series]:
+    """JSON text of every row of df and its key (unique_id as text, or null), as polars Series.
+    `quoted`: quoted_columns() of df or of a frame that df is a slice of (computed if None)."""
+    strings = _strings(df)
     key_col = next((n for n in df.columns if n.lower() == KEY_COLUMN), None)
     key = pl.col(key_col).cast(pl.String) if key_col else pl.lit(None, pl.String)
-    escape: frozenset[str] = frozenset()
-    if strings:
-        flags = df.select(pl.col(n).cast(pl.String).str.contains(QUOTE_OR_BACKSLASH).any() for n in strings).row(0)
-        escape = frozenset(n for n, f in zip(strings, flags) if f)
+    escape = quoted_columns(df) if quoted is None else quoted
     out = df.select(v=render(df, escape), k=key)
     if len(escape) < len(strings) and _has_control_bytes(out["v"]):
         flags = df.select(pl.col(n).cast(pl.String).str.contains(NEEDS_ESCAPE).any() for n in strings).row(0)
@@ -202,8 +254,9 @@ def parquet_batches(path: str, batch_rows: int, *, as_bytes: bool = False) -> It
             else:  # slicing on a row group's bounds decodes that group only
                 df = pl.scan_parquet(path).slice(first, n).collect()
             first += n
+            quoted = quoted_columns(df)  # once per row group: its slices share its buffers
             for start in range(0, n, batch_rows):
-                yield _as_lists(*encode_frame(df.slice(start, batch_rows)), as_bytes)
+                yield _as_lists(*encode_frame(df.slice(start, batch_rows), quoted), as_bytes)
 
 
 def encode_bytes(table: pa.Table) -> tuple[list[bytes], list[bytes | None]]:

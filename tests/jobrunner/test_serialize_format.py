@@ -182,3 +182,16 @@ def test_wide_decimals_keep_their_digits(tmp_path):
     pq.write_table(t, path)
     values, _ = next(serialize.parquet_batches(str(path), 10))
     assert values == ['{"w":"' + "1" * 45 + '.25"}', '{"w":null}']
+
+
+def test_each_escape_is_found_in_columns_of_only_long_or_only_short_values(tmp_path):
+    # Such columns are checked by scanning their buffers whole (data buffers for long values,
+    # views for values of up to 12 bytes), in memory from Arrow and in pages read from parquet.
+    for ch in ['"', "\\", "\x00", "\n", "\x1f"]:
+        for width in (40, 5, 34, 92):  # 34 and 92: a parquet length prefix holding `"` or `\`
+            t = pa.table({"s": pa.array(["a" * width, "b" * (width - 1) + ch, "c" * width]), "n": pa.array([1, 2, 3])})
+            check(t, serialize.encode(t))
+            path = tmp_path / f"{ord(ch)}-{width}.parquet"
+            pq.write_table(t, path, use_dictionary=False)
+            values = [x.decode() for v, _ in serialize.parquet_batches(str(path), 2, as_bytes=True) for x in v]
+            check(pq.read_table(path), (values, [None] * 3))
