@@ -236,11 +236,13 @@ def _frame(table: pa.Table) -> pl.DataFrame:
     return pl.from_arrow(table)
 
 
-def parquet_batches(path: str, batch_rows: int, *, as_bytes: bool = False) -> Iterator[tuple[list, list]]:
+def parquet_batches(path: str, batch_rows: int, *, as_bytes: bool = False,
+                    first_batch_rows: int | None = None) -> Iterator[tuple[list, list]]:
     """(values, keys) of a local parquet file, at most batch_rows at a time, in row order.
 
     Decoded one row group at a time (staged chunks have 65,536-row groups, see stage.py), so
-    memory holds one row group's columns and one batch's JSON.
+    memory holds one row group's columns and one batch's JSON. first_batch_rows: a smaller
+    first batch, so whoever waits for it (the producer, idle until then) starts sooner.
     """
     import pyarrow.parquet as pq
 
@@ -255,8 +257,12 @@ def parquet_batches(path: str, batch_rows: int, *, as_bytes: bool = False) -> It
                 df = pl.scan_parquet(path).slice(first, n).collect()
             first += n
             quoted = quoted_columns(df)  # once per row group: its slices share its buffers
-            for start in range(0, n, batch_rows):
-                yield _as_lists(*encode_frame(df.slice(start, batch_rows), quoted), as_bytes)
+            start = 0
+            while start < n:
+                rows = batch_rows if first_batch_rows is None else min(first_batch_rows, batch_rows)
+                first_batch_rows = None
+                yield _as_lists(*encode_frame(df.slice(start, rows), quoted), as_bytes)
+                start += rows
 
 
 def encode_bytes(table: pa.Table) -> tuple[list[bytes], list[bytes | None]]:

@@ -29,6 +29,8 @@ from beam_jobrunner.sinks import Batch, Context, make_sink
 log = logging.getLogger("beam_jobrunner.transport")
 
 DEFAULT_BATCH_ROWS = 50_000
+# The producer idles until the first batch is encoded; a small one ends that wait sooner.
+FIRST_BATCH_ROWS = 4096
 
 
 @dataclass
@@ -116,7 +118,7 @@ def encoded_batches(chunk: LocalChunk, batch_rows: int, prefetch: int = 2, *, as
     done = object()
 
     def work() -> None:
-        encoded = serialize.parquet_batches(chunk.path, batch_rows, as_bytes=as_bytes)
+        encoded = serialize.parquet_batches(chunk.path, batch_rows, as_bytes=as_bytes, first_batch_rows=FIRST_BATCH_ROWS)
         try:
             first = 0
             for values, keys in encoded:

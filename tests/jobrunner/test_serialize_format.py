@@ -195,3 +195,12 @@ def test_each_escape_is_found_in_columns_of_only_long_or_only_short_values(tmp_p
             pq.write_table(t, path, use_dictionary=False)
             values = [x.decode() for v, _ in serialize.parquet_batches(str(path), 2, as_bytes=True) for x in v]
             check(pq.read_table(path), (values, [None] * 3))
+
+
+def test_a_smaller_first_batch_keeps_every_row_in_order(tmp_path):
+    t = every_type()
+    path = tmp_path / "chunk.parquet"
+    pq.write_table(pa.concat_tables([t] * 10), path, row_group_size=50)
+    batches = list(serialize.parquet_batches(str(path), 33, first_batch_rows=5))
+    assert [len(v) for v, _ in batches][:3] == [5, 33, 12]
+    check(pq.read_table(path), ([x for v, _ in batches for x in v], [x for _, k in batches for x in k]))

@@ -70,6 +70,9 @@ class KafkaSink(Sink):
         self.transactions = transactions
         self.headers = [("beam_job_id", ctx.job_id.encode()), ("beam_chunk", str(ctx.chunk).encode())]
         self.producer: Producer | None = None
+        # The marker group's consumer: it reads the marker, and its group metadata commits the
+        # marker (one client per chunk instead of two; each costs a connection and a teardown).
+        self._group: Consumer | None = None
         self._errors: list[KafkaError] = []
         self._delivery_errors: list[KafkaError] = []
 
@@ -144,25 +147,27 @@ class KafkaSink(Sink):
     def already_delivered(self) -> bool:
         if not self.transactions:
             return False
-        consumer = Consumer({**self._client_conf(), "group.id": marker_group(self.ctx.job_id, self.ctx.dest_index, self.ctx.chunk),
-                             "isolation.level": "read_committed", "enable.auto.commit": False})
+        consumer = self._group_consumer()
         deadline = time.monotonic() + max(self.ctx.connect_timeout, 30)
-        try:
-            while True:
-                try:
-                    tp = consumer.committed([TopicPartition(self.topic, 0)], timeout=self.ctx.connect_timeout)[0]
-                    break
-                except KafkaException as e:
-                    # The group coordinator may still be loading (NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS).
-                    if time.monotonic() > deadline or not e.args[0].retriable() and e.args[0].code() != KafkaError.NOT_COORDINATOR:
-                        raise self._fail("reading the delivery marker", e) from None
-                    time.sleep(0.2)
-        finally:
-            consumer.close()
+        while True:
+            try:
+                tp = consumer.committed([TopicPartition(self.topic, 0)], timeout=self.ctx.connect_timeout)[0]
+                break
+            except KafkaException as e:
+                # The group coordinator may still be loading (NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS).
+                if time.monotonic() > deadline or not e.args[0].retriable() and e.args[0].code() != KafkaError.NOT_COORDINATOR:
+                    raise self._fail("reading the delivery marker", e) from None
+                time.sleep(0.2)
         if tp.offset >= 0:
             log.info("%s: already delivered (marker %s)", self.label, tp.metadata)
             return True
         return False
+
+    def _group_consumer(self) -> Consumer:
+        if self._group is None:
+            self._group = Consumer({**self._client_conf(), "group.id": marker_group(self.ctx.job_id, self.ctx.dest_index, self.ctx.chunk),
+                                    "isolation.level": "read_committed", "enable.auto.commit": False})
+        return self._group
 
     # transport.encoded_batches() hands this sink UTF-8 bytes, converted from Arrow in the
     # encoding thread (see serialize.encode_bytes): the produce loop below is then the same
@@ -195,7 +200,7 @@ class KafkaSink(Sink):
             crash_hook(rows, p.flush)
         if self.transactions:
             marker = TopicPartition(topic, 0, rows, metadata=json.dumps({"rows": rows, "bytes": nbytes}))
-            group = Consumer({**self._client_conf(), "group.id": marker_group(self.ctx.job_id, self.ctx.dest_index, self.ctx.chunk)})
+            group = self._group_consumer()
             try:
                 p.send_offsets_to_transaction([marker], group.consumer_group_metadata(), self.ctx.connect_timeout * 2)
                 p.commit_transaction(TRANSACTION_TIMEOUT_MS / 1000)
@@ -203,8 +208,6 @@ class KafkaSink(Sink):
                 if e.args[0].txn_requires_abort():
                     p.abort_transaction(self.ctx.connect_timeout)
                 raise self._fail("commit", e) from None
-            finally:
-                group.close()
         else:
             remaining = p.flush(TRANSACTION_TIMEOUT_MS / 1000)
             if remaining:
@@ -215,6 +218,9 @@ class KafkaSink(Sink):
         return nbytes
 
     def close(self) -> None:
+        if self._group is not None:
+            self._group.close()
+            self._group = None
         if self.producer is not None:
             self.producer.flush(1)
             self.producer = None
