@@ -1,9 +1,9 @@
 """`beam-jobrunner transport`: deliver one staged chunk (JOB_COMPLETION_INDEX) to every destination.
 
-The chunk is downloaded once into a local file (DuckDB reads parquet faster than pyarrow
-decodes it, see serialize.py). For each destination a reader thread streams it through one
-DuckDB query into JSON (GIL released) while the main thread hands the previous batch to the
-sink, so the sink's own loop (librdkafka's produce) is the only per-row Python work.
+The chunk is downloaded once into a local file. For each destination a reader thread decodes it
+one row group at a time and renders each batch's JSON with polars (serialize.py; a few native
+calls per batch, the GIL released inside them), while the main thread hands the previous batch
+to the sink, so the sink's own loop (librdkafka's produce) is the only per-row Python work.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def encoded_batches(chunk: LocalChunk, batch_rows: int, prefetch: int = 2, *, as
         except BaseException as e:  # handed to the consumer, which raises it in its own thread
             q.put(e)
         finally:
-            encoded.close()  # in this thread: DuckDB's connection (thread-local) owns the open result
+            encoded.close()  # in this thread, which owns the open parquet file
 
     t = threading.Thread(target=work, name="encode", daemon=True)
     t.start()
@@ -148,7 +148,7 @@ def encoded_batches(chunk: LocalChunk, batch_rows: int, prefetch: int = 2, *, as
                 raise item
             yield item
     finally:
-        # Join the reader: a daemon thread still inside DuckDB or parquet code while the
+        # Join the reader: a daemon thread still inside polars or parquet code while the
         # interpreter shuts down aborts the process (C++ terminate), losing the exit code.
         stop.set()
         while t.is_alive():
