@@ -67,8 +67,8 @@ class Caches:
     keys_by_uid: dict[str, Key] = field(default_factory=dict)
 
 
-def api_threads(workers: int, new_workers: int = 0) -> int:
-    return 2 * (workers + new_workers)
+def api_threads(workers: int) -> int:
+    return 2 * workers
 
 
 def event_threads(workers: int) -> int:
@@ -76,13 +76,10 @@ def event_threads(workers: int) -> int:
 
 
 class Controller:
-    def __init__(self, config: OperatorConfig, api: "KubeApi", *, workers: int = 4, new_workers: int = 0) -> None:
+    def __init__(self, config: OperatorConfig, api: "KubeApi", *, workers: int = 4) -> None:
         self.config = config
         self.api = api
         self.workers = workers
-        # Workers that take only first reconciles of new backfills: a new backfill never waits
-        # for a general worker to finish slow work of another (see _next).
-        self.new_workers = new_workers
         self.caches = Caches()
         self._heap: list[tuple[float, Key]] = []
         self._due: dict[Key, float] = {}
@@ -94,7 +91,7 @@ class Controller:
         self._last_write: dict[Key, float] = {}
         self._tasks: list[asyncio.Task] = []
         # Two threads per worker: a reconcile sends its Job create and status write together.
-        self._pool = ThreadPoolExecutor(max_workers=api_threads(workers, new_workers), thread_name_prefix="beam-api")
+        self._pool = ThreadPoolExecutor(max_workers=api_threads(workers), thread_name_prefix="beam-api")
         # One thread per lane and one lane per key: a backfill's Events keep their order.
         self._events = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"beam-events-{i}") for i in range(event_threads(workers))]
 
@@ -170,7 +167,6 @@ class Controller:
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
-        self._tasks += [asyncio.create_task(self._worker(self.workers + i, new_only=True)) for i in range(self.new_workers)]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -184,7 +180,7 @@ class Controller:
         body = self.caches.backfills.get(key)
         return body is not None and not (body.get("status") or {}).get("status")
 
-    async def _next(self, new_only: bool = False) -> Key:
+    async def _next(self) -> Key:
         """The next key to reconcile: due, not busy, and a new backfill before anything else.
 
         New backfills go first because their first reconcile is what a user waits for after
@@ -192,8 +188,7 @@ class Controller:
         On a saturated API server a burst of creates otherwise waited behind the Job events and
         completions of earlier backfills: apply -> staging Job p50 5.4 s at ~30 creates/s
         (docs/benchmarks.md). Only a burst of new backfills can delay the others, and only
-        while it lasts. `new_only` workers (BEAM_NEW_WORKERS) take nothing else, so a new backfill
-        finds a free worker even when every general one is busy with slower work.
+        while it lasts.
         """
         while True:
             now = time.monotonic()
@@ -207,7 +202,7 @@ class Controller:
                 heapq.heappop(self._heap)
                 # Still in _due (with a time already past), so that new events coalesce into it.
                 (self._ready_new if self._is_new(key) else self._ready).append(key)
-            for lane in (self._ready_new,) if new_only else (self._ready_new, self._ready):
+            for lane in (self._ready_new, self._ready):
                 while lane:
                     key = lane.popleft()
                     del self._due[key]
@@ -222,9 +217,9 @@ class Controller:
             except asyncio.TimeoutError:
                 pass
 
-    async def _worker(self, n: int, new_only: bool = False) -> None:
+    async def _worker(self, n: int) -> None:
         while True:
-            key = await self._next(new_only)
+            key = await self._next()
             self._busy.add(key)
             try:
                 with metrics.RECONCILE_SECONDS.time():

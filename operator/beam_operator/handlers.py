@@ -99,9 +99,7 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     limit_malloc_arenas()  # before the controller's threads exist
     workers = int(os.environ.get("BEAM_WORKERS", "16"))
-    new_workers = int(os.environ.get("BEAM_NEW_WORKERS", "4"))
-    api = KubeApi(config, connections=api_threads(workers, new_workers) + event_threads(workers))
-    ctl = Controller(config, api, workers=workers, new_workers=new_workers)
+    ctl = Controller(config, KubeApi(config, connections=api_threads(workers) + event_threads(workers)), workers=workers)
     _state["controller"] = ctl
     metrics.BACKFILLS.source = ctl.count_by_status
     ctl.start()

@@ -54,21 +54,3 @@ def test_events_for_a_queued_key_coalesce_and_a_busy_key_waits():
     # a is being reconciled: it is set aside (again after its worker ends), c comes out.
     assert _drain(ctl, 1) == ["c"]
     assert a in ctl._again and c not in ctl._due
-
-
-def test_a_new_only_worker_takes_new_backfills_and_leaves_the_rest():
-    ctl = _controller()
-    _backfill(ctl, "old", "transporting")
-    _backfill(ctl, "new", None)
-
-    async def take() -> tuple[str, str | None]:
-        first = (await asyncio.wait_for(ctl._next(new_only=True), 1))[1]
-        try:
-            second = (await asyncio.wait_for(ctl._next(new_only=True), 0.2))[1]
-        except asyncio.TimeoutError:
-            second = None
-        return first, second
-
-    assert asyncio.run(take()) == ("new", None)
-    # The backfill under way is still queued for a general worker.
-    assert _drain(ctl, 1) == ["old"]
