@@ -35,7 +35,7 @@ from typing import Iterator
 os.environ.setdefault("POLARS_MAX_THREADS", "1")
 # Polars configures its allocator (jemalloc) to hand freed pages back to the kernel within 0.5-1 s,
 # then faults them in again for the next batches; a worker lives for one chunk, so it keeps them
-# (measured on the benchmark's chunk: page faults 0.053 -> 0.015 per row, about 0.05 us CPU/row).
+# (measured on the benchmark's chunk: page faults 0.05-0.1 -> 0.015 per row, 0.05-0.16 us CPU/row in two runs).
 os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1")
 
 import polars as pl  # noqa: E402
