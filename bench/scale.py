@@ -385,9 +385,9 @@ def figures_from(args, plane, watcher, sent, names, t0, t_end, usage, metrics_te
         "final_status": dict(final), "stuck": stuck[:20], "stuck_count": len(stuck),
         "total_s": round((max(completed_at) if completed_at else t_end) - t0, 1),
         "create_errors": dict(errors),
-        "latency_apply_to_staging_job_s": {"p50": round(pct(lat_stage, 50), 3), "p99": round(pct(lat_stage, 99), 3), "max": round(max(lat_stage, default=float("nan")), 3), "n": len(lat_stage)},
+        "latency_apply_to_staging_job_s": _lat(lat_stage),
         "latency_apply_to_staging_job_apiserver_s": _lat(req.apply_to_staging_job()),
-        "latency_transport_done_to_completed_s": {"p50": round(pct(lat_done, 50), 3), "p99": round(pct(lat_done, 99), 3), "max": round(max(lat_done, default=float("nan")), 3), "n": len(lat_done)},
+        "latency_transport_done_to_completed_s": _lat(lat_done),
         "backfill_lifetime_s": {"p50": round(pct(list(lifetimes.values()), 50), 1), "max": round(max(lifetimes.values(), default=float("nan")), 1)},
         "operator": {"peak_rss_mb": round(usage["hwm_mb"], 1), "cpu_s": round(usage["cpu_s"], 1), "starts": len(operator.pids)},
         "api_requests": {

@@ -29,7 +29,7 @@ def _run(command: str) -> dict:
     from beam_jobrunner.config import Common, require
 
     if command == "cleanup":
-        from beam_jobrunner.storage import delete_staged
+        from beam_jobrunner.cleanup import delete_staged
 
         uri = require("BEAM_STAGING_URI")
         return {"deleted": delete_staged(uri), "staging": uri}

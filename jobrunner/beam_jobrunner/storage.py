@@ -71,13 +71,6 @@ def list_files(prefix_uri: str) -> list[tuple[str, int]]:
     return sorted((f"gs://{i.path}", i.size) for i in infos)
 
 
-def delete_staged(staging_uri: str) -> int:
-    """Delete every object under a job's staging prefix (see cleanup.py)."""
-    from beam_jobrunner.cleanup import delete_staged as delete
-
-    return delete(staging_uri)
-
-
 def write_json(uri: str, obj) -> None:
     write_bytes(uri, json.dumps(obj, indent=1, sort_keys=False).encode() + b"\n")
 

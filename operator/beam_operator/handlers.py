@@ -147,7 +147,6 @@ async def job_event(event: kopf.RawEvent, **_) -> None:
     controller().on_job(event["type"], event["object"])
 
 
-
 @kopf.on.delete(GROUP, VERSION, PLURAL)
 async def backfill_deleted(body: kopf.Body, **_) -> None:
     if not await controller().finalize(dict(body)):

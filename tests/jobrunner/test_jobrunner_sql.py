@@ -112,7 +112,7 @@ def test_missing_table_and_column(tmp_path, source, bucket, gcs):
 
 
 def test_empty_window_and_cleanup(tmp_path, source, bucket, gcs):
-    from beam_jobrunner import storage
+    from beam_jobrunner import cleanup, storage
 
     spec = {"job_name": "t", "table": "base.assets.erc20_token_transfers",
             "backfill_window": {"partition_key": "block_timestamp", "start": "2030-01-01T00:00:00", "end": "2030-01-02T00:00:00"},
@@ -133,14 +133,15 @@ def test_empty_window_and_cleanup(tmp_path, source, bucket, gcs):
     try:
         n = len(storage.list_files(other.staging))
         assert n >= 3  # chunks + manifest
-        assert storage.delete_staged(other.staging) == n
+        assert cleanup.delete_staged(other.staging) == n
         assert storage.list_files(other.staging) == []
         with pytest.raises(PermanentError, match="refusing to delete"):
-            storage.delete_staged(f"gs://{bucket}/backfills/")
+            cleanup.delete_staged(f"gs://{bucket}/backfills/")
         with pytest.raises(PermanentError, match="not a gs:// URI"):
-            storage.delete_staged(f"/{bucket}/backfills/ns/uid/")
+            cleanup.delete_staged(f"/{bucket}/backfills/ns/uid/")
         # A second cleanup of the same prefix finds nothing and succeeds (a retried finalizer).
-        assert storage.delete_staged(other.staging) == 0
+        assert cleanup.delete_staged(other.staging) == 0
     finally:
         del os.environ["STORAGE_EMULATOR_HOST"]
         storage.filesystem.cache_clear()
+        cleanup._client.cache_clear()

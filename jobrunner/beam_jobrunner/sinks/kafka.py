@@ -195,7 +195,7 @@ class KafkaSink(Sink):
                             pass
             nbytes += _size(batch.values)
             # Serves the delivery-error callback; once per batch is enough (errors only).
-            p.poll(0)
+            poll(0)
             rows += len(batch.values)
             crash_hook(rows, p.flush)
         if self.transactions:
