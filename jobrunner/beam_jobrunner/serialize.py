@@ -1,32 +1,26 @@
 """Rows of a parquet chunk -> JSON messages, vectorized (see docs/message-format.md).
 
 Per-row Python (to_pylist + json.dumps) caps transport at a fraction of what the brokers take,
-so each batch becomes JSON in polars: the format's rules are column expressions (UTC timestamps
-with Z, decimals as strings, non-finite floats as null, integers beyond 2^53 as strings) and one
-pl.format() writes every row's text from the rendered columns. Measured on the benchmark's
-1M-row chunk (docs/benchmarks.md, "jobrunner"): 1.85 us of CPU per row from the parquet file to
-Python bytes, against 2.8 for DuckDB's to_json(struct_pack()) and 2.6 for DuckDB string
-concatenation; polars also decodes the parquet file in half of pyarrow's CPU.
-
-Strings are pasted between quotes as they are unless they need JSON escaping, which costs about
-as much as everything else together when done on every value. Whether they need it is checked
-with what is cheap: `"` and `\\` once per row group, by memchr over the string columns' Arrow
-buffers whole (a regex call per value cost 0.2 us per row on the benchmark's 12 string
-columns), and control characters per batch by the smallest byte of the
-rendered text. Only a column that fails gets escaped (by polars' JSON encoder).
+so no row is touched by Python here. Two steps per batch:
+1. polars renders every column to text by the format's rules, as column expressions (UTC
+   timestamps with Z, decimals as strings, non-finite floats as null, integers beyond 2^53 as
+   strings); string columns stay as they are;
+2. a small C extension (_rows.c) reads those columns in place (Arrow string views) and pastes
+   each row's pieces into one message, JSON-escaping string values that need it, and makes the
+   Python bytes (Kafka) or str (the other sinks) objects.
+Measured on the benchmark's 1M-row chunk (docs/benchmarks.md, "jobrunner"), from the parquet
+file to Python objects: 1.6-1.85 us of CPU per row with polars' pl.format() + to_list() (which
+wrote every message twice and needed a memchr pre-scan to skip escaping), 2.8 with DuckDB.
 
 Why so few calls per batch: the encoding runs in a thread beside the producing thread, which
 holds the GIL for every message it hands to librdkafka. Each time the encoder leaves native code
 it has to win the GIL back, which can take a switch interval (5 ms); per-column calls did that
-~100 times per batch and halved the encoder's speed. Polars releases the GIL inside select().
-
-The Kafka sink gets UTF-8 bytes (what the producer copies as is; they cost less to build than
-str), the other sinks get str.
+~100 times per batch and halved the encoder's speed. Polars releases the GIL inside select(),
+_rows.rows() while it writes the messages; it holds it only to make the objects.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 from typing import Iterator
@@ -40,17 +34,15 @@ os.environ.setdefault("_RJEM_MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 import polars as pl  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
+
+from beam_jobrunner import _rows  # noqa: E402
 
 MAX_SAFE_INT = 2**53 - 1
 KEY_COLUMN = "unique_id"
-QUOTE_OR_BACKSLASH = r'["\\]'  # a two-byte class: the regex engine scans it with memchr2
-NEEDS_ESCAPE = r'[\x00-\x1f"\\]'
+# How _rows writes a rendered column's values: as they are, between quotes, or between quotes
+# and JSON-escaped where needed (strings from the table; the rendered types never need it).
+RAW, QUOTED, STRING = 0, 1, 2
 WHOLE_SECONDS, WITH_MICROS = "%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S%.6fZ"
-
-
-def _literal(text: str) -> str:
-    return text.replace("{", "{{").replace("}", "}}")  # pl.format() reads "{}" as a placeholder
 
 
 def _micros(c: pl.Expr, dt: pl.Datetime, negative_ns: bool) -> pl.Expr:
@@ -79,12 +71,12 @@ def _checks(schema: pl.Schema) -> list[pl.Expr]:
     return out
 
 
-def _column(c: pl.Expr, dt: pl.DataType, rule: bool, negative: bool, escape: bool) -> tuple[pl.Expr, bool]:
-    """(text of the value, whether the format puts it between quotes)."""
-    if dt in (pl.String, pl.Categorical) or isinstance(dt, pl.Enum):
-        if escape:  # {"a":<JSON string>} -> <JSON string>
-            return pl.struct(c.cast(pl.String).alias("a")).struct.json_encode().str.slice(5).str.head(-1), False
-        return c.cast(pl.String), True
+def _is_string(dt: pl.DataType) -> bool:
+    return dt in (pl.String, pl.Categorical) or isinstance(dt, pl.Enum)
+
+
+def _column(c: pl.Expr, dt: pl.DataType, rule: bool, negative: bool) -> tuple[pl.Expr, bool]:
+    """(text of the value, whether the format puts it between quotes); null stays null."""
     if dt.is_float():
         f = c.cast(pl.Float64)  # a float32 is sent as the float64 it equals
         return (pl.when(f.is_finite()).then(f) if rule else f).cast(pl.String), False
@@ -119,133 +111,46 @@ def _column(c: pl.Expr, dt: pl.DataType, rule: bool, negative: bool, escape: boo
     return pl.struct(c.alias("a")).struct.json_encode().str.slice(5).str.head(-1), False
 
 
-def render(df: pl.DataFrame, escape: frozenset[str] = frozenset()) -> pl.Expr:
-    """The expression that turns each row of df into its JSON text; `escape`: string columns
-    whose values need JSON escaping (the others are pasted between quotes as they are)."""
+def _plan(df: pl.DataFrame) -> tuple[list[pl.Expr], list[bytes], list[int]]:
+    """Per column of df: the expression rendering its values, the literal text before them
+    (`{"name":` or `,"name":`) and how _rows writes them."""
     stats = df.select(_checks(df.schema)).row(0, named=True) if df.width else {}
-    fmt, args = "", []
+    exprs, leads, modes = [], [], []
     for i, (name, dt) in enumerate(df.schema.items()):
-        lead = ("{" if i == 0 else ",") + json.dumps(name.lower(), ensure_ascii=False) + ":"
-        expr, quoted = _column(pl.col(name), dt, bool(stats.get(f"rule:{name}")), bool(stats.get(f"neg:{name}")),
-                               name in escape)
-        if stats[f"nulls:{name}"]:
-            if quoted:
-                expr, quoted = pl.format('"{}"', expr), False
-            expr = expr.fill_null("null")
-        fmt += _literal(lead) + ('"{}"' if quoted else "{}")
-        args.append(expr)
-    if not args:
-        return pl.lit("{}")
-    return pl.format(fmt + "}}", *args)
+        leads.append((("{" if i == 0 else ",") + json.dumps(name.lower(), ensure_ascii=False) + ":").encode())
+        if _is_string(dt):
+            expr, mode = pl.col(name).cast(pl.String), STRING
+        else:
+            expr, quoted = _column(pl.col(name), dt, bool(stats.get(f"rule:{name}")), bool(stats.get(f"neg:{name}")))
+            mode = QUOTED if quoted else RAW
+        exprs.append(expr.alias(f"_{i}"))
+        modes.append(mode)
+    return exprs, leads, modes
 
 
-INLINE_BYTES = 12  # Arrow string views keep values up to this long inside the view, not in a data buffer
+def _view_spec(arr: pa.Array, lead: bytes, mode: int) -> tuple:
+    """What _rows reads of a string-view array: its buffers' addresses (kept alive by arr)."""
+    if not pa.types.is_string_view(arr.type):
+        raise TypeError(f"serialize: a rendered column is {arr.type}, not string_view")
+    validity, views, *data = arr.buffers()
+    return (lead, validity.address if validity is not None else 0, views.address,
+            tuple(b.address for b in data), arr.offset, len(arr), mode)
 
 
-def _strings(df: pl.DataFrame) -> list[str]:
-    return [n for n, dt in df.schema.items() if dt in (pl.String, pl.Categorical) or isinstance(dt, pl.Enum)]
-
-
-def _memchr():
-    try:
-        f = ctypes.CDLL(None).memchr
-    except (OSError, AttributeError):
-        return None
-    f.restype, f.argtypes = ctypes.c_void_p, (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
-    return f
-
-
-# libc's memchr, straight on Arrow's memory: copying the buffers into bytes for bytes.find
-# cost as much as the search it replaced (0.15 us per row on the benchmark's chunk).
-_MEMCHR = _memchr()
-
-
-def _buffer_holds(buf: pa.Buffer, needles: bytes) -> bool:
-    if _MEMCHR is not None:
-        return any(_MEMCHR(buf.address, n, buf.size) for n in needles)
-    raw = buf.to_pybytes()
-    return any(bytes([n]) in raw for n in needles)
-
-
-def _buffers_hold(text: pl.Series, needles: bytes, views: bool) -> bool:
-    """Whether the buffers under a string column contain one of the needle bytes (memchr over
-    each buffer: a pass over memory instead of a regex call per value). views=False: the data
-    buffers, views=True: the views (where values of up to INLINE_BYTES are kept whole, after a
-    length below 13 and before zero padding). Conservative: polars' views point into the decoded
-    parquet pages, whose length prefixes and headers are scanned as well, and the buffers may
-    hold rows outside the frame, so it may answer yes for a column that has no such byte."""
-    arr = text.to_arrow(compat_level=pl.CompatLevel.newest())
-    for chunk in arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]:
-        if not pa.types.is_string_view(chunk.type):
-            return True
-        for buf in chunk.buffers()[1:2] if views else chunk.buffers()[2:]:
-            if buf is not None and buf.size and _buffer_holds(buf, needles):
-                return True
-    return False
-
-
-def quoted_columns(df: pl.DataFrame) -> frozenset[str]:
-    """String columns of df with a value holding a double quote or a backslash.
-
-    A column whose values are all longer than INLINE_BYTES has every value's bytes in its data
-    buffers, which are scanned whole; one whose values all fit in INLINE_BYTES has them in its
-    views, scanned whole likewise. A column with both, or whose buffers hold a needle, is checked
-    value by value with a regex that the regex engine runs as memchr2. Control characters are looked for afterwards, in the
-    rendered text (_has_control_bytes).
-    """
-    strings = _strings(df)
-    if not strings or not df.height:
-        return frozenset()
-    text = {n: pl.col(n).cast(pl.String) for n in strings}
-    lengths = df.select(pl.concat_list(c.str.len_bytes().min(), c.str.len_bytes().max()) for c in text.values()).row(0)
-    per_value = []
-    for name, (low, high) in zip(strings, lengths):
-        if low is None:  # only nulls
-            continue
-        if df.schema[name] == pl.String and (low > INLINE_BYTES or high <= INLINE_BYTES) \
-                and not _buffers_hold(df[name], b'"\\', views=high <= INLINE_BYTES):
-            continue
-        per_value.append(name)
-    if not per_value:
-        return frozenset()
-    flags = df.select(text[n].str.contains(QUOTE_OR_BACKSLASH).any() for n in per_value).row(0)
-    return frozenset(n for n, f in zip(per_value, flags) if f)
-
-
-def _has_control_bytes(text: pl.Series) -> bool:
-    """Whether any rendered row may hold a raw byte below 0x20 (conservative: it may say yes
-    for bytes no row uses). Reads polars' buffers in place: no copy, one SIMD min per buffer."""
-    if text.len() == 0:
-        return False
-    if text.str.len_bytes().min() <= INLINE_BYTES:
-        return True  # short strings sit inside the views, not in the data buffers checked below
-    arr = text.to_arrow(compat_level=pl.CompatLevel.newest())
-    for chunk in arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]:
-        for buf in chunk.buffers()[2:]:
-            if buf is not None and buf.size and pc.min(pa.Array.from_buffers(pa.uint8(), buf.size, [None, buf])).as_py() < 0x20:
-                return True
-    return False
-
-
-def encode_frame(df: pl.DataFrame, quoted: frozenset[str] | None = None) -> tuple[pl.Series, pl.Series]:
-    """JSON text of every row of df and its key (unique_id as text, or null), as polars Series.
-    `quoted`: quoted_columns() of df or of a frame that df is a slice of (computed if None)."""
-    strings = _strings(df)
+def encode_frame(df: pl.DataFrame, as_bytes: bool, scratch=None) -> tuple[list, list]:
+    """JSON text of every row of df and its key (unique_id as text, or None), as Python lists
+    of bytes (as_bytes) or str. `scratch`: _rows.scratch() to reuse across calls of one thread."""
+    exprs, leads, modes = _plan(df)
     key_col = next((n for n in df.columns if n.lower() == KEY_COLUMN), None)
-    key = pl.col(key_col).cast(pl.String) if key_col else pl.lit(None, pl.String)
-    escape = quoted_columns(df) if quoted is None else quoted
-    out = df.select(v=render(df, escape), k=key)
-    if len(escape) < len(strings) and _has_control_bytes(out["v"]):
-        flags = df.select(pl.col(n).cast(pl.String).str.contains(NEEDS_ESCAPE).any() for n in strings).row(0)
-        escape = frozenset(n for n, f in zip(strings, flags) if f)
-        out = df.select(v=render(df, escape), k=key)
-    return out["v"], out["k"]
-
-
-def _as_lists(values: pl.Series, keys: pl.Series, as_bytes: bool) -> tuple[list, list]:
-    if as_bytes:  # a view cast; bytes need no UTF-8 validation, so they are made faster than str
-        values, keys = values.cast(pl.Binary), keys.cast(pl.Binary)
-    return values.to_list(), keys.to_list()
+    exprs.append((pl.col(key_col).cast(pl.String) if key_col else pl.lit(None, pl.String)).alias("_key"))
+    # One export for the frame (not one per column), single-chunk columns for _rows.
+    table = df.select(exprs).rechunk().to_arrow(compat_level=pl.CompatLevel.newest())
+    arrays = [col.chunk(0) if col.num_chunks == 1 else col.combine_chunks() for col in table.columns]
+    as_str = not as_bytes
+    values = _rows.rows([_view_spec(a, lead, mode) for a, lead, mode in zip(arrays, leads, modes)], b"}",
+                        df.height, as_str, scratch if scratch is not None else _rows.scratch())
+    keys = _rows.values(_view_spec(arrays[-1], b"", RAW), df.height, as_str)
+    return values, keys
 
 
 def _wide_decimals(schema: pa.Schema) -> bool:
@@ -271,6 +176,7 @@ def parquet_batches(path: str, batch_rows: int, *, as_bytes: bool = False,
     """
     import pyarrow.parquet as pq
 
+    scratch = _rows.scratch()  # this generator runs in one thread
     with pq.ParquetFile(path) as meta:
         wide = _wide_decimals(meta.schema_arrow)
         first = 0
@@ -281,20 +187,19 @@ def parquet_batches(path: str, batch_rows: int, *, as_bytes: bool = False,
             else:  # slicing on a row group's bounds decodes that group only
                 df = pl.scan_parquet(path).slice(first, n).collect()
             first += n
-            quoted = quoted_columns(df)  # once per row group: its slices share its buffers
             start = 0
             while start < n:
                 rows = batch_rows if first_batch_rows is None else min(first_batch_rows, batch_rows)
                 first_batch_rows = None
-                yield _as_lists(*encode_frame(df.slice(start, rows), quoted), as_bytes)
+                yield encode_frame(df.slice(start, rows), as_bytes, scratch)
                 start += rows
 
 
 def encode_bytes(table: pa.Table) -> tuple[list[bytes], list[bytes | None]]:
     """JSON of every row and its key as UTF-8 bytes, what a Kafka producer sends as is."""
-    return _as_lists(*encode_frame(_frame(table)), True)
+    return encode_frame(_frame(table), True)
 
 
 def encode(table: pa.Table) -> tuple[list[str], list[str | None]]:
     """JSON text of every row and its Kafka key (unique_id), in row order, as Python lists."""
-    return _as_lists(*encode_frame(_frame(table)), False)
+    return encode_frame(_frame(table), False)

@@ -11,6 +11,7 @@ import struct
 from datetime import date, datetime, time, timedelta, timezone
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from beam_jobrunner import serialize
@@ -184,9 +185,9 @@ def test_wide_decimals_keep_their_digits(tmp_path):
     assert values == ['{"w":"' + "1" * 45 + '.25"}', '{"w":null}']
 
 
-def test_each_escape_is_found_in_columns_of_only_long_or_only_short_values(tmp_path):
-    # Such columns are checked by scanning their buffers whole (data buffers for long values,
-    # views for values of up to 12 bytes), in memory from Arrow and in pages read from parquet.
+def test_each_escape_is_found_in_short_and_long_values(tmp_path):
+    # Values of up to 12 bytes sit inside their Arrow string views, longer ones in data buffers
+    # (in memory from Arrow, in pages read from parquet): _rows reads both.
     for ch in ['"', "\\", "\x00", "\n", "\x1f"]:
         for width in (40, 5, 34, 92):  # 34 and 92: a parquet length prefix holding `"` or `\`
             t = pa.table({"s": pa.array(["a" * width, "b" * (width - 1) + ch, "c" * width]), "n": pa.array([1, 2, 3])})
@@ -204,3 +205,17 @@ def test_a_smaller_first_batch_keeps_every_row_in_order(tmp_path):
     batches = list(serialize.parquet_batches(str(path), 33, first_batch_rows=5))
     assert [len(v) for v, _ in batches][:3] == [5, 33, 12]
     check(pq.read_table(path), ([x for v, _ in batches for x in v], [x for _, k in batches for x in k]))
+
+
+def test_the_row_assembler_refuses_more_rows_than_a_column_has():
+    import polars as pl
+
+    from beam_jobrunner import _rows
+
+    arr = pl.Series(["a", "b"]).to_arrow(compat_level=pl.CompatLevel.newest())
+    spec = serialize._view_spec(arr, b"{", serialize.STRING)
+    assert _rows.rows([spec], b"}", 2, True, _rows.scratch()) == ['{"a"}', '{"b"}']
+    with pytest.raises(ValueError, match="3 rows asked of a column of 2"):
+        _rows.rows([spec], b"}", 3, False, _rows.scratch())
+    with pytest.raises(TypeError, match="not string_view"):
+        serialize._view_spec(pa.array([1, 2]), b"", serialize.RAW)
