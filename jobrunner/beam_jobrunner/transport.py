@@ -1,8 +1,8 @@
 """`beam-jobrunner transport`: deliver one staged chunk (JOB_COMPLETION_INDEX) to every destination.
 
 The chunk is downloaded once into a local file. For each destination a reader thread decodes it
-one row group at a time and renders each batch's JSON with polars (serialize.py; a few native
-calls per batch, the GIL released inside them), while the main thread hands the previous batch
+one row group at a time and renders each batch's JSON (serialize.py: polars and the _rows
+extension, a few native calls per batch, the GIL released inside them), while the main thread hands the previous batch
 to the sink, so the sink's own loop (librdkafka's produce) is the only per-row Python work.
 """
 

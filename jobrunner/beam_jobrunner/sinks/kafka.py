@@ -169,8 +169,8 @@ class KafkaSink(Sink):
                                     "isolation.level": "read_committed", "enable.auto.commit": False})
         return self._group
 
-    # transport.encoded_batches() hands this sink UTF-8 bytes, converted from Arrow in the
-    # encoding thread (see serialize.encode_bytes): the produce loop below is then the same
+    # transport.encoded_batches() hands this sink UTF-8 bytes, made in the encoding thread
+    # (see serialize.encode_frame): the produce loop below is then the same
     # tightest loop as the raw produce ceiling in bench/transport.py.
     takes_bytes = True
 
