@@ -7,9 +7,15 @@ reconcile() for each backfill through a keyed work queue, as controller-runtime 
   (phase transitions are written at once), so a busy transport Job cannot flood the API server;
 - no timers or daemons per object: a delayed re-queue is an entry in one heap;
 - a new backfill's first reconcile goes before other due work (_next), as what a user waits for;
-- API calls run in a thread pool of the controller's own, two threads per worker (a Job create
-  and a status write go together), so the number of workers bounds the requests in flight
-  (docs/operations.md);
+- API calls are coroutines on the event loop (kubeclient.KubeApi, one aiohttp session with a
+  bounded connection pool): a worker awaits them, no thread is involved, and the pool's size
+  bounds the requests in flight (docs/operations.md);
+- Events go through a few lanes, one asyncio task each with a bounded queue, a backfill always
+  in the same lane so that its Events keep their order; a full lane drops the Event (a log line
+  and beam_events_dropped_total): Events are for people, and a stuck apiserver must not grow
+  the operator's memory;
+- the staged files' deletion (google-cloud-storage, blocking) runs in a thread, once per
+  finished backfill;
 - Pods are not watched: a backfill needs a Pod only for what its worker said once its Job
   has finished (the staging result, a failure message), so the Pods of that one Job are read
   then. A watch would send every Pod of every transport Job (20,000 for 1,000 backfills of
@@ -19,21 +25,21 @@ reconcile() for each backfill through a keyed work queue, as controller-runtime 
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import heapq
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from . import jobs, metrics
 from .config import OperatorConfig
-from .model import GROUP, KIND, PLURAL, TERMINAL, VERSION
+from .model import TERMINAL
 from .reconcile import CreateJob, DeleteJob, DeleteStaged, Event, JobObs, Observed, PodObs, finalize_actions, reconcile
+
+if TYPE_CHECKING:
+    from .kubeclient import KubeApi
 
 log = logging.getLogger("beam_operator.controller")
 
@@ -67,16 +73,18 @@ class Caches:
     keys_by_uid: dict[str, Key] = field(default_factory=dict)
 
 
-def api_threads(workers: int) -> int:
-    return 2 * workers
+def api_connections(workers: int) -> int:
+    """The default bound of the API session: a reconcile sends its Job create and its status
+    write together (two per worker), plus one per Event lane."""
+    return 2 * workers + event_lanes(workers)
 
 
-def event_threads(workers: int) -> int:
+def event_lanes(workers: int) -> int:
     return max(1, workers // 4)
 
 
 class Controller:
-    def __init__(self, config: OperatorConfig, api: "KubeApi", *, workers: int = 4) -> None:
+    def __init__(self, config: OperatorConfig, api: "KubeApi", *, workers: int = 4, event_backlog: int = 1000) -> None:
         self.config = config
         self.api = api
         self.workers = workers
@@ -90,13 +98,12 @@ class Controller:
         self._wake = asyncio.Event()
         self._last_write: dict[Key, float] = {}
         self._tasks: list[asyncio.Task] = []
-        # Two threads per worker: a reconcile sends its Job create and status write together.
-        self._pool = ThreadPoolExecutor(max_workers=api_threads(workers), thread_name_prefix="beam-api")
-        # One thread per lane and one lane per key: a backfill's Events keep their order.
-        self._events = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"beam-events-{i}") for i in range(event_threads(workers))]
-
-    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, functools.partial(fn, *args))
+        # One consumer per lane and one lane per key: a backfill's Events keep their order. The
+        # queues exist from here on (no loop needed), their consumers from start().
+        lanes = event_lanes(workers)
+        self._events: list[asyncio.Queue[tuple[dict[str, Any], Event]]] = [
+            asyncio.Queue(maxsize=max(1, -(-event_backlog // lanes))) for _ in range(lanes)
+        ]
 
     # --- watch events -------------------------------------------------------------------
 
@@ -147,7 +154,7 @@ class Controller:
         if status in TERMINAL:
             return
         for job_name in self._needs_pods(meta["uid"], status):
-            found = await self._call(self.api.finished_pods, meta["namespace"], job_name)
+            found = await self.api.finished_pods(meta["namespace"], job_name)
             self.caches.pods.setdefault(meta["uid"], {}).update(found)
 
     def _enqueue_uid(self, uid: str) -> None:
@@ -167,14 +174,31 @@ class Controller:
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._worker(i)) for i in range(self.workers)]
+        self._tasks += [asyncio.create_task(self._post_events(q)) for q in self._events]
 
     async def stop(self) -> None:
+        """Stop the workers and Event lanes (Events still queued are dropped), then close the API session."""
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for lane in self._events:
-            lane.shutdown(wait=False)
+        if self.api is not None:
+            await self.api.close()
+
+    def _queue_event(self, key: Key, body: dict[str, Any], ev: Event) -> None:
+        lane = self._events[hash(key) % len(self._events)]
+        try:
+            lane.put_nowait((body, ev))
+        except asyncio.QueueFull:
+            metrics.EVENTS_DROPPED.inc()
+            log.warning("%s/%s: Event %s not recorded: %d Events already wait for the API server", key[0], key[1], ev.reason, lane.qsize())
+
+    async def _post_events(self, lane: "asyncio.Queue[tuple[dict[str, Any], Event]]") -> None:
+        while True:
+            body, ev = await lane.get()
+            try:
+                await self.api.post_event(body, ev)  # logs its own failures: an Event is not retried
+            finally:
+                lane.task_done()
 
     def _is_new(self, key: Key) -> bool:
         body = self.caches.backfills.get(key)
@@ -292,13 +316,13 @@ class Controller:
             metrics.TRANSITIONS.labels(to=ev.reason.lower()).inc()
             # Events are for people reading `kubectl describe`; nothing waits on them. Posting
             # them off the worker's path saved a third of a new backfill's reconcile time.
-            self._events[hash(key) % len(self._events)].submit(self.api.post_event, body, ev)
+            self._queue_event(key, body, ev)
             log.info("%s/%s: %s: %s", key[0], key[1], ev.reason, ev.message)
         if decision.requeue_after is not None:
             self.enqueue(key, decision.requeue_after)
 
     async def _write_status(self, key: Key, new: dict[str, Any]) -> None:
-        patched = await self._call(self.api.patch_status, key[0], key[1], new)
+        patched = await self.api.patch_status(key[0], key[1], new)
         self._last_write[key] = time.monotonic()
         metrics.STATUS_WRITES.inc()
         if patched is not None and key in self.caches.backfills:
@@ -309,7 +333,7 @@ class Controller:
     async def _apply(self, body: dict[str, Any], action: Any) -> None:
         ns = body["metadata"]["namespace"]
         if isinstance(action, CreateJob):
-            created = await self._call(self.api.create_job, ns, action.manifest)
+            created = await self.api.create_job(ns, action.manifest)
             # Expect the Job before its watch event arrives: a reconcile in between must not
             # ask for it again (a 409 each time, as controller-runtime's expectations avoid).
             meta = action.manifest["metadata"]
@@ -317,9 +341,11 @@ class Controller:
             self.caches.jobs.setdefault(uid, {}).setdefault(meta["name"], JobObs(name=meta["name"], phase=meta["labels"].get(jobs.LABEL_PHASE, "")))
             log.info("%s/%s: %s job %s", ns, body["metadata"]["name"], "created" if created else "found existing", action.manifest["metadata"]["name"])
         elif isinstance(action, DeleteJob):
-            await self._call(self.api.delete_job, ns, action.name)
+            await self.api.delete_job(ns, action.name)
         elif isinstance(action, DeleteStaged):
-            n = await self._call(self.api.delete_staged, action.uri)
+            # Blocking (google-cloud-storage), once per finished backfill: rare enough for a
+            # thread of the loop's default executor rather than a pool of our own.
+            n = await asyncio.to_thread(self.api.delete_staged, action.uri)
             log.info("%s/%s: deleted %d staged objects under %s", ns, body["metadata"]["name"], n, action.uri)
 
     async def finalize(self, body: dict[str, Any]) -> bool:
@@ -329,7 +355,7 @@ class Controller:
             if isinstance(action, DeleteStaged) and obs.jobs:
                 continue  # a running worker could still write there: wait for the Jobs to go
             await self._apply(body, action)
-        left = await self._call(self.api.list_job_names, obs.namespace, obs.uid)
+        left = await self.api.list_job_names(obs.namespace, obs.uid)
         return not left
 
     def count_by_status(self) -> dict[str, int]:
@@ -339,117 +365,3 @@ class Controller:
             s = (b.get("status") or {}).get("status") or "pending"
             counts[s] = counts.get(s, 0) + 1
         return counts
-
-
-def _drain(resp: Any) -> bytes:
-    """Read a raw (_preload_content=False) response to its end and give its connection back."""
-    data = resp.data
-    resp.release_conn()
-    return data
-
-
-class KubeApi:
-    """The handful of API calls the controller makes, with the kubernetes client."""
-
-    def __init__(self, config: OperatorConfig, identity: str = "beam-backfill-operator", *, connections: int = 10) -> None:
-        from kubernetes import client, config as kconfig
-
-        try:
-            kconfig.load_incluster_config()
-        except kconfig.ConfigException:
-            kconfig.load_kube_config()
-        cfg = client.Configuration.get_default_copy()
-        # One connection per worker thread: a smaller pool makes threads queue for a socket.
-        cfg.connection_pool_maxsize = connections
-        api = client.ApiClient(cfg)
-        self.client = client
-        self.batch = client.BatchV1Api(api)
-        self.core = client.CoreV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
-        self.config = config
-        self.identity = identity
-
-    def _ok_unless(self, e: Exception, *codes: int) -> None:
-        from kubernetes.client.exceptions import ApiException
-
-        if not (isinstance(e, ApiException) and e.status in codes):
-            raise e
-
-    def create_job(self, namespace: str, manifest: dict[str, Any]) -> bool:
-        metrics.API_WRITES.labels(kind="create_job").inc()
-        try:
-            # _preload_content=False: only the bytes are read (they must be, or the pooled
-            # connection is reused with a response pending); turning them into V1Job models
-            # cost more CPU than the request itself.
-            _drain(self.batch.create_namespaced_job(namespace, manifest, _preload_content=False))
-            return True
-        except Exception as e:
-            self._ok_unless(e, 409)  # AlreadyExists: the deterministic name did its job
-            return False
-
-    def delete_job(self, namespace: str, name: str) -> None:
-        metrics.API_WRITES.labels(kind="delete_job").inc()
-        try:
-            # Foreground: the Job disappears only after its Pods, so "no Jobs left" also means
-            # no worker still sending.
-            _drain(self.batch.delete_namespaced_job(name, namespace, propagation_policy="Foreground", _preload_content=False))
-        except Exception as e:
-            self._ok_unless(e, 404)
-
-    def list_job_names(self, namespace: str, uid: str) -> list[str]:
-        res = _drain(self.batch.list_namespaced_job(namespace, label_selector=f"{jobs.LABEL_JOB_ID}={uid}", _preload_content=False))
-        return [j["metadata"]["name"] for j in json.loads(res)["items"]]
-
-    def finished_pods(self, namespace: str, job_name: str) -> dict[str, PodObs]:
-        """The finished Pods of one Job, by name: what their workers said."""
-        raw = _drain(self.core.list_namespaced_pod(
-            namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}",
-            field_selector="status.phase!=Pending,status.phase!=Running", _preload_content=False,
-        ))
-        found = {}
-        for pod in json.loads(raw)["items"]:
-            obs = PodObs.from_pod(pod)
-            if obs is not None:
-                found[pod["metadata"]["name"]] = obs
-        return found
-
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
-        try:
-            return self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name, {"status": status})
-        except Exception as e:
-            self._ok_unless(e, 404)  # deleted meanwhile
-            return None
-
-    def post_event(self, body: dict[str, Any], ev: Event) -> None:
-        meta = body["metadata"]
-        now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-        metrics.API_WRITES.labels(kind="event").inc()
-        try:
-            _drain(self.core.create_namespaced_event(
-                meta["namespace"],
-                {
-                    "metadata": {"generateName": f"{meta['name']}."},
-                    "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
-                    "reason": ev.reason,
-                    "message": ev.message[:1024],
-                    "type": ev.type,
-                    "firstTimestamp": now,
-                    "lastTimestamp": now,
-                    "count": 1,
-                    "source": {"component": self.identity},
-                    "reportingComponent": self.identity,
-                },
-                _preload_content=False,
-            ))
-        except Exception as e:
-            log.warning("could not record event %s on %s/%s: %s", ev.reason, meta["namespace"], meta["name"], e)
-
-    def delete_staged(self, uri: str) -> int:
-        # The jobrunner's cleanup: one implementation of the staging layout and of the guard
-        # that refuses to delete anything shallower than a job's own prefix. Not pyarrow.
-        from beam_jobrunner.cleanup import delete_staged
-
-        return delete_staged(uri)
-
-
-Factory = Callable[[OperatorConfig], KubeApi]

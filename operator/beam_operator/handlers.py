@@ -16,7 +16,8 @@ from prometheus_client import start_http_server
 
 from . import jobs, metrics
 from .config import OperatorConfig
-from .controller import Controller, KubeApi, api_threads, event_threads
+from .controller import Controller, api_connections
+from .kubeclient import KubeApi, login_via_client
 from .model import GROUP, PLURAL, VERSION
 
 FINALIZER = f"{GROUP}/cleanup"
@@ -50,7 +51,8 @@ class NoDiffBase(kopf.DiffBaseStorage):
 def limit_malloc_arenas(n: int = 2) -> None:
     """glibc gives each thread that allocates its own malloc arena (up to 8 per core), and
     freed memory stays in them: with 16 API threads that measured +30 MB of RSS at 300
-    backfills. An explicit MALLOC_ARENA_MAX in the environment wins."""
+    backfills. The API calls no longer use threads, but kopf's executor, the Prometheus server
+    and the staged files' deletion still do. An explicit MALLOC_ARENA_MAX in the environment wins."""
     if os.environ.get("MALLOC_ARENA_MAX"):
         return
     try:
@@ -97,9 +99,15 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
     # at scale, each costing CPU. The controller logs what matters (Jobs, transitions).
     if not log_debug():
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    limit_malloc_arenas()  # before the controller's threads exist
+    limit_malloc_arenas()  # before other threads exist
     workers = int(os.environ.get("BEAM_WORKERS", "16"))
-    ctl = Controller(config, KubeApi(config, connections=api_threads(workers) + event_threads(workers)), workers=workers)
+    api = KubeApi(
+        config,
+        login=login_via_client(settings),
+        connections=int(os.environ.get("BEAM_API_CONNECTIONS", "0")) or api_connections(workers),
+        timeout=float(os.environ.get("BEAM_API_TIMEOUT_SECONDS", "30")),
+    )
+    ctl = Controller(config, api, workers=workers, event_backlog=int(os.environ.get("BEAM_EVENT_BACKLOG", "1000")))
     _state["controller"] = ctl
     metrics.BACKFILLS.source = ctl.count_by_status
     ctl.start()
@@ -124,8 +132,8 @@ async def login(**kwargs) -> kopf.AiohttpSession | None:
     if info is None:
         return None
     connector = aiohttp.TCPConnector(limit=int(os.environ.get("BEAM_KOPF_CONNECTIONS", "20")), ssl=info.as_ssl_context())
-    session = aiohttp.ClientSession(connector=connector, headers=info.as_http_headers(), auth=info.as_aiohttp_basic_auth(),
-                                    proxy=info.proxy_url, trust_env=info.trust_env)
+    # No auth=: as_http_headers() carries basic auth too (as_aiohttp_basic_auth is deprecated).
+    session = aiohttp.ClientSession(connector=connector, headers=info.as_http_headers(), proxy=info.proxy_url, trust_env=info.trust_env)
     return kopf.AiohttpSession(aiohttp_session=session, server=info.server, default_namespace=info.default_namespace, expiration=info.expiration)
 
 

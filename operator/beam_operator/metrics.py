@@ -34,3 +34,4 @@ RECONCILE_SECONDS = Histogram(
 )
 STATUS_WRITES = Counter("beam_status_writes_total", "Status patches written")
 API_WRITES = Counter("beam_api_writes_total", "Other API writes, by kind", ["kind"])
+EVENTS_DROPPED = Counter("beam_events_dropped_total", "Events not recorded because their lane's queue was full (the apiserver too slow to take them)")

@@ -1,0 +1,237 @@
+"""The handful of Kubernetes API calls the controller makes, as coroutines on one aiohttp session.
+
+Why not the `kubernetes` client: its calls block, so the controller ran them in a thread pool
+(two threads per worker), and at 1,000 backfills those threads fought the event loop for the
+GIL: kopf's own watch handling lagged, and more workers made a burst of new backfills slower,
+not faster (docs/benchmarks.md, "Operator at scale"). Here every call is a coroutine on the
+event loop kopf already runs, and JSON stays plain dicts (no model objects).
+
+Decisions (docs/operations.md):
+- one ClientSession with a bounded connector (`connections`): the bound, not a thread count,
+  is what limits the requests in flight; a request beyond it waits for a free connection;
+- credentials from `kopf.login_via_client` (kubeconfig or in-cluster service account), as
+  kopf's own session gets them; a 401 logs in again once and repeats the request, since
+  service-account tokens rotate under a running operator;
+- a total timeout per request (`timeout`, 30 s like kopf's settings.networking.request_timeout);
+- one retry when the server dropped a kept-alive connection before answering (a restarted
+  kube-apiserver leaves such sockets in the pool); every call here is safe to repeat: a
+  repeated create is a 409 (found existing), a repeated delete a 404, a status merge patch
+  idempotent, and an Event is only for people.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable
+from urllib.parse import quote
+
+import aiohttp
+import kopf
+import orjson
+
+from . import jobs, metrics
+from .config import OperatorConfig
+from .model import GROUP, KIND, PLURAL, VERSION
+from .reconcile import Event, PodObs
+
+log = logging.getLogger("beam_operator.kubeclient")
+
+Login = Callable[[], "kopf.ConnectionInfo | None | Awaitable[kopf.ConnectionInfo | None]"]
+
+
+class ApiError(RuntimeError):
+    """A status the caller does not expect; the message names the request and says the API's why."""
+
+    def __init__(self, method: str, path: str, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{method} {path}: HTTP {status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.api_message = message
+
+
+def login_via_client(settings: kopf.OperatorSettings | None = None) -> Login:
+    """kopf's login through the kubernetes client's config loaders (in-cluster, else kubeconfig)."""
+
+    def login() -> kopf.ConnectionInfo | None:
+        return kopf.login_via_client(logger=log, settings=settings or kopf.OperatorSettings())
+
+    return login
+
+
+def _api_message(raw: bytes) -> str:
+    try:
+        doc = orjson.loads(raw)
+        if isinstance(doc, dict) and doc.get("message"):
+            return str(doc["message"])
+    except orjson.JSONDecodeError:
+        pass
+    return raw[:300].decode(errors="replace") or "(empty body)"
+
+
+def _tls_material(info: kopf.ConnectionInfo) -> tuple:
+    return (info.server, info.ca_path, info.ca_data, info.insecure, info.certificate_path, info.certificate_data,
+            info.private_key_path, info.private_key_data, info.proxy_url, info.trust_env)
+
+
+class KubeApi:
+    """The controller's API calls. Create inside the event loop; close() when done."""
+
+    def __init__(self, config: OperatorConfig, identity: str = "beam-backfill-operator", *, login: Login | None = None,
+                 connections: int = 36, timeout: float = 30.0) -> None:
+        self.config = config
+        self.identity = identity
+        self._login_fn = login or login_via_client()
+        self.connections = connections
+        self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._info: kopf.ConnectionInfo | None = None
+        self._headers: dict[str, str] = {}
+        self._generation = 0  # bumped by each login, so that concurrent 401s log in once
+        self._login_lock = asyncio.Lock()
+        self._retired: set[asyncio.Task] = set()
+
+    # --- the session ----------------------------------------------------------------------
+
+    async def _ensure(self) -> int:
+        if self._session is None:
+            async with self._login_lock:
+                if self._session is None:
+                    await self._relogin()
+        return self._generation
+
+    async def _relogin(self) -> None:
+        got = self._login_fn()
+        info = await got if inspect.isawaitable(got) else got
+        if info is None:
+            raise kopf.LoginError("no credentials for the Kubernetes API (neither in-cluster nor kubeconfig)")
+        if self._session is None or self._info is None or _tls_material(info) != _tls_material(self._info):
+            old = self._session
+            connector = aiohttp.TCPConnector(limit=self.connections, ssl=info.as_ssl_context())
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, proxy=info.proxy_url,
+                                                  trust_env=info.trust_env)
+            if old is not None:
+                # Requests may still be in flight on it: close it once they must have ended.
+                task = asyncio.create_task(self._close_later(old))
+                self._retired.add(task)
+                task.add_done_callback(self._retired.discard)
+        # Per request rather than on the session: a rotated token alone needs no new connections.
+        self._headers = {**info.as_http_headers(), "Content-Type": "application/json", "Accept": "application/json"}
+        self._info = info
+        self._generation += 1
+
+    async def _close_later(self, session: aiohttp.ClientSession) -> None:
+        try:
+            await asyncio.sleep(self.timeout.total or 30)
+        finally:
+            await session.close()
+
+    async def close(self) -> None:
+        for task in list(self._retired):
+            task.cancel()
+        await asyncio.gather(*self._retired, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(self, method: str, path: str, *, params: dict[str, str] | None = None, body: Any = None,
+                      content_type: str | None = None, ok: tuple[int, ...] = ()) -> tuple[int, Any]:
+        """One call; returns (status, parsed JSON body). Statuses below 300 or listed in `ok`
+        are answers, any other raises ApiError."""
+        data = None if body is None else orjson.dumps(body)
+        relogged = retried = False
+        while True:
+            generation = await self._ensure()
+            assert self._session is not None and self._info is not None
+            headers = self._headers if content_type is None else {**self._headers, "Content-Type": content_type}
+            try:
+                async with self._session.request(method, self._info.server + path, params=params, data=data, headers=headers) as resp:
+                    raw = await resp.read()
+                    status, reason = resp.status, resp.reason or ""
+            except aiohttp.ServerDisconnectedError:
+                if retried:
+                    raise
+                retried = True
+                continue
+            if status == 401 and not relogged:
+                relogged = True
+                async with self._login_lock:
+                    if self._generation == generation:  # nobody logged in again since we sent
+                        log.info("the API server refused our credentials (401): logging in again")
+                        await self._relogin()
+                continue
+            if status < 300 or status in ok:
+                return status, (orjson.loads(raw) if raw else None)
+            raise ApiError(method, path, status, reason, _api_message(raw))
+
+    # --- the calls ------------------------------------------------------------------------
+
+    async def create_job(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        """True if created, False if a Job of that name exists: the deterministic name did its job."""
+        metrics.API_WRITES.labels(kind="create_job").inc()
+        status, _ = await self.request("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", body=manifest, ok=(409,))
+        return status != 409
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        metrics.API_WRITES.labels(kind="delete_job").inc()
+        # Foreground: the Job disappears only after its Pods, so "no Jobs left" also means no
+        # worker still sending. 404: gone already.
+        await self.request("DELETE", f"/apis/batch/v1/namespaces/{namespace}/jobs/{quote(name)}",
+                           body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Foreground"}, ok=(404,))
+
+    async def list_job_names(self, namespace: str, uid: str) -> list[str]:
+        _, doc = await self.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs", params={"labelSelector": f"{jobs.LABEL_JOB_ID}={uid}"})
+        return [j["metadata"]["name"] for j in doc["items"]]
+
+    async def finished_pods(self, namespace: str, job_name: str) -> dict[str, PodObs]:
+        """The finished Pods of one Job, by name: what their workers said."""
+        _, doc = await self.request("GET", f"/api/v1/namespaces/{namespace}/pods", params={
+            "labelSelector": f"batch.kubernetes.io/job-name={job_name}",
+            "fieldSelector": "status.phase!=Pending,status.phase!=Running",
+        })
+        found = {}
+        for pod in doc["items"]:
+            obs = PodObs.from_pod(pod)
+            if obs is not None:
+                found[pod["metadata"]["name"]] = obs
+        return found
+
+    async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
+        """The backfill as stored after the patch, or None if it was deleted meanwhile."""
+        code, doc = await self.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{quote(name)}/status",
+                                       body={"status": status}, content_type="application/merge-patch+json", ok=(404,))
+        return None if code == 404 else doc
+
+    async def post_event(self, body: dict[str, Any], ev: Event) -> None:
+        meta = body["metadata"]
+        now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+        metrics.API_WRITES.labels(kind="event").inc()
+        try:
+            await self.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body={
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"generateName": f"{meta['name']}."},
+                "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
+                "reason": ev.reason,
+                "message": ev.message[:1024],
+                "type": ev.type,
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+                "source": {"component": self.identity},
+                "reportingComponent": self.identity,
+            })
+        except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+            log.warning("could not record event %s on %s/%s: %s", ev.reason, meta["namespace"], meta["name"], e)
+
+    def delete_staged(self, uri: str) -> int:
+        """Blocking (google-cloud-storage): the controller runs it in a thread, once per finished backfill.
+
+        The jobrunner's cleanup: one implementation of the staging layout and of the guard
+        that refuses to delete anything shallower than a job's own prefix. Not pyarrow.
+        """
+        from beam_jobrunner.cleanup import delete_staged
+
+        return delete_staged(uri)
