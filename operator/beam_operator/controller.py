@@ -8,7 +8,7 @@ reconcile() for each backfill through a keyed work queue, as controller-runtime 
 - no timers or daemons per object: a delayed re-queue is an entry in one heap;
 - a new backfill's first reconcile goes before other due work (_next), as what a user waits for;
 - API calls are coroutines on the event loop (kubeclient.KubeApi, one aiohttp session with a
-  bounded connection pool): a worker awaits them, no thread is involved, and the pool's size
+  bounded connection pool): a worker awaits them, no thread per request, and the pool's size
   bounds the requests in flight (docs/operations.md);
 - Events go through a few lanes, one asyncio task each with a bounded queue, a backfill always
   in the same lane so that its Events keep their order; a full lane drops the Event (a log line
