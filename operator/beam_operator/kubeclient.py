@@ -118,7 +118,9 @@ class KubeApi:
                 self._retired.add(task)
                 task.add_done_callback(self._retired.discard)
         # Per request rather than on the session: a rotated token alone needs no new connections.
-        self._headers = {**info.as_http_headers(), "Content-Type": "application/json", "Accept": "application/json"}
+        # The User-Agent names us in the apiserver's audit log and in API priority and fairness.
+        self._headers = {**info.as_http_headers(), "Content-Type": "application/json", "Accept": "application/json",
+                         "User-Agent": self.identity}
         self._info = info
         self._generation += 1
 
