@@ -196,7 +196,9 @@ class Controller:
         while True:
             body, ev = await lane.get()
             try:
-                await self.api.post_event(body, ev)  # logs its own failures: an Event is not retried
+                await self.api.post_event(body, ev)  # logs the API's refusals: an Event is not retried
+            except Exception:  # anything else must not end the lane, or its Events pile up unposted
+                log.exception("could not record event %s", ev.reason)
             finally:
                 lane.task_done()
 
