@@ -83,8 +83,13 @@ def ensure_installed(version: str = VERSION) -> Path:
 
 
 def _cluster_id() -> str:
-    # KRaft wants a base64url UUID without padding, as `kafka-storage random-uuid` prints.
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    # KRaft wants a base64url UUID without padding, as `kafka-storage random-uuid` prints. Like
+    # Kafka's own Uuid.randomUuid(), never one starting with "-": the storage tool's argument
+    # parser reads `-t -xyz` as a missing value (1 start in 64 failed that way).
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cid.startswith("-"):
+            return cid
 
 
 LOG4J2 = """\
