@@ -54,3 +54,21 @@ def test_events_for_a_queued_key_coalesce_and_a_busy_key_waits():
     # a is being reconciled: it is set aside (again after its worker ends), c comes out.
     assert _drain(ctl, 1) == ["c"]
     assert a in ctl._again and c not in ctl._due
+
+
+def test_a_watch_event_older_than_our_own_write_is_not_taken():
+    ctl = _controller()
+    key = ("ns", "a")
+    body = {"metadata": {"namespace": "ns", "name": "a", "uid": "uid-a", "resourceVersion": "120"}, "spec": {},
+            "status": {"status": "transporting"}}
+    ctl.on_backfill("MODIFIED", body)  # as _write_status caches the patch's answer
+    stale = {"metadata": {**body["metadata"], "resourceVersion": "117"}, "spec": {}, "status": {"status": "staging"}}
+    ctl.on_backfill("MODIFIED", stale)
+    assert ctl.caches.backfills[key]["status"] == {"status": "transporting"}
+    newer = {"metadata": {**body["metadata"], "resourceVersion": "121"}, "spec": {}, "status": {"status": "completed"}}
+    ctl.on_backfill("MODIFIED", newer)
+    assert ctl.caches.backfills[key]["status"] == {"status": "completed"}
+    # Versions that are not integers (not etcd) are never judged older: the event is taken.
+    odd = {"metadata": {**body["metadata"], "resourceVersion": "x1"}, "spec": {}, "status": {"status": "failed"}}
+    ctl.on_backfill("MODIFIED", odd)
+    assert ctl.caches.backfills[key]["status"] == {"status": "failed"}
