@@ -101,8 +101,8 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     limit_malloc_arenas()  # before other threads exist
     # 32: with the API calls on the event loop, twice the workers took apply -> staging Job p50
-    # from 3.4 s to 1.0 s in a 1,000-backfill burst, for 8 MB (docs/benchmarks.md). With threads
-    # it had made things worse.
+    # from 3.4 s to 0.55-0.98 s (4 runs of 5; one 1.69 s) in a 1,000-backfill burst, for 8 MB
+    # (docs/benchmarks.md). With threads it had made things worse.
     workers = int(os.environ.get("BEAM_WORKERS", "32"))
     api = KubeApi(
         config,
