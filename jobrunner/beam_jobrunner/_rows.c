@@ -41,7 +41,7 @@ typedef struct {
     Py_ssize_t offset;         /* the array's offset into its buffers (a slice) */
     Py_ssize_t length;         /* the array's length */
     int mode;
-    PyObject *lead_obj;        /* keeps `lead` alive */
+    PyObject *lead_obj;        /* borrowed: the caller's list keeps it alive */
 } Column;
 
 /* The buffer rows() writes into, kept between calls (a Scratch): a new one for every batch was
@@ -112,17 +112,20 @@ static inline int special(unsigned char ch) {
     return ch < 0x20 || ch == '"' || ch == '\\';
 }
 
+static int needs_escape_bytewise(const unsigned char *p, size_t n) {
+    for (size_t k = 0; k < n; k++)
+        if (special(p[k]))
+            return 1;
+    return 0;
+}
+
 #ifdef __SSE2__
 #include <emmintrin.h>
 /* 16 bytes a step (x86-64 always has SSE2); gcc's own vectorization of the plain loop below
  * ran at ~4 instructions a byte, most of the row assembler's time. */
 static int needs_escape(const unsigned char *p, size_t n) {
-    if (n < 16) {
-        for (size_t k = 0; k < n; k++)
-            if (special(p[k]))
-                return 1;
-        return 0;
-    }
+    if (n < 16)
+        return needs_escape_bytewise(p, n);
     const __m128i quote = _mm_set1_epi8('"'), backslash = _mm_set1_epi8('\\'), limit = _mm_set1_epi8(0x1f);
     __m128i acc = _mm_setzero_si128();
     for (size_t k = 0;; k += 16) {
@@ -137,12 +140,7 @@ static int needs_escape(const unsigned char *p, size_t n) {
     return _mm_movemask_epi8(acc) != 0;
 }
 #else
-static int needs_escape(const unsigned char *p, size_t n) {
-    for (size_t k = 0; k < n; k++)
-        if (special(p[k]))
-            return 1;
-    return 0;
-}
+#define needs_escape needs_escape_bytewise
 #endif
 
 /* Writes p[0:n] at w as a JSON string, quotes included; returns the end. Room for 6n+2. */
@@ -232,11 +230,6 @@ static PyObject *make(const char *p, size_t n, int as_str) {
     return as_str ? PyUnicode_DecodeUTF8(p, (Py_ssize_t)n, "strict") : PyBytes_FromStringAndSize(p, (Py_ssize_t)n);
 }
 
-static PyObject *address_error(const char *what) {
-    PyErr_Format(PyExc_TypeError, "_rows: %s must be an int address", what);
-    return NULL;
-}
-
 /* (lead: bytes, validity: int, views: int, buffers: tuple[int], offset: int, length: int, mode: int):
  * a column's Arrow string-view array by its buffers' addresses, and how to write its values. */
 static int parse_column(PyObject *t, Column *c) {
@@ -261,7 +254,7 @@ static int parse_column(PyObject *t, Column *c) {
     for (Py_ssize_t b = 0; b < c->n_buffers; b++) {
         unsigned long long a = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(buffers, b));
         if (PyErr_Occurred()) {
-            address_error("a buffer");
+            PyErr_SetString(PyExc_TypeError, "_rows: a buffer must be an int address");
             return -1;
         }
         c->buffers[b] = (const char *)(uintptr_t)a;
@@ -384,7 +377,7 @@ static PyObject *values(PyObject *self, PyObject *args) {
                 Py_CLEAR(out);
                 goto done;
             }
-            v = as_str ? PyUnicode_DecodeUTF8(p, (Py_ssize_t)len, "strict") : PyBytes_FromStringAndSize(p, (Py_ssize_t)len);
+            v = make(p, len, as_str);
             if (v == NULL) {
                 Py_CLEAR(out);
                 goto done;

@@ -17,7 +17,7 @@ from prometheus_client import start_http_server
 from . import jobs, metrics
 from .config import OperatorConfig
 from .controller import Controller, api_connections
-from .kubeclient import KubeApi, login_via_client
+from .kubeclient import KubeApi, http_session, login_via_client
 from .model import GROUP, PLURAL, VERSION
 
 FINALIZER = f"{GROUP}/cleanup"
@@ -129,14 +129,11 @@ async def login(**kwargs) -> kopf.AiohttpSession | None:
     Requests beyond the pool wait for a free connection instead. The long-lived watches (3)
     hold connections too, hence the margin.
     """
-    import aiohttp
-
     info = kopf.login_via_client(**kwargs)
     if info is None:
         return None
-    connector = aiohttp.TCPConnector(limit=int(os.environ.get("BEAM_KOPF_CONNECTIONS", "20")), ssl=info.as_ssl_context())
     # No auth=: as_http_headers() carries basic auth too (as_aiohttp_basic_auth is deprecated).
-    session = aiohttp.ClientSession(connector=connector, headers=info.as_http_headers(), proxy=info.proxy_url, trust_env=info.trust_env)
+    session = http_session(info, int(os.environ.get("BEAM_KOPF_CONNECTIONS", "20")), headers=info.as_http_headers())
     return kopf.AiohttpSession(aiohttp_session=session, server=info.server, default_namespace=info.default_namespace, expiration=info.expiration)
 
 

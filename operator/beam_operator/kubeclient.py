@@ -22,10 +22,9 @@ Decisions (docs/operations.md):
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 from urllib.parse import quote
 
 import aiohttp
@@ -39,7 +38,7 @@ from .reconcile import Event, PodObs
 
 log = logging.getLogger("beam_operator.kubeclient")
 
-Login = Callable[[], "kopf.ConnectionInfo | None | Awaitable[kopf.ConnectionInfo | None]"]
+Login = Callable[[], "kopf.ConnectionInfo | None"]
 
 
 class ApiError(RuntimeError):
@@ -59,6 +58,13 @@ def login_via_client(settings: kopf.OperatorSettings | None = None) -> Login:
         return kopf.login_via_client(logger=log, settings=settings or kopf.OperatorSettings())
 
     return login
+
+
+def http_session(info: kopf.ConnectionInfo, connections: int, **kwargs: Any) -> aiohttp.ClientSession:
+    """An aiohttp session to the API server of `info` (its TLS material and proxy), with at most
+    `connections` connections: kopf's own session (handlers.login) and the controller's."""
+    connector = aiohttp.TCPConnector(limit=connections, ssl=info.as_ssl_context())
+    return aiohttp.ClientSession(connector=connector, proxy=info.proxy_url, trust_env=info.trust_env, **kwargs)
 
 
 def _api_message(raw: bytes) -> str:
@@ -103,15 +109,12 @@ class KubeApi:
         return self._generation
 
     async def _relogin(self) -> None:
-        got = self._login_fn()
-        info = await got if inspect.isawaitable(got) else got
+        info = self._login_fn()
         if info is None:
             raise kopf.LoginError("no credentials for the Kubernetes API (neither in-cluster nor kubeconfig)")
         if self._session is None or self._info is None or _tls_material(info) != _tls_material(self._info):
             old = self._session
-            connector = aiohttp.TCPConnector(limit=self.connections, ssl=info.as_ssl_context())
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout, proxy=info.proxy_url,
-                                                  trust_env=info.trust_env)
+            self._session = http_session(info, self.connections, timeout=self.timeout)
             if old is not None:
                 # Requests may still be in flight on it: close it once they must have ended.
                 task = asyncio.create_task(self._close_later(old))
