@@ -1,11 +1,12 @@
-/* Rows of rendered Arrow string columns -> one JSON message per row, as Python bytes or str.
+/* Rows of rendered Arrow string columns -> one JSON message per row.
  *
  * serialize.py renders every column to text with polars (numbers, timestamps, decimals: the
  * format's rules, vectorized) and hands the columns here, as Arrow string views read in place.
- * This loop pastes each row's pieces together and makes the Python object straight from them.
- * It replaces polars' pl.format() (which wrote every message into one more Arrow buffer) and
- * Series.to_list() (which copied them out again): two passes over ~1 KB per row, 0.9 us of the
- * encoder's 1.7 us on the benchmark's chunk (docs/benchmarks.md, "jobrunner").
+ * rows() measures each row, then pastes its pieces one after the other into one buffer per
+ * batch, without the GIL; the Kafka sink gets each message as a Message (a read-only
+ * bytes-like view of that buffer, no copy), the other sinks as str. It replaced polars'
+ * pl.format() and Series.to_list(), which wrote every message twice more (docs/benchmarks.md,
+ * "jobrunner").
  *
  * Strings are JSON-escaped here too, as json.dumps(ensure_ascii=False) does, and only values
  * that need it: a value is first scanned for `"`, `\` and bytes below 0x20 (16 bytes at a
@@ -44,49 +45,116 @@ typedef struct {
     PyObject *lead_obj;        /* borrowed: the caller's list keeps it alive */
 } Column;
 
-/* The buffer rows() writes into, kept between calls (a Scratch): a new one for every batch was
- * fresh memory from the kernel each time, and its page faults cost more than the writing. */
-typedef struct { char *data; size_t len, cap; int busy; } Out;
-
-#define SCRATCH "beam_jobrunner._rows.Scratch"
-
-static void scratch_free(PyObject *capsule) {
-    Out *o = PyCapsule_GetPointer(capsule, SCRATCH);
-    if (o != NULL) {
-        free(o->data);
-        free(o);
-    }
-}
-
-/* scratch() -> an opaque buffer for rows(), to be used by one thread at a time */
-static PyObject *scratch(PyObject *self, PyObject *noargs) {
-    (void)self;
-    (void)noargs;
-    Out *o = calloc(1, sizeof(Out));
-    if (o == NULL)
-        return PyErr_NoMemory();
-    PyObject *capsule = PyCapsule_New(o, SCRATCH, scratch_free);
-    if (capsule == NULL)
-        free(o);
-    return capsule;
-}
-
 /* Failures found without the GIL, raised once it is held again. */
 enum { OK = 0, NO_MEMORY = -1, BAD_VIEW = -2 };
 
-static int reserve(Out *o, size_t more) {
-    if (o->len + more <= o->cap)
+/* A batch's messages are written one after the other into one buffer (a slab). Buffers are
+ * reused: a fresh one for every batch was new memory from the kernel each time, and its page
+ * faults cost more than the writing. The pool and the slabs' reference counts are touched only
+ * with the GIL held; a buffer taken from the pool belongs to one call until it is given back. */
+typedef struct { char *data; size_t cap; } Buf;
+
+#define POOL_SIZE 4  /* batches alive at once: one produced, one encoded, two queued between */
+static Buf pool[POOL_SIZE];
+static int pool_len;
+
+static Buf take_buf(void) {
+    Buf b = {NULL, 0};
+    if (pool_len > 0)
+        b = pool[--pool_len];
+    return b;
+}
+
+static void give_buf(Buf b) {
+    if (pool_len < POOL_SIZE)
+        pool[pool_len++] = b;
+    else
+        free(b.data);
+}
+
+static int reserve(Buf *b, size_t size) {
+    if (size <= b->cap)
         return OK;
-    size_t cap = o->cap ? o->cap : 1 << 20;
-    while (cap < o->len + more)
+    size_t cap = b->cap ? b->cap : 1 << 20;
+    while (cap < size)
         cap *= 2;
-    char *p = realloc(o->data, cap);  /* not PyMem_: this runs without the GIL */
+    char *p = realloc(b->data, cap);  /* not PyMem_: this runs without the GIL */
     if (p == NULL)
         return NO_MEMORY;
-    o->data = p;
-    o->cap = cap;
+    b->data = p;
+    b->cap = cap;
     return OK;
 }
+
+/* Slab: owns a batch's buffer while any of its messages lives. */
+typedef struct {
+    PyObject_HEAD
+    Buf buf;
+} Slab;
+
+static void slab_dealloc(PyObject *self) {
+    give_buf(((Slab *)self)->buf);
+    PyObject_Free(self);
+}
+
+static PyTypeObject SlabType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "beam_jobrunner._rows.Slab",
+    .tp_basicsize = sizeof(Slab),
+    .tp_dealloc = slab_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The buffer a batch's messages live in.",
+};
+
+/* Message: one row's JSON, read-only bytes-like (the buffer protocol) over its slab. It is what
+ * the Kafka sink hands to produce(), which copies it: unlike a bytes object, making and freeing
+ * one costs no malloc() of the message's size (~1 KB), which glibc serves slowly when 50,000
+ * are made in one thread and freed in another. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *slab;
+    const char *data;
+    Py_ssize_t size;
+} Message;
+
+static void message_dealloc(PyObject *self) {
+    Py_DECREF(((Message *)self)->slab);
+    PyObject_Free(self);
+}
+
+static int message_getbuffer(PyObject *self, Py_buffer *view, int flags) {
+    Message *m = (Message *)self;
+    return PyBuffer_FillInfo(view, self, (void *)m->data, m->size, 1, flags);
+}
+
+static Py_ssize_t message_len(PyObject *self) { return ((Message *)self)->size; }
+
+static PyObject *message_repr(PyObject *self) {
+    Message *m = (Message *)self;
+    PyObject *b = PyBytes_FromStringAndSize(m->data, m->size);
+    if (b == NULL)
+        return NULL;
+    PyObject *r = PyUnicode_FromFormat("Message(%R)", b);
+    Py_DECREF(b);
+    return r;
+}
+
+/* No releasebuffer: the argument parsers that take read-only bytes-like objects (y#, s#, z#,
+ * as confluent-kafka's produce() uses) refuse types that have one. */
+static PyBufferProcs message_as_buffer = {message_getbuffer, NULL};
+static PySequenceMethods message_as_sequence = {.sq_length = message_len};
+
+static PyTypeObject MessageType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "beam_jobrunner._rows.Message",
+    .tp_basicsize = sizeof(Message),
+    .tp_dealloc = message_dealloc,
+    .tp_repr = message_repr,
+    .tp_as_sequence = &message_as_sequence,
+    .tp_as_buffer = &message_as_buffer,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "One message: read-only bytes-like; bytes(m) copies it.",
+};
 
 static inline int is_null(const Column *c, Py_ssize_t i) {
     Py_ssize_t j = c->offset + i;
@@ -143,7 +211,20 @@ static int needs_escape(const unsigned char *p, size_t n) {
 #define needs_escape needs_escape_bytewise
 #endif
 
-/* Writes p[0:n] at w as a JSON string, quotes included; returns the end. Room for 6n+2. */
+/* Size of p[0:n] as a JSON string, quotes included. */
+static size_t escaped_size(const unsigned char *p, size_t n) {
+    size_t size = n + 2;
+    for (size_t k = 0; k < n; k++) {
+        unsigned char ch = p[k];
+        if (ch == '"' || ch == '\\' || ch == '\b' || ch == '\f' || ch == '\n' || ch == '\r' || ch == '\t')
+            size += 1;
+        else if (ch < 0x20)
+            size += 5;  /* \u00XX */
+    }
+    return size;
+}
+
+/* Writes p[0:n] at w as a JSON string, quotes included (escaped_size bytes); returns the end. */
 static char *escaped(char *w, const unsigned char *p, size_t n) {
     static const char hex[] = "0123456789abcdef";
     *w++ = '"';
@@ -171,23 +252,40 @@ static char *escaped(char *w, const unsigned char *p, size_t n) {
     return w;
 }
 
-/* Appends row i to o: lead_0 value_0 lead_1 value_1 ... tail. Its worst-case size is reserved
- * once (a string escaped may grow 6x), then the pieces are written with no check each. */
-static int write_row(Out *o, const Column *cols, Py_ssize_t ncols, Py_ssize_t i, const char *tail, size_t tail_len) {
+/* The exact size of row i (lead_0 value_0 lead_1 value_1 ... tail), and whether one of its
+ * string values needs escaping: the only pass that scans the strings, and the only one that
+ * checks the views, so write_row() trusts both. */
+static int measure_row(const Column *cols, Py_ssize_t ncols, Py_ssize_t i, size_t tail_len, size_t *size, char *escape) {
     size_t need = tail_len;
+    *escape = 0;
     for (Py_ssize_t k = 0; k < ncols; k++) {
         const Column *c = &cols[k];
-        need += (size_t)c->lead_len + 4;  /* "null", or the quotes around a value */
-        if (!is_null(c, i)) {
-            int32_t size = c->views[c->offset + i].size;
-            if (size < 0)
-                return BAD_VIEW;
-            need += (size_t)size * (c->mode == STRING ? 6 : 1);
+        need += (size_t)c->lead_len;
+        if (is_null(c, i)) {
+            need += 4;  /* null */
+            continue;
+        }
+        const char *p;
+        size_t n;
+        int err = value(c, i, &p, &n);
+        if (err != OK)
+            return err;
+        if (c->mode == RAW) {
+            need += n;
+        } else if (c->mode == QUOTED || !needs_escape((const unsigned char *)p, n)) {
+            need += n + 2;
+        } else {
+            need += escaped_size((const unsigned char *)p, n);
+            *escape = 1;
         }
     }
-    if (reserve(o, need) != OK)
-        return NO_MEMORY;
-    char *w = o->data + o->len;
+    *size = need;
+    return OK;
+}
+
+/* Writes row i at w, exactly the size measure_row() gave; returns the end. escape: the row
+ * has string values to escape (which are found again); without it, strings are copied whole. */
+static char *write_row(char *w, const Column *cols, Py_ssize_t ncols, Py_ssize_t i, const char *tail, size_t tail_len, char escape) {
     for (Py_ssize_t k = 0; k < ncols; k++) {
         const Column *c = &cols[k];
         memcpy(w, c->lead, (size_t)c->lead_len);
@@ -199,13 +297,11 @@ static int write_row(Out *o, const Column *cols, Py_ssize_t ncols, Py_ssize_t i,
         }
         const char *p;
         size_t n;
-        int err = value(c, i, &p, &n);
-        if (err != OK)
-            return err;
+        value(c, i, &p, &n);
         if (c->mode == RAW) {
             memcpy(w, p, n);
             w += n;
-        } else if (c->mode == QUOTED || !needs_escape((const unsigned char *)p, n)) {
+        } else if (c->mode == QUOTED || !escape || !needs_escape((const unsigned char *)p, n)) {
             *w++ = '"';
             memcpy(w, p, n);
             w += n;
@@ -215,8 +311,7 @@ static int write_row(Out *o, const Column *cols, Py_ssize_t ncols, Py_ssize_t i,
         }
     }
     memcpy(w, tail, tail_len);
-    o->len = (size_t)(w + tail_len - o->data);
-    return OK;
+    return w + tail_len;
 }
 
 static PyObject *raise(int err) {
@@ -277,34 +372,30 @@ static void free_columns(Column *cols, Py_ssize_t n) {
     PyMem_Free(cols);
 }
 
-/* rows(columns: list[tuple], tail: bytes, n: int, as_str: bool, scratch) -> list[bytes | str]
- * Row i: lead_0 value_0 lead_1 value_1 ... tail.
- * Every row is written into one buffer with the GIL released (the producing thread holds it
- * for each message it sends), then the GIL is taken once to make the n objects: a copy each. */
+/* rows(columns: list[tuple], tail: bytes, n: int, as_str: bool) -> (list[Message | str], int)
+ * Row i: lead_0 value_0 lead_1 value_1 ... tail; and the UTF-8 size of all n rows.
+ * The producing thread holds the GIL for every message it sends, so the rows are measured and
+ * written without it, into a slab; with it, one Message per row is made over the slab (a small
+ * object, no copy), or a str decoded from it (the slab then goes back to the pool). */
 static PyObject *rows(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *spec, *tail_obj, *capsule;
+    PyObject *spec, *tail_obj;
     Py_ssize_t n;
     int as_str;
-    if (!PyArg_ParseTuple(args, "O!SnpO", &PyList_Type, &spec, &tail_obj, &n, &as_str, &capsule))
+    if (!PyArg_ParseTuple(args, "O!Snp", &PyList_Type, &spec, &tail_obj, &n, &as_str))
         return NULL;
-    Out *o = PyCapsule_GetPointer(capsule, SCRATCH);
-    if (o == NULL)
-        return NULL;
-    if (o->busy) {  /* checked and set with the GIL held */
-        PyErr_SetString(PyExc_RuntimeError, "_rows: a scratch buffer is in use by another thread");
-        return NULL;
-    }
     if (n < 0) {
         PyErr_SetString(PyExc_ValueError, "_rows: negative row count");
         return NULL;
     }
     Py_ssize_t ncols = PyList_GET_SIZE(spec);
     Column *cols = PyMem_Calloc(ncols ? ncols : 1, sizeof(Column));
-    size_t *ends = PyMem_Malloc(((size_t)n + 1) * sizeof(size_t));
-    PyObject *out = NULL;
-    int err = OK;
-    if (cols == NULL || ends == NULL) {
+    size_t *sizes = PyMem_Malloc(((size_t)n + 1) * sizeof(size_t));
+    char *escape = PyMem_Malloc((size_t)n + 1);
+    PyObject *out = NULL, *list = NULL, *slab = NULL;
+    Buf buf = {NULL, 0};
+    int err = OK, have_buf = 0;
+    if (cols == NULL || sizes == NULL || escape == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -315,32 +406,62 @@ static PyObject *rows(PyObject *self, PyObject *args) {
         goto done;
     const char *tail = PyBytes_AS_STRING(tail_obj);
     size_t tail_len = (size_t)PyBytes_GET_SIZE(tail_obj);
-    o->len = 0;
-    o->busy = 1;
+    size_t total = 0;
+    buf = take_buf();
+    have_buf = 1;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n && err == OK; i++) {
-        err = write_row(o, cols, ncols, i, tail, tail_len);
-        ends[i] = o->len;
+        err = measure_row(cols, ncols, i, tail_len, &sizes[i], &escape[i]);
+        total += sizes[i];
+    }
+    if (err == OK)
+        err = reserve(&buf, total);
+    if (err == OK) {
+        char *w = buf.data;
+        for (Py_ssize_t i = 0; i < n; i++)
+            w = write_row(w, cols, ncols, i, tail, tail_len, escape[i]);
     }
     Py_END_ALLOW_THREADS
-    o->busy = 0;
     if (err != OK) {
         raise(err);
         goto done;
     }
-    out = PyList_New(n);
-    if (out == NULL)
+    list = PyList_New(n);
+    if (list == NULL)
         goto done;
-    for (Py_ssize_t i = 0, start = 0; i < n; start = (Py_ssize_t)ends[i], i++) {
-        PyObject *msg = make(o->data + start, ends[i] - (size_t)start, as_str);
-        if (msg == NULL) {
-            Py_CLEAR(out);
+    if (!as_str) {
+        slab = (PyObject *)PyObject_New(Slab, &SlabType);
+        if (slab == NULL)
             goto done;
-        }
-        PyList_SET_ITEM(out, i, msg);
+        ((Slab *)slab)->buf = buf;
+        have_buf = 0;  /* the slab gives it back when its last message goes */
     }
+    const char *r = buf.data;
+    for (Py_ssize_t i = 0; i < n; r += sizes[i], i++) {
+        PyObject *msg;
+        if (as_str) {
+            msg = make(r, sizes[i], 1);
+        } else {
+            Message *m = PyObject_New(Message, &MessageType);
+            if (m != NULL) {
+                m->slab = Py_NewRef(slab);
+                m->data = r;
+                m->size = (Py_ssize_t)sizes[i];
+            }
+            msg = (PyObject *)m;
+        }
+        if (msg == NULL)
+            goto done;
+        PyList_SET_ITEM(list, i, msg);
+    }
+    out = Py_BuildValue("(On)", list, (Py_ssize_t)total);
 done:
-    PyMem_Free(ends);
+    Py_XDECREF(list);
+    Py_XDECREF(slab);
+    if (have_buf)
+        give_buf(buf);
+    PyMem_Free(sizes);
+    PyMem_Free(escape);
     if (cols != NULL)
         free_columns(cols, ncols);
     return out;
@@ -391,12 +512,18 @@ done:
 }
 
 static PyMethodDef methods[] = {
-    {"scratch", scratch, METH_NOARGS, "scratch() -> a buffer for rows(), one thread at a time"},
-    {"rows", rows, METH_VARARGS, "rows(columns, tail, n, as_str, scratch) -> one JSON text per row"},
+    {"rows", rows, METH_VARARGS, "rows(columns, tail, n, as_str) -> (one JSON text per row, their UTF-8 size)"},
     {"values", values, METH_VARARGS, "values(column, n, as_str) -> one column's values, None for null"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_rows", "Assembles JSON rows from Arrow string views.", -1, methods};
 
-PyMODINIT_FUNC PyInit__rows(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__rows(void) {
+    if (PyType_Ready(&SlabType) < 0 || PyType_Ready(&MessageType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddObjectRef(m, "Message", (PyObject *)&MessageType) < 0)
+        Py_CLEAR(m);
+    return m;
+}

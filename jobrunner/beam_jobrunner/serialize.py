@@ -5,12 +5,14 @@ so no row is touched by Python here. Two steps per batch:
 1. polars renders every column to text by the format's rules, as column expressions (UTC
    timestamps with Z, decimals as strings, non-finite floats as null, integers beyond 2^53 as
    strings); string columns stay as they are;
-2. a small C extension (_rows.c) reads those columns in place (Arrow string views) and pastes
-   each row's pieces into one message, JSON-escaping string values that need it, and makes the
-   Python bytes (Kafka) or str (the other sinks) objects.
+2. a small C extension (_rows.c) reads those columns in place (Arrow string views) and writes
+   each row's pieces into one message, JSON-escaping string values that need it, all rows of a
+   batch one after the other in one reused buffer; the Kafka sink gets them as Message objects
+   (read-only bytes-like views of that buffer), the other sinks as str.
 Measured on the benchmark's 1M-row chunk (docs/benchmarks.md, "jobrunner"), from the parquet
-file to Python objects: 1.6-1.85 us of CPU per row with polars' pl.format() + to_list() (which
-wrote every message twice and needed a memchr pre-scan to skip escaping), 2.8 with DuckDB.
+file to Python objects, encoding thread alone: 1.22-1.25 us of CPU per row with Message views,
+1.40-1.51 with a bytes object per message (a ~1 KB malloc each, freed by the producing thread),
+1.6-1.85 with polars' pl.format() + to_list(), 2.8 with DuckDB.
 
 Why so few calls per batch: the encoding runs in a thread beside the producing thread, which
 holds the GIL for every message it hands to librdkafka. Each time the encoder leaves native code
@@ -137,9 +139,10 @@ def _view_spec(arr: pa.Array, lead: bytes, mode: int) -> tuple:
             tuple(b.address for b in data), arr.offset, len(arr), mode)
 
 
-def encode_frame(df: pl.DataFrame, as_bytes: bool, scratch=None) -> tuple[list, list]:
-    """JSON text of every row of df and its key (unique_id as text, or None), as Python lists
-    of bytes (as_bytes) or str. `scratch`: _rows.scratch() to reuse across calls of one thread."""
+def encode_frame(df: pl.DataFrame, as_bytes: bool) -> tuple[list, list, int]:
+    """JSON text of every row of df, its key (unique_id as text, or None) and the UTF-8 size of
+    all rows. as_bytes: values are _rows.Message (read-only bytes-like) and keys bytes; else
+    both are str."""
     exprs, leads, modes = _plan(df)
     key_col = next((n for n in df.columns if n.lower() == KEY_COLUMN), None)
     exprs.append((pl.col(key_col).cast(pl.String) if key_col else pl.lit(None, pl.String)).alias("_key"))
@@ -147,10 +150,10 @@ def encode_frame(df: pl.DataFrame, as_bytes: bool, scratch=None) -> tuple[list, 
     table = df.select(exprs).rechunk().to_arrow(compat_level=pl.CompatLevel.newest())
     arrays = [col.chunk(0) if col.num_chunks == 1 else col.combine_chunks() for col in table.columns]
     as_str = not as_bytes
-    values = _rows.rows([_view_spec(a, lead, mode) for a, lead, mode in zip(arrays, leads, modes)], b"}",
-                        df.height, as_str, scratch if scratch is not None else _rows.scratch())
+    values, nbytes = _rows.rows([_view_spec(a, lead, mode) for a, lead, mode in zip(arrays, leads, modes)], b"}",
+                                df.height, as_str)
     keys = _rows.values(_view_spec(arrays[-1], b"", RAW), df.height, as_str)
-    return values, keys
+    return values, keys, nbytes
 
 
 def _wide_decimals(schema: pa.Schema) -> bool:
@@ -167,8 +170,8 @@ def _frame(table: pa.Table) -> pl.DataFrame:
 
 
 def parquet_batches(path: str, batch_rows: int, *, as_bytes: bool = False,
-                    first_batch_rows: int | None = None) -> Iterator[tuple[list, list]]:
-    """(values, keys) of a local parquet file, at most batch_rows at a time, in row order.
+                    first_batch_rows: int | None = None) -> Iterator[tuple[list, list, int]]:
+    """(values, keys, UTF-8 size of the values) of a local parquet file, at most batch_rows at a time, in row order.
 
     Decoded one row group at a time (staged chunks have 65,536-row groups, see stage.py), so
     memory holds one row group's columns and one batch's JSON. first_batch_rows: a smaller
@@ -176,7 +179,6 @@ def parquet_batches(path: str, batch_rows: int, *, as_bytes: bool = False,
     """
     import pyarrow.parquet as pq
 
-    scratch = _rows.scratch()  # this generator runs in one thread
     with pq.ParquetFile(path) as meta:
         wide = _wide_decimals(meta.schema_arrow)
         first = 0
@@ -191,15 +193,12 @@ def parquet_batches(path: str, batch_rows: int, *, as_bytes: bool = False,
             while start < n:
                 rows = batch_rows if first_batch_rows is None else min(first_batch_rows, batch_rows)
                 first_batch_rows = None
-                yield encode_frame(df.slice(start, rows), as_bytes, scratch)
+                yield encode_frame(df.slice(start, rows), as_bytes)
                 start += rows
 
 
-def encode_bytes(table: pa.Table) -> tuple[list[bytes], list[bytes | None]]:
-    """JSON of every row and its key as UTF-8 bytes, what a Kafka producer sends as is."""
-    return encode_frame(_frame(table), True)
-
-
-def encode(table: pa.Table) -> tuple[list[str], list[str | None]]:
-    """JSON text of every row and its Kafka key (unique_id), in row order, as Python lists."""
-    return encode_frame(_frame(table), False)
+def encode(table: pa.Table, as_bytes: bool = False) -> tuple[list, list]:
+    """JSON text of every row and its Kafka key (unique_id), in row order, as Python lists: str,
+    or with as_bytes what the Kafka sink sends (_rows.Message values, bytes keys)."""
+    values, keys, _ = encode_frame(_frame(table), as_bytes)
+    return values, keys

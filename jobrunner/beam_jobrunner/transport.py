@@ -109,8 +109,8 @@ class ChunkDownload:
 def encoded_batches(chunk: LocalChunk, batch_rows: int, prefetch: int = 2, *, as_bytes: bool = False) -> Iterator[Batch]:
     """Encoded batches of the chunk, produced ahead by a reader thread.
 
-    With as_bytes=True a Batch's values and keys are UTF-8 bytes (for sinks that declare
-    `takes_bytes`), else str. The thread does as little Python as it can: every return from C
+    With as_bytes=True a Batch's values are read-only bytes-like _rows.Message objects and its
+    keys bytes (for sinks that declare `takes_bytes`), else both are str. The thread does as little Python as it can: every return from C
     code must win the GIL back from the producing thread (see serialize.py).
     """
     q: queue.Queue = queue.Queue(maxsize=prefetch)
@@ -121,10 +121,10 @@ def encoded_batches(chunk: LocalChunk, batch_rows: int, prefetch: int = 2, *, as
         encoded = serialize.parquet_batches(chunk.path, batch_rows, as_bytes=as_bytes, first_batch_rows=FIRST_BATCH_ROWS)
         try:
             first = 0
-            for values, keys in encoded:
+            for values, keys, nbytes in encoded:
                 while not stop.is_set():
                     try:
-                        q.put(Batch(values, keys, first), timeout=0.2)
+                        q.put(Batch(values, keys, first, nbytes), timeout=0.2)
                         break
                     except queue.Full:
                         pass

@@ -135,8 +135,8 @@ def check(table: pa.Table, got: tuple[list, list]) -> None:
 def test_every_type_and_edge_case_matches_the_reference():
     t = every_type()
     check(t, serialize.encode(t))
-    v, k = serialize.encode_bytes(t)
-    assert [x.decode() for x in v] == serialize.encode(t)[0] and k[0] == t.column(0)[0].as_py().encode()
+    v, k = serialize.encode(t, as_bytes=True)
+    assert [bytes(x).decode() for x in v] == serialize.encode(t)[0] and k[0] == t.column(0)[0].as_py().encode()
 
 
 def test_each_escape_alone_is_found():
@@ -169,8 +169,9 @@ def test_parquet_batches_follow_row_order_across_row_groups_and_batches(tmp_path
     pq.write_table(big, path, row_group_size=100)
     back = pq.read_table(path)  # what the file holds (parquet keeps tz, units)
     values, keys, sizes = [], [], []
-    for v, k in serialize.parquet_batches(str(path), 33, as_bytes=True):
-        values += [x.decode() for x in v]
+    for v, k, nbytes in serialize.parquet_batches(str(path), 33, as_bytes=True):
+        assert nbytes == sum(map(len, v))
+        values += [bytes(x).decode() for x in v]
         keys += [None if x is None else x.decode() for x in k]
         sizes.append(len(v))
     assert max(sizes) <= 33
@@ -181,7 +182,7 @@ def test_wide_decimals_keep_their_digits(tmp_path):
     t = pa.table({"w": pa.array([decimal.Decimal("1" * 45 + ".25"), None], pa.decimal256(50, 2))})
     path = tmp_path / "wide.parquet"
     pq.write_table(t, path)
-    values, _ = next(serialize.parquet_batches(str(path), 10))
+    values, _, _ = next(serialize.parquet_batches(str(path), 10))
     assert values == ['{"w":"' + "1" * 45 + '.25"}', '{"w":null}']
 
 
@@ -194,7 +195,7 @@ def test_each_escape_is_found_in_short_and_long_values(tmp_path):
             check(t, serialize.encode(t))
             path = tmp_path / f"{ord(ch)}-{width}.parquet"
             pq.write_table(t, path, use_dictionary=False)
-            values = [x.decode() for v, _ in serialize.parquet_batches(str(path), 2, as_bytes=True) for x in v]
+            values = [bytes(x).decode() for v, _, _ in serialize.parquet_batches(str(path), 2, as_bytes=True) for x in v]
             check(pq.read_table(path), (values, [None] * 3))
 
 
@@ -203,8 +204,8 @@ def test_a_smaller_first_batch_keeps_every_row_in_order(tmp_path):
     path = tmp_path / "chunk.parquet"
     pq.write_table(pa.concat_tables([t] * 10), path, row_group_size=50)
     batches = list(serialize.parquet_batches(str(path), 33, first_batch_rows=5))
-    assert [len(v) for v, _ in batches][:3] == [5, 33, 12]
-    check(pq.read_table(path), ([x for v, _ in batches for x in v], [x for _, k in batches for x in k]))
+    assert [len(v) for v, _, _ in batches][:3] == [5, 33, 12]
+    check(pq.read_table(path), ([x for v, _, _ in batches for x in v], [x for _, k, _ in batches for x in k]))
 
 
 def test_the_row_assembler_refuses_more_rows_than_a_column_has():
@@ -214,8 +215,25 @@ def test_the_row_assembler_refuses_more_rows_than_a_column_has():
 
     arr = pl.Series(["a", "b"]).to_arrow(compat_level=pl.CompatLevel.newest())
     spec = serialize._view_spec(arr, b"{", serialize.STRING)
-    assert _rows.rows([spec], b"}", 2, True, _rows.scratch()) == ['{"a"}', '{"b"}']
+    assert _rows.rows([spec], b"}", 2, True) == (['{"a"}', '{"b"}'], 10)
     with pytest.raises(ValueError, match="3 rows asked of a column of 2"):
-        _rows.rows([spec], b"}", 3, False, _rows.scratch())
+        _rows.rows([spec], b"}", 3, False)
     with pytest.raises(TypeError, match="not string_view"):
         serialize._view_spec(pa.array([1, 2]), b"", serialize.RAW)
+
+
+def test_a_message_keeps_its_text_while_later_batches_reuse_the_buffers():
+    # Kafka's messages are views of one buffer per batch, and buffers are reused: one message
+    # kept past its batch must not see the next batches' text.
+    t = pa.table({"s": pa.array([f"row {i} é" for i in range(1000)]), "n": pa.array(range(1000))})
+    first, _ = serialize.encode(t, as_bytes=True)
+    kept = first[7]
+    del first
+    for _ in range(6):  # more batches than the pool holds buffers
+        other, _ = serialize.encode(pa.table({"s": pa.array(["x" * 50] * 1000), "n": pa.array(range(1000))}), as_bytes=True)
+        del other
+    assert bytes(kept) == '{"s":"row 7 é","n":7}'.encode() and len(kept) == len(bytes(kept))
+    view = memoryview(kept)
+    assert view.readonly and view.tobytes() == bytes(kept)
+    with pytest.raises(TypeError):
+        view.cast("B")[0] = 0  # read-only

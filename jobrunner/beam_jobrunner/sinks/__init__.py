@@ -19,9 +19,10 @@ from beam_jobrunner.errors import PermanentError
 
 @dataclass
 class Batch:
-    values: list[str]
-    keys: list[str | None]
+    values: list  # str, or _rows.Message (read-only bytes-like) for sinks that take bytes
+    keys: list  # str | None, or bytes | None
     first_row: int  # offset of values[0] within the chunk
+    nbytes: int  # UTF-8 size of the values
 
 
 @dataclass

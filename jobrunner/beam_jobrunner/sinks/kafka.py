@@ -45,13 +45,6 @@ PRODUCER_TUNING = {
 TRANSACTION_TIMEOUT_MS = 900_000  # the broker's default transaction.max.timeout.ms
 
 
-def _size(values: list) -> int:
-    """UTF-8 bytes of a batch's messages (bytes from transport, str from other callers)."""
-    if values and isinstance(values[0], bytes):
-        return sum(map(len, values))
-    return sum(len(v.encode()) for v in values)
-
-
 def transactional_id(job_id: str, dest_index: int, chunk: int) -> str:
     return f"beam-{job_id}-{dest_index}-{chunk}"
 
@@ -193,7 +186,7 @@ class KafkaSink(Sink):
                             break
                         except BufferError:
                             pass
-            nbytes += _size(batch.values)
+            nbytes += batch.nbytes
             # Serves the delivery-error callback; once per batch is enough (errors only).
             poll(0)
             rows += len(batch.values)

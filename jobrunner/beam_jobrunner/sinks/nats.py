@@ -100,7 +100,7 @@ class NatsSink(Sink):
             for i in range(0, len(batch.values), WINDOW):
                 self.loop.run_until_complete(self._publish(batch.values[i:i + WINDOW], batch.keys[i:i + WINDOW]))
             rows += len(batch.values)
-            nbytes += sum(map(len, batch.values))
+            nbytes += batch.nbytes
             crash_hook(rows, None)
         markers.mark_delivered(self.ctx, rows, nbytes)
         return nbytes

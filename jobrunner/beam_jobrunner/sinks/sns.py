@@ -115,7 +115,7 @@ class SnsSink(Sink):
                 for _ in pool.map(self._publish, calls):
                     pass
                 rows += len(batch.values)
-                nbytes += sum(map(len, batch.values))
+                nbytes += batch.nbytes
                 crash_hook(rows, None)
         markers.mark_delivered(self.ctx, rows, nbytes)
         return nbytes
