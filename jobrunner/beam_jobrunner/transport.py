@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -106,56 +106,84 @@ class ChunkDownload:
             self._result.close()
 
 
-def encoded_batches(chunk: LocalChunk, batch_rows: int, prefetch: int = 2, *, as_bytes: bool = False) -> Iterator[Batch]:
-    """Encoded batches of the chunk, produced ahead by a reader thread.
+class EncodedBatches:
+    """The chunk's encoded batches, produced ahead by a reader thread that starts at once.
+
+    `local` is called in that thread (ChunkDownload.result), so the encoding starts as soon as
+    the chunk is on disk, while the sink still connects (init_transactions, the delivery-marker
+    lookup: 0.05-0.5 s against the local broker); the producer then finds `prefetch` batches
+    ready. If the chunk turns out to be delivered already, close() throws them away.
 
     With as_bytes=True a Batch's values are read-only bytes-like _rows.Message objects and its
-    keys bytes (for sinks that declare `takes_bytes`), else both are str. The thread does as little Python as it can: every return from C
-    code must win the GIL back from the producing thread (see serialize.py).
+    keys bytes (for sinks that declare `takes_bytes`), else both are str. The thread does as
+    little Python as it can: every return from C code must win the GIL back from the producing
+    thread (see serialize.py).
     """
-    q: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-    done = object()
 
-    def work() -> None:
-        encoded = serialize.parquet_batches(chunk.path, batch_rows, as_bytes=as_bytes, first_batch_rows=FIRST_BATCH_ROWS)
+    _done = object()
+
+    def __init__(self, local: Callable[[], LocalChunk], batch_rows: int, prefetch: int = 2, *, as_bytes: bool = False) -> None:
+        self._q: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(local, batch_rows, as_bytes), name="encode", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _work(self, local: Callable[[], LocalChunk], batch_rows: int, as_bytes: bool) -> None:
         try:
-            first = 0
-            for values, keys, nbytes in encoded:
-                while not stop.is_set():
-                    try:
-                        q.put(Batch(values, keys, first, nbytes), timeout=0.2)
-                        break
-                    except queue.Full:
-                        pass
-                if stop.is_set():
-                    return
-                first += len(values)
-            q.put(done)
+            path = local().path
+            encoded = serialize.parquet_batches(path, batch_rows, as_bytes=as_bytes, first_batch_rows=FIRST_BATCH_ROWS)
+            try:
+                first = 0
+                for values, keys, nbytes in encoded:
+                    if not self._put(Batch(values, keys, first, nbytes)):
+                        return
+                    first += len(values)
+            finally:
+                encoded.close()  # in this thread, which owns the open parquet file
+            self._put(self._done)
         except BaseException as e:  # handed to the consumer, which raises it in its own thread
-            q.put(e)
-        finally:
-            encoded.close()  # in this thread, which owns the open parquet file
+            self._put(e)
 
-    t = threading.Thread(target=work, name="encode", daemon=True)
-    t.start()
-    try:
+    def __iter__(self) -> Iterator[Batch]:
         while True:
-            item = q.get()
-            if item is done:
+            item = self._q.get()
+            if item is self._done:
                 return
             if isinstance(item, BaseException):
                 raise item
             yield item
-    finally:
+
+    def close(self) -> None:
         # Join the reader: a daemon thread still inside polars or parquet code while the
         # interpreter shuts down aborts the process (C++ terminate), losing the exit code.
-        stop.set()
-        while t.is_alive():
+        self._stop.set()
+        while self._thread.is_alive():
             try:
-                q.get(timeout=0.1)
+                self._q.get(timeout=0.1)
             except queue.Empty:
                 pass
+
+
+def deliver_chunk(sink, download: ChunkDownload, batch_rows: int, crash_hook) -> int | None:
+    """Open the sink and deliver the chunk to it: the bytes sent, or None if it already was.
+    The caller closes the sink."""
+    batches = EncodedBatches(download.result, batch_rows, as_bytes=getattr(sink, "takes_bytes", False))
+    try:
+        sink.open()
+        if sink.already_delivered():
+            return None
+        return sink.deliver(batches, crash_hook)
+    finally:
+        batches.close()
 
 
 def _crash_hook():
@@ -202,7 +230,6 @@ def run(common: Common) -> dict:
     tag = f"{common.job_id}-{index}"
     remove_stale_downloads(tag)
     download = ChunkDownload(chunk["uri"], tag)
-    local: LocalChunk | None = None
     results = []
     try:
         for dest_index, dest in enumerate(common.spec.destinations):
@@ -211,25 +238,18 @@ def run(common: Common) -> dict:
             sink = make_sink(dest, ctx)
             t0 = time.monotonic()
             try:
-                sink.open()
-                if sink.already_delivered():
-                    log.info("%s: already delivered, skipped", sink.label)
-                    results.append({"destination": dest.name, "type": dest.type, "rows": 0, "skipped": True})
-                    continue
-                if local is None:
-                    local = download.result()
-                batches = encoded_batches(local, batch_rows, as_bytes=getattr(sink, "takes_bytes", False))
-                try:
-                    nbytes = sink.deliver(batches, crash_hook)
-                finally:
-                    batches.close()
+                nbytes = deliver_chunk(sink, download, batch_rows, crash_hook)
             finally:
                 sink.close()
+            if nbytes is None:
+                log.info("%s: already delivered, skipped", sink.label)
+                results.append({"destination": dest.name, "type": dest.type, "rows": 0, "skipped": True})
+                continue
             if env("BEAM_TEST_CRASH_AFTER_COMMIT"):
                 log.warning("BEAM_TEST_CRASH_AFTER_COMMIT: exiting abruptly after the commit")
                 os._exit(137)
             elapsed = time.monotonic() - t0
-            rows = local.num_rows
+            rows = download.result().num_rows
             log.info("%s: delivered %d rows, %d bytes in %.2fs (%.0f rows/s)", sink.label, rows, nbytes, elapsed,
                      rows / elapsed if elapsed else 0)
             if metrics:

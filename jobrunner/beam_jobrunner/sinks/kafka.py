@@ -162,7 +162,7 @@ class KafkaSink(Sink):
                                     "isolation.level": "read_committed", "enable.auto.commit": False})
         return self._group
 
-    # transport.encoded_batches() hands this sink UTF-8 bytes, made in the encoding thread
+    # transport.EncodedBatches hands this sink bytes-like messages, made in the encoding thread
     # (see serialize.encode_frame): the produce loop below is then the same
     # tightest loop as the raw produce ceiling in bench/transport.py.
     takes_bytes = True
