@@ -1,7 +1,8 @@
 /* Rows of rendered Arrow string columns -> one JSON message per row.
  *
- * serialize.py renders every column to text with polars (numbers, timestamps, decimals: the
- * format's rules, vectorized) and hands the columns here, as Arrow string views read in place.
+ * serialize.py renders the columns to text with polars (numbers, timestamps, decimals: the
+ * format's rules, vectorized) and hands them here, as Arrow string views read in place; 64-bit
+ * integers and microsecond timestamps come as they are, and are written here.
  * rows() measures each row, then pastes its pieces one after the other into one buffer per
  * batch, without the GIL; the Kafka sink gets each message as a Message (a read-only
  * bytes-like view of that buffer, no copy), the other sinks as str. It replaced polars'
@@ -22,7 +23,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { RAW = 0, QUOTED = 1, STRING = 2 };  /* as is | between quotes | between quotes, escaped */
+/* How a column's values are written. String views: as they are | between quotes | between
+ * quotes, JSON-escaped. Primitive arrays, rendered here: INT64 as a number, between quotes
+ * beyond 2^53 - 1 (JSON readers round those); TIMESTAMP (int64 microseconds since the epoch,
+ * UTC, years 1-9999) as "YYYY-MM-DDTHH:MM:SSZ", with .ffffff before the Z when not whole. */
+enum { RAW = 0, QUOTED = 1, STRING = 2, INT64 = 3, TIMESTAMP = 4 };
+#define MAX_SAFE_INT 9007199254740991LL
 
 typedef struct {
     int32_t size;
@@ -36,7 +42,8 @@ typedef struct {
     const char *lead;          /* literal text before the value, e.g. `,"name":` */
     Py_ssize_t lead_len;
     const uint8_t *validity;   /* NULL: no nulls */
-    const View *views;
+    const View *views;         /* string views; NULL for INT64 and TIMESTAMP */
+    const int64_t *ints;       /* INT64 and TIMESTAMP: the values */
     const char **buffers;
     Py_ssize_t n_buffers;
     Py_ssize_t offset;         /* the array's offset into its buffers (a slice) */
@@ -46,7 +53,7 @@ typedef struct {
 } Column;
 
 /* Failures found without the GIL, raised once it is held again. */
-enum { OK = 0, NO_MEMORY = -1, BAD_VIEW = -2 };
+enum { OK = 0, NO_MEMORY = -1, BAD_VIEW = -2, BAD_TIME = -3 };
 
 /* A batch's messages are written one after the other into one buffer (a slab). Buffers are
  * reused: a fresh one for every batch was new memory from the kernel each time, and its page
@@ -252,6 +259,89 @@ static char *escaped(char *w, const unsigned char *p, size_t n) {
     return w;
 }
 
+/* Decimal digits of u. */
+static inline size_t digits(uint64_t u) {
+    size_t n = 1;
+    for (uint64_t p = 10; n < 20 && u >= p; p *= 10)
+        n++;
+    return n;
+}
+
+static inline uint64_t magnitude(int64_t v) { return v < 0 ? 0 - (uint64_t)v : (uint64_t)v; }
+
+/* Size of an INT64 value as written: sign, digits, and the quotes beyond 2^53 - 1. */
+static inline size_t int_size(int64_t v) {
+    size_t n = digits(magnitude(v)) + (v < 0);
+    return v > MAX_SAFE_INT || v < -MAX_SAFE_INT ? n + 2 : n;
+}
+
+static char *write_int(char *w, int64_t v) {
+    int quoted = v > MAX_SAFE_INT || v < -MAX_SAFE_INT;
+    if (quoted)
+        *w++ = '"';
+    if (v < 0)
+        *w++ = '-';
+    uint64_t u = magnitude(v);
+    size_t n = digits(u);
+    for (char *d = w + n - 1; d >= w; d--) {
+        *d = (char)('0' + u % 10);
+        u /= 10;
+    }
+    w += n;
+    if (quoted)
+        *w++ = '"';
+    return w;
+}
+
+static inline int64_t floor_div(int64_t a, int64_t b) { return a / b - (a % b != 0 && (a < 0) != (b < 0)); }
+
+/* Microseconds 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999Z, the years written with 4 digits. */
+#define MIN_MICROS (-62135596800000000LL)
+#define MAX_MICROS (253402300799999999LL)
+
+static inline size_t time_size(int64_t us) { return us % 1000000 == 0 ? 22 : 29; }
+
+static char *two(char *w, unsigned v) {
+    w[0] = (char)('0' + v / 10);
+    w[1] = (char)('0' + v % 10);
+    return w + 2;
+}
+
+/* The civil date of a day count from 1970-01-01 (proleptic Gregorian): H. Hinnant's
+ * civil_from_days, with 400-year eras. */
+static char *write_time(char *w, int64_t us) {
+    int64_t secs = floor_div(us, 1000000), days = floor_div(secs, 86400);
+    unsigned frac = (unsigned)(us - secs * 1000000), sod = (unsigned)(secs - days * 86400);
+    int64_t z = days + 719468, era = floor_div(z, 146097);
+    unsigned doe = (unsigned)(z - era * 146097);
+    unsigned yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    unsigned doy = doe - (365 * yoe + yoe / 4 - yoe / 100), mp = (5 * doy + 2) / 153;
+    unsigned day = doy - (153 * mp + 2) / 5 + 1, month = mp < 10 ? mp + 3 : mp - 9;
+    unsigned year = (unsigned)(yoe + era * 400 + (month <= 2));
+    *w++ = '"';
+    w = two(w, year / 100);
+    w = two(w, year % 100);
+    *w++ = '-';
+    w = two(w, month);
+    *w++ = '-';
+    w = two(w, day);
+    *w++ = 'T';
+    w = two(w, sod / 3600);
+    *w++ = ':';
+    w = two(w, sod / 60 % 60);
+    *w++ = ':';
+    w = two(w, sod % 60);
+    if (frac) {
+        *w++ = '.';
+        w = two(w, frac / 10000);
+        w = two(w, frac / 100 % 100);
+        w = two(w, frac % 100);
+    }
+    *w++ = 'Z';
+    *w++ = '"';
+    return w;
+}
+
 /* The exact size of row i (lead_0 value_0 lead_1 value_1 ... tail), and whether one of its
  * string values needs escaping: the only pass that scans the strings, and the only one that
  * checks the views, so write_row() trusts both. */
@@ -263,6 +353,17 @@ static int measure_row(const Column *cols, Py_ssize_t ncols, Py_ssize_t i, size_
         need += (size_t)c->lead_len;
         if (is_null(c, i)) {
             need += 4;  /* null */
+            continue;
+        }
+        if (c->mode == INT64) {
+            need += int_size(c->ints[c->offset + i]);
+            continue;
+        }
+        if (c->mode == TIMESTAMP) {
+            int64_t us = c->ints[c->offset + i];
+            if (us < MIN_MICROS || us > MAX_MICROS)
+                return BAD_TIME;
+            need += time_size(us);
             continue;
         }
         const char *p;
@@ -295,6 +396,14 @@ static char *write_row(char *w, const Column *cols, Py_ssize_t ncols, Py_ssize_t
             w += 4;
             continue;
         }
+        if (c->mode == INT64) {
+            w = write_int(w, c->ints[c->offset + i]);
+            continue;
+        }
+        if (c->mode == TIMESTAMP) {
+            w = write_time(w, c->ints[c->offset + i]);
+            continue;
+        }
         const char *p;
         size_t n;
         value(c, i, &p, &n);
@@ -317,7 +426,8 @@ static char *write_row(char *w, const Column *cols, Py_ssize_t ncols, Py_ssize_t
 static PyObject *raise(int err) {
     if (err == NO_MEMORY)
         return PyErr_NoMemory();
-    PyErr_SetString(PyExc_ValueError, "_rows: a string view points outside its buffers");
+    PyErr_SetString(PyExc_ValueError, err == BAD_TIME ? "_rows: a timestamp outside the years 1-9999"
+                                                       : "_rows: a string view points outside its buffers");
     return NULL;
 }
 
@@ -332,14 +442,17 @@ static int parse_column(PyObject *t, Column *c) {
     unsigned long long validity, views;
     if (!PyArg_ParseTuple(t, "SKKO!nni", &c->lead_obj, &validity, &views, &PyTuple_Type, &buffers, &c->offset, &c->length, &c->mode))
         return -1;
-    if (c->mode < RAW || c->mode > STRING || c->offset < 0 || views == 0) {
+    if (c->mode < RAW || c->mode > TIMESTAMP || c->offset < 0 || views == 0) {
         PyErr_SetString(PyExc_ValueError, "_rows: bad column (mode, offset or views)");
         return -1;
     }
     c->lead = PyBytes_AS_STRING(c->lead_obj);
     c->lead_len = PyBytes_GET_SIZE(c->lead_obj);
     c->validity = (const uint8_t *)(uintptr_t)validity;
-    c->views = (const View *)(uintptr_t)views;
+    if (c->mode >= INT64)
+        c->ints = (const int64_t *)(uintptr_t)views;
+    else
+        c->views = (const View *)(uintptr_t)views;
     c->n_buffers = PyTuple_GET_SIZE(buffers);
     c->buffers = PyMem_Calloc(c->n_buffers ? c->n_buffers : 1, sizeof(char *));
     if (c->buffers == NULL) {
@@ -482,6 +595,10 @@ static PyObject *values(PyObject *self, PyObject *args) {
     PyObject *out = NULL;
     if (parse_column(spec, c) < 0 || check_rows(c, 1, n) < 0)
         goto done;
+    if (c->mode > STRING) {
+        PyErr_SetString(PyExc_ValueError, "_rows: values() reads string views only");
+        goto done;
+    }
     out = PyList_New(n);
     if (out == NULL)
         goto done;

@@ -237,3 +237,30 @@ def test_a_message_keeps_its_text_while_later_batches_reuse_the_buffers():
     assert view.readonly and view.tobytes() == bytes(kept)
     with pytest.raises(TypeError):
         view.cast("B")[0] = 0  # read-only
+
+
+def test_timestamps_rendered_in_c_match_polars_own_text_over_the_whole_range():
+    # _rows writes microsecond timestamps of the years 1-9999 itself; polars' strftime (which
+    # wrote them before) is the reference, here and beyond that range, where it still writes them.
+    import polars as pl
+
+    rnd = random.Random(20261123)
+    lo, hi = serialize.MIN_MICROS, serialize.MAX_MICROS
+    edges = [lo, lo + 1, hi, hi - 999_999, 0, -1, 1, -86_400_000_000, 951_782_400_000_000,  # 2000-02-29
+             -2_203_891_200_000_000, -30_610_224_000_000_001]  # 1900-03-01; year 999, one microsecond before 1000
+    whole = [rnd.randint(lo // 1_000_000, hi // 1_000_000) * 1_000_000 for _ in range(2000)]
+    micros = edges + whole + [rnd.randint(lo, hi) for _ in range(2000)]
+    for values in (micros, [hi + 1, lo - 1, 0, hi * 2]):  # the second: years beyond 9999 and before 1
+        s = pl.Series("t", values, pl.Int64).cast(pl.Datetime("us"))
+        want = pl.select(pl.when(s.dt.epoch("us") % 1_000_000 == 0).then(s.dt.strftime("%Y-%m-%dT%H:%M:%SZ"))
+                         .otherwise(s.dt.strftime("%Y-%m-%dT%H:%M:%S%.6fZ"))).to_series().to_list()
+        values_out, _ = serialize.encode(pa.table({"t": pa.array(values, pa.timestamp("us"))}))
+        assert values_out == [f'{{"t":"{w}"}}' for w in want]
+
+
+def test_every_int64_is_written_as_json_would_read_it():
+    edges = [0, 1, -1, 9, 10, -10, 2**53 - 1, 2**53, -(2**53 - 1), -(2**53), 2**63 - 1, -2**63, 10**18, -10**18, 999_999_999_999_999_999]
+    rnd = random.Random(7)
+    ints = edges + [rnd.randint(-2**63, 2**63 - 1) >> rnd.randint(0, 63) for _ in range(3000)]
+    values, _ = serialize.encode(pa.table({"i": pa.array(ints, pa.int64())}))
+    assert values == [f'{{"i":"{v}"}}' if abs(v) > MAX_SAFE else f'{{"i":{v}}}' for v in ints]
