@@ -3,8 +3,8 @@
  * serialize.py renders the columns to text with polars (numbers, timestamps, decimals: the
  * format's rules, vectorized) and hands them here, as Arrow string views read in place; 64-bit
  * integers and microsecond timestamps come as they are, and are written here.
- * rows() measures each row, then pastes its pieces one after the other into one buffer per
- * batch, without the GIL; the Kafka sink gets each message as a Message (a read-only
+ * rows() pastes each row's pieces, one row after the other, into one buffer per batch,
+ * without the GIL; the Kafka sink gets each message as a Message (a read-only
  * bytes-like view of that buffer, no copy), the other sinks as str. It replaced polars'
  * pl.format() and Series.to_list(), which wrote every message twice more (docs/benchmarks.md,
  * "jobrunner").
@@ -218,20 +218,7 @@ static int needs_escape(const unsigned char *p, size_t n) {
 #define needs_escape needs_escape_bytewise
 #endif
 
-/* Size of p[0:n] as a JSON string, quotes included. */
-static size_t escaped_size(const unsigned char *p, size_t n) {
-    size_t size = n + 2;
-    for (size_t k = 0; k < n; k++) {
-        unsigned char ch = p[k];
-        if (ch == '"' || ch == '\\' || ch == '\b' || ch == '\f' || ch == '\n' || ch == '\r' || ch == '\t')
-            size += 1;
-        else if (ch < 0x20)
-            size += 5;  /* \u00XX */
-    }
-    return size;
-}
-
-/* Writes p[0:n] at w as a JSON string, quotes included (escaped_size bytes); returns the end. */
+/* Writes p[0:n] at w as a JSON string, quotes included (at most 6n + 2 bytes); returns the end. */
 static char *escaped(char *w, const unsigned char *p, size_t n) {
     static const char hex[] = "0123456789abcdef";
     *w++ = '"';
@@ -269,12 +256,6 @@ static inline size_t digits(uint64_t u) {
 
 static inline uint64_t magnitude(int64_t v) { return v < 0 ? 0 - (uint64_t)v : (uint64_t)v; }
 
-/* Size of an INT64 value as written: sign, digits, and the quotes beyond 2^53 - 1. */
-static inline size_t int_size(int64_t v) {
-    size_t n = digits(magnitude(v)) + (v < 0);
-    return v > MAX_SAFE_INT || v < -MAX_SAFE_INT ? n + 2 : n;
-}
-
 static char *write_int(char *w, int64_t v) {
     int quoted = v > MAX_SAFE_INT || v < -MAX_SAFE_INT;
     if (quoted)
@@ -298,8 +279,6 @@ static inline int64_t floor_div(int64_t a, int64_t b) { return a / b - (a % b !=
 /* Microseconds 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999999Z, the years written with 4 digits. */
 #define MIN_MICROS (-62135596800000000LL)
 #define MAX_MICROS (253402300799999999LL)
-
-static inline size_t time_size(int64_t us) { return us % 1000000 == 0 ? 22 : 29; }
 
 static char *two(char *w, unsigned v) {
     w[0] = (char)('0' + v / 10);
@@ -342,28 +321,25 @@ static char *write_time(char *w, int64_t us) {
     return w;
 }
 
-/* The exact size of row i (lead_0 value_0 lead_1 value_1 ... tail), and whether one of its
- * string values needs escaping: the only pass that scans the strings, and the only one that
- * checks the views, so write_row() trusts both. */
-static int measure_row(const Column *cols, Py_ssize_t ncols, Py_ssize_t i, size_t tail_len, size_t *size, char *escape) {
+/* An upper bound of the size of row i (lead_0 value_0 lead_1 value_1 ... tail): a string may
+ * grow 6x escaped. It also makes the checks that write_row() relies on: every view inside its
+ * buffers, every timestamp in the years it writes. */
+static int bound_row(const Column *cols, Py_ssize_t ncols, Py_ssize_t i, size_t tail_len, size_t *size) {
     size_t need = tail_len;
-    *escape = 0;
     for (Py_ssize_t k = 0; k < ncols; k++) {
         const Column *c = &cols[k];
-        need += (size_t)c->lead_len;
-        if (is_null(c, i)) {
-            need += 4;  /* null */
+        need += (size_t)c->lead_len + 4;  /* null, or the quotes around a value */
+        if (is_null(c, i))
             continue;
-        }
         if (c->mode == INT64) {
-            need += int_size(c->ints[c->offset + i]);
+            need += 20;  /* sign and 19 digits */
             continue;
         }
         if (c->mode == TIMESTAMP) {
             int64_t us = c->ints[c->offset + i];
             if (us < MIN_MICROS || us > MAX_MICROS)
                 return BAD_TIME;
-            need += time_size(us);
+            need += 27;
             continue;
         }
         const char *p;
@@ -371,22 +347,15 @@ static int measure_row(const Column *cols, Py_ssize_t ncols, Py_ssize_t i, size_
         int err = value(c, i, &p, &n);
         if (err != OK)
             return err;
-        if (c->mode == RAW) {
-            need += n;
-        } else if (c->mode == QUOTED || !needs_escape((const unsigned char *)p, n)) {
-            need += n + 2;
-        } else {
-            need += escaped_size((const unsigned char *)p, n);
-            *escape = 1;
-        }
+        need += c->mode == STRING ? 6 * n : n;
     }
     *size = need;
     return OK;
 }
 
-/* Writes row i at w, exactly the size measure_row() gave; returns the end. escape: the row
- * has string values to escape (which are found again); without it, strings are copied whole. */
-static char *write_row(char *w, const Column *cols, Py_ssize_t ncols, Py_ssize_t i, const char *tail, size_t tail_len, char escape) {
+/* Writes row i at w, after bound_row() made room for it and checked it; returns the end.
+ * Strings are scanned and copied in one go, while they are in the cache. */
+static char *write_row(char *w, const Column *cols, Py_ssize_t ncols, Py_ssize_t i, const char *tail, size_t tail_len) {
     for (Py_ssize_t k = 0; k < ncols; k++) {
         const Column *c = &cols[k];
         memcpy(w, c->lead, (size_t)c->lead_len);
@@ -410,7 +379,7 @@ static char *write_row(char *w, const Column *cols, Py_ssize_t ncols, Py_ssize_t
         if (c->mode == RAW) {
             memcpy(w, p, n);
             w += n;
-        } else if (c->mode == QUOTED || !escape || !needs_escape((const unsigned char *)p, n)) {
+        } else if (c->mode == QUOTED || !needs_escape((const unsigned char *)p, n)) {
             *w++ = '"';
             memcpy(w, p, n);
             w += n;
@@ -487,8 +456,8 @@ static void free_columns(Column *cols, Py_ssize_t n) {
 
 /* rows(columns: list[tuple], tail: bytes, n: int, as_str: bool) -> (list[Message | str], int)
  * Row i: lead_0 value_0 lead_1 value_1 ... tail; and the UTF-8 size of all n rows.
- * The producing thread holds the GIL for every message it sends, so the rows are measured and
- * written without it, into a slab; with it, one Message per row is made over the slab (a small
+ * The producing thread holds the GIL for every message it sends, so the rows are written
+ * without it, into a slab; with it, one Message per row is made over the slab (a small
  * object, no copy), or a str decoded from it (the slab then goes back to the pool). */
 static PyObject *rows(PyObject *self, PyObject *args) {
     (void)self;
@@ -503,12 +472,11 @@ static PyObject *rows(PyObject *self, PyObject *args) {
     }
     Py_ssize_t ncols = PyList_GET_SIZE(spec);
     Column *cols = PyMem_Calloc(ncols ? ncols : 1, sizeof(Column));
-    size_t *sizes = PyMem_Malloc(((size_t)n + 1) * sizeof(size_t));
-    char *escape = PyMem_Malloc((size_t)n + 1);
+    size_t *ends = PyMem_Malloc(((size_t)n + 1) * sizeof(size_t));
     PyObject *out = NULL, *list = NULL, *slab = NULL;
     Buf buf = {NULL, 0};
     int err = OK, have_buf = 0;
-    if (cols == NULL || sizes == NULL || escape == NULL) {
+    if (cols == NULL || ends == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -524,15 +492,13 @@ static PyObject *rows(PyObject *self, PyObject *args) {
     have_buf = 1;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n && err == OK; i++) {
-        err = measure_row(cols, ncols, i, tail_len, &sizes[i], &escape[i]);
-        total += sizes[i];
-    }
-    if (err == OK)
-        err = reserve(&buf, total);
-    if (err == OK) {
-        char *w = buf.data;
-        for (Py_ssize_t i = 0; i < n; i++)
-            w = write_row(w, cols, ncols, i, tail, tail_len, escape[i]);
+        size_t bound;
+        err = bound_row(cols, ncols, i, tail_len, &bound);
+        if (err == OK)
+            err = reserve(&buf, total + bound);
+        if (err == OK)
+            total = (size_t)(write_row(buf.data + total, cols, ncols, i, tail, tail_len) - buf.data);
+        ends[i] = total;
     }
     Py_END_ALLOW_THREADS
     if (err != OK) {
@@ -549,17 +515,17 @@ static PyObject *rows(PyObject *self, PyObject *args) {
         ((Slab *)slab)->buf = buf;
         have_buf = 0;  /* the slab gives it back when its last message goes */
     }
-    const char *r = buf.data;
-    for (Py_ssize_t i = 0; i < n; r += sizes[i], i++) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        size_t start = i ? ends[i - 1] : 0, size = ends[i] - start;
         PyObject *msg;
         if (as_str) {
-            msg = make(r, sizes[i], 1);
+            msg = make(buf.data + start, size, 1);
         } else {
             Message *m = PyObject_New(Message, &MessageType);
             if (m != NULL) {
                 m->slab = Py_NewRef(slab);
-                m->data = r;
-                m->size = (Py_ssize_t)sizes[i];
+                m->data = buf.data + start;
+                m->size = (Py_ssize_t)size;
             }
             msg = (PyObject *)m;
         }
@@ -573,8 +539,7 @@ done:
     Py_XDECREF(slab);
     if (have_buf)
         give_buf(buf);
-    PyMem_Free(sizes);
-    PyMem_Free(escape);
+    PyMem_Free(ends);
     if (cols != NULL)
         free_columns(cols, ncols);
     return out;
