@@ -1,7 +1,7 @@
 """Rows of a parquet chunk -> JSON messages, vectorized (see docs/message-format.md).
 
 Per-row Python (to_pylist + json.dumps) caps transport at a fraction of what the brokers take,
-so no row is touched by Python here. Two steps per batch:
+so no row is touched by Python here. Two steps, the first per row group, the second per batch:
 1. polars renders the columns to text by the format's rules, as column expressions (UTC
    timestamps with Z, decimals as strings, non-finite floats as null, integers beyond 2^53 as
    strings); string columns stay as they are, and 64-bit integers and microsecond timestamps
@@ -11,9 +11,10 @@ so no row is touched by Python here. Two steps per batch:
    batch one after the other in one reused buffer; the Kafka sink gets them as Message objects
    (read-only bytes-like views of that buffer), the other sinks as str.
 Measured on the benchmark's 1M-row chunk (docs/benchmarks.md, "jobrunner"), from the parquet
-file to Python objects, encoding thread alone: 1.22-1.25 us of CPU per row with Message views,
-1.40-1.51 with a bytes object per message (a ~1 KB malloc each, freed by the producing thread),
-1.6-1.85 with polars' pl.format() + to_list(), 2.8 with DuckDB.
+file to Python objects, encoding thread alone: 0.94-1.01 us of CPU per row now; 1.22-1.25 before
+integers and timestamps were rendered in C and row groups rendered once; 1.40-1.51 with a bytes
+object per message (a ~1 KB malloc each, freed by the producing thread); 1.6-1.85 with polars'
+pl.format() + to_list(); 2.8 with DuckDB.
 
 Why so few calls per batch: the encoding runs in a thread beside the producing thread, which
 holds the GIL for every message it hands to librdkafka. Each time the encoder leaves native code
@@ -202,11 +203,13 @@ def _frame(table: pa.Table) -> pl.DataFrame:
 
 def parquet_batches(path: str, batch_rows: int, *, as_bytes: bool = False,
                     first_batch_rows: int | None = None) -> Iterator[tuple[list, list, int]]:
-    """(values, keys, UTF-8 size of the values) of a local parquet file, at most batch_rows at a time, in row order.
+    """(values, keys, UTF-8 size of the values) of a local parquet file, at most batch_rows at a
+    time, in row order.
 
     Decoded one row group at a time (staged chunks have 65,536-row groups, see stage.py), so
-    memory holds one row group's columns and one batch's JSON. first_batch_rows: a smaller
-    first batch, so whoever waits for it (the producer, idle until then) starts sooner.
+    memory holds one row group's columns (decoded and rendered) and the batches' JSON not yet
+    freed by the consumer. first_batch_rows: a smaller first batch, so whoever waits for it (the
+    producer, idle until then) starts sooner.
     """
     import pyarrow.parquet as pq
 
