@@ -61,14 +61,14 @@ def _micros(c: pl.Expr, dt: pl.Datetime, negative_ns: bool) -> pl.Expr:
 
 
 def _checks(schema: pl.Schema) -> list[pl.Expr]:
-    """Per batch: which columns need a rule that costs time on every row."""
+    """Per row group: which columns need a rule that costs time on every row, and whether its
+    microsecond timestamps are in the years _rows writes (c:). Int64 is _rows' own business."""
     out = []
     for name, dt in schema.items():
         c = pl.col(name)
-        out.append(c.null_count().alias(f"nulls:{name}"))
         if dt.is_float():
             out.append((~c.is_finite()).any().alias(f"rule:{name}"))
-        elif dt in (pl.Int64, pl.UInt64):
+        elif dt == pl.UInt64:
             out.append(((c > MAX_SAFE_INT) | (c < -MAX_SAFE_INT)).any().alias(f"rule:{name}"))
         elif isinstance(dt, pl.Datetime):
             out.append((c.dt.epoch("us") % 1_000_000 != 0).any().alias(f"rule:{name}"))
@@ -89,7 +89,7 @@ def _column(c: pl.Expr, dt: pl.DataType, rule: bool, negative: bool) -> tuple[pl
     if dt.is_float():
         f = c.cast(pl.Float64)  # a float32 is sent as the float64 it equals
         return (pl.when(f.is_finite()).then(f) if rule else f).cast(pl.String), False
-    if dt in (pl.Int64, pl.UInt64) and rule:
+    if dt == pl.UInt64 and rule:  # Int64 is rendered by _rows
         s = c.cast(pl.String)
         return pl.when((c > MAX_SAFE_INT) | (c < -MAX_SAFE_INT)).then(pl.format('"{}"', s)).otherwise(s), False
     if dt.is_integer() or dt == pl.Boolean:
@@ -123,7 +123,8 @@ def _column(c: pl.Expr, dt: pl.DataType, rule: bool, negative: bool) -> tuple[pl
 def _plan(df: pl.DataFrame) -> tuple[list[pl.Expr], list[bytes], list[int]]:
     """Per column of df: the expression rendering its values, the literal text before them
     (`{"name":` or `,"name":`) and how _rows writes them."""
-    stats = df.select(_checks(df.schema)).row(0, named=True) if df.width else {}
+    checks = _checks(df.schema)
+    stats = df.select(checks).row(0, named=True) if checks else {}
     exprs, leads, modes = [], [], []
     for i, (name, dt) in enumerate(df.schema.items()):
         leads.append((("{" if i == 0 else ",") + json.dumps(name.lower(), ensure_ascii=False) + ":").encode())
