@@ -33,7 +33,7 @@ from beam_devstack.k8s import ControlPlane  # noqa: E402
 from beam_devstack.operator_proc import helm_binary, install_crd  # noqa: E402
 from beam_operator.api import keys as keymod  # noqa: E402
 import orjson  # noqa: E402
-from beam_operator.api.jobs import creation_order, job_view  # noqa: E402
+from beam_operator.api.public_job import creation_order, job_view  # noqa: E402
 from beam_operator.api.kube import Backfills, api_client  # noqa: E402
 from kubernetes.client import CoreV1Api, CustomObjectsApi  # noqa: E402
 

@@ -43,6 +43,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+from beam_contract.model import Phase  # noqa: E402
 from beam_devstack.gcs import FakeGcs  # noqa: E402
 from beam_devstack.k8s import K8S_VERSION, ControlPlane  # noqa: E402
 from beam_devstack.nodeagent import NodeAgent  # noqa: E402
@@ -53,7 +54,7 @@ from scale_audit import POLICY, READS, WATCHES, WRITES, max_in_window, read_audi
 from scale_watch import Client, Watcher, admin_ssl  # noqa: E402
 
 IMAGE = "beam-backfill/scale-standin:bench"
-TERMINAL = ("completed", "failed", "cancelled")
+TERMINAL = tuple(p.value for p in Phase if p.terminal)
 
 
 def say(msg: str) -> None:

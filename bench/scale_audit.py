@@ -88,7 +88,7 @@ def read_audit(path: Path, since: float = 0.0) -> Requests:
                 out.backfill_created[key] = t
             continue  # not the operator's request: timed, not counted
         if verb == "create" and res == "jobs" and code == 201 and key[1].endswith("-staging"):
-            # <backfill>-<uid8>-staging (operator/beam_operator/jobs.py)
+            # <backfill>-<uid8>-staging (operator/beam_operator/child_jobs.py)
             out.staging_job_created[(key[0], key[1].rsplit("-", 2)[0])] = _ts(ev["stageTimestamp"])
         out.by_verb[verb] += 1
         out.by_kind[f"{verb} {res} {code}"] += 1

@@ -83,7 +83,7 @@ class FakeSnowflake:
 
 def connection_secret(endpoints: dict, name: str = "beam-snowflake", database: str = "base", schema: str = "assets") -> dict:
     """The Secret an administrator creates in an organization's namespace for this server: the
-    keys the operator maps into the staging Job (beam_operator.jobs.SNOWFLAKE_KEYS)."""
+    keys the operator maps into the staging Job (beam_contract.worker.SNOWFLAKE_SECRET_KEYS)."""
     import base64
 
     data = {"account": endpoints["account"], "user": endpoints["user"], "password": endpoints["password"],

@@ -1,4 +1,4 @@
-"""beam-jobrunner stage | transport | cleanup (docs/worker-contract.md).
+"""beam-jobrunner stage | transport (docs/worker-contract.md, beam_contract.worker).
 
 Every run ends with a one-line termination message and the contract's exit code: 0 done,
 1 unexpected error, 2 permanent failure, 3 transient failure that outlived its retries.
@@ -11,8 +11,10 @@ import json
 import logging
 import sys
 
+from beam_contract.worker import Command, ExitCode
+
 from beam_jobrunner.config import termination_path
-from beam_jobrunner.errors import EXIT_BUG, EXIT_OK, JobError
+from beam_jobrunner.errors import JobError
 
 log = logging.getLogger("beam_jobrunner")
 
@@ -25,16 +27,11 @@ def _terminate(message: str) -> None:
         log.debug("cannot write termination message: %s", e)
 
 
-def _run(command: str) -> dict:
-    from beam_jobrunner.config import Common, require
+def _run(command: Command) -> dict:
+    from beam_jobrunner.config import Common
 
-    if command == "cleanup":
-        from beam_jobrunner.cleanup import delete_staged
-
-        uri = require("BEAM_STAGING_URI")
-        return {"deleted": delete_staged(uri), "staging": uri}
     common = Common.from_env()
-    if command == "stage":
+    if command == Command.STAGE:
         from beam_jobrunner import stage
 
         return stage.run(common)
@@ -45,7 +42,7 @@ def _run(command: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="beam-jobrunner", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["stage", "transport", "cleanup"])
+    parser.add_argument("command", type=Command, choices=list(Command))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -62,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         log.exception("%s failed unexpectedly", args.command)
         _terminate(" ".join(f"{args.command}: unexpected error: {type(e).__name__}: {e}".split())[:1000])
-        return EXIT_BUG
+        return ExitCode.BUG
     line = json.dumps(result, separators=(",", ":"))
     print(line, flush=True)
     _terminate(line)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ import json
 import os
 from dataclasses import dataclass
 
-from beam_operator.model import BackfillSpec
+from beam_contract.model import BackfillSpec
+from beam_contract.worker import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TERMINATION_MESSAGE_PATH, Env
 
 from beam_jobrunner.errors import PermanentError
 
@@ -35,22 +36,22 @@ class Common:
 
     @classmethod
     def from_env(cls) -> "Common":
-        raw = require("BEAM_SPEC")
+        raw = require(Env.SPEC)
         try:
             spec = BackfillSpec.model_validate(json.loads(raw))
         except Exception as e:  # pydantic's message lists every bad field: the user needs it
-            raise PermanentError(f"configuration: BEAM_SPEC is not a valid BeamBackfill spec: {e}") from None
-        staging = require("BEAM_STAGING_URI")
+            raise PermanentError(f"configuration: {Env.SPEC} is not a valid BeamBackfill spec: {e}") from None
+        staging = require(Env.STAGING_URI)
         if not staging.startswith("gs://"):
-            raise PermanentError(f"configuration: BEAM_STAGING_URI must be a gs:// URI, got {staging!r}")
+            raise PermanentError(f"configuration: {Env.STAGING_URI} must be a gs:// URI, got {staging!r}")
         return cls(
             spec=spec,
-            job_id=require("BEAM_JOB_ID"),
-            namespace=env("BEAM_NAMESPACE", "default"),
+            job_id=require(Env.JOB_ID),
+            namespace=env(Env.NAMESPACE, "default"),
             staging_uri=staging.rstrip("/") + "/",
-            connect_timeout=float(env("BEAM_CONNECT_TIMEOUT_S", "30")),
+            connect_timeout=float(env(Env.CONNECT_TIMEOUT_S, str(DEFAULT_CONNECT_TIMEOUT_S))),
         )
 
 
 def termination_path() -> str:
-    return env("TERMINATION_MESSAGE_PATH", "/dev/termination-log")
+    return env(Env.TERMINATION_MESSAGE_PATH, DEFAULT_TERMINATION_MESSAGE_PATH)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-EXIT_OK, EXIT_BUG, EXIT_PERMANENT, EXIT_TRANSIENT = 0, 1, 2, 3
+from beam_contract.worker import ExitCode
 
 
 class JobError(Exception):
     """A failure the operator should see verbatim in the termination message."""
 
-    exit_code = EXIT_BUG
+    exit_code = ExitCode.BUG
 
     def __init__(self, message: str) -> None:
         # The termination message is one line: a stack of reasons joined by newlines would be cut.
@@ -22,10 +22,10 @@ class JobError(Exception):
 class PermanentError(JobError):
     """Bad input, 4xx, a missing table: retrying the Pod cannot help (exit 2)."""
 
-    exit_code = EXIT_PERMANENT
+    exit_code = ExitCode.PERMANENT
 
 
 class TransientError(JobError):
     """A broker or endpoint stayed unreachable through our own retries (exit 3)."""
 
-    exit_code = EXIT_TRANSIENT
+    exit_code = ExitCode.TRANSIENT

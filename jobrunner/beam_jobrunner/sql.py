@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from beam_operator.model import IDENT_RE, TABLE_RE, BackfillSpec
+from beam_contract.model import IDENT_RE, TABLE_RE, BackfillSpec
 
 from beam_jobrunner.errors import PermanentError
 

@@ -18,6 +18,9 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from beam_contract import staging
+from beam_contract.worker import SNOWFLAKE_REQUIRED_KEYS, SNOWFLAKE_SECRET_KEYS, Env, StageStrategy, StagingResult, snowflake_env
+
 from beam_jobrunner import sql, storage
 from beam_jobrunner.config import DEFAULT_CHUNK_TARGET_BYTES, Common, env
 from beam_jobrunner.errors import JobError, PermanentError, TransientError
@@ -29,25 +32,17 @@ ROW_GROUP_ROWS = 65536  # BEAM_CHUNK_ROW_GROUP_ROWS overrides: a chunk is cut on
 SF_OBJECT_MISSING = 2003
 
 
-def chunk_uri(staging_uri: str, index: int) -> str:
-    return storage.join(staging_uri, "chunks", f"chunk-{index:05d}.parquet")
-
-
-def manifest_uri(staging_uri: str) -> str:
-    return storage.join(staging_uri, "manifest.json")
-
-
 def snowflake_connect(timeout: float):
     import snowflake.connector
 
     params = {"paramstyle": "qmark", "login_timeout": timeout, "network_timeout": max(timeout, 60)}
-    for key in ("account", "user", "password", "host", "port", "protocol", "warehouse", "role", "database", "schema"):
-        value = env(f"BEAM_SNOWFLAKE_{key.upper()}")
+    for key in SNOWFLAKE_SECRET_KEYS:
+        value = env(snowflake_env(key))
         if value is not None:
             params[key] = int(value) if key == "port" else value
-    for key in ("account", "user", "password"):
+    for key in SNOWFLAKE_REQUIRED_KEYS:
         if key not in params:
-            raise PermanentError(f"staging: Snowflake {key} missing (env BEAM_SNOWFLAKE_{key.upper()} from the Snowflake Secret)")
+            raise PermanentError(f"staging: Snowflake {key} missing (env {snowflake_env(key)} from the Snowflake Secret)")
     try:
         return snowflake.connector.connect(**params)
     except snowflake.connector.errors.DatabaseError as e:
@@ -72,10 +67,10 @@ def _query_error(e: Exception, table: str) -> JobError:
 
 def _clear(staging_uri: str) -> None:
     # A retried stage Pod must not leave the previous attempt's chunks beside its own.
-    for uri, _ in storage.list_files(storage.join(staging_uri, "chunks") + "/"):
+    for uri, _ in storage.list_files(staging.join(staging_uri, staging.CHUNKS) + "/"):
         storage.filesystem().delete_file(storage.path_of(uri))
-    if storage.exists(manifest_uri(staging_uri)):
-        storage.filesystem().delete_file(storage.path_of(manifest_uri(staging_uri)))
+    if storage.exists(staging.manifest_uri(staging_uri)):
+        storage.filesystem().delete_file(storage.path_of(staging.manifest_uri(staging_uri)))
 
 
 def _normalize(table: pa.Table) -> pa.Table:
@@ -118,7 +113,7 @@ class ChunkWriter:
             return
         self._writer.close()
         data = self._sink.getvalue().to_pybytes()
-        uri = chunk_uri(self.staging_uri, len(self.chunks))
+        uri = staging.chunk_uri(self.staging_uri, len(self.chunks))
         storage.write_bytes(uri, data)
         self.chunks.append({"index": len(self.chunks), "uri": uri, "rows": self._rows, "bytes": len(data)})
         log.info("staged chunk %d: %d rows, %d bytes -> %s", len(self.chunks) - 1, self._rows, len(data), uri)
@@ -148,11 +143,11 @@ def stage_fetch(common: Common, conn, target_bytes: int) -> list[dict]:
 
 
 def stage_unload(common: Common, conn, target_bytes: int) -> list[dict]:
-    stage = env("BEAM_UNLOAD_STAGE")
+    stage = env(Env.UNLOAD_STAGE)
     if stage is None:
-        raise PermanentError("staging: strategy unload needs BEAM_UNLOAD_STAGE (the external stage over the staging bucket)")
+        raise PermanentError(f"staging: strategy unload needs {Env.UNLOAD_STAGE} (the external stage over the staging bucket)")
     # The stage's URL is the staging root; the job's files go under <namespace>/<job_id>/chunks/.
-    path = f"{common.namespace}/{common.job_id}/chunks"
+    path = f"{staging.job_path(common.namespace, common.job_id)}/{staging.CHUNKS}"
     cur = conn.cursor()
     try:
         cur.execute(sql.unload_sql(common.spec, stage, path, target_bytes))
@@ -170,9 +165,10 @@ def chunks_from_listing(staging_uri: str, listing: list[tuple[str, int]]) -> lis
     """Manifest entries for the files Snowflake unloaded (LIST gives name and size; rows from footers)."""
     chunks = []
     for name, size in sorted(listing):
-        if "/chunks/" not in name or not name.endswith(".parquet"):
+        marker = f"/{staging.CHUNKS}/"
+        if marker not in name or not name.endswith(".parquet"):
             continue
-        uri = storage.join(staging_uri, "chunks", name.split("/chunks/", 1)[1])
+        uri = staging.join(staging_uri, staging.CHUNKS, name.split(marker, 1)[1])
         with storage.filesystem().open_input_file(storage.path_of(uri)) as f:
             rows = pq.ParquetFile(f).metadata.num_rows
         if rows:
@@ -181,32 +177,34 @@ def chunks_from_listing(staging_uri: str, listing: list[tuple[str, int]]) -> lis
 
 
 def run(common: Common) -> dict:
-    strategy = env("BEAM_STAGE_STRATEGY", "unload")
-    if strategy not in ("unload", "fetch"):
-        raise PermanentError(f"staging: unknown BEAM_STAGE_STRATEGY {strategy!r} (unload or fetch)")
-    target = int(env("BEAM_CHUNK_TARGET_BYTES", str(DEFAULT_CHUNK_TARGET_BYTES)))
+    try:
+        strategy = StageStrategy(env(Env.STAGE_STRATEGY, StageStrategy.UNLOAD))
+    except ValueError:
+        choices = " or ".join(StageStrategy)
+        raise PermanentError(f"staging: unknown {Env.STAGE_STRATEGY} {env(Env.STAGE_STRATEGY)!r} ({choices})") from None
+    target = int(env(Env.CHUNK_TARGET_BYTES, str(DEFAULT_CHUNK_TARGET_BYTES)))
     sql.table_name(common.spec.table)  # refuse a bad name before connecting anywhere
     t0 = time.monotonic()
     _clear(common.staging_uri)
     conn = snowflake_connect(common.connect_timeout)
     try:
-        chunks = (stage_fetch if strategy == "fetch" else stage_unload)(common, conn, target)
+        chunks = (stage_fetch if strategy == StageStrategy.FETCH else stage_unload)(common, conn, target)
     finally:
         conn.close()
     manifest = {
         "version": 1,
         "job_id": common.job_id,
         "table": common.spec.table,
-        "strategy": strategy,
+        "strategy": str(strategy),
         "num_chunks": len(chunks),
         "num_rows": sum(c["rows"] for c in chunks),
         "num_bytes": sum(c["bytes"] for c in chunks),
         "chunks": chunks,
         "created": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
     }
-    uri = manifest_uri(common.staging_uri)
+    uri = staging.manifest_uri(common.staging_uri)
     storage.write_json(uri, manifest)
     elapsed = time.monotonic() - t0
     log.info("staged %d rows in %d chunks (%d bytes) in %.1fs (%.0f rows/s)", manifest["num_rows"], len(chunks),
              manifest["num_bytes"], elapsed, manifest["num_rows"] / elapsed if elapsed else 0)
-    return {"num_chunks": len(chunks), "num_rows": manifest["num_rows"], "manifest": uri}
+    return StagingResult(num_chunks=len(chunks), num_rows=manifest["num_rows"], manifest=uri).model_dump()

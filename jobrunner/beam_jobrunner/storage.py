@@ -1,9 +1,6 @@
 """gs:// objects through pyarrow's GCS filesystem: chunks, the manifest, delivery markers.
 
-Layout under the staging URI (gs://<bucket>/<prefix>/<namespace>/<job_id>/):
-  chunks/chunk-00000.parquet ...   the staged rows (fetch), or Snowflake's files (unload)
-  manifest.json                    what `stage` produced; `transport` reads it
-  delivered/<dest>/<chunk>         written once a chunk reached a non-Kafka destination
+Where each of them lives under a job's staging URI is beam_contract.staging.
 """
 
 from __future__ import annotations
@@ -15,14 +12,15 @@ from functools import lru_cache
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+from beam_contract.worker import DEFAULT_CONNECT_TIMEOUT_S, Env
 
 from beam_jobrunner.errors import PermanentError, TransientError
 
 
 @lru_cache(maxsize=None)
 def filesystem(timeout: float | None = None) -> pafs.GcsFileSystem:
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-    limit = timeout or float(os.environ.get("BEAM_CONNECT_TIMEOUT_S", "30"))
+    emulator = os.environ.get(Env.STORAGE_EMULATOR_HOST)
+    limit = timeout or float(os.environ.get(Env.CONNECT_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S))
     kw = {"retry_time_limit": timedelta(seconds=limit)}
     if emulator:
         u = urlparse(emulator if "://" in emulator else f"http://{emulator}")
@@ -35,10 +33,6 @@ def path_of(uri: str) -> str:
     if not uri.startswith("gs://"):
         raise PermanentError(f"storage: {uri!r} is not a gs:// URI")
     return uri[len("gs://"):]
-
-
-def join(base: str, *parts: str) -> str:
-    return base.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts)
 
 
 def write_bytes(uri: str, data: bytes) -> None:

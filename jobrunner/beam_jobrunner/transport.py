@@ -21,6 +21,9 @@ from typing import Callable, Iterator
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from beam_contract import staging
+from beam_contract.worker import Env
+
 from beam_jobrunner import serialize, storage
 from beam_jobrunner.config import Common, env, require
 from beam_jobrunner.errors import PermanentError, TransientError
@@ -173,7 +176,7 @@ class EncodedBatches:
                 pass
 
 
-def deliver_chunk(sink, download: ChunkDownload, batch_rows: int, crash_hook) -> int | None:
+def deliver_chunk(sink, download: ChunkDownload, batch_rows: int) -> int | None:
     """Open the sink and deliver the chunk to it: the bytes sent, or None if it already was.
     The caller closes the sink."""
     batches = EncodedBatches(download.result, batch_rows, as_bytes=getattr(sink, "takes_bytes", False))
@@ -181,26 +184,9 @@ def deliver_chunk(sink, download: ChunkDownload, batch_rows: int, crash_hook) ->
         sink.open()
         if sink.already_delivered():
             return None
-        return sink.deliver(batches, crash_hook)
+        return sink.deliver(batches)
     finally:
         batches.close()
-
-
-def _crash_hook():
-    """Test hooks (BEAM_TEST_CRASH_AFTER_ROWS): die like a killed Pod, mid-chunk."""
-    after = env("BEAM_TEST_CRASH_AFTER_ROWS")
-    if after is None:
-        return lambda rows, flush: None
-    limit = int(after)
-
-    def hook(rows: int, flush) -> None:
-        if rows >= limit:
-            if flush is not None:
-                flush(10)  # make sure the rows reached the broker: the open transaction is real
-            log.warning("BEAM_TEST_CRASH_AFTER_ROWS: exiting abruptly after %d rows", rows)
-            os._exit(137)
-
-    return hook
 
 
 def _metrics():
@@ -215,17 +201,14 @@ def _metrics():
 
 
 def run(common: Common) -> dict:
-    index = int(require("JOB_COMPLETION_INDEX"))
-    manifest_uri = env("BEAM_MANIFEST_URI") or storage.join(common.staging_uri, "manifest.json")
+    index = int(require(Env.COMPLETION_INDEX))
+    manifest_uri = env(Env.MANIFEST_URI) or staging.manifest_uri(common.staging_uri)
     manifest = storage.read_json(manifest_uri)
     chunks = manifest.get("chunks", [])
     if not 0 <= index < len(chunks):
         raise PermanentError(f"transport: chunk {index} not in manifest {manifest_uri} ({len(chunks)} chunks)")
     chunk = chunks[index]
     batch_rows = int(env("BEAM_TRANSPORT_BATCH_ROWS", str(DEFAULT_BATCH_ROWS)))
-    if env("BEAM_TEST_CRASH_AFTER_ROWS"):
-        batch_rows = max(1, min(batch_rows, int(env("BEAM_TEST_CRASH_AFTER_ROWS"))))
-    crash_hook = _crash_hook()
     metrics = _metrics()
     tag = f"{common.job_id}-{index}"
     remove_stale_downloads(tag)
@@ -238,16 +221,13 @@ def run(common: Common) -> dict:
             sink = make_sink(dest, ctx)
             t0 = time.monotonic()
             try:
-                nbytes = deliver_chunk(sink, download, batch_rows, crash_hook)
+                nbytes = deliver_chunk(sink, download, batch_rows)
             finally:
                 sink.close()
             if nbytes is None:
                 log.info("%s: already delivered, skipped", sink.label)
                 results.append({"destination": dest.name, "type": dest.type, "rows": 0, "skipped": True})
                 continue
-            if env("BEAM_TEST_CRASH_AFTER_COMMIT"):
-                log.warning("BEAM_TEST_CRASH_AFTER_COMMIT: exiting abruptly after the commit")
-                os._exit(137)
             elapsed = time.monotonic() - t0
             rows = download.result().num_rows
             log.info("%s: delivered %d rows, %d bytes in %.2fs (%.0f rows/s)", sink.label, rows, nbytes, elapsed,

@@ -6,13 +6,30 @@ import logging
 import os
 
 
+def limit_malloc_arenas(n: int = 2) -> None:
+    """glibc gives each thread that allocates its own malloc arena (up to 8 per core), and
+    freed memory stays in them: with 16 API threads that measured +30 MB of RSS at 300
+    backfills. The API calls no longer use threads, but kopf's executor, the Prometheus server
+    and the staged files' deletion still do. An explicit MALLOC_ARENA_MAX in the environment wins."""
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, n)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass  # not glibc
+
+
 def main() -> None:
+    limit_malloc_arenas()  # before any other thread exists
     import kopf
 
-    from . import handlers  # noqa: F401  registers the handlers
+    from . import handlers  # registers the handlers, and reads the settings
 
-    logging.basicConfig(level=os.environ.get("BEAM_LOG_LEVEL", "INFO"), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    liveness = os.environ.get("BEAM_LIVENESS_ENDPOINT", "http://0.0.0.0:8081/healthz") or None
+    config = handlers.CONFIG
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    liveness = config.liveness_endpoint or None
     # standalone: one replica (Deployment strategy Recreate) and no peering objects to manage.
     kopf.run(clusterwide=True, standalone=True, liveness_endpoint=liveness)
 

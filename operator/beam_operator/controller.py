@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
-from . import jobs, metrics
+from . import child_jobs, metrics, staged_files
 from .config import OperatorConfig
-from .model import TERMINAL
-from .reconcile import CreateJob, DeleteJob, DeleteStaged, Event, JobObs, Observed, PodObs, finalize_actions, reconcile
+from beam_contract.model import TERMINAL, BackfillStatus, Phase
+from .reconcile import Action, CreateJob, DeleteJob, DeleteStaged, Event, JobObs, Observed, PodObs, finalize_actions, reconcile
 
 if TYPE_CHECKING:
     from .kubeclient import KubeApi
@@ -141,7 +141,7 @@ class Controller:
             self.enqueue(key)
 
     def on_job(self, event_type: str | None, body: dict[str, Any]) -> None:
-        uid = (body["metadata"].get("labels") or {}).get(jobs.LABEL_JOB_ID)
+        uid = (body["metadata"].get("labels") or {}).get(child_jobs.LABEL_JOB_ID)
         if not uid:
             return
         name = body["metadata"]["name"]
@@ -159,7 +159,7 @@ class Controller:
             if job.failed:
                 if not any(p.job == job.name and not p.succeeded and p.message for p in pods):
                     need.append(job.name)
-            elif job.complete and job.phase == jobs.STAGING and status in ("", "staging"):
+            elif job.complete and job.phase == child_jobs.STAGING and status in ("", Phase.STAGING):
                 # Once transporting, the chunk count is in the status: a restarted operator
                 # must not read 1,000 staging Pods again.
                 if not any(p.job == job.name and p.succeeded and p.message for p in pods):
@@ -292,7 +292,7 @@ class Controller:
             generation=meta.get("generation", 1),
             creation_timestamp=meta.get("creationTimestamp", ""),
             spec=body.get("spec") or {},
-            status=body.get("status") or {},
+            status=BackfillStatus.model_validate(body.get("status") or {}),
             jobs=tuple(self.caches.jobs.get(uid, {}).values()),
             pods=tuple(self.caches.pods.get(uid, {}).values()),
             now=now or datetime.now(timezone.utc),
@@ -305,7 +305,7 @@ class Controller:
         await self._read_pods(body)
         old = body.get("status") or {}
         decision = reconcile(self.observe(body), self.config)
-        new = _clean(decision.status)
+        new = decision.status.document()
         changed = new != _clean(old)
         if changed and not decision.transition and not decision.actions:
             # Only a counter moved: hold the write until the interval has passed.
@@ -350,23 +350,25 @@ class Controller:
             # event arrives; otherwise a transition could be decided (and announced) twice.
             self.caches.backfills[key] = _slim(patched)
 
-    async def _apply(self, body: dict[str, Any], action: Any) -> None:
+    async def _apply(self, body: dict[str, Any], action: Action) -> None:
         ns = body["metadata"]["namespace"]
-        if isinstance(action, CreateJob):
-            created = await self.api.create_job(ns, action.manifest)
-            # Expect the Job before its watch event arrives: a reconcile in between must not
-            # ask for it again (a 409 each time, as controller-runtime's expectations avoid).
-            meta = action.manifest["metadata"]
-            uid = meta["labels"][jobs.LABEL_JOB_ID]
-            self.caches.jobs.setdefault(uid, {}).setdefault(meta["name"], JobObs(name=meta["name"], phase=meta["labels"].get(jobs.LABEL_PHASE, "")))
-            log.info("%s/%s: %s job %s", ns, body["metadata"]["name"], "created" if created else "found existing", action.manifest["metadata"]["name"])
-        elif isinstance(action, DeleteJob):
-            await self.api.delete_job(ns, action.name)
-        elif isinstance(action, DeleteStaged):
-            # Blocking (google-cloud-storage), once per finished backfill: rare enough for a
-            # thread of the loop's default executor rather than a pool of our own.
-            n = await asyncio.to_thread(self.api.delete_staged, action.uri)
-            log.info("%s/%s: deleted %d staged objects under %s", ns, body["metadata"]["name"], n, action.uri)
+        match action:
+            case CreateJob(manifest=manifest):
+                created = await self.api.create_job(ns, manifest)
+                # Expect the Job before its watch event arrives: a reconcile in between must not
+                # ask for it again (a 409 each time, as controller-runtime's expectations avoid).
+                meta = manifest["metadata"]
+                uid = meta["labels"][child_jobs.LABEL_JOB_ID]
+                expected = JobObs(name=meta["name"], phase=meta["labels"].get(child_jobs.LABEL_PHASE, ""))
+                self.caches.jobs.setdefault(uid, {}).setdefault(meta["name"], expected)
+                log.info("%s/%s: %s job %s", ns, body["metadata"]["name"], "created" if created else "found existing", meta["name"])
+            case DeleteJob(name=name):
+                await self.api.delete_job(ns, name)
+            case DeleteStaged(uri=uri):
+                # Blocking (google-cloud-storage), once per finished backfill: rare enough for a
+                # thread of the loop's default executor rather than a pool of our own.
+                n = await asyncio.to_thread(staged_files.delete_staged, uri, self.config.connect_timeout_seconds)
+                log.info("%s/%s: deleted %d staged objects under %s", ns, body["metadata"]["name"], n, uri)
 
     async def finalize(self, body: dict[str, Any]) -> bool:
         """Clean up a deleted backfill; True once nothing of it is left."""
@@ -380,7 +382,7 @@ class Controller:
 
     def count_by_status(self) -> dict[str, int]:
         """For the beam_backfills gauge, computed when scraped rather than on every event."""
-        counts = dict.fromkeys(("pending", "staging", "transporting", "completed", "failed", "cancelled"), 0)
+        counts = dict.fromkeys(("pending", *Phase), 0)
         for b in list(self.caches.backfills.values()):
             s = (b.get("status") or {}).get("status") or "pending"
             counts[s] = counts.get(s, 0) + 1

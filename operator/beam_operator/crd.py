@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from . import model
+from beam_contract import model
 
 _KEEP = {
     "type", "description", "pattern", "minLength", "maxLength", "minItems", "maxItems",

@@ -1,4 +1,5 @@
-"""kopf wiring: watch events into the Controller, deletion through a finalizer. No logic here.
+"""kopf wiring: watch events into the Controller, deletion through a finalizer, settings from
+OperatorConfig into kopf. No logic and no settings of its own here.
 
 Watch settings are deliberate (docs/operations.md): the API server ends each watch after
 `server_timeout` seconds and kopf re-lists, and the client gives up on a silent connection
@@ -14,14 +15,16 @@ import os
 import kopf
 from prometheus_client import start_http_server
 
-from . import jobs, metrics
+from . import child_jobs, metrics
 from .config import OperatorConfig
 from .controller import Controller, api_connections
 from .kubeclient import KubeApi, http_session, login_via_client
-from .model import GROUP, PLURAL, VERSION
+from beam_contract.model import GROUP, PLURAL, VERSION
 
 FINALIZER = f"{GROUP}/cleanup"
 _state: dict[str, Controller] = {}
+# Read at import, before kopf calls any handler: login() needs it before startup() runs.
+CONFIG = OperatorConfig()
 
 
 def controller() -> Controller:
@@ -48,28 +51,9 @@ class NoDiffBase(kopf.DiffBaseStorage):
         pass
 
 
-def limit_malloc_arenas(n: int = 2) -> None:
-    """glibc gives each thread that allocates its own malloc arena (up to 8 per core), and
-    freed memory stays in them: with 16 API threads that measured +30 MB of RSS at 300
-    backfills. The API calls no longer use threads, but kopf's executor, the Prometheus server
-    and the staged files' deletion still do. An explicit MALLOC_ARENA_MAX in the environment wins."""
-    if os.environ.get("MALLOC_ARENA_MAX"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-8, n)  # M_ARENA_MAX
-    except (OSError, AttributeError):
-        pass  # not glibc
-
-
-def log_debug() -> bool:
-    return os.environ.get("BEAM_LOG_LEVEL", "INFO").upper() == "DEBUG"
-
-
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) -> None:
-    config = OperatorConfig.from_env()
+    config = CONFIG
     if config.gcs_endpoint:
         # The staging store reads the emulator endpoint from the environment, as workers do.
         os.environ["STORAGE_EMULATOR_HOST"] = config.gcs_endpoint
@@ -78,8 +62,8 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.persistence.finalizer = FINALIZER
-    settings.watching.server_timeout = int(os.environ.get("BEAM_WATCH_SERVER_TIMEOUT", "300"))
-    settings.watching.client_timeout = int(os.environ.get("BEAM_WATCH_CLIENT_TIMEOUT", "330"))
+    settings.watching.server_timeout = config.watch_server_timeout
+    settings.watching.client_timeout = config.watch_client_timeout
     settings.watching.connect_timeout = 10
     settings.watching.reconnect_backoff = 1.0
     # We record our own Events on transitions; kopf's per-handler Events would double the writes.
@@ -90,27 +74,22 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
     # last full body for `idle_timeout` (5 s by default) after handling it, so all ~3,000
     # bodies of 1,000 backfills were alive together (+60 MB, docs/benchmarks.md). Our handlers
     # only copy a few fields into the controller's cache, so workers may exit sooner.
-    settings.watching.chunk_size = int(os.environ.get("BEAM_LIST_CHUNK_SIZE", "200")) or None
-    settings.queueing.idle_timeout = float(os.environ.get("BEAM_KOPF_IDLE_SECONDS", "0.5"))
+    settings.watching.chunk_size = config.list_chunk_size or None
+    settings.queueing.idle_timeout = config.kopf_idle_seconds
     # Filter on the server: without a selector every Job of the cluster, ours or not, would be
     # sent to us, parsed and dropped. Pods are not watched (controller.py reads the few needed).
-    settings.watching.label_selectors["batch", "v1", "jobs"] = jobs.LABEL_JOB_ID
+    settings.watching.label_selectors["batch", "v1", "jobs"] = child_jobs.LABEL_JOB_ID
     # kopf logs one "Handler succeeded" line per watch event at INFO: tens of thousands of lines
     # at scale, each costing CPU. The controller logs what matters (Jobs, transitions).
-    if not log_debug():
+    if config.log_level.upper() != "DEBUG":
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    limit_malloc_arenas()  # before other threads exist
-    # 32: with the API calls on the event loop, twice the workers took apply -> staging Job p50
-    # from 3.4 s to 0.55-0.98 s (4 runs of 5; one 1.69 s) in a 1,000-backfill burst, for 8 MB
-    # (docs/benchmarks.md). With threads it had made things worse.
-    workers = int(os.environ.get("BEAM_WORKERS", "32"))
     api = KubeApi(
         config,
         login=login_via_client(settings),
-        connections=int(os.environ.get("BEAM_API_CONNECTIONS", "0")) or api_connections(workers),
-        timeout=float(os.environ.get("BEAM_API_TIMEOUT_SECONDS", "30")),
+        connections=config.api_connections or api_connections(config.workers),
+        timeout=config.api_timeout_seconds,
     )
-    ctl = Controller(config, api, workers=workers, event_backlog=int(os.environ.get("BEAM_EVENT_BACKLOG", "1000")))
+    ctl = Controller(config, api, workers=config.workers, event_backlog=config.event_backlog)
     _state["controller"] = ctl
     metrics.BACKFILLS.source = ctl.count_by_status
     ctl.start()
@@ -133,7 +112,7 @@ async def login(**kwargs) -> kopf.AiohttpSession | None:
     if info is None:
         return None
     # No auth=: as_http_headers() carries basic auth too (as_aiohttp_basic_auth is deprecated).
-    session = http_session(info, int(os.environ.get("BEAM_KOPF_CONNECTIONS", "20")), headers=info.as_http_headers())
+    session = http_session(info, CONFIG.kopf_connections, headers=info.as_http_headers())
     return kopf.AiohttpSession(aiohttp_session=session, server=info.server, default_namespace=info.default_namespace, expiration=info.expiration)
 
 
@@ -150,7 +129,7 @@ async def backfill_event(event: kopf.RawEvent, **_) -> None:
     controller().on_backfill(event["type"], event["object"])
 
 
-@kopf.on.event("batch", "v1", "jobs", labels={jobs.LABEL_JOB_ID: kopf.PRESENT})
+@kopf.on.event("batch", "v1", "jobs", labels={child_jobs.LABEL_JOB_ID: kopf.PRESENT})
 async def job_event(event: kopf.RawEvent, **_) -> None:
     controller().on_job(event["type"], event["object"])
 

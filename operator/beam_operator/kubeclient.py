@@ -31,9 +31,9 @@ import aiohttp
 import kopf
 import orjson
 
-from . import jobs, metrics
+from . import child_jobs, metrics
 from .config import OperatorConfig
-from .model import GROUP, KIND, PLURAL, VERSION
+from beam_contract.model import GROUP, KIND, PLURAL, VERSION
 from .reconcile import Event, PodObs
 
 log = logging.getLogger("beam_operator.kubeclient")
@@ -187,7 +187,7 @@ class KubeApi:
                            body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Foreground"}, ok=(404,))
 
     async def list_job_names(self, namespace: str, uid: str) -> list[str]:
-        _, doc = await self.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs", params={"labelSelector": f"{jobs.LABEL_JOB_ID}={uid}"})
+        _, doc = await self.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs", params={"labelSelector": f"{child_jobs.LABEL_JOB_ID}={uid}"})
         return [j["metadata"]["name"] for j in doc["items"]]
 
     async def finished_pods(self, namespace: str, job_name: str) -> dict[str, PodObs]:
@@ -230,13 +230,3 @@ class KubeApi:
             })
         except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as e:
             log.warning("could not record event %s on %s/%s: %s", ev.reason, meta["namespace"], meta["name"], e)
-
-    def delete_staged(self, uri: str) -> int:
-        """Blocking (google-cloud-storage): the controller runs it in a thread, once per finished backfill.
-
-        The jobrunner's cleanup: one implementation of the staging layout and of the guard
-        that refuses to delete anything shallower than a job's own prefix. Not pyarrow.
-        """
-        from beam_jobrunner.cleanup import delete_staged
-
-        return delete_staged(uri)

@@ -8,16 +8,16 @@ decision again, and deterministic Job names turn a repeated create into AlreadyE
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from beam_contract.model import BackfillSpec, BackfillStatus, Condition, Phase, parse_timestamp, utc_iso, workflow_id
+from beam_contract.worker import StagingResult
 from pydantic import ValidationError
 
-from . import jobs
+from . import child_jobs
 from .config import OperatorConfig
-from .model import TERMINAL, BackfillSpec, parse_timestamp, utc_iso, workflow_id
 
 MAX_ERROR = 1024
 # Job and Pod watches are separate streams: a Job can be seen finished before its Pod's
@@ -33,7 +33,7 @@ class JobObs:
     """What the operator needs of a child Job's status."""
 
     name: str
-    phase: str  # jobs.STAGING or jobs.TRANSPORT
+    phase: str  # a child_jobs.JobKind, or "" for a Job without the label
     complete: bool = False
     failed: bool = False
     failure_reason: str = ""
@@ -51,7 +51,7 @@ class JobObs:
         failed = conds.get("Failed") or conds.get("FailureTarget")
         return cls(
             name=meta.get("name", ""),
-            phase=(meta.get("labels") or {}).get(jobs.LABEL_PHASE, ""),
+            phase=(meta.get("labels") or {}).get(child_jobs.LABEL_PHASE, ""),
             # SuccessCriteriaMet/FailureTarget come before Complete/Failed while Pods wind down;
             # acting on them saves a round of Pod termination.
             complete=bool(conds.get("Complete") or conds.get("SuccessCriteriaMet")),
@@ -106,7 +106,7 @@ class Observed:
     generation: int
     creation_timestamp: str
     spec: dict[str, Any]
-    status: dict[str, Any]
+    status: BackfillStatus
     jobs: tuple[JobObs, ...] = ()
     pods: tuple[PodObs, ...] = ()
     now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
@@ -127,6 +127,9 @@ class DeleteStaged:
     uri: str
 
 
+Action = CreateJob | DeleteJob | DeleteStaged
+
+
 @dataclass(frozen=True)
 class Event:
     type: str  # Normal or Warning
@@ -136,8 +139,8 @@ class Event:
 
 @dataclass
 class Decision:
-    status: dict[str, Any]
-    actions: list[Any] = field(default_factory=list)
+    status: BackfillStatus
+    actions: list[Action] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
 
@@ -146,7 +149,12 @@ class Decision:
         return any(e.reason in _TRANSITION_REASONS for e in self.events)
 
 
-_TRANSITION_REASONS = {"Staging", "Transporting", "Completed", "Failed", "Cancelled"}
+def _reason(phase: Phase) -> str:
+    """The Event reason of a transition into `phase`: Staging, Transporting, Completed..."""
+    return phase.value.capitalize()
+
+
+_TRANSITION_REASONS = {_reason(p) for p in Phase}
 
 
 def count_indexes(ranges: str) -> int:
@@ -168,12 +176,12 @@ def _clip(msg: str) -> str:
     return msg if len(msg) <= MAX_ERROR else msg[: MAX_ERROR - 1] + "…"
 
 
-def _set_condition(conds: list[dict[str, Any]], type_: str, status: str, reason: str, message: str, now: str, gen: int) -> list[dict[str, Any]]:
-    out = [c for c in conds if c.get("type") != type_]
-    old = next((c for c in conds if c.get("type") == type_), None)
-    ltt = old["lastTransitionTime"] if old and old.get("status") == status and old.get("lastTransitionTime") else now
-    out.append({"type": type_, "status": status, "reason": reason, "message": _clip(message), "lastTransitionTime": ltt, "observedGeneration": gen})
-    return sorted(out, key=lambda c: c["type"])
+def _set_condition(st: BackfillStatus, type_: str, status: bool, reason: str, message: str, now: str, gen: int) -> None:
+    value = "True" if status else "False"
+    old = next((c for c in st.conditions if c.type == type_), None)
+    ltt = old.lastTransitionTime if old and old.status == value and old.lastTransitionTime else now
+    new = Condition(type=type_, status=value, reason=reason, message=_clip(message), lastTransitionTime=ltt, observedGeneration=gen)
+    st.conditions = sorted([c for c in st.conditions if c.type != type_] + [new], key=lambda c: c.type)
 
 
 def _worker_message(pods: tuple[PodObs, ...], job: str, index: int | None = None) -> str:
@@ -189,50 +197,46 @@ def _worker_message(pods: tuple[PodObs, ...], job: str, index: int | None = None
 
 
 def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
-    st = dict(obs.status or {})
+    st = obs.status.model_copy(deep=True)
     now = utc_iso(obs.now)
     events: list[Event] = []
-    actions: list[Any] = []
+    actions: list[Action] = []
     by_phase = {j.phase: j for j in obs.jobs}
 
-    def finish(new_status: str, reason: str, message: str, *, warning: bool = False, cleanup_jobs: bool = False) -> Decision:
-        st["status"] = new_status
-        st["time_completed"] = st.get("time_completed") or now
-        if new_status == "failed":
-            st["error_message"] = _clip(message)
-        conds = st.get("conditions") or []
-        conds = _set_condition(conds, "Failed", "True" if new_status == "failed" else "False", reason, message if new_status == "failed" else "", now, obs.generation)
-        conds = _set_condition(conds, "Complete", "True" if new_status == "completed" else "False", reason, message if new_status == "completed" else "", now, obs.generation)
-        if new_status == "cancelled":
-            conds = _set_condition(conds, "Cancelled", "True", reason, message, now, obs.generation)
-        st["conditions"] = conds
+    def finish(phase: Phase, reason: str, message: str, *, warning: bool = False, cleanup_jobs: bool = False) -> Decision:
+        st.status = phase
+        st.time_completed = st.time_completed or now
+        if phase == Phase.FAILED:
+            st.error_message = _clip(message)
+        failed, completed = phase == Phase.FAILED, phase == Phase.COMPLETED
+        _set_condition(st, "Failed", failed, reason, message if failed else "", now, obs.generation)
+        _set_condition(st, "Complete", completed, reason, message if completed else "", now, obs.generation)
+        if phase == Phase.CANCELLED:
+            _set_condition(st, "Cancelled", True, reason, message, now, obs.generation)
         if cleanup_jobs:
-            actions.extend(DeleteJob(j.name) for j in obs.jobs if not j.deleting and (new_status == "cancelled" or _running(j)))
-        events.append(Event("Warning" if warning else "Normal", new_status.capitalize(), message))
-        if new_status == "completed" and config.staged_retention_seconds == 0 and st.get("num_chunks") is not None:
-            actions.append(DeleteStaged(jobs.staging_uri(config, obs.namespace, obs.uid)))
-            st["staged_files_deleted"] = True
-        elif new_status == "completed" and st.get("num_chunks") is not None:
+            actions.extend(DeleteJob(j.name) for j in obs.jobs if not j.deleting and (phase == Phase.CANCELLED or _running(j)))
+        events.append(Event("Warning" if warning else "Normal", _reason(phase), message))
+        if completed and config.staged_retention_seconds == 0 and st.num_chunks is not None:
+            actions.append(DeleteStaged(child_jobs.staging_uri(config, obs.namespace, obs.uid)))
+            st.staged_files_deleted = True
+        elif completed and st.num_chunks is not None:
             return Decision(st, actions, events, requeue_after=float(config.staged_retention_seconds))
         return Decision(st, actions, events)
 
     # First sight: identity fields the public API reports.
-    if not st.get("status"):
-        st.update(
-            status="staging",
+    if st.status is None:
+        st = BackfillStatus(
+            status=Phase.STAGING,
             job_id=obs.uid,
             workflow_id=workflow_id(obs.namespace, obs.uid),
             time_created=obs.creation_timestamp or now,
-            num_chunks=None,
-            chunks_left=None,
-            error_message=None,
-            time_completed=None,
+            conditions=st.conditions,
         )
-        st["conditions"] = _set_condition(st.get("conditions") or [], "Staged", "False", "Staging", "exporting the window from Snowflake", now, obs.generation)
-        events.append(Event("Normal", "Staging", "exporting the window from Snowflake to staging"))
-    st["observedGeneration"] = obs.generation
+        _set_condition(st, "Staged", False, "Staging", "exporting the window from Snowflake", now, obs.generation)
+        events.append(Event("Normal", _reason(Phase.STAGING), "exporting the window from Snowflake to staging"))
+    st.observedGeneration = obs.generation
 
-    if st["status"] in TERMINAL:
+    if st.status.terminal:
         return _terminal(obs, st, config, actions, events)
 
     # Checks the CRD cannot do: they depend on the operator's configuration.
@@ -241,57 +245,56 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        return finish("failed", "InvalidSpec", f"invalid spec: {loc}: {first['msg']}", warning=True, cleanup_jobs=True)
+        return finish(Phase.FAILED, "InvalidSpec", f"invalid spec: {loc}: {first['msg']}", warning=True, cleanup_jobs=True)
     if spec.cancel:
-        return finish("cancelled", "Cancelled", "cancelled by request (spec.cancel)", cleanup_jobs=True)
+        return finish(Phase.CANCELLED, "Cancelled", "cancelled by request (spec.cancel)", cleanup_jobs=True)
     if not config.table_allowed(spec.table):
         allowed = ", ".join(config.allowed_tables)
-        return finish("failed", "TableNotAllowed", f"table {spec.table} is not allowed by this operator; allowed tables: {allowed}", warning=True, cleanup_jobs=True)
+        return finish(Phase.FAILED, "TableNotAllowed", f"table {spec.table} is not allowed by this operator; allowed tables: {allowed}", warning=True, cleanup_jobs=True)
     if spec.static_egress_ip and not config.egress.configured:
         return finish(
-            "failed", "NoStaticEgress",
+            Phase.FAILED, "NoStaticEgress",
             "static_egress_ip is true but this operator has no static egress configured (egress.podLabels, nodeSelector or tolerations in the chart's values); "
             "set static_egress_ip: false or ask your administrator to configure egress",
             warning=True, cleanup_jobs=True,
         )
 
-    if st["status"] == "staging":
-        job = by_phase.get(jobs.STAGING)
+    if st.status == Phase.STAGING:
+        job = by_phase.get(child_jobs.STAGING)
         if job is None:
-            actions.append(CreateJob(jobs.staging_job(obs.name, obs.namespace, obs.uid, spec, config)))
+            actions.append(CreateJob(child_jobs.staging_job(obs.name, obs.namespace, obs.uid, spec, config)))
             return Decision(st, actions, events)
         if job.failed:
             why = _worker_message(obs.pods, job.name)
             if not why and _within_grace(job, obs.now):
                 return Decision(st, actions, events, requeue_after=1.0)
             why = why or job.failure_message or job.failure_reason
-            return finish("failed", "StagingFailed", f"staging failed: {why}", warning=True, cleanup_jobs=True)
+            return finish(Phase.FAILED, "StagingFailed", f"staging failed: {why}", warning=True, cleanup_jobs=True)
         if not job.complete:
             return Decision(st, actions, events)
         result = _staging_result(obs.pods, job.name)
         if result is None and _within_grace(job, obs.now):
             return Decision(st, actions, events, requeue_after=1.0)
         if result is None:
-            return finish("failed", "StagingFailed", "staging finished but reported no chunk count (no termination message from the staging Pod)", warning=True, cleanup_jobs=True)
-        st["num_chunks"], st["num_rows"] = result
-        st["chunks_left"] = result[0]
-        st["conditions"] = _set_condition(st.get("conditions") or [], "Staged", "True", "Staged", f"{result[0]} chunks, {result[1]} rows staged", now, obs.generation)
-        if result[0] == 0:
+            return finish(Phase.FAILED, "StagingFailed", "staging finished but reported no chunk count (no termination message from the staging Pod)", warning=True, cleanup_jobs=True)
+        st.num_chunks, st.num_rows, st.chunks_left = result.num_chunks, result.num_rows, result.num_chunks
+        _set_condition(st, "Staged", True, "Staged", f"{result.num_chunks} chunks, {result.num_rows} rows staged", now, obs.generation)
+        if result.num_chunks == 0:
             # An empty window is a success with nothing to deliver, not an error.
-            return finish("completed", "Completed", "the window holds no rows: nothing to deliver")
-        st["status"] = "transporting"
-        events.append(Event("Normal", "Transporting", f"staged {result[0]} chunks ({result[1]} rows); delivering to {len(spec.destinations)} destination(s)"))
-        actions.append(CreateJob(jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, result[0])))
+            return finish(Phase.COMPLETED, "Completed", "the window holds no rows: nothing to deliver")
+        st.status = Phase.TRANSPORTING
+        events.append(Event("Normal", _reason(Phase.TRANSPORTING), f"staged {result.num_chunks} chunks ({result.num_rows} rows); delivering to {len(spec.destinations)} destination(s)"))
+        actions.append(CreateJob(child_jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, result.num_chunks)))
         return Decision(st, actions, events)
 
     # transporting
-    num_chunks = int(st.get("num_chunks") or 0)
-    job = by_phase.get(jobs.TRANSPORT)
+    num_chunks = st.num_chunks or 0
+    job = by_phase.get(child_jobs.TRANSPORT)
     if job is None:
-        actions.append(CreateJob(jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, num_chunks)))
+        actions.append(CreateJob(child_jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, num_chunks)))
         return Decision(st, actions, events)
     done = count_indexes(job.completed_indexes)
-    st["chunks_left"] = max(num_chunks - done, 0)
+    st.chunks_left = max(num_chunks - done, 0)
     if job.failed:
         idx = first_index(job.failed_indexes)
         why = _worker_message(obs.pods, job.name, idx)
@@ -299,23 +302,23 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             return Decision(st, actions, events, requeue_after=1.0)
         why = why or job.failure_message or job.failure_reason
         where = f"chunk {idx}" if idx is not None else "a chunk"
-        return finish("failed", "TransportFailed", f"transport failed on {where} of {num_chunks}: {why}", warning=True, cleanup_jobs=True)
+        return finish(Phase.FAILED, "TransportFailed", f"transport failed on {where} of {num_chunks}: {why}", warning=True, cleanup_jobs=True)
     if job.complete:
-        st["chunks_left"] = 0
-        return finish("completed", "Completed", f"delivered {num_chunks} chunks to {len(spec.destinations)} destination(s)")
+        st.chunks_left = 0
+        return finish(Phase.COMPLETED, "Completed", f"delivered {num_chunks} chunks to {len(spec.destinations)} destination(s)")
     return Decision(st, actions, events)
 
 
-def _terminal(obs: Observed, st: dict[str, Any], config: OperatorConfig, actions: list[Any], events: list[Event]) -> Decision:
+def _terminal(obs: Observed, st: BackfillStatus, config: OperatorConfig, actions: list[Action], events: list[Event]) -> Decision:
     # Jobs left after a terminal status (the operator died between status and delete): a
     # cancelled backfill keeps none, a failed or completed one keeps finished Jobs until their TTL.
-    actions.extend(DeleteJob(j.name) for j in obs.jobs if not j.deleting and (st["status"] == "cancelled" or _running(j)))
-    if st["status"] == "completed" and st.get("num_chunks") and not st.get("staged_files_deleted"):
-        done_at = parse_timestamp(st["time_completed"]) if st.get("time_completed") else obs.now
+    actions.extend(DeleteJob(j.name) for j in obs.jobs if not j.deleting and (st.status == Phase.CANCELLED or _running(j)))
+    if st.status == Phase.COMPLETED and st.num_chunks and not st.staged_files_deleted:
+        done_at = parse_timestamp(st.time_completed) if st.time_completed else obs.now
         due = done_at + timedelta(seconds=config.staged_retention_seconds)
         if obs.now >= due:
-            actions.append(DeleteStaged(jobs.staging_uri(config, obs.namespace, obs.uid)))
-            st["staged_files_deleted"] = True
+            actions.append(DeleteStaged(child_jobs.staging_uri(config, obs.namespace, obs.uid)))
+            st.staged_files_deleted = True
         else:
             return Decision(st, actions, events, requeue_after=(due - obs.now).total_seconds())
     return Decision(st, actions, events)
@@ -331,18 +334,17 @@ def _within_grace(job: JobObs, now: datetime) -> bool:
     return (now - parse_timestamp(job.finished_at)).total_seconds() < POD_MESSAGE_GRACE_S
 
 
-def _staging_result(pods: tuple[PodObs, ...], job: str) -> tuple[int, int] | None:
+def _staging_result(pods: tuple[PodObs, ...], job: str) -> StagingResult | None:
     for p in sorted((p for p in pods if p.job == job and p.succeeded), key=lambda p: p.finished_at, reverse=True):
         try:
-            msg = json.loads(p.message)
-            return int(msg["num_chunks"]), int(msg.get("num_rows", 0))
-        except (ValueError, KeyError, TypeError):
+            return StagingResult.model_validate_json(p.message)
+        except ValueError:  # pydantic's ValidationError is one
             continue
     return None
 
 
-def finalize_actions(obs: Observed, config: OperatorConfig) -> list[Any]:
+def finalize_actions(obs: Observed, config: OperatorConfig) -> list[Action]:
     """What deleting a BeamBackfill must clean up before its finalizer is removed."""
-    acts: list[Any] = [DeleteJob(j.name) for j in obs.jobs if not j.deleting]
-    acts.append(DeleteStaged(jobs.staging_uri(config, obs.namespace, obs.uid)))
+    acts: list[Action] = [DeleteJob(j.name) for j in obs.jobs if not j.deleting]
+    acts.append(DeleteStaged(child_jobs.staging_uri(config, obs.namespace, obs.uid)))
     return acts

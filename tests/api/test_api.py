@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from apiproc import KEYS_NS, ApiProcess
-from beam_operator.model import destination_uid, spec_from_dict
+from beam_contract.model import destination_uid, spec_from_dict
 
 # The seed's create example, verbatim, and its block-height form (the other documented window).
 SEED_CREATE = {

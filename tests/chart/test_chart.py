@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -11,7 +12,7 @@ from beam_operator.config import OperatorConfig
 from chartlib import CHART, FULL_VALUES, REPO, container_env, run_template
 
 # Settings the chart derives from other values rather than from `config`.
-DERIVED = {"jobrunner_image", "image_pull_policy", "worker_service_account", "metrics_port"}
+DERIVED = {"jobrunner_image", "image_pull_policy", "worker_service_account", "metrics_port", "liveness_endpoint"}
 ALL_ENV = {f"BEAM_{name.upper()}" for name in OperatorConfig.model_fields}
 
 
@@ -69,21 +70,30 @@ def test_default_render(render):
     assert worker["metadata"]["namespace"] == "beam-system"
 
 
-def test_default_env_is_every_setting_at_the_operators_defaults(render):
+def config_from(env: dict[str, str], monkeypatch) -> OperatorConfig:
+    """What the operator reads from the container's env (pydantic-settings' own parsing)."""
+    for k in [k for k in os.environ if k.startswith("BEAM_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return OperatorConfig()
+
+
+def test_default_env_is_every_setting_at_the_operators_defaults(render, monkeypatch):
     env = container_env(render().one("Deployment"))
     beam = {k: v for k, v in env.items() if k.startswith("BEAM_")}
     assert set(beam) == ALL_ENV
-    parsed = OperatorConfig.from_env(beam)
+    parsed = config_from(beam, monkeypatch)
     expected = OperatorConfig(worker_service_account="beam-beam-backfill-worker")
     assert parsed == expected
 
 
-def test_full_values_reach_the_operator(render):
+def test_full_values_reach_the_operator(render, monkeypatch):
     docs = render("--values", str(FULL_VALUES))
     dep = docs.one("Deployment", "beam-ops")
     env = container_env(dep)
     assert set(k for k in env if k.startswith("BEAM_")) == ALL_ENV
-    config = OperatorConfig.from_env({k: v for k, v in env.items() if k.startswith("BEAM_")})
+    config = config_from({k: v for k, v in env.items() if k.startswith("BEAM_")}, monkeypatch)
     full = yaml.safe_load(FULL_VALUES.read_text())
     for name, value in full["config"].items():
         got = getattr(config, name)

@@ -8,7 +8,7 @@ import pytest
 import sqlglot
 from sqlglot import exp
 
-from beam_operator.model import BackfillSpec
+from beam_contract.model import BackfillSpec
 from beam_jobrunner import sql
 from beam_jobrunner.errors import PermanentError
 
@@ -111,8 +111,11 @@ def test_missing_table_and_column(tmp_path, source, bucket, gcs):
     assert r.code == 2 and r.message.startswith("staging: query on base.assets.erc20_token_transfers failed")
 
 
-def test_empty_window_and_cleanup(tmp_path, source, bucket, gcs):
-    from beam_jobrunner import cleanup, storage
+def test_empty_window_and_operator_deletes_staged_files(tmp_path, source, bucket, gcs, monkeypatch):
+    """The operator's deletion (finalizer, retention) of what the jobrunner staged, on fake-gcs-server."""
+    from beam_contract.staging import StagingLayoutError
+    from beam_jobrunner import storage
+    from beam_operator import staged_files
 
     spec = {"job_name": "t", "table": "base.assets.erc20_token_transfers",
             "backfill_window": {"partition_key": "block_timestamp", "start": "2030-01-01T00:00:00", "end": "2030-01-02T00:00:00"},
@@ -121,27 +124,26 @@ def test_empty_window_and_cleanup(tmp_path, source, bucket, gcs):
     staged = job.stage().json
     assert staged == {"num_chunks": 0, "num_rows": 0, "manifest": job.staging + "manifest.json"}
 
-    # cleanup removes what stage wrote (here: the manifest) and nothing outside the prefix.
     other = Job(tmp_path, {**spec, "backfill_window": {"partition_key": "block", "start": 1000, "end": 1900}},
                 snowflake=source, gcs=gcs)
     assert other.stage().json["num_chunks"] >= 2
-    r = job.run("cleanup")
-    assert r.code == 0 and r.json["deleted"] == 1
-    import os
-    os.environ["STORAGE_EMULATOR_HOST"] = gcs.endpoints()["url"]
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.endpoints()["url"])
     storage.filesystem.cache_clear()
+    staged_files._client.cache_clear()
     try:
         n = len(storage.list_files(other.staging))
         assert n >= 3  # chunks + manifest
-        assert cleanup.delete_staged(other.staging) == n
+        # Deleting one job's prefix (here: the empty window's manifest) leaves the other's alone.
+        assert staged_files.delete_staged(job.staging) == 1
+        assert len(storage.list_files(other.staging)) == n
+        assert staged_files.delete_staged(other.staging) == n
         assert storage.list_files(other.staging) == []
-        with pytest.raises(PermanentError, match="refusing to delete"):
-            cleanup.delete_staged(f"gs://{bucket}/backfills/")
-        with pytest.raises(PermanentError, match="not a gs:// URI"):
-            cleanup.delete_staged(f"/{bucket}/backfills/ns/uid/")
-        # A second cleanup of the same prefix finds nothing and succeeds (a retried finalizer).
-        assert cleanup.delete_staged(other.staging) == 0
+        with pytest.raises(StagingLayoutError, match="refusing to delete"):
+            staged_files.delete_staged(f"gs://{bucket}/backfills/")
+        with pytest.raises(StagingLayoutError, match="not a gs:// URI"):
+            staged_files.delete_staged(f"/{bucket}/backfills/ns/uid/")
+        # A second deletion of the same prefix finds nothing and succeeds (a retried finalizer).
+        assert staged_files.delete_staged(other.staging) == 0
     finally:
-        del os.environ["STORAGE_EMULATOR_HOST"]
         storage.filesystem.cache_clear()
-        cleanup._client.cache_clear()
+        staged_files._client.cache_clear()

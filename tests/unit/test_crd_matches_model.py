@@ -7,7 +7,7 @@ import yaml
 from pydantic import ValidationError
 
 from beam_operator import crd
-from beam_operator.model import BackfillSpec
+from beam_contract.model import BackfillSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 

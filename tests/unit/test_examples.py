@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from beam_operator.model import BackfillSpec
+from beam_contract.model import BackfillSpec
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 

@@ -12,7 +12,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from beam_operator import jobs
+from beam_contract.model import BackfillStatus
+from beam_operator import child_jobs
 from beam_operator.config import EgressConfig, OperatorConfig
 from beam_operator.reconcile import (
     CreateJob,
@@ -36,14 +37,15 @@ SPEC = {
     "destinations": [{"type": "kafka", "name": "base-usdc-transfers-backfill"}],
 }
 CONFIG = OperatorConfig(staging_bucket="b", staging_prefix="p")
-STAGE = jobs.job_name("usdc", UID, jobs.STAGING)
-XPORT = jobs.job_name("usdc", UID, jobs.TRANSPORT)
+STAGE = child_jobs.child_job_name("usdc", UID, child_jobs.STAGING)
+XPORT = child_jobs.child_job_name("usdc", UID, child_jobs.TRANSPORT)
 
 
 def obs(status=None, jobs_=(), pods=(), spec=None, now=NOW, generation=1):
     return Observed(
         name="usdc", namespace="org123", uid=UID, generation=generation,
-        creation_timestamp="2026-03-01T11:59:00Z", spec=spec or SPEC, status=status or {},
+        creation_timestamp="2026-03-01T11:59:00Z", spec=spec or SPEC,
+        status=status if isinstance(status, BackfillStatus) else BackfillStatus.model_validate(status or {}),
         jobs=tuple(jobs_), pods=tuple(pods), now=now,
     )
 
@@ -62,11 +64,11 @@ def created(d):
 
 def test_first_sight_sets_identity_and_creates_the_staging_job():
     d = run(obs())
-    assert d.status["status"] == "staging"
-    assert d.status["job_id"] == UID
-    assert d.status["workflow_id"] == f"beam-backfill-org123-{UID}"
-    assert d.status["num_chunks"] is None and d.status["time_completed"] is None
-    assert d.status["time_created"] == "2026-03-01T11:59:00Z"
+    assert d.status.status == "staging"
+    assert d.status.job_id == UID
+    assert d.status.workflow_id == f"beam-backfill-org123-{UID}"
+    assert d.status.num_chunks is None and d.status.time_completed is None
+    assert d.status.time_created == "2026-03-01T11:59:00Z"
     [m] = created(d)
     assert m["metadata"]["name"] == STAGE
     assert m["metadata"]["ownerReferences"][0]["uid"] == UID
@@ -78,15 +80,15 @@ def test_restart_while_staging_asks_for_the_same_job_and_nothing_else():
     again = run(obs(status=first.status))
     assert [m["metadata"]["name"] for m in created(again)] == [STAGE]
     assert again.events == []  # no second "Staging" event
-    running = run(obs(status=first.status, jobs_=[JobObs(STAGE, jobs.STAGING, active=1)]))
-    assert running.actions == [] and running.status["status"] == "staging"
+    running = run(obs(status=first.status, jobs_=[JobObs(STAGE, child_jobs.STAGING, active=1)]))
+    assert running.actions == [] and running.status.status == "staging"
 
 
 def test_staging_done_records_chunks_and_starts_one_indexed_transport_job():
     st = run(obs()).status
-    d = run(obs(status=st, jobs_=[JobObs(STAGE, jobs.STAGING, complete=True, finished_at="2026-03-01T11:59:30Z")], pods=[staged_pod(3, 300)]))
-    assert d.status["status"] == "transporting"
-    assert (d.status["num_chunks"], d.status["chunks_left"], d.status["num_rows"]) == (3, 3, 300)
+    d = run(obs(status=st, jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True, finished_at="2026-03-01T11:59:30Z")], pods=[staged_pod(3, 300)]))
+    assert d.status.status == "transporting"
+    assert (d.status.num_chunks, d.status.chunks_left, d.status.num_rows) == (3, 3, 300)
     [m] = created(d)
     assert m["metadata"]["name"] == XPORT
     assert m["spec"]["completionMode"] == "Indexed"
@@ -99,108 +101,108 @@ def test_staging_done_records_chunks_and_starts_one_indexed_transport_job():
 
 def test_staging_done_but_message_not_seen_yet_waits_then_fails_clearly():
     st = run(obs()).status
-    job = JobObs(STAGE, jobs.STAGING, complete=True, finished_at="2026-03-01T11:59:55Z")
+    job = JobObs(STAGE, child_jobs.STAGING, complete=True, finished_at="2026-03-01T11:59:55Z")
     d = run(obs(status=st, jobs_=[job]))
-    assert d.status["status"] == "staging" and d.requeue_after == 1.0
+    assert d.status.status == "staging" and d.requeue_after == 1.0
     late = run(obs(status=st, jobs_=[job], now=NOW + timedelta(minutes=1)))
-    assert late.status["status"] == "failed"
-    assert "no chunk count" in late.status["error_message"]
+    assert late.status.status == "failed"
+    assert "no chunk count" in late.status.error_message
 
 
 def test_staging_failure_carries_the_workers_message():
     st = run(obs()).status
     pod = PodObs(STAGE, None, False, 2, "staging: table base.assets.nope does not exist or is not authorized", "2026-03-01T11:59:40Z")
-    d = run(obs(status=st, jobs_=[JobObs(STAGE, jobs.STAGING, failed=True, failure_reason="PodFailurePolicy", finished_at="2026-03-01T11:59:41Z")], pods=[pod]))
-    assert d.status["status"] == "failed"
-    assert d.status["error_message"] == "staging failed: staging: table base.assets.nope does not exist or is not authorized"
-    assert d.status["time_completed"] == "2026-03-01T12:00:00Z"
+    d = run(obs(status=st, jobs_=[JobObs(STAGE, child_jobs.STAGING, failed=True, failure_reason="PodFailurePolicy", finished_at="2026-03-01T11:59:41Z")], pods=[pod]))
+    assert d.status.status == "failed"
+    assert d.status.error_message == "staging failed: staging: table base.assets.nope does not exist or is not authorized"
+    assert d.status.time_completed == "2026-03-01T12:00:00Z"
     assert [e.type for e in d.events] == ["Warning"]
-    cond = {c["type"]: c for c in d.status["conditions"]}
+    cond = {c.type: c.model_dump() for c in d.status.conditions}
     assert cond["Failed"]["status"] == "True" and cond["Failed"]["reason"] == "StagingFailed"
 
 
 def test_empty_window_completes_without_transport():
     st = run(obs()).status
-    d = run(obs(status=st, jobs_=[JobObs(STAGE, jobs.STAGING, complete=True, finished_at="2026-03-01T11:59:30Z")], pods=[staged_pod(0, 0)]))
-    assert d.status["status"] == "completed"
-    assert (d.status["num_chunks"], d.status["chunks_left"]) == (0, 0)
+    d = run(obs(status=st, jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True, finished_at="2026-03-01T11:59:30Z")], pods=[staged_pod(0, 0)]))
+    assert d.status.status == "completed"
+    assert (d.status.num_chunks, d.status.chunks_left) == (0, 0)
     assert created(d) == []
 
 
 def transporting_status(n=3):
     st = run(obs()).status
-    return run(obs(status=st, jobs_=[JobObs(STAGE, jobs.STAGING, complete=True, finished_at="2026-03-01T11:59:30Z")], pods=[staged_pod(n)])).status
+    return run(obs(status=st, jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True, finished_at="2026-03-01T11:59:30Z")], pods=[staged_pod(n)])).status
 
 
 def test_restart_while_transporting_recreates_only_the_same_transport_job():
     st = transporting_status()
-    d = run(obs(status=st, jobs_=[JobObs(STAGE, jobs.STAGING, complete=True)]))
+    d = run(obs(status=st, jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True)]))
     assert [m["metadata"]["name"] for m in created(d)] == [XPORT]
-    assert d.status["num_chunks"] == 3  # progress kept
+    assert d.status.num_chunks == 3  # progress kept
 
 
 def test_chunks_left_follows_completed_indexes():
     st = transporting_status(10)
-    d = run(obs(status=st, jobs_=[JobObs(XPORT, jobs.TRANSPORT, completed_indexes="0-3,7", active=4)]))
-    assert d.status["chunks_left"] == 5
+    d = run(obs(status=st, jobs_=[JobObs(XPORT, child_jobs.TRANSPORT, completed_indexes="0-3,7", active=4)]))
+    assert d.status.chunks_left == 5
     assert d.actions == [] and d.events == []
 
 
 def test_transport_complete_completes_and_deletes_staged_files():
     st = transporting_status(3)
-    d = run(obs(status=st, jobs_=[JobObs(XPORT, jobs.TRANSPORT, complete=True, completed_indexes="0-2", finished_at="2026-03-01T11:59:59Z")]))
-    assert d.status["status"] == "completed" and d.status["chunks_left"] == 0
-    assert d.status["time_completed"] == "2026-03-01T12:00:00Z"
+    d = run(obs(status=st, jobs_=[JobObs(XPORT, child_jobs.TRANSPORT, complete=True, completed_indexes="0-2", finished_at="2026-03-01T11:59:59Z")]))
+    assert d.status.status == "completed" and d.status.chunks_left == 0
+    assert d.status.time_completed == "2026-03-01T12:00:00Z"
     assert DeleteStaged("gs://b/p/org123/" + UID + "/") in d.actions
-    assert d.status["staged_files_deleted"] is True
+    assert d.status.staged_files_deleted is True
 
 
 def test_retention_keeps_staged_files_until_due():
     cfg = OperatorConfig(staging_bucket="b", staging_prefix="p", staged_retention_seconds=3600)
     st = transporting_status(3)
-    d = reconcile(obs(status=st, jobs_=[JobObs(XPORT, jobs.TRANSPORT, complete=True, completed_indexes="0-2")]), cfg)
-    assert d.status["status"] == "completed" and not any(isinstance(a, DeleteStaged) for a in d.actions)
+    d = reconcile(obs(status=st, jobs_=[JobObs(XPORT, child_jobs.TRANSPORT, complete=True, completed_indexes="0-2")]), cfg)
+    assert d.status.status == "completed" and not any(isinstance(a, DeleteStaged) for a in d.actions)
     assert d.requeue_after == 3600
     later = reconcile(obs(status=d.status, now=NOW + timedelta(hours=1, seconds=1)), cfg)
     assert any(isinstance(a, DeleteStaged) for a in later.actions)
-    assert later.status["staged_files_deleted"] is True
+    assert later.status.staged_files_deleted is True
 
 
 def test_transport_failure_names_the_chunk_and_what_the_worker_said():
     st = transporting_status(5)
     pod = PodObs(XPORT, 3, False, 2, "webhook destination 'hook' chunk 3: HTTP 403 Forbidden: bad signature", "2026-03-01T11:59:50Z")
-    job = JobObs(XPORT, jobs.TRANSPORT, failed=True, failure_reason="MaxFailedIndexesExceeded", completed_indexes="0-1", failed_indexes="3", active=1, finished_at="2026-03-01T11:59:51Z")
+    job = JobObs(XPORT, child_jobs.TRANSPORT, failed=True, failure_reason="MaxFailedIndexesExceeded", completed_indexes="0-1", failed_indexes="3", active=1, finished_at="2026-03-01T11:59:51Z")
     d = run(obs(status=st, jobs_=[job], pods=[pod]))
-    assert d.status["status"] == "failed"
-    assert d.status["error_message"] == "transport failed on chunk 3 of 5: webhook destination 'hook' chunk 3: HTTP 403 Forbidden: bad signature"
-    assert d.status["chunks_left"] == 3
+    assert d.status.status == "failed"
+    assert d.status.error_message == "transport failed on chunk 3 of 5: webhook destination 'hook' chunk 3: HTTP 403 Forbidden: bad signature"
+    assert d.status.chunks_left == 3
     assert DeleteJob(XPORT) in d.actions  # nothing keeps running
 
 
 @pytest.mark.parametrize("phase", ["staging", "transporting"])
 def test_cancel_deletes_every_job_and_ends_cancelled(phase):
     st = run(obs()).status if phase == "staging" else transporting_status()
-    running = [JobObs(STAGE, jobs.STAGING, active=1)] if phase == "staging" else [JobObs(STAGE, jobs.STAGING, complete=True), JobObs(XPORT, jobs.TRANSPORT, active=2)]
+    running = [JobObs(STAGE, child_jobs.STAGING, active=1)] if phase == "staging" else [JobObs(STAGE, child_jobs.STAGING, complete=True), JobObs(XPORT, child_jobs.TRANSPORT, active=2)]
     d = run(obs(status=st, jobs_=running, spec={**SPEC, "cancel": True}, generation=2))
-    assert d.status["status"] == "cancelled"
-    assert d.status["time_completed"] == "2026-03-01T12:00:00Z"
+    assert d.status.status == "cancelled"
+    assert d.status.time_completed == "2026-03-01T12:00:00Z"
     # all of them, finished staging Job included: a cancelled backfill leaves no Jobs behind
     assert [a.name for a in d.actions if isinstance(a, DeleteJob)] == [j.name for j in running]
-    assert d.status["observedGeneration"] == 2
+    assert d.status.observedGeneration == 2
     assert [e.reason for e in d.events] == ["Cancelled"]
 
 
 def test_cancel_after_completion_changes_nothing():
     st = transporting_status(3)
-    done = run(obs(status=st, jobs_=[JobObs(XPORT, jobs.TRANSPORT, complete=True, completed_indexes="0-2")])).status
+    done = run(obs(status=st, jobs_=[JobObs(XPORT, child_jobs.TRANSPORT, complete=True, completed_indexes="0-2")])).status
     d = run(obs(status=done, spec={**SPEC, "cancel": True}))
-    assert d.status["status"] == "completed" and d.actions == [] and d.events == []
+    assert d.status.status == "completed" and d.actions == [] and d.events == []
 
 
 def test_terminal_status_with_a_job_still_running_deletes_it():
     st = transporting_status(3)
-    failed = {**st, "status": "failed", "error_message": "x", "time_completed": "2026-03-01T12:00:00Z"}
-    left = [JobObs(STAGE, jobs.STAGING, complete=True), JobObs(XPORT, jobs.TRANSPORT, active=2)]
+    failed = {**st.document(), "status": "failed", "error_message": "x", "time_completed": "2026-03-01T12:00:00Z"}
+    left = [JobObs(STAGE, child_jobs.STAGING, complete=True), JobObs(XPORT, child_jobs.TRANSPORT, active=2)]
     d = run(obs(status=failed, jobs_=left))
     assert d.actions == [DeleteJob(XPORT)]  # the finished staging Job stays for debugging
     cancelled = run(obs(status={**failed, "status": "cancelled"}, jobs_=left))
@@ -210,19 +212,19 @@ def test_terminal_status_with_a_job_still_running_deletes_it():
 def test_table_not_in_allow_list_fails_with_the_list():
     cfg = OperatorConfig(allowed_tables=["base.assets.erc20_token_transfers"])
     d = reconcile(obs(spec={**SPEC, "table": "eth.raw.blocks"}), cfg)
-    assert d.status["status"] == "failed"
-    assert d.status["error_message"] == "table eth.raw.blocks is not allowed by this operator; allowed tables: base.assets.erc20_token_transfers"
+    assert d.status.status == "failed"
+    assert d.status.error_message == "table eth.raw.blocks is not allowed by this operator; allowed tables: base.assets.erc20_token_transfers"
     assert created(d) == []
     # case-insensitive, as Snowflake is for unquoted names
-    assert reconcile(obs(spec={**SPEC, "table": "BASE.ASSETS.ERC20_TOKEN_TRANSFERS"}), cfg).status["status"] == "staging"
+    assert reconcile(obs(spec={**SPEC, "table": "BASE.ASSETS.ERC20_TOKEN_TRANSFERS"}), cfg).status.status == "staging"
 
 
 def test_static_egress_without_configuration_fails_clearly_and_with_it_pins_pods():
     d = run(obs(spec={**SPEC, "static_egress_ip": True}))
-    assert d.status["status"] == "failed" and "no static egress configured" in d.status["error_message"]
+    assert d.status.status == "failed" and "no static egress configured" in d.status.error_message
     cfg = OperatorConfig(egress=EgressConfig(pod_labels={"egress": "static"}, node_selector={"pool": "egress"}))
     st = reconcile(obs(spec={**SPEC, "static_egress_ip": True}), cfg).status
-    d = reconcile(obs(status=st, spec={**SPEC, "static_egress_ip": True}, jobs_=[JobObs(STAGE, jobs.STAGING, complete=True)], pods=[staged_pod(2)]), cfg)
+    d = reconcile(obs(status=st, spec={**SPEC, "static_egress_ip": True}, jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True)], pods=[staged_pod(2)]), cfg)
     pod = created(d)[0]["spec"]["template"]
     assert pod["metadata"]["labels"]["egress"] == "static"
     assert pod["spec"]["nodeSelector"] == {"pool": "egress"}
@@ -230,20 +232,20 @@ def test_static_egress_without_configuration_fails_clearly_and_with_it_pins_pods
 
 def test_invalid_spec_that_slipped_past_the_crd_fails_with_the_field():
     d = run(obs(spec={**SPEC, "destinations": []}))
-    assert d.status["status"] == "failed"
-    assert d.status["error_message"].startswith("invalid spec: destinations:")
+    assert d.status.status == "failed"
+    assert d.status.error_message.startswith("invalid spec: destinations:")
 
 
 def test_reconcile_is_idempotent_on_its_own_output():
     st = transporting_status(4)
-    j = [JobObs(XPORT, jobs.TRANSPORT, completed_indexes="0-1", active=2)]
+    j = [JobObs(XPORT, child_jobs.TRANSPORT, completed_indexes="0-1", active=2)]
     a = run(obs(status=st, jobs_=j))
     b = run(obs(status=a.status, jobs_=j))
     assert a.status == b.status and b.actions == [] and b.events == []
 
 
 def test_finalize_deletes_jobs_and_staged_prefix():
-    acts = finalize_actions(obs(jobs_=[JobObs(STAGE, jobs.STAGING, complete=True), JobObs(XPORT, jobs.TRANSPORT, active=1)]), CONFIG)
+    acts = finalize_actions(obs(jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True), JobObs(XPORT, child_jobs.TRANSPORT, active=1)]), CONFIG)
     assert DeleteJob(STAGE) in acts and DeleteJob(XPORT) in acts
     assert DeleteStaged(f"gs://b/p/org123/{UID}/") in acts
 
@@ -255,8 +257,8 @@ def test_count_indexes():
 
 def test_job_names_are_deterministic_and_fit_pod_hostnames():
     long = "x" * 200
-    name = jobs.job_name(long, UID, jobs.TRANSPORT)
-    assert name == jobs.job_name(long, UID, jobs.TRANSPORT)
+    name = child_jobs.child_job_name(long, UID, child_jobs.TRANSPORT)
+    assert name == child_jobs.child_job_name(long, UID, child_jobs.TRANSPORT)
     assert len(name) + len("-99999") <= 63
 
 
@@ -265,8 +267,8 @@ def test_secrets_reach_workers_only_as_secret_refs():
         {"type": "kafka", "name": "t", "bootstrap_servers": "k:9092", "secret": "kafka-creds"},
         {"type": "webhook", "name": "h", "url": "https://example.test/hook", "hash_key": "hook-key"},
     ]}
-    from beam_operator.model import BackfillSpec
-    m = jobs.transport_job("usdc", "org123", UID, BackfillSpec.model_validate(spec), CONFIG, 2)
+    from beam_contract.model import BackfillSpec
+    m = child_jobs.transport_job("usdc", "org123", UID, BackfillSpec.model_validate(spec), CONFIG, 2)
     env = {e["name"]: e for e in m["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["BEAM_DEST_0_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "kafka-creds", "key": "sasl_password", "optional": True}
     assert env["BEAM_DEST_1_HASH_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "hook-key"
@@ -274,12 +276,13 @@ def test_secrets_reach_workers_only_as_secret_refs():
     assert all("value" not in e for k, e in env.items() if k.startswith("BEAM_DEST_"))
 
 
-def test_worker_env_reaches_workers_but_cannot_override_the_contract():
-    from beam_operator.model import BackfillSpec
+def test_worker_env_reaches_workers_but_cannot_override_the_contract(monkeypatch):
+    from beam_contract.model import BackfillSpec
 
     cfg = OperatorConfig(worker_env={"BEAM_CHUNK_ROW_GROUP_ROWS": "500", "BEAM_JOB_ID": "forged"})
-    m = jobs.staging_job("usdc", "org123", UID, BackfillSpec.model_validate(SPEC), cfg)
+    m = child_jobs.staging_job("usdc", "org123", UID, BackfillSpec.model_validate(SPEC), cfg)
     env = {e["name"]: e.get("value") for e in m["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["BEAM_CHUNK_ROW_GROUP_ROWS"] == "500"
     assert env["BEAM_JOB_ID"] == UID
-    assert OperatorConfig.from_env({"BEAM_WORKER_ENV": '{"A": "1"}'}).worker_env == {"A": "1"}
+    monkeypatch.setenv("BEAM_WORKER_ENV", '{"A": "1"}')
+    assert OperatorConfig().worker_env == {"A": "1"}

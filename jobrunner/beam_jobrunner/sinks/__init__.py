@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Iterable
 from urllib.parse import urlsplit
 
+from beam_contract.worker import destination_env
+
 from beam_jobrunner.errors import PermanentError
 
 
@@ -46,14 +48,14 @@ class Sink:
         return f"{self.dest.type} destination {self.dest.name!r} chunk {self.ctx.chunk}"
 
     def secret(self, key: str) -> str | None:
-        value = os.environ.get(f"BEAM_DEST_{self.ctx.dest_index}_{key.upper()}")
+        value = os.environ.get(destination_env(self.ctx.dest_index, key))
         return value or None
 
     def require_secret(self, key: str) -> str:
         value = self.secret(key)
         if value is None:
             raise PermanentError(
-                f"{self.label}: secret key {key} missing (env BEAM_DEST_{self.ctx.dest_index}_{key.upper()}; "
+                f"{self.label}: secret key {key} missing (env {destination_env(self.ctx.dest_index, key)}; "
                 f"is it in the Secret the destination names?)"
             )
         return value
@@ -64,8 +66,8 @@ class Sink:
     def already_delivered(self) -> bool:
         raise NotImplementedError
 
-    def deliver(self, batches: Iterable[Batch], crash_hook) -> int:
-        """Deliver every row; return the number of bytes sent. crash_hook(rows) is for tests."""
+    def deliver(self, batches: Iterable[Batch]) -> int:
+        """Deliver every row; return the number of bytes sent."""
         raise NotImplementedError
 
     def close(self) -> None:

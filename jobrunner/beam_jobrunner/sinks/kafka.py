@@ -24,6 +24,8 @@ from typing import Iterable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from beam_contract.worker import Env
+
 from beam_jobrunner.errors import PermanentError, TransientError
 from beam_jobrunner.sinks import Batch, Context, Sink
 
@@ -57,7 +59,7 @@ class KafkaSink(Sink):
     def __init__(self, dest, ctx: Context, *, transactions: bool | None = None) -> None:
         super().__init__(dest, ctx)
         self.topic = dest.name
-        self.bootstrap = dest.bootstrap_servers or os.environ.get("BEAM_KAFKA_BOOTSTRAP")
+        self.bootstrap = dest.bootstrap_servers or os.environ.get(Env.KAFKA_BOOTSTRAP)
         if transactions is None:
             transactions = os.environ.get("BEAM_KAFKA_TRANSACTIONS", "true").lower() not in ("0", "false", "no")
         self.transactions = transactions
@@ -72,7 +74,7 @@ class KafkaSink(Sink):
     # --- configuration -----------------------------------------------------------------------
     def _client_conf(self) -> dict:
         if not self.bootstrap:
-            raise PermanentError(f"{self.label}: no bootstrap_servers and no managed Kafka (BEAM_KAFKA_BOOTSTRAP) configured")
+            raise PermanentError(f"{self.label}: no bootstrap_servers and no managed Kafka ({Env.KAFKA_BOOTSTRAP}) configured")
         ms = int(self.ctx.connect_timeout * 1000)
         conf = {"bootstrap.servers": self.bootstrap, "socket.connection.setup.timeout.ms": ms,
                 "error_cb": self._on_error}
@@ -169,7 +171,7 @@ class KafkaSink(Sink):
     # tightest loop as the raw produce ceiling in bench/transport.py.
     takes_bytes = True
 
-    def deliver(self, batches: Iterable[Batch], crash_hook) -> int:
+    def deliver(self, batches: Iterable[Batch]) -> int:
         p = self.producer
         produce, poll, topic, headers = p.produce, p.poll, self.topic, self.headers
         nbytes = rows = 0
@@ -192,7 +194,6 @@ class KafkaSink(Sink):
             # Serves the delivery-error callback; once per batch is enough (errors only).
             poll(0)
             rows += len(batch.values)
-            crash_hook(rows, p.flush)
         if self.transactions:
             marker = TopicPartition(topic, 0, rows, metadata=json.dumps({"rows": rows, "bytes": nbytes}))
             group = self._group_consumer()

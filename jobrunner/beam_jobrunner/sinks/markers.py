@@ -1,4 +1,4 @@
-"""Delivery markers in GCS for the at-least-once sinks: <staging>/delivered/<dest>/<chunk>.
+"""Delivery markers in GCS for the at-least-once sinks (beam_contract.staging).
 
 Written only after the destination acknowledged the chunk's last row, so a marker never
 claims more than happened; a crash between the last acknowledgement and the marker resends the
@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import time
 
+from beam_contract.staging import delivered_marker_uri
+
 from beam_jobrunner import storage
 from beam_jobrunner.sinks import Context
 
 
 def marker_uri(ctx: Context) -> str:
-    return storage.join(ctx.staging_uri, "delivered", str(ctx.dest_index), str(ctx.chunk))
+    return delivered_marker_uri(ctx.staging_uri, ctx.dest_index, ctx.chunk)
 
 
 def is_delivered(ctx: Context) -> bool:

@@ -22,11 +22,11 @@ from kubernetes.client import ApiException, CoreV1Api
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from beam_operator.api.jobs import CancelResponse, CreateResponse, ErrorBody, Job, creation_order, job_view, public_status
+from beam_operator.api.public_job import CancelResponse, CreateResponse, ErrorBody, Job, creation_order, job_view, public_status
 from beam_operator.api.keys import ApiKey, KeyStore
 from beam_operator.api.kube import Backfills, api_client, status_message
 from beam_operator.api.ratelimit import TokenBuckets, retry_after_header
-from beam_operator.model import STATUSES, TERMINAL, TIMESTAMP_RE, BackfillSpec, workflow_id
+from beam_contract.model import TERMINAL, TIMESTAMP_RE, Phase, BackfillSpec, workflow_id
 
 PREFIX = "/api/v1/beam"
 
@@ -182,7 +182,7 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
     )
     def list_backfills(
         who: Caller,
-        status: Annotated[Literal[STATUSES] | None, Query(description="Only jobs in this status.")] = None,  # type: ignore[valid-type]
+        status: Annotated[Phase | None, Query(description="Only jobs in this status.")] = None,
         limit: Annotated[int | None, Query(ge=1, le=100000, description="At most this many jobs: the oldest ones.")] = None,
     ) -> Any:
         items = sorted(backfills.list(who.organization), key=creation_order)

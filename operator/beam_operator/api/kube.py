@@ -11,8 +11,8 @@ import orjson
 from kubernetes import client, config
 from kubernetes.client import ApiClient, ApiException
 
-from beam_operator.api.jobs import CREATED_AT_ANNOTATION
-from beam_operator.model import GROUP, KIND, PLURAL, VERSION
+from beam_operator.api.public_job import CREATED_AT_ANNOTATION
+from beam_contract.model import GROUP, KIND, PLURAL, VERSION
 
 
 def api_client(kubeconfig: str | None = None) -> ApiClient:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import datetime, timezone
+from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -34,8 +35,23 @@ TABLE_RE = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}(\.[A-Za-z_][A-Za-z0-9_$]{0,254}){0,2
 TIMESTAMP_RE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})?$"
 K8S_NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
-STATUSES = ("staging", "transporting", "completed", "failed", "cancelled")
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+class Phase(StrEnum):
+    """status.status: the public API's five values, each written only here."""
+
+    STAGING = "staging"
+    TRANSPORTING = "transporting"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({Phase.COMPLETED, Phase.FAILED, Phase.CANCELLED})
 
 
 class _Model(BaseModel):
@@ -305,11 +321,12 @@ class Condition(BaseModel):
 
 
 class BackfillStatus(BaseModel):
-    """What the operator reports. status is empty until the first reconcile, then one of STATUSES."""
+    """What the operator reports. status is absent until the first reconcile, then a Phase."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    status: Literal["", "staging", "transporting", "completed", "failed", "cancelled"] = Field(
-        default="", description="staging, transporting, completed, failed or cancelled; empty before the first reconcile."
+    # Read back from the apiserver, whose structural schema prunes unknown fields anyway.
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    status: Phase | None = Field(
+        default=None, description="staging, transporting, completed, failed or cancelled; absent before the first reconcile."
     )
     job_id: str | None = Field(default=None, description="The resource's uid; the public API's job_id.")
     workflow_id: str | None = Field(default=None, description="beam-backfill-<namespace>-<job_id>.")
@@ -322,6 +339,10 @@ class BackfillStatus(BaseModel):
     staged_files_deleted: bool | None = Field(default=None, description="True once the staged chunks were removed (retention).")
     observedGeneration: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
+
+    def document(self) -> dict[str, Any]:
+        """The status as written (a JSON merge patch deletes nulls, so the stored one has none)."""
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 def utc_iso(dt: datetime) -> str:

@@ -11,7 +11,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from beam_operator.model import destination_uid, workflow_id
+from beam_contract.model import Phase, destination_uid, workflow_id
 
 # The annotation the API puts on what it creates: creationTimestamp has one-second precision,
 # and a script creating several backfills in a loop expects them listed in the order it made them.
@@ -39,7 +39,7 @@ class Job(BaseModel):
     job_id: str = Field(description="The BeamBackfill's metadata.uid.")
     workflow_id: str = Field(description="beam-backfill-<organization_id>-<job_id>.")
     organization_id: str = Field(description="The caller's organization (the resource's namespace).")
-    status: Literal["staging", "transporting", "completed", "failed", "cancelled"] = Field(
+    status: Phase = Field(
         description="staging (also before the operator's first reconcile), transporting, completed, failed or cancelled."
     )
     job_name: str
@@ -66,7 +66,7 @@ class CreateResponse(BaseModel):
 class CancelResponse(BaseModel):
     job_id: str
     workflow_id: str
-    status: Literal["staging", "transporting", "completed", "failed", "cancelled"] = Field(
+    status: Phase = Field(
         description="The job's status when the cancel was recorded; it becomes cancelled once the operator has stopped it."
     )
     cancel_requested: Literal[True] = True
@@ -76,9 +76,9 @@ class ErrorBody(BaseModel):
     detail: Any = Field(description="A message, or for 422 a list of {loc, msg, type, field} naming each bad field.")
 
 
-def public_status(obj: dict[str, Any]) -> str:
+def public_status(obj: dict[str, Any]) -> Phase:
     # The resource exists before the operator has seen it; to a user it is already being staged.
-    return (obj.get("status") or {}).get("status") or "staging"
+    return Phase((obj.get("status") or {}).get("status") or Phase.STAGING)
 
 
 def job_view(obj: dict[str, Any]) -> dict[str, Any]:

@@ -10,40 +10,46 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from enum import StrEnum
+
+from beam_contract import staging
+from beam_contract.model import GROUP, KIND, VERSION, BackfillSpec
+from beam_contract.worker import SNOWFLAKE_SECRET_KEYS, Command, Env, ExitCode, destination_env, snowflake_env
+
 from .config import OperatorConfig
-from .model import GROUP, KIND, VERSION, BackfillSpec
 
 LABEL_JOB_ID = f"{GROUP}/job-id"
 LABEL_PHASE = f"{GROUP}/phase"
 LABEL_BACKFILL = f"{GROUP}/backfill"
 MANAGED_BY = "beam-backfill-operator"
 
-STAGING = "staging"
-TRANSPORT = "transport"
 
-# Worker exit code for a permanent failure (bad input, 4xx, missing table): see
-# docs/worker-contract.md. The pod failure policy fails the index (or the staging Job) at once
-# instead of burning retries on something that cannot succeed.
-EXIT_PERMANENT = 2
+class JobKind(StrEnum):
+    """The two child Jobs of a backfill (label LABEL_PHASE); not the backfill's status."""
 
-SNOWFLAKE_KEYS = ("account", "user", "password", "host", "port", "protocol", "warehouse", "role", "database", "schema")
+    STAGING = "staging"
+    TRANSPORT = "transport"
+
+
+STAGING = JobKind.STAGING
+TRANSPORT = JobKind.TRANSPORT
 
 
 def _trunc(name: str, n: int) -> str:
     return name[:n].rstrip("-.")
 
 
-def job_name(name: str, uid: str, phase: str) -> str:
+def child_job_name(name: str, uid: str, phase: JobKind) -> str:
+    """The Kubernetes name of a backfill's Job (not the spec's job_name, a display name)."""
     # Pod hostnames of an Indexed Job are <job>-<index> and must fit in 63 characters.
     return f"{_trunc(name, 36)}-{uid[:8]}-{phase}"
 
 
 def staging_uri(config: OperatorConfig, namespace: str, uid: str) -> str:
-    prefix = config.staging_prefix.strip("/")
-    return f"gs://{config.staging_bucket}/{prefix + '/' if prefix else ''}{namespace}/{uid}/"
+    return staging.job_staging_uri(config.staging_bucket, config.staging_prefix, namespace, uid)
 
 
-def labels(name: str, uid: str, phase: str) -> dict[str, str]:
+def labels(name: str, uid: str, phase: JobKind) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "beam-backfill",
         "app.kubernetes.io/managed-by": MANAGED_BY,
@@ -61,24 +67,24 @@ def _secret_env(var: str, secret: str, key: str) -> dict[str, Any]:
 
 def _common_env(spec: BackfillSpec, namespace: str, uid: str, config: OperatorConfig) -> list[dict[str, Any]]:
     env = [
-        {"name": "BEAM_SPEC", "value": json.dumps(spec.model_dump(mode="json", exclude_none=True), separators=(",", ":"))},
-        {"name": "BEAM_JOB_ID", "value": uid},
-        {"name": "BEAM_NAMESPACE", "value": namespace},
-        {"name": "BEAM_STAGING_URI", "value": staging_uri(config, namespace, uid)},
-        {"name": "BEAM_CONNECT_TIMEOUT_S", "value": str(config.connect_timeout_seconds)},
+        {"name": Env.SPEC, "value": json.dumps(spec.model_dump(mode="json", exclude_none=True), separators=(",", ":"))},
+        {"name": Env.JOB_ID, "value": uid},
+        {"name": Env.NAMESPACE, "value": namespace},
+        {"name": Env.STAGING_URI, "value": staging_uri(config, namespace, uid)},
+        {"name": Env.CONNECT_TIMEOUT_S, "value": str(config.connect_timeout_seconds)},
     ]
     if config.gcs_endpoint:
-        env.append({"name": "STORAGE_EMULATOR_HOST", "value": config.gcs_endpoint})
+        env.append({"name": Env.STORAGE_EMULATOR_HOST, "value": config.gcs_endpoint})
     taken = {e["name"] for e in env}
     env += [{"name": k, "value": v} for k, v in sorted(config.worker_env.items()) if k not in taken]
     return env
 
 
 def _job(
-    *, name: str, namespace: str, uid: str, phase: str, config: OperatorConfig, container: dict[str, Any],
+    *, name: str, namespace: str, uid: str, phase: JobKind, config: OperatorConfig, container: dict[str, Any],
     extra_spec: dict[str, Any], pod_meta: dict[str, Any] | None = None, pod_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    jname = job_name(name, uid, phase)
+    jname = child_job_name(name, uid, phase)
     lab = labels(name, uid, phase)
     pod_labels = {**lab, **((pod_meta or {}).get("labels", {}))}
     pod_spec: dict[str, Any] = {
@@ -116,12 +122,12 @@ def _job(
     }
 
 
-def _container(args: list[str], env: list[dict[str, Any]], config: OperatorConfig) -> dict[str, Any]:
+def _container(command: Command, env: list[dict[str, Any]], config: OperatorConfig) -> dict[str, Any]:
     c: dict[str, Any] = {
         "name": "jobrunner",
         "image": config.jobrunner_image,
         "imagePullPolicy": config.image_pull_policy,
-        "command": ["beam-jobrunner", *args],
+        "command": ["beam-jobrunner", command],
         "env": env,
         # A crash with no message still tells the user something: the log's last lines.
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -135,20 +141,20 @@ def _container(args: list[str], env: list[dict[str, Any]], config: OperatorConfi
 def staging_job(name: str, namespace: str, uid: str, spec: BackfillSpec, config: OperatorConfig) -> dict[str, Any]:
     env = _common_env(spec, namespace, uid, config)
     env += [
-        {"name": "BEAM_STAGE_STRATEGY", "value": config.stage_strategy},
-        {"name": "BEAM_CHUNK_TARGET_BYTES", "value": str(config.chunk_target_bytes)},
+        {"name": Env.STAGE_STRATEGY, "value": config.stage_strategy},
+        {"name": Env.CHUNK_TARGET_BYTES, "value": str(config.chunk_target_bytes)},
     ]
     if config.unload_stage:
-        env.append({"name": "BEAM_UNLOAD_STAGE", "value": config.unload_stage})
-    env += [_secret_env(f"BEAM_SNOWFLAKE_{k.upper()}", config.snowflake_secret, k) for k in SNOWFLAKE_KEYS]
+        env.append({"name": Env.UNLOAD_STAGE, "value": config.unload_stage})
+    env += [_secret_env(snowflake_env(k), config.snowflake_secret, k) for k in SNOWFLAKE_SECRET_KEYS]
     return _job(
         name=name, namespace=namespace, uid=uid, phase=STAGING, config=config,
-        container=_container(["stage"], env, config),
+        container=_container(Command.STAGE, env, config),
         extra_spec={
             "backoffLimit": config.staging_backoff_limit,
             "podFailurePolicy": {
                 "rules": [
-                    {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [EXIT_PERMANENT]}},
+                    {"action": "FailJob", "onExitCodes": {"operator": "In", "values": [int(ExitCode.PERMANENT)]}},
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
                 ]
             },
@@ -160,13 +166,13 @@ def transport_job(
     name: str, namespace: str, uid: str, spec: BackfillSpec, config: OperatorConfig, num_chunks: int
 ) -> dict[str, Any]:
     env = _common_env(spec, namespace, uid, config)
-    env.append({"name": "BEAM_MANIFEST_URI", "value": staging_uri(config, namespace, uid) + "manifest.json"})
+    env.append({"name": Env.MANIFEST_URI, "value": staging.manifest_uri(staging_uri(config, namespace, uid))})
     if config.managed_kafka_bootstrap:
-        env.append({"name": "BEAM_KAFKA_BOOTSTRAP", "value": config.managed_kafka_bootstrap})
+        env.append({"name": Env.KAFKA_BOOTSTRAP, "value": config.managed_kafka_bootstrap})
     for i, dest in enumerate(spec.destinations):
         secret = getattr(dest, "secret", None) or getattr(dest, "hash_key", None)
         if secret:
-            env += [_secret_env(f"BEAM_DEST_{i}_{k.upper()}", secret, k) for k in dest.secret_keys]
+            env += [_secret_env(destination_env(i, k), secret, k) for k in dest.secret_keys]
     pod_meta: dict[str, Any] = {}
     pod_extra: dict[str, Any] = {}
     if spec.static_egress_ip:
@@ -178,7 +184,7 @@ def transport_job(
     parallelism = min(spec.parallelism or config.default_parallelism, num_chunks)
     return _job(
         name=name, namespace=namespace, uid=uid, phase=TRANSPORT, config=config,
-        container=_container(["transport"], env, config),
+        container=_container(Command.TRANSPORT, env, config),
         pod_meta=pod_meta, pod_extra=pod_extra,
         extra_spec={
             "completionMode": "Indexed",
@@ -190,7 +196,7 @@ def transport_job(
             "maxFailedIndexes": 0,
             "podFailurePolicy": {
                 "rules": [
-                    {"action": "FailIndex", "onExitCodes": {"operator": "In", "values": [EXIT_PERMANENT]}},
+                    {"action": "FailIndex", "onExitCodes": {"operator": "In", "values": [int(ExitCode.PERMANENT)]}},
                     {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
                 ]
             },

@@ -1,0 +1,61 @@
+"""Where a backfill's staged files live, and the guard on deleting them.
+
+    gs://<bucket>/[<prefix>/]<namespace>/<job_id>/   job_staging_uri()
+      chunks/chunk-00000.parquet ...                 the staged rows (fetch), or Snowflake's files (unload)
+      manifest.json                                  what `stage` produced; `transport` reads it
+      delivered/<destination index>/<chunk>          a chunk reached a non-Kafka destination
+
+The operator computes the URI and deletes the prefix; the jobrunner writes and reads under it.
+"""
+
+from __future__ import annotations
+
+CHUNKS = "chunks"
+MANIFEST = "manifest.json"
+DELIVERED = "delivered"
+
+
+class StagingLayoutError(ValueError):
+    """A URI that is not a job's staging prefix."""
+
+
+def join(base: str, *parts: str) -> str:
+    return base.rstrip("/") + "/" + "/".join(p.strip("/") for p in parts)
+
+
+def job_path(namespace: str, job_id: str) -> str:
+    """A job's folder below the staging root (an unload stage's URL is that root)."""
+    return f"{namespace}/{job_id}"
+
+
+def job_staging_uri(bucket: str, prefix: str, namespace: str, job_id: str) -> str:
+    prefix = prefix.strip("/")
+    return f"gs://{bucket}/{prefix + '/' if prefix else ''}{job_path(namespace, job_id)}/"
+
+
+def chunk_uri(staging_uri: str, index: int) -> str:
+    return join(staging_uri, CHUNKS, f"chunk-{index:05d}.parquet")
+
+
+def manifest_uri(staging_uri: str) -> str:
+    return join(staging_uri, MANIFEST)
+
+
+def delivered_marker_uri(staging_uri: str, dest_index: int, chunk: int) -> str:
+    return join(staging_uri, DELIVERED, str(dest_index), str(chunk))
+
+
+def deletable_prefix(staging_uri: str) -> tuple[str, str]:
+    """gs://bucket/a/b/ -> ("bucket", "a/b/"), refusing anything shallower than a job's prefix.
+
+    A misconfigured URI must not wipe a bucket: a job's prefix is [<prefix>/]<namespace>/<job_id>
+    (the operator's staging prefix may be empty), so at least two segments below the bucket.
+    """
+    if not staging_uri.startswith("gs://"):
+        raise StagingLayoutError(f"{staging_uri!r} is not a gs:// URI")
+    parts = [p for p in staging_uri[len("gs://") :].split("/") if p]
+    if len(parts) < 3:
+        raise StagingLayoutError(
+            f"refusing to delete {staging_uri!r}: expected gs://<bucket>/[<prefix>/]<namespace>/<job_id>/"
+        )
+    return parts[0], "/".join(parts[1:]) + "/"

@@ -1,0 +1,80 @@
+"""The operator <-> jobrunner contract: what a worker Pod gets in, and what it gives back.
+
+The operator writes these names into the Jobs it creates (beam_operator.child_jobs) and the
+jobrunner reads them (beam_jobrunner.config, .stage, .sinks); docs/worker-contract.md explains
+them for people. Secrets reach a worker only as `secretKeyRef` env entries named here.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+from pydantic import BaseModel
+
+
+class Command(StrEnum):
+    """`beam-jobrunner <command>`."""
+
+    STAGE = "stage"
+    TRANSPORT = "transport"
+
+
+class Env(StrEnum):
+    """Environment variables the operator sets on every worker, or on one kind of worker."""
+
+    SPEC = "BEAM_SPEC"  # the BackfillSpec as JSON
+    JOB_ID = "BEAM_JOB_ID"  # the resource's uid, the public job_id
+    NAMESPACE = "BEAM_NAMESPACE"  # the organization
+    STAGING_URI = "BEAM_STAGING_URI"  # staging.job_staging_uri()
+    CONNECT_TIMEOUT_S = "BEAM_CONNECT_TIMEOUT_S"
+    STORAGE_EMULATOR_HOST = "STORAGE_EMULATOR_HOST"  # only with an emulator (dev stack, tests)
+    # stage
+    STAGE_STRATEGY = "BEAM_STAGE_STRATEGY"  # StageStrategy
+    CHUNK_TARGET_BYTES = "BEAM_CHUNK_TARGET_BYTES"
+    UNLOAD_STAGE = "BEAM_UNLOAD_STAGE"
+    # transport
+    COMPLETION_INDEX = "JOB_COMPLETION_INDEX"  # set by the Indexed Job: the chunk
+    MANIFEST_URI = "BEAM_MANIFEST_URI"
+    KAFKA_BOOTSTRAP = "BEAM_KAFKA_BOOTSTRAP"  # the managed Kafka
+    # Kubernetes' default; a test runs the worker outside a Pod with its own path.
+    TERMINATION_MESSAGE_PATH = "TERMINATION_MESSAGE_PATH"
+
+
+class StageStrategy(StrEnum):
+    UNLOAD = "unload"  # Snowflake writes the parquet files (COPY INTO @stage)
+    FETCH = "fetch"  # the worker reads Arrow batches and writes the parquet files
+
+
+class ExitCode(IntEnum):
+    """A worker's exit code; the Jobs' podFailurePolicy acts on PERMANENT."""
+
+    OK = 0
+    BUG = 1  # unexpected error: retried up to backoffLimitPerIndex
+    PERMANENT = 2  # bad input, 4xx, missing table: the index (or staging) fails at once
+    TRANSIENT = 3  # a broker or endpoint stayed unreachable through the worker's own retries
+
+
+DEFAULT_CONNECT_TIMEOUT_S = 30
+DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+
+# Keys of the Snowflake Secret (the operator's `snowflake_secret`, one per organization's
+# namespace); each reaches the staging worker as snowflake_env(key).
+SNOWFLAKE_SECRET_KEYS = ("account", "user", "password", "host", "port", "protocol", "warehouse", "role", "database", "schema")
+SNOWFLAKE_REQUIRED_KEYS = ("account", "user", "password")
+
+
+def snowflake_env(key: str) -> str:
+    return f"BEAM_SNOWFLAKE_{key.upper()}"
+
+
+def destination_env(index: int, key: str) -> str:
+    """Env name of Secret key `key` of the spec's destination `index` (its model's secret_keys)."""
+    return f"BEAM_DEST_{index}_{key.upper()}"
+
+
+class StagingResult(BaseModel):
+    """The staging worker's termination message on success (one line of JSON)."""
+
+    num_chunks: int
+    num_rows: int = 0
+    manifest: str = ""

@@ -1,0 +1,54 @@
+"""Deleting a backfill's staged files (the finalizer, and retention after success).
+
+google-cloud-storage rather than pyarrow's GCS filesystem, which the jobrunner uses: importing
+pyarrow grew the operator's RSS by about 30 MB at its first deletion (docs/benchmarks.md,
+"Operator at scale"), and the operator's image has no pyarrow at all.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+from beam_contract.staging import deletable_prefix
+from beam_contract.worker import Env
+
+
+class StagedFilesError(Exception):
+    """The bucket could not be listed or an object not deleted; the caller retries."""
+
+
+@lru_cache(maxsize=1)
+def _client():
+    from google.cloud import storage
+
+    if os.environ.get(Env.STORAGE_EMULATOR_HOST):
+        # fake-gcs-server (tests, the dev stack) takes no credentials and has no project.
+        from google.auth.credentials import AnonymousCredentials
+
+        return storage.Client(project="beam-backfill", credentials=AnonymousCredentials())
+    return storage.Client()  # Application Default Credentials: workload identity in a cluster
+
+
+def delete_staged(staging_uri: str, timeout: float = 30.0) -> int:
+    """Delete every object under a job's staging prefix; return how many were deleted.
+
+    Raises StagingLayoutError (beam_contract.staging) for a URI that is not a job's prefix.
+    """
+    from google.api_core import exceptions
+
+    bucket, prefix = deletable_prefix(staging_uri)
+    client = _client()
+    n = 0
+    try:
+        for blob in list(client.list_blobs(bucket, prefix=prefix, timeout=timeout)):
+            try:
+                blob.delete(timeout=timeout)
+                n += 1
+            except exceptions.NotFound:
+                pass  # deleted by an earlier attempt that died before reporting
+    except exceptions.NotFound:
+        return n  # no bucket: nothing was staged there
+    except (exceptions.GoogleAPICallError, OSError) as e:
+        raise StagedFilesError(f"cannot delete staged files under {staging_uri}: {e}") from None
+    return n
