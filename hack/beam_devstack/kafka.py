@@ -17,6 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
+from beam_devstack.kafka_proxy import KafkaProxy
 from beam_devstack.proc import CACHE, ManagedProcess, free_port, port_open, progress
 
 VERSION = os.environ.get("BEAM_KAFKA_VERSION", "4.4.0")
@@ -116,6 +117,10 @@ class Kafka:
         self.port: int | None = None
         self.controller_port: int | None = None
         self.proc: ManagedProcess | None = None
+        # A second listener, advertised at a proxy's port (fault tests; see kafka_proxy.py).
+        self.proxied_port: int | None = None
+        self._proxy_port: int | None = None
+        self.proxy: KafkaProxy | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -125,19 +130,21 @@ class Kafka:
         return {"bootstrap": self.bootstrap}
 
     def _write_config(self) -> Path:
-        self.port, self.controller_port = free_port(), free_port()
-        while self.controller_port == self.port:
-            self.controller_port = free_port()
+        ports: set[int] = set()
+        while len(ports) < 4:
+            ports.add(free_port())
+        self.port, self.controller_port, self.proxied_port, self._proxy_port = sorted(ports)
         data = self.run_dir / "data"
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port},"
+            f"PROXIED://127.0.0.1:{self.proxied_port}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},PROXIED://127.0.0.1:{self._proxy_port}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PROXIED:PLAINTEXT",
             "log.dirs": str(data),
             "num.partitions": "1",
             "auto.create.topics.enable": "true",
@@ -197,6 +204,8 @@ class Kafka:
             # The transaction coordinator's topic is created lazily by the first transactional
             # producer; do it here so tests that use transactions do not pay for it or race it.
             self.proc.wait_ready(self._inits_transactions, READY_TIMEOUT, "accepting transactions")
+            if not self.detach:  # the proxy lives in this process: a detached broker has none
+                self.proxy = KafkaProxy(self.proxied_port, self._proxy_port)
         except BaseException:
             self.stop()
             raise
@@ -218,6 +227,9 @@ class Kafka:
         return True
 
     def stop(self) -> None:
+        if self.proxy is not None:
+            self.proxy.close()
+            self.proxy = None
         if self.proc is not None:
             self.proc.stop(grace=15)
             self.proc = None

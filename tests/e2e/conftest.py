@@ -45,7 +45,8 @@ def operator(k8s, node_agent, kafka, gcs, seeded, bucket, tmp_path_factory):
             "BEAM_STAGE_STRATEGY": "fetch",
             "BEAM_GCS_ENDPOINT": gcs.endpoints()["url"],
             "BEAM_STAGING_BUCKET": BUCKET,
-            "BEAM_MANAGED_KAFKA_BOOTSTRAP": kafka.bootstrap,
+            # Through the stack's proxy, which the kill test uses to hold commits (kafka_proxy.py).
+            "BEAM_MANAGED_KAFKA_BOOTSTRAP": kafka.proxy.bootstrap,
             # The second table is allowed but missing from the warehouse: staging must say so.
             "BEAM_ALLOWED_TABLES": f"{dataset.TABLE},{dataset.TABLE}_v9",
             # ~1,000-row chunks: a March of USDC makes about 8, enough to act mid-transport.

@@ -18,6 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 
+from beam_devstack.kafka_proxy import END_TXN
 from e2e_helpers import WINDOW, backfill, expected_ids, pods_of, read_topic, staged_objects
 
 API = "/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills/{name}"
@@ -185,24 +186,21 @@ def _worker_pids(uid: str) -> dict[int, str]:
 
 
 def test_killed_transport_process_is_retried_without_loss_or_duplicates(k8s, operator, kafka, seeded, org):
-    obj = apply(k8s, org, backfill("killed", "e2e-kill", parallelism=2))
-    uid = obj["metadata"]["uid"]
-    wait_status(k8s, org, "killed", "transporting")
-    killed = set()
-    deadline = time.monotonic() + 60
-    while len(killed) < 2 and time.monotonic() < deadline:
-        for pid, idx in _worker_pids(uid).items():
-            if idx not in killed:
-                time.sleep(0.7)  # let it get into its chunk
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.add(idx)
-                except ProcessLookupError:
-                    pass
-        time.sleep(0.05)
-    assert killed, "no transport process was caught running"
+    # Both transport workers (parallelism 2) stop at their commit, held by the stack's Kafka
+    # proxy: each is inside its open transaction, observably, when it is killed.
+    with kafka.proxy.holding(END_TXN):
+        obj = apply(k8s, org, backfill("killed", "e2e-kill", parallelism=2))
+        uid = obj["metadata"]["uid"]
+        assert kafka.proxy.wait_held(2, timeout=120), "two transport workers never reached their commit"
+        running = _worker_pids(uid)
+        assert len(running) == 2, running
+        for pid in running:
+            os.kill(pid, signal.SIGKILL)
     st = wait_status(k8s, org, "killed", "completed")
     assert st["chunks_left"] == 0
+    pods = pods_of(k8s, org, uid)
+    killed = [p for p in pods if p["status"]["phase"] == "Failed"]
+    assert len(killed) == 2, [p["status"].get("phase") for p in pods]
     assert_exactly(read_topic(kafka.bootstrap, "e2e-kill"), expected_ids(seeded))
 
 

@@ -98,13 +98,22 @@ class Job:
         self.env.update(extra or {})
         self._n = 0
 
-    def run(self, command: str, **env) -> Run:
+    def _argv_env(self, command: str, env: dict) -> tuple[list[str], dict, Path]:
         self._n += 1
         term = self.tmp / f"termination-{self.job_id[:8]}-{self._n}"
         e = {**self.env, "TERMINATION_MESSAGE_PATH": str(term), **{k: str(v) for k, v in env.items()}}
-        p = subprocess.run([sys.executable, "-m", "beam_jobrunner", command], env=e, capture_output=True, text=True, timeout=300)
+        return [sys.executable, "-m", "beam_jobrunner", command], e, term
+
+    def run(self, command: str, **env) -> Run:
+        argv, e, term = self._argv_env(command, env)
+        p = subprocess.run(argv, env=e, capture_output=True, text=True, timeout=300)
         message = term.read_text() if term.exists() else ""
         return Run(p.returncode, message, p.stderr)
+
+    def start(self, command: str, **env) -> subprocess.Popen:
+        """The worker as a running process, for tests that inject a fault from outside (a signal)."""
+        argv, e, _ = self._argv_env(command, env)
+        return subprocess.Popen(argv, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     def stage(self, **env) -> Run:
         r = self.run("stage", **env)
