@@ -16,7 +16,6 @@ import argparse
 import os
 import platform
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -28,14 +27,15 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "api"))
 
+import orjson  # noqa: E402
 from apiproc import KEYS_NS, ApiProcess, install_chart_identities  # noqa: E402
+from kubernetes.client import CoreV1Api, CustomObjectsApi  # noqa: E402
+
 from beam_devstack.k8s import ControlPlane  # noqa: E402
 from beam_devstack.operator_proc import helm_binary, install_crd  # noqa: E402
 from beam_operator.api import keys as keymod  # noqa: E402
-import orjson  # noqa: E402
-from beam_operator.api.public_job import creation_order, job_view  # noqa: E402
 from beam_operator.api.kube import Backfills, api_client  # noqa: E402
-from kubernetes.client import CoreV1Api, CustomObjectsApi  # noqa: E402
+from beam_operator.api.public_job import creation_order, job_view  # noqa: E402
 
 
 def say(msg: str) -> None:
@@ -50,19 +50,39 @@ def pct(samples: list[float], p: float) -> float:
 BODY = {
     "job_name": "USDC transfers on Base — Mar 2026",
     "table": "base.assets.erc20_token_transfers",
-    "backfill_window": {"partition_key": "block_timestamp", "start": "2026-03-01T00:00:00", "end": "2026-04-01T00:00:00"},
+    "backfill_window": {
+        "partition_key": "block_timestamp",
+        "start": "2026-03-01T00:00:00",
+        "end": "2026-04-01T00:00:00",
+    },
     "filter": {"column": "token_address", "values": ["0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"]},
     "destinations": [{"type": "kafka", "name": "base-usdc-transfers-backfill"}],
 }
 
 
 def status_for(uid: str, ns: str) -> dict:
-    return {"status": {
-        "status": "transporting", "job_id": uid, "workflow_id": f"beam-backfill-{ns}-{uid}", "num_chunks": 1000,
-        "chunks_left": 423, "num_rows": 4_200_000, "time_created": "2026-11-22T10:30:00Z", "observedGeneration": 1,
-        "conditions": [{"type": "Staged", "status": "True", "reason": "Staged", "message": "staged 1000 chunks",
-                        "lastTransitionTime": "2026-11-22T10:31:00Z", "observedGeneration": 1}],
-    }}
+    return {
+        "status": {
+            "status": "transporting",
+            "job_id": uid,
+            "workflow_id": f"beam-backfill-{ns}-{uid}",
+            "num_chunks": 1000,
+            "chunks_left": 423,
+            "num_rows": 4_200_000,
+            "time_created": "2026-11-22T10:30:00Z",
+            "observedGeneration": 1,
+            "conditions": [
+                {
+                    "type": "Staged",
+                    "status": "True",
+                    "reason": "Staged",
+                    "message": "staged 1000 chunks",
+                    "lastTransitionTime": "2026-11-22T10:31:00Z",
+                    "observedGeneration": 1,
+                }
+            ],
+        }
+    }
 
 
 def timed_lists(fn, n: int) -> list[float]:
@@ -107,18 +127,35 @@ def main() -> None:
 
             say(f"creating {args.backfills} backfills through the API")
             t0 = time.perf_counter()
-            with httpx.Client(base_url=api.url + "/api/v1/beam", headers={"X-API-Key": key}, timeout=60) as c, \
-                    ThreadPoolExecutor(8) as pool:
-                ids = list(pool.map(lambda i: c.post("/backfills", json={**BODY, "job_name": f"bench {i}"}).json()["job_id"],
-                                    range(args.backfills)))
+            with (
+                httpx.Client(base_url=api.url + "/api/v1/beam", headers={"X-API-Key": key}, timeout=60) as c,
+                ThreadPoolExecutor(8) as pool,
+            ):
+                ids = list(
+                    pool.map(
+                        lambda i: c.post("/backfills", json={**BODY, "job_name": f"bench {i}"}).json()["job_id"],
+                        range(args.backfills),
+                    )
+                )
             create_s = time.perf_counter() - t0
             say(f"created in {create_s:.1f}s; writing operator-like status")
             custom = CustomObjectsApi(admin)
             items = custom.list_namespaced_custom_object("beam-backfill.dev", "v1alpha1", ns, "beambackfills")["items"]
             with ThreadPoolExecutor(8) as pool:
-                list(pool.map(lambda o: custom.patch_namespaced_custom_object_status(
-                    "beam-backfill.dev", "v1alpha1", ns, "beambackfills", o["metadata"]["name"],
-                    status_for(o["metadata"]["uid"], ns), _content_type="application/merge-patch+json"), items))
+                list(
+                    pool.map(
+                        lambda o: custom.patch_namespaced_custom_object_status(
+                            "beam-backfill.dev",
+                            "v1alpha1",
+                            ns,
+                            "beambackfills",
+                            o["metadata"]["name"],
+                            status_for(o["metadata"]["uid"], ns),
+                            _content_type="application/merge-patch+json",
+                        ),
+                        items,
+                    )
+                )
 
             with httpx.Client(base_url=api.url + "/api/v1/beam", headers={"X-API-Key": key}, timeout=60) as c:
                 first = c.get("/backfills")
@@ -128,13 +165,21 @@ def main() -> None:
                 timed_lists(lambda: c.get("/backfills").raise_for_status(), 10)  # warm-up
                 say(f"listing {args.requests} times")
                 api_ms = timed_lists(lambda: c.get("/backfills").raise_for_status(), args.requests)
-            kube_ms = timed_lists(lambda: custom.list_namespaced_custom_object(
-                "beam-backfill.dev", "v1alpha1", ns, "beambackfills", _preload_content=False).data, args.requests)
+            kube_ms = timed_lists(
+                lambda: (
+                    custom.list_namespaced_custom_object(
+                        "beam-backfill.dev", "v1alpha1", ns, "beambackfills", _preload_content=False
+                    ).data
+                ),
+                args.requests,
+            )
             # The API's own steps, in this process: where the time goes besides the apiserver.
             backfills = Backfills(api_client(str(sa_kubeconfig)))
             read_ms = timed_lists(lambda: backfills.list(ns), args.requests)
             objs = backfills.list(ns)
-            convert_ms = timed_lists(lambda: orjson.dumps([job_view(o) for o in sorted(objs, key=creation_order)]), args.requests)
+            convert_ms = timed_lists(
+                lambda: orjson.dumps([job_view(o) for o in sorted(objs, key=creation_order)]), args.requests
+            )
         finally:
             if api:
                 api.stop()
@@ -145,7 +190,7 @@ def main() -> None:
     text = f"""## REST API
 
 Command: `.venv/bin/python bench/api_list.py --backfills {args.backfills} --requests {args.requests}`
-Machine: {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}; measured {time.strftime('%Y-%m-%d')}.
+Machine: {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}; measured {time.strftime("%Y-%m-%d")}.
 `GET /api/v1/beam/backfills` with {args.backfills:,} backfills in one organization, each with an
 operator-like status (transporting, counts, one condition); {args.requests} sequential requests
 from one client after 10 warm-up requests. The API runs as `beam-api serve` (one uvicorn worker)

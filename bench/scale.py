@@ -43,15 +43,15 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+from scale_audit import POLICY, READS, WATCHES, WRITES, max_in_window, read_audit  # noqa: E402
+from scale_watch import Client, Watcher, admin_ssl  # noqa: E402
+
 from beam_contract.model import Phase  # noqa: E402
 from beam_devstack.gcs import FakeGcs  # noqa: E402
 from beam_devstack.k8s import K8S_VERSION, ControlPlane  # noqa: E402
 from beam_devstack.nodeagent import NodeAgent  # noqa: E402
 from beam_devstack.operator_proc import OperatorProcess, helm_binary, install_chart_rbac, install_crd  # noqa: E402
 from beam_devstack.proc import progress  # noqa: E402
-
-from scale_audit import POLICY, READS, WATCHES, WRITES, max_in_window, read_audit  # noqa: E402
-from scale_watch import Client, Watcher, admin_ssl  # noqa: E402
 
 IMAGE = "beam-backfill/scale-standin:bench"
 TERMINAL = tuple(p.value for p in Phase if p.terminal)
@@ -85,7 +85,11 @@ class AuditedControlPlane(ControlPlane):
         policy = self.run_dir / "audit" / "policy.yaml"
         policy.parent.mkdir(parents=True, exist_ok=True)
         policy.write_text(POLICY)
-        return super()._apiserver_argv() + [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}", "--audit-log-format=json"]
+        return super()._apiserver_argv() + [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json",
+        ]
 
 
 def proc_usage(pid: int) -> dict[str, float]:
@@ -137,7 +141,11 @@ class Operator:
         self.pids.append(self.op.proc.pid)
 
     def usage(self) -> dict[str, float]:
-        now = proc_usage(self.op.proc.pid) if self.op.proc and self.op.proc.alive() else {"hwm_mb": 0, "rss_mb": 0, "cpu_s": 0}
+        now = (
+            proc_usage(self.op.proc.pid)
+            if self.op.proc and self.op.proc.alive()
+            else {"hwm_mb": 0, "rss_mb": 0, "cpu_s": 0}
+        )
         return {
             "hwm_mb": max([now["hwm_mb"]] + [u["hwm_mb"] for u in self.finished]),
             "rss_mb": now["rss_mb"],
@@ -163,15 +171,34 @@ def main() -> None:
     ap.add_argument("--parallelism", type=int, default=4, help="spec.parallelism of each backfill")
     ap.add_argument("--sleep", type=float, default=0.1, help="seconds the stand-in worker sleeps per Pod")
     ap.add_argument("--create-workers", type=int, default=8, help="concurrent creates")
-    ap.add_argument("--create-rate", type=float, default=0.0, help="creates per second in all (default 0: as fast as the apiserver takes them, a burst)")
-    ap.add_argument("--restart-apiserver-at", type=float, help="restart kube-apiserver when this fraction of all chunks is delivered")
-    ap.add_argument("--restart-operator-at", type=float, help="SIGKILL and restart the operator when this fraction of all chunks is delivered")
+    ap.add_argument(
+        "--create-rate",
+        type=float,
+        default=0.0,
+        help="creates per second in all (default 0: as fast as the apiserver takes them, a burst)",
+    )
+    ap.add_argument(
+        "--restart-apiserver-at",
+        type=float,
+        help="restart kube-apiserver when this fraction of all chunks is delivered",
+    )
+    ap.add_argument(
+        "--restart-operator-at",
+        type=float,
+        help="SIGKILL and restart the operator when this fraction of all chunks is delivered",
+    )
     ap.add_argument("--job-syncs", type=int, default=50, help="kube-controller-manager --concurrent-job-syncs")
     ap.add_argument("--operator-env", action="append", default=[], metavar="BEAM_X=V", help="extra operator setting")
-    ap.add_argument("--operator-prefix", default="", metavar="CMD",
-                    help="run the operator under this command, e.g. 'memray run --native -o /tmp/op.bin' or 'py-spy record -o /tmp/op.svg --' "
-                         "(the RSS and CPU figures then include the profiler's)")
-    ap.add_argument("--timeout", type=float, default=3 * 3600, help="give up (and report the stuck ones) after this many seconds")
+    ap.add_argument(
+        "--operator-prefix",
+        default="",
+        metavar="CMD",
+        help="run the operator under this command, e.g. 'memray run --native -o /tmp/op.bin' or 'py-spy record -o /tmp/op.svg --' "
+        "(the RSS and CPU figures then include the profiler's)",
+    )
+    ap.add_argument(
+        "--timeout", type=float, default=3 * 3600, help="give up (and report the stuck ones) after this many seconds"
+    )
     ap.add_argument("--progress-every", type=float, default=5.0)
     ap.add_argument("--run-dir", type=Path, help="keep logs here (default: a temporary directory)")
     ap.add_argument("--json", type=Path, help="write the figures here as JSON")
@@ -181,18 +208,25 @@ def main() -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     say(f"run dir {run_dir}")
     # The node agent reads its image table from the environment when it starts.
-    os.environ["BEAM_NODE_AGENT_IMAGES"] = json.dumps({
-        "beam-backfill/scale-standin": {
-            "entrypoint": ["beam-jobrunner"], "cmd": [], "venv": False,
-            "env": {"PATH": f"{BENCH / 'scale_standin'}:/usr/bin:/bin", "SCALE_CHUNKS": str(args.chunks), "SCALE_SLEEP": str(args.sleep)},
+    os.environ["BEAM_NODE_AGENT_IMAGES"] = json.dumps(
+        {
+            "beam-backfill/scale-standin": {
+                "entrypoint": ["beam-jobrunner"],
+                "cmd": [],
+                "venv": False,
+                "env": {
+                    "PATH": f"{BENCH / 'scale_standin'}:/usr/bin:/bin",
+                    "SCALE_CHUNKS": str(args.chunks),
+                    "SCALE_SLEEP": str(args.sleep),
+                },
+            }
         }
-    })
+    )
     plane = AuditedControlPlane(run_dir / "k8s")
     plane.job_syncs = args.job_syncs
     gcs = FakeGcs(run_dir)
     agent = None
     operator = None
-    watcher = None
     try:
         plane.start()
         gcs.start()
@@ -205,12 +239,21 @@ def main() -> None:
             "BEAM_STAGING_BUCKET": "beam-staging",
         }
         config.update(kv.split("=", 1) for kv in args.operator_env)
-        operator = Operator(OperatorProcess(run_dir / "operator", kubeconfig=kubeconfig, config=config, prefix=shlex.split(args.operator_prefix)))
+        operator = Operator(
+            OperatorProcess(
+                run_dir / "operator", kubeconfig=kubeconfig, config=config, prefix=shlex.split(args.operator_prefix)
+            )
+        )
         operator.start()
         namespaces = [f"scale-{i}" for i in range(args.namespaces)]
         for ns in namespaces:
             plane.create_namespace(ns)
-        others = {"kube-apiserver": plane.apiserver, "etcd": plane.etcd, "kube-controller-manager": plane.controller_manager, "node agent": agent.proc}
+        others = {
+            "kube-apiserver": plane.apiserver,
+            "etcd": plane.etcd,
+            "kube-controller-manager": plane.controller_manager,
+            "node agent": agent.proc,
+        }
         figures = run(args, plane, operator, namespaces, run_dir, others)
     finally:
         for stop in (operator, agent, gcs, plane):
@@ -237,7 +280,9 @@ def wait_watching(plane: AuditedControlPlane, since: float, timeout: float = 60)
     raise TimeoutError(f"the operator is not watching after {timeout:.0f}s")
 
 
-def run(args, plane: AuditedControlPlane, operator: Operator, namespaces: list[str], run_dir: Path, others: dict) -> dict:
+def run(
+    args, plane: AuditedControlPlane, operator: Operator, namespaces: list[str], run_dir: Path, others: dict
+) -> dict:
     ctx = admin_ssl(plane.pki)
     watcher = Watcher(plane.port, ctx).start()
     wait_watching(plane, operator.started_at)
@@ -256,8 +301,11 @@ def run(args, plane: AuditedControlPlane, operator: Operator, namespaces: list[s
         while True:
             sent[key] = time.time()
             try:
-                code, body = local.client.request("POST", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills",
-                                                  manifest(name, args.chunks, args.parallelism))
+                code, body = local.client.request(
+                    "POST",
+                    f"/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills",
+                    manifest(name, args.chunks, args.parallelism),
+                )
             except OSError as e:  # the apiserver restarting: try again
                 errors[type(e).__name__] += 1
                 time.sleep(0.5)
@@ -268,9 +316,13 @@ def run(args, plane: AuditedControlPlane, operator: Operator, namespaces: list[s
             time.sleep(0.5)
 
     t0 = time.time()
-    say(f"creating {args.backfills} backfills x {args.chunks} chunks in {len(namespaces)} namespaces ({args.create_workers} at a time)")
+    say(
+        f"creating {args.backfills} backfills x {args.chunks} chunks in {len(namespaces)} namespaces ({args.create_workers} at a time)"
+    )
     pool = ThreadPoolExecutor(args.create_workers)
-    futures = [pool.submit(create, k, t0 + (i / args.create_rate if args.create_rate else 0)) for i, k in enumerate(names)]
+    futures = [
+        pool.submit(create, k, t0 + (i / args.create_rate if args.create_rate else 0)) for i, k in enumerate(names)
+    ]
     restarts: dict[str, dict[str, float]] = {}
     last_progress = 0.0
     deadline = t0 + args.timeout
@@ -278,7 +330,11 @@ def run(args, plane: AuditedControlPlane, operator: Operator, namespaces: list[s
         time.sleep(0.5)
         with watcher.lock:
             by_status = Counter(b.status or "pending" for b in watcher.backfills.values())
-            chunks_done = sum(args.chunks - (b.chunks_left if b.chunks_left is not None else args.chunks) for b in watcher.backfills.values() if b.status in ("transporting", "completed"))
+            chunks_done = sum(
+                args.chunks - (b.chunks_left if b.chunks_left is not None else args.chunks)
+                for b in watcher.backfills.values()
+                if b.status in ("transporting", "completed")
+            )
             jobs = len(watcher.jobs)
         done = sum(by_status[s] for s in TERMINAL)
         created = sum(f.done() for f in futures)
@@ -286,8 +342,12 @@ def run(args, plane: AuditedControlPlane, operator: Operator, namespaces: list[s
         if now - last_progress >= args.progress_every:
             last_progress = now
             u = operator.usage()
-            counts = " ".join(f"{s}={by_status[s]}" for s in ("pending", "staging", "transporting", *TERMINAL) if by_status[s])
-            say(f"{now - t0:7.1f}s created {created}/{args.backfills} | {counts} | jobs {jobs} chunks {chunks_done}/{args.backfills * args.chunks} | operator rss {u['rss_mb']:.0f} MB cpu {u['cpu_s']:.0f}s")
+            counts = " ".join(
+                f"{s}={by_status[s]}" for s in ("pending", "staging", "transporting", *TERMINAL) if by_status[s]
+            )
+            say(
+                f"{now - t0:7.1f}s created {created}/{args.backfills} | {counts} | jobs {jobs} chunks {chunks_done}/{args.backfills * args.chunks} | operator rss {u['rss_mb']:.0f} MB cpu {u['cpu_s']:.0f}s"
+            )
         if created == args.backfills and done == args.backfills:
             break
         if now > deadline:
@@ -296,13 +356,25 @@ def run(args, plane: AuditedControlPlane, operator: Operator, namespaces: list[s
         # Chunks, not completed backfills: backfills finish in waves, chunks steadily.
         frac = chunks_done / (args.backfills * args.chunks)
         if args.restart_apiserver_at is not None and "apiserver" not in restarts and frac >= args.restart_apiserver_at:
-            say(f"restarting kube-apiserver at {chunks_done} chunks delivered, {by_status['completed']} backfills completed")
+            say(
+                f"restarting kube-apiserver at {chunks_done} chunks delivered, {by_status['completed']} backfills completed"
+            )
             r0 = time.time()
             plane.restart_apiserver()
-            restarts["apiserver"] = {"at": r0, "started": plane.apiserver_started_at, "back": time.time(), "completed_before": by_status["completed"], "operator_pid": operator.pids[-1]}
-            say(f"kube-apiserver back after {time.time() - r0:.1f}s; the operator keeps running (pid {operator.pids[-1]})")
+            restarts["apiserver"] = {
+                "at": r0,
+                "started": plane.apiserver_started_at,
+                "back": time.time(),
+                "completed_before": by_status["completed"],
+                "operator_pid": operator.pids[-1],
+            }
+            say(
+                f"kube-apiserver back after {time.time() - r0:.1f}s; the operator keeps running (pid {operator.pids[-1]})"
+            )
         if args.restart_operator_at is not None and "operator" not in restarts and frac >= args.restart_operator_at:
-            say(f"SIGKILL of the operator at {chunks_done} chunks delivered, {by_status['completed']} backfills completed, then a new one")
+            say(
+                f"SIGKILL of the operator at {chunks_done} chunks delivered, {by_status['completed']} backfills completed, then a new one"
+            )
             r0 = time.time()
             operator.kill_and_restart()
             restarts["operator"] = {"at": r0, "back": time.time(), "completed_before": by_status["completed"]}
@@ -324,7 +396,9 @@ def run(args, plane: AuditedControlPlane, operator: Operator, namespaces: list[s
         metrics_text = ""
     operator.stop()  # nothing more in the audit log after this
     watcher.stop()
-    figures = figures_from(args, plane, watcher, sent, names, t0, t_end, usage, metrics_text, restarts, errors, operator)
+    figures = figures_from(
+        args, plane, watcher, sent, names, t0, t_end, usage, metrics_text, restarts, errors, operator
+    )
     figures["cpu_s_of_other_processes"] = cpu_others
     return figures
 
@@ -373,43 +447,85 @@ def figures_from(args, plane, watcher, sent, names, t0, t_end, usage, metrics_te
             "apiserver_stopped_for_s": round(at - restarts["apiserver"]["at"], 1),
             "apiserver_ready_after_s": round(back - at, 1),
             "first_watch_after_s": next((round(t - at, 2) for t, v, r in after if v == "watch"), None),
-            "first_status_patch_after_s": next((round(t - at, 2) for t, v, r in after if r == "beambackfills/status"), None),
-            "operator_restarted": operator.pids[-1] != restarts["apiserver"]["operator_pid"] if "operator" not in restarts else None,
+            "first_status_patch_after_s": next(
+                (round(t - at, 2) for t, v, r in after if r == "beambackfills/status"), None
+            ),
+            "operator_restarted": operator.pids[-1] != restarts["apiserver"]["operator_pid"]
+            if "operator" not in restarts
+            else None,
         }
 
     completed_at = [b.status_at["completed"] for b in backfills.values() if "completed" in b.status_at]
     return {
         "command": " ".join([".venv/bin/python", "bench/scale.py", *sys.argv[1:]]),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "kubernetes": K8S_VERSION, "kopf": _version("kopf")},
-        "job_syncs": args.job_syncs, "create_rate": args.create_rate,
-        "backfills": n, "namespaces": args.namespaces, "chunks": args.chunks, "parallelism": args.parallelism, "worker_sleep_s": args.sleep,
-        "final_status": dict(final), "stuck": stuck[:20], "stuck_count": len(stuck),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "kubernetes": K8S_VERSION,
+            "kopf": _version("kopf"),
+        },
+        "job_syncs": args.job_syncs,
+        "create_rate": args.create_rate,
+        "backfills": n,
+        "namespaces": args.namespaces,
+        "chunks": args.chunks,
+        "parallelism": args.parallelism,
+        "worker_sleep_s": args.sleep,
+        "final_status": dict(final),
+        "stuck": stuck[:20],
+        "stuck_count": len(stuck),
         "total_s": round((max(completed_at) if completed_at else t_end) - t0, 1),
         "create_errors": dict(errors),
         "latency_apply_to_staging_job_s": _lat(lat_stage),
         "latency_apply_to_staging_job_apiserver_s": _lat(req.apply_to_staging_job()),
         "latency_transport_done_to_completed_s": _lat(lat_done),
-        "backfill_lifetime_s": {"p50": round(pct(list(lifetimes.values()), 50), 1), "max": round(max(lifetimes.values(), default=float("nan")), 1)},
-        "operator": {"peak_rss_mb": round(usage["hwm_mb"], 1), "cpu_s": round(usage["cpu_s"], 1), "starts": len(operator.pids)},
+        "backfill_lifetime_s": {
+            "p50": round(pct(list(lifetimes.values()), 50), 1),
+            "max": round(max(lifetimes.values(), default=float("nan")), 1),
+        },
+        "operator": {
+            "peak_rss_mb": round(usage["hwm_mb"], 1),
+            "cpu_s": round(usage["cpu_s"], 1),
+            "starts": len(operator.pids),
+        },
         "api_requests": {
-            "reads": req.total(READS), "writes": req.total(WRITES), "watches": req.total(WATCHES),
-            "per_backfill": {"reads": round(req.total(READS) / n, 2), "writes": round(req.total(WRITES) / n, 2), "watches": round(req.total(WATCHES) / n, 3)},
+            "reads": req.total(READS),
+            "writes": req.total(WRITES),
+            "watches": req.total(WATCHES),
+            "per_backfill": {
+                "reads": round(req.total(READS) / n, 2),
+                "writes": round(req.total(WRITES) / n, 2),
+                "watches": round(req.total(WATCHES) / n, 3),
+            },
             "by_kind": dict(req.by_kind.most_common()),
         },
         "status_patches": {
-            "per_backfill_mean": round(sum(counts) / n, 2), "per_backfill_max": max(counts, default=0),
-            "per_backfill_per_minute_p50": round(pct(per_min, 50), 2), "per_backfill_per_minute_max": round(max(per_min, default=float("nan")), 2),
-            "most_in_any_1s_for_one_backfill": burst, "operator_metric_total_last_process": status_writes_metric,
+            "per_backfill_mean": round(sum(counts) / n, 2),
+            "per_backfill_max": max(counts, default=0),
+            "per_backfill_per_minute_p50": round(pct(per_min, 50), 2),
+            "per_backfill_per_minute_max": round(max(per_min, default=float("nan")), 2),
+            "most_in_any_1s_for_one_backfill": burst,
+            "operator_metric_total_last_process": status_writes_metric,
         },
-        "jobs": {"created_201": sum(v for k, v in creates.items() if k.endswith(" 201")), "already_exists_409": sum(v for k, v in creates.items() if k.endswith(" 409")),
-                 "seen": len(jobs), "duplicates": dup_jobs},
-        "restarts": restarts, "recovery": recovery,
+        "jobs": {
+            "created_201": sum(v for k, v in creates.items() if k.endswith(" 201")),
+            "already_exists_409": sum(v for k, v in creates.items() if k.endswith(" 409")),
+            "seen": len(jobs),
+            "duplicates": dup_jobs,
+        },
+        "restarts": restarts,
+        "recovery": recovery,
         "watch_reconnects_of_benchmark": dict(watcher.reconnects),
     }
 
 
 def _lat(values: list[float]) -> dict:
-    return {"p50": round(pct(values, 50), 3), "p99": round(pct(values, 99), 3), "max": round(max(values, default=float("nan")), 3), "n": len(values)}
+    return {
+        "p50": round(pct(values, 50), 3),
+        "p99": round(pct(values, 99), 3),
+        "max": round(max(values, default=float("nan")), 3),
+        "n": len(values),
+    }
 
 
 def _version(dist: str) -> str:
@@ -423,21 +539,29 @@ def _version(dist: str) -> str:
 
 def report(f: dict, args) -> None:
     las = f["latency_apply_to_staging_job_apiserver_s"]
-    la, ld, api, sp = f["latency_apply_to_staging_job_s"], f["latency_transport_done_to_completed_s"], f["api_requests"], f["status_patches"]
-    print(f"""
-command: {f['command']}
-machine: {f['machine']}
-{f['backfills']} backfills x {f['chunks']} chunks in {f['namespaces']} namespaces: {f['final_status']}; stuck {f['stuck_count']} {f['stuck'][:5]}
-total time until all completed: {f['total_s']} s
-apply -> staging Job created:     p50 {la['p50']} s  p99 {la['p99']} s  max {la['max']} s  (n={la['n']}; the benchmark's create sent -> its watch sees the Job)
-  the same, apiserver's clock:    p50 {las['p50']} s  p99 {las['p99']} s  max {las['max']} s  (n={las['n']}; create received -> Job create answered, audit log)
-transport finished -> completed:  p50 {ld['p50']} s  p99 {ld['p99']} s  max {ld['max']} s  (n={ld['n']})
-operator: peak RSS {f['operator']['peak_rss_mb']} MB, CPU {f['operator']['cpu_s']} s, starts {f['operator']['starts']}; other processes' CPU s {f['cpu_s_of_other_processes']}
-API requests: reads {api['reads']} writes {api['writes']} watches {api['watches']}; per backfill {api['per_backfill']}
-status patches per backfill: mean {sp['per_backfill_mean']} max {sp['per_backfill_max']}; per minute p50 {sp['per_backfill_per_minute_p50']} max {sp['per_backfill_per_minute_max']}; most in 1 s {sp['most_in_any_1s_for_one_backfill']}
-jobs: {f['jobs']}
-restarts: {f['restarts']} recovery: {f['recovery']}
-by kind: {json.dumps(api['by_kind'])}""", flush=True)
+    la, ld, api, sp = (
+        f["latency_apply_to_staging_job_s"],
+        f["latency_transport_done_to_completed_s"],
+        f["api_requests"],
+        f["status_patches"],
+    )
+    print(
+        f"""
+command: {f["command"]}
+machine: {f["machine"]}
+{f["backfills"]} backfills x {f["chunks"]} chunks in {f["namespaces"]} namespaces: {f["final_status"]}; stuck {f["stuck_count"]} {f["stuck"][:5]}
+total time until all completed: {f["total_s"]} s
+apply -> staging Job created:     p50 {la["p50"]} s  p99 {la["p99"]} s  max {la["max"]} s  (n={la["n"]}; the benchmark's create sent -> its watch sees the Job)
+  the same, apiserver's clock:    p50 {las["p50"]} s  p99 {las["p99"]} s  max {las["max"]} s  (n={las["n"]}; create received -> Job create answered, audit log)
+transport finished -> completed:  p50 {ld["p50"]} s  p99 {ld["p99"]} s  max {ld["max"]} s  (n={ld["n"]})
+operator: peak RSS {f["operator"]["peak_rss_mb"]} MB, CPU {f["operator"]["cpu_s"]} s, starts {f["operator"]["starts"]}; other processes' CPU s {f["cpu_s_of_other_processes"]}
+API requests: reads {api["reads"]} writes {api["writes"]} watches {api["watches"]}; per backfill {api["per_backfill"]}
+status patches per backfill: mean {sp["per_backfill_mean"]} max {sp["per_backfill_max"]}; per minute p50 {sp["per_backfill_per_minute_p50"]} max {sp["per_backfill_per_minute_max"]}; most in 1 s {sp["most_in_any_1s_for_one_backfill"]}
+jobs: {f["jobs"]}
+restarts: {f["restarts"]} recovery: {f["recovery"]}
+by kind: {json.dumps(api["by_kind"])}""",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

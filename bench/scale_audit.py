@@ -55,7 +55,9 @@ class Requests:
     staging_job_created: dict[tuple[str, str], float] = field(default_factory=dict)  # by (namespace, backfill)
 
     def apply_to_staging_job(self) -> list[float]:
-        return [self.staging_job_created[k] - t for k, t in self.backfill_created.items() if k in self.staging_job_created]
+        return [
+            self.staging_job_created[k] - t for k, t in self.backfill_created.items() if k in self.staging_job_created
+        ]
 
     def total(self, verbs: set[str]) -> int:
         return sum(n for v, n in self.by_verb.items() if v in verbs)

@@ -13,9 +13,10 @@ import ssl
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import orjson
 
@@ -42,7 +43,9 @@ class Client:
                 self.conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx, timeout=self.timeout)
             try:
                 data = orjson.dumps(body) if body is not None else None
-                self.conn.request(method, path, body=data, headers={"Content-Type": "application/json", "Accept": "application/json"})
+                self.conn.request(
+                    method, path, body=data, headers={"Content-Type": "application/json", "Accept": "application/json"}
+                )
                 resp = self.conn.getresponse()
                 raw = resp.read()
                 return resp.status, (orjson.loads(raw) if raw else None)
@@ -90,11 +93,19 @@ class Watcher:
         self._listed: set[str] = set()
         self.reconnects = {"jobs": 0, "beambackfills": 0}
         self.threads = [
-            threading.Thread(target=self._loop, args=("jobs", "/apis/batch/v1/jobs", {"labelSelector": JOB_SELECTOR}, self._on_job), daemon=True),
-            threading.Thread(target=self._loop, args=("beambackfills", "/apis/beam-backfill.dev/v1alpha1/beambackfills", {}, self._on_backfill), daemon=True),
+            threading.Thread(
+                target=self._loop,
+                args=("jobs", "/apis/batch/v1/jobs", {"labelSelector": JOB_SELECTOR}, self._on_job),
+                daemon=True,
+            ),
+            threading.Thread(
+                target=self._loop,
+                args=("beambackfills", "/apis/beam-backfill.dev/v1alpha1/beambackfills", {}, self._on_backfill),
+                daemon=True,
+            ),
         ]
 
-    def start(self) -> "Watcher":
+    def start(self) -> Watcher:
         for t in self.threads:
             t.start()
         return self
@@ -111,8 +122,13 @@ class Watcher:
         with self.lock:
             seen = self.jobs.get(key)
             if seen is None:
-                seen = self.jobs[key] = JobSeen(meta["namespace"], meta["name"], labels.get("beam-backfill.dev/backfill", ""),
-                                                labels.get("beam-backfill.dev/phase", ""), created=now)
+                seen = self.jobs[key] = JobSeen(
+                    meta["namespace"],
+                    meta["name"],
+                    labels.get("beam-backfill.dev/backfill", ""),
+                    labels.get("beam-backfill.dev/phase", ""),
+                    created=now,
+                )
             seen.uids.add(meta["uid"])
             conds = (obj.get("status") or {}).get("conditions") or []
             if not seen.finished and any(c.get("type") in _FINISHED and c.get("status") == "True" for c in conds):
@@ -159,7 +175,9 @@ class Watcher:
                 time.sleep(0.5)
 
     def _watch(self, path: str, params: dict[str, str], rv: str, handle) -> str:
-        q = urllib.parse.urlencode({**params, "watch": "1", "resourceVersion": rv, "allowWatchBookmarks": "true", "timeoutSeconds": "60"})
+        q = urllib.parse.urlencode(
+            {**params, "watch": "1", "resourceVersion": rv, "allowWatchBookmarks": "true", "timeoutSeconds": "60"}
+        )
         conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx, timeout=90)
         try:
             conn.request("GET", f"{path}?{q}")

@@ -48,24 +48,32 @@ def synthetic(n: int) -> pa.Table:
     rnd = random.Random(7)
     raw = [float(rnd.randrange(10**24)) for _ in range(n)]
     tokens = [f"0x{t:040x}" for t in (0xA0B8, 0xDAC1, 0x4200, 0x833F)]
-    return pa.table({
-        "from_address": pa.array(["0x" + h[:40] for h in hexes]),
-        "to_address": pa.array(["0x" + h[24:] for h in hexes]),
-        "token_address": pa.array([tokens[i % 4] for i in range(n)]),
-        "token_name": pa.array([["USD Coin", "Tether", "Wrapped Ether", "Uniswap"][i % 4] for i in range(n)]),
-        "token_symbol": pa.array([["USDC", "USDT", "WETH", "UNI"][i % 4] for i in range(n)]),
-        "raw_amount": pa.array(raw), "amount": pc.divide(pa.array(raw), 1e18),
-        "usd_amount": pc.multiply(pc.divide(pa.array(raw), 1e18), 1.0001), "usd_exchange_rate": pa.array([1.0001] * n),
-        "raw_amount_str": pa.array([str(int(r)) for r in raw]), "amount_str": pa.array([repr(r / 1e18) for r in raw]),
-        "transaction_from_address": pa.array(["0x" + h[10:50] for h in hexes]),
-        "transaction_to_address": pa.array([tokens[i % 4] for i in range(n)]),
-        "transaction_hash": pa.array(["0x" + h for h in hexes]),
-        "transaction_index": pc.remainder(idx, 200), "log_index": pc.remainder(idx, 13),
-        "block_number": pc.add(pc.divide(idx, 50), 20_000_000),
-        "block_timestamp": pc.multiply(pc.add(pc.divide(idx, 50), 1_704_067_200), 1_000_000).cast(pa.timestamp("us")),
-        "block_hash": pa.array(["0x" + h[::-1] for h in hexes]),
-        "unique_id": pa.array([f"0x{h}-{i % 13}" for i, h in enumerate(hexes)]),
-    })
+    return pa.table(
+        {
+            "from_address": pa.array(["0x" + h[:40] for h in hexes]),
+            "to_address": pa.array(["0x" + h[24:] for h in hexes]),
+            "token_address": pa.array([tokens[i % 4] for i in range(n)]),
+            "token_name": pa.array([["USD Coin", "Tether", "Wrapped Ether", "Uniswap"][i % 4] for i in range(n)]),
+            "token_symbol": pa.array([["USDC", "USDT", "WETH", "UNI"][i % 4] for i in range(n)]),
+            "raw_amount": pa.array(raw),
+            "amount": pc.divide(pa.array(raw), 1e18),
+            "usd_amount": pc.multiply(pc.divide(pa.array(raw), 1e18), 1.0001),
+            "usd_exchange_rate": pa.array([1.0001] * n),
+            "raw_amount_str": pa.array([str(int(r)) for r in raw]),
+            "amount_str": pa.array([repr(r / 1e18) for r in raw]),
+            "transaction_from_address": pa.array(["0x" + h[10:50] for h in hexes]),
+            "transaction_to_address": pa.array([tokens[i % 4] for i in range(n)]),
+            "transaction_hash": pa.array(["0x" + h for h in hexes]),
+            "transaction_index": pc.remainder(idx, 200),
+            "log_index": pc.remainder(idx, 13),
+            "block_number": pc.add(pc.divide(idx, 50), 20_000_000),
+            "block_timestamp": pc.multiply(pc.add(pc.divide(idx, 50), 1_704_067_200), 1_000_000).cast(
+                pa.timestamp("us")
+            ),
+            "block_hash": pa.array(["0x" + h[::-1] for h in hexes]),
+            "unique_id": pa.array([f"0x{h}-{i % 13}" for i, h in enumerate(hexes)]),
+        }
+    )
 
 
 class CpuMeter:
@@ -91,8 +99,10 @@ class CpuMeter:
         self.broker = self._broker() - self.b0
 
     def describe(self, n: int) -> str:
-        return (f"client {self.client / self.wall:.2f} cores ({self.client / n * 1e6:.2f} us/row), "
-                f"broker {self.broker / self.wall:.2f} cores ({self.broker / n * 1e6:.2f} us/row)")
+        return (
+            f"client {self.client / self.wall:.2f} cores ({self.client / n * 1e6:.2f} us/row), "
+            f"broker {self.broker / self.wall:.2f} cores ({self.broker / n * 1e6:.2f} us/row)"
+        )
 
 
 def ceiling(bootstrap: str, topic: str, values, keys, headers, transactional: bool = False) -> float:
@@ -106,7 +116,9 @@ def ceiling(bootstrap: str, topic: str, values, keys, headers, transactional: bo
 
     conf = {"bootstrap.servers": bootstrap, "enable.idempotence": True, **PRODUCER_TUNING}
     if transactional:
-        conf.update({"transactional.id": f"bench-ceiling-{uuid.uuid4()}", "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS})
+        conf.update(
+            {"transactional.id": f"bench-ceiling-{uuid.uuid4()}", "transaction.timeout.ms": TRANSACTION_TIMEOUT_MS}
+        )
     p = Producer(conf)
     p.list_topics(topic, timeout=30)  # create the topic outside the timed part, as transport does in open()
     if transactional:
@@ -115,7 +127,7 @@ def ceiling(bootstrap: str, topic: str, values, keys, headers, transactional: bo
     t0 = time.perf_counter()
     if transactional:
         p.begin_transaction()
-    for v, k in zip(values, keys):
+    for v, k in zip(values, keys, strict=True):
         try:
             produce(topic, v, k, headers=headers)
         except BufferError:
@@ -158,8 +170,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--stage-rows", type=int, default=1_000_000)
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds after the warm-up rounds")
-    ap.add_argument("--warmup", type=int, default=2,
-                    help="rounds not counted: the broker's JIT needs two (its CPU per row falls from ~3.6 to ~1.7 to ~1.1 us)")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="rounds not counted: the broker's JIT needs two (its CPU per row falls from ~3.6 to ~1.7 to ~1.1 us)",
+    )
     ap.add_argument("--no-stage", action="store_true", help="skip the staging measurement (and the doc update)")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = ap.parse_args()
@@ -182,8 +198,9 @@ def main() -> None:
 
         from beam_jobrunner import serialize, storage
 
-        pafs.GcsFileSystem(anonymous=True, endpoint_override=gcs.endpoints()["host_port"], scheme="http",
-                           project_id="bench").create_dir("bench")
+        pafs.GcsFileSystem(
+            anonymous=True, endpoint_override=gcs.endpoints()["host_port"], scheme="http", project_id="bench"
+        ).create_dir("bench")
         staging = f"gs://bench/backfills/bench/{uuid.uuid4()}/"
 
         say(f"building a {args.rows:,}-row synthetic ERC20 chunk")
@@ -210,8 +227,10 @@ def main() -> None:
             values += [bytes(m) for m in v]
             keys += k
         avg = sum(map(len, values)) / len(values)
-        say(f"encode only (parquet -> JSON bytes, what transport's reader thread does): {encode_rate:,.0f} rows/s, "
-            f"{encode_cpu:.2f} us CPU/row, average message {avg:.0f} bytes")
+        say(
+            f"encode only (parquet -> JSON bytes, what transport's reader thread does): {encode_rate:,.0f} rows/s, "
+            f"{encode_cpu:.2f} us CPU/row, average message {avg:.0f} bytes"
+        )
         headers = [("beam_job_id", str(uuid.uuid4()).encode()), ("beam_chunk", b"0")]
 
         from confluent_kafka.admin import AdminClient
@@ -228,7 +247,7 @@ def main() -> None:
             rate, cpu = {}, {}
             # Each round starts with a different measurement, so that none always runs right after
             # the same one, in the wake of its broker work (log flushes, transaction markers).
-            for k in names[attempt % len(names):] + names[:attempt % len(names)]:
+            for k in names[attempt % len(names) :] + names[: attempt % len(names)]:
                 with meter:
                     if k.startswith("ceiling"):
                         rate[k] = ceiling(kafka.bootstrap, topics[k], values, keys, headers, k == "ceiling_txn")
@@ -237,12 +256,14 @@ def main() -> None:
                 cpu[k] = meter
                 meter = CpuMeter(kafka.proc.pid)
             top = rate["ceiling"]
-            say(f"round {attempt}{' (warm-up, not counted)' if attempt < args.warmup else ''}: "
+            say(
+                f"round {attempt}{' (warm-up, not counted)' if attempt < args.warmup else ''}: "
                 f"ceiling {top:,.0f} msg/s [{cpu['ceiling'].describe(args.rows)}]; "
                 f"ceiling in a transaction {rate['ceiling_txn']:,.0f} msg/s = {rate['ceiling_txn'] / top:.2f}x "
                 f"[{cpu['ceiling_txn'].describe(args.rows)}]; "
                 f"transport txn {rate['txn']:,.0f} rows/s = {rate['txn'] / top:.2f}x [{cpu['txn'].describe(args.rows)}]; "
-                f"no txn {rate['notxn']:,.0f} rows/s = {rate['notxn'] / top:.2f}x [{cpu['notxn'].describe(args.rows)}]")
+                f"no txn {rate['notxn']:,.0f} rows/s = {rate['notxn'] / top:.2f}x [{cpu['notxn'].describe(args.rows)}]"
+            )
             if attempt < args.warmup:
                 continue
             for k in names:
@@ -275,22 +296,41 @@ def main() -> None:
             cur.execute("CREATE DATABASE IF NOT EXISTS base")
             cur.execute("CREATE SCHEMA IF NOT EXISTS base.assets")
             cur.execute("USE SCHEMA base.assets")
-            cols = ", ".join(f"{f.name} {'VARCHAR' if pa.types.is_string(f.type) else 'FLOAT' if pa.types.is_floating(f.type) else 'TIMESTAMP_NTZ(9)' if pa.types.is_timestamp(f.type) else 'BIGINT'}" for f in table.schema)
+            cols = ", ".join(
+                f"{f.name} {'VARCHAR' if pa.types.is_string(f.type) else 'FLOAT' if pa.types.is_floating(f.type) else 'TIMESTAMP_NTZ(9)' if pa.types.is_timestamp(f.type) else 'BIGINT'}"
+                for f in table.schema
+            )
             cur.execute(f"CREATE OR REPLACE TABLE base.assets.erc20_token_transfers ({cols})")
             cur.execute("CREATE OR REPLACE STAGE seed")
             cur.execute(f"PUT file://{local} @seed")
-            cur.execute("COPY INTO base.assets.erc20_token_transfers FROM @seed FILE_FORMAT = (TYPE = PARQUET) MATCH_BY_COLUMN_NAME = CASE_INSENSITIVE")
+            cur.execute(
+                "COPY INTO base.assets.erc20_token_transfers FROM @seed FILE_FORMAT = (TYPE = PARQUET) MATCH_BY_COLUMN_NAME = CASE_INSENSITIVE"
+            )
         first_block, last_block = 20_000_000, 20_000_000 + n // 50
-        spec = {"job_name": "bench", "table": "base.assets.erc20_token_transfers",
-                "backfill_window": {"partition_key": "block", "start": first_block, "end": last_block + 1},
-                "destinations": [{"type": "kafka", "name": "x"}]}
+        spec = {
+            "job_name": "bench",
+            "table": "base.assets.erc20_token_transfers",
+            "backfill_window": {"partition_key": "block", "start": first_block, "end": last_block + 1},
+            "destinations": [{"type": "kafka", "name": "x"}],
+        }
         sf = snow.endpoints()
-        os.environ.update({"BEAM_SPEC": json.dumps(spec), "BEAM_JOB_ID": str(uuid.uuid4()), "BEAM_NAMESPACE": "bench",
-                           "BEAM_STAGING_URI": f"gs://bench/backfills/bench/{uuid.uuid4()}/", "BEAM_STAGE_STRATEGY": "fetch",
-                           "BEAM_SNOWFLAKE_ACCOUNT": sf["account"], "BEAM_SNOWFLAKE_USER": sf["user"],
-                           "BEAM_SNOWFLAKE_PASSWORD": sf["password"], "BEAM_SNOWFLAKE_HOST": sf["host"],
-                           "BEAM_SNOWFLAKE_PORT": str(sf["port"]), "BEAM_SNOWFLAKE_PROTOCOL": sf["protocol"],
-                           "BEAM_SNOWFLAKE_DATABASE": "base", "BEAM_SNOWFLAKE_SCHEMA": "assets"})
+        os.environ.update(
+            {
+                "BEAM_SPEC": json.dumps(spec),
+                "BEAM_JOB_ID": str(uuid.uuid4()),
+                "BEAM_NAMESPACE": "bench",
+                "BEAM_STAGING_URI": f"gs://bench/backfills/bench/{uuid.uuid4()}/",
+                "BEAM_STAGE_STRATEGY": "fetch",
+                "BEAM_SNOWFLAKE_ACCOUNT": sf["account"],
+                "BEAM_SNOWFLAKE_USER": sf["user"],
+                "BEAM_SNOWFLAKE_PASSWORD": sf["password"],
+                "BEAM_SNOWFLAKE_HOST": sf["host"],
+                "BEAM_SNOWFLAKE_PORT": str(sf["port"]),
+                "BEAM_SNOWFLAKE_PROTOCOL": sf["protocol"],
+                "BEAM_SNOWFLAKE_DATABASE": "base",
+                "BEAM_SNOWFLAKE_SCHEMA": "assets",
+            }
+        )
         from beam_jobrunner import stage
         from beam_jobrunner.config import Common
 
@@ -298,13 +338,17 @@ def main() -> None:
         t0 = time.perf_counter()
         staged = stage.run(Common.from_env())
         results["stage_fetch"] = staged["num_rows"] / (time.perf_counter() - t0)
-        say(f"stage fetch: {staged['num_rows']:,} rows in {staged['num_chunks']} chunks, {results['stage_fetch']:,.0f} rows/s")
+        say(
+            f"stage fetch: {staged['num_rows']:,} rows in {staged['num_chunks']} chunks, {results['stage_fetch']:,.0f} rows/s"
+        )
         import duckdb
 
         con = duckdb.connect()
         t0 = time.perf_counter()
-        con.execute(f"COPY (SELECT * FROM read_parquet('{local}') WHERE block_number >= {first_block} AND block_number < {last_block + 1}) "
-                    f"TO '{run / 'duck.parquet'}' (FORMAT parquet, COMPRESSION zstd)")
+        con.execute(
+            f"COPY (SELECT * FROM read_parquet('{local}') WHERE block_number >= {first_block} AND block_number < {last_block + 1}) "
+            f"TO '{run / 'duck.parquet'}' (FORMAT parquet, COMPRESSION zstd)"
+        )
         results["stage_duckdb"] = n / (time.perf_counter() - t0)
         say(f"DuckDB COPY of the same window: {results['stage_duckdb']:,.0f} rows/s")
 
@@ -327,14 +371,14 @@ def figures_table(r) -> str:
 
     return f"""| measurement | rows/s | ratio to ceiling | client CPU µs/row | broker CPU µs/row |
 |---|---|---|---|---|
-| raw produce ceiling: the same pre-encoded bytes, keys, headers, producer settings, loop | {rng('ceiling')} | 1.00 | {us('ceiling')} |
-| the same ceiling inside one transaction (begin_transaction … commit_transaction) | {rng('ceiling_txn')} | {rng('ratio_ceiling_txn', '.2f')} | {us('ceiling_txn')} |
-| transport, transactions on (exactly-once) | {rng('txn')} | {rng('ratio_txn', '.2f')}; {rng('ratio_txn_to_txn_ceiling', '.2f')} of the ceiling in a transaction | {us('txn')} |
-| transport, transactions off | {rng('notxn')} | {rng('ratio_notxn', '.2f')} | {us('notxn')} |
-| transport's client CPU beyond the ceiling's (both modes) | | | {rng('extra_us', '.2f')} | |
-| encoding alone (parquet file -> JSON bytes, one polars thread, best of 3) | {r['encode_rate']:,.0f} | | {r['encode_cpu']:.2f} | |
-| stage `fetch` (fakesnow server -> Arrow -> zstd parquet -> GCS) | {r['stage_fetch']:,.0f} | | | |
-| DuckDB COPY of the same window to zstd parquet (local) | {r['stage_duckdb']:,.0f} | | | |
+| raw produce ceiling: the same pre-encoded bytes, keys, headers, producer settings, loop | {rng("ceiling")} | 1.00 | {us("ceiling")} |
+| the same ceiling inside one transaction (begin_transaction … commit_transaction) | {rng("ceiling_txn")} | {rng("ratio_ceiling_txn", ".2f")} | {us("ceiling_txn")} |
+| transport, transactions on (exactly-once) | {rng("txn")} | {rng("ratio_txn", ".2f")}; {rng("ratio_txn_to_txn_ceiling", ".2f")} of the ceiling in a transaction | {us("txn")} |
+| transport, transactions off | {rng("notxn")} | {rng("ratio_notxn", ".2f")} | {us("notxn")} |
+| transport's client CPU beyond the ceiling's (both modes) | | | {rng("extra_us", ".2f")} | |
+| encoding alone (parquet file -> JSON bytes, one polars thread, best of 3) | {r["encode_rate"]:,.0f} | | {r["encode_cpu"]:.2f} | |
+| stage `fetch` (fakesnow server -> Arrow -> zstd parquet -> GCS) | {r["stage_fetch"]:,.0f} | | | |
+| DuckDB COPY of the same window to zstd parquet (local) | {r["stage_duckdb"]:,.0f} | | | |
 """
 
 
@@ -348,17 +392,19 @@ def write_doc(args, r) -> None:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    say(f"run context: `.venv/bin/python bench/transport.py --rows {args.rows} --stage-rows {args.stage_rows} "
+    say(
+        f"run context: `.venv/bin/python bench/transport.py --rows {args.rows} --stage-rows {args.stage_rows} "
         f"--rounds {args.rounds}`; {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}; "
-        f"average message {r['avg']:.0f} bytes")
+        f"average message {r['avg']:.0f} bytes"
+    )
     doc = ROOT / "docs" / "benchmarks.md"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"
     section = re.search(r"^## jobrunner\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
     old = section and re.search(r"^\| measurement \| rows/s .*?\n(?!\|)", section.group(0), flags=re.S | re.M)
     if old:
         start = section.start() + old.start()
-        text = text[:start] + table + text[section.start() + old.end():]
+        text = text[:start] + table + text[section.start() + old.end() :]
     else:  # no section yet: a stub for the prose to be written around
         text = text.rstrip("\n") + "\n\n## jobrunner\n\n" + table
     doc.write_text(text)

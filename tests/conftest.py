@@ -10,10 +10,14 @@ pytest_plugins = ["beam_devstack.pytest_plugin"]
 _STANDIN = Path(__file__).parent / "standin" / "bin"
 os.environ.setdefault(
     "BEAM_NODE_AGENT_IMAGES",
-    json.dumps({
-        "beam-backfill/standin-jobrunner": {
-            "entrypoint": ["beam-jobrunner"], "cmd": [], "venv": True,
-            "env": {"PATH": f"{_STANDIN}:{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin"},
+    json.dumps(
+        {
+            "beam-backfill/standin-jobrunner": {
+                "entrypoint": ["beam-jobrunner"],
+                "cmd": [],
+                "venv": True,
+                "env": {"PATH": f"{_STANDIN}:{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin"},
+            }
         }
-    }),
+    ),
 )

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -34,7 +34,6 @@ TABLE_RE = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}(\.[A-Za-z_][A-Za-z0-9_$]{0,254}){0,2
 # ISO 8601 date-time with seconds; a missing offset means UTC (the seed's examples have none).
 TIMESTAMP_RE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})?$"
 K8S_NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-
 
 
 class Phase(StrEnum):
@@ -68,7 +67,7 @@ def parse_timestamp(value: str) -> datetime:
             "optionally with fractional seconds and Z or a +HH:MM offset"
         )
     dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 # CEL: a timestamp string made RFC 3339 (naive means UTC) so that timestamp() can compare it.
@@ -99,7 +98,7 @@ class TimestampWindow(_Model):
         return v
 
     @model_validator(mode="after")
-    def _ordered(self) -> "TimestampWindow":
+    def _ordered(self) -> TimestampWindow:
         if parse_timestamp(self.start) >= parse_timestamp(self.end):
             raise ValueError(f"backfill_window.start ({self.start}) must be before end ({self.end})")
         return self
@@ -116,7 +115,7 @@ class BlockWindow(_Model):
     end: int = Field(ge=0)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "BlockWindow":
+    def _ordered(self) -> BlockWindow:
         if self.start >= self.end:
             raise ValueError(f"backfill_window.start ({self.start}) must be less than end ({self.end})")
         return self
@@ -125,7 +124,7 @@ class BlockWindow(_Model):
         return self.start, self.end
 
 
-BackfillWindow = Annotated[Union[TimestampWindow, BlockWindow], Field(discriminator="partition_key")]
+BackfillWindow = Annotated[TimestampWindow | BlockWindow, Field(discriminator="partition_key")]
 
 # Rules the generated CRD attaches to backfill_window (start/end are int-or-string there).
 WINDOW_CEL = [
@@ -135,7 +134,7 @@ WINDOW_CEL = [
     },
     {
         "rule": "self.partition_key != 'block_timestamp' || (type(self.start) == string && type(self.end) == string)",
-        "message": "for partition_key block_timestamp, start and end must be ISO 8601 strings such as \"2024-01-01T00:00:00\"",
+        "message": 'for partition_key block_timestamp, start and end must be ISO 8601 strings such as "2024-01-01T00:00:00"',
     },
     {
         "rule": f"self.partition_key != 'block_timestamp' || type(self.start) != string || type(self.end) != string "
@@ -158,8 +157,10 @@ WINDOW_CEL = [
 class Filter(_Model):
     """Export only rows whose column is one of values: WHERE column IN (values)."""
 
-    column: str = Field(pattern=IDENT_RE, max_length=255, description="Column to filter on; a plain identifier such as token_address.")
-    values: list[Union[str, int]] = Field(
+    column: str = Field(
+        pattern=IDENT_RE, max_length=255, description="Column to filter on; a plain identifier such as token_address."
+    )
+    values: list[str | int] = Field(
         min_length=1,
         max_length=10000,
         description="Values to keep; at least one. Sent to Snowflake as bound parameters, never spliced into SQL.",
@@ -171,17 +172,27 @@ class _Destination(_Model):
     # Secret keys this destination reads, if it names a Secret: documented contract between the
     # operator (which maps them into the worker's env) and the jobrunner (which reads them).
     secret_keys: ClassVar[tuple[str, ...]] = ()
-    name: str = Field(min_length=1, max_length=249, description="A label for this destination, unique per type within the backfill.")
+    name: str = Field(
+        min_length=1, max_length=249, description="A label for this destination, unique per type within the backfill."
+    )
 
 
 class KafkaDestination(_Destination):
     """Kafka topic. Without bootstrap_servers, the operator's managed Kafka is used."""
 
-    secret_keys: ClassVar[tuple[str, ...]] = ("sasl_username", "sasl_password", "sasl_mechanism", "security_protocol", "ssl_ca_pem")
+    secret_keys: ClassVar[tuple[str, ...]] = (
+        "sasl_username",
+        "sasl_password",
+        "sasl_mechanism",
+        "security_protocol",
+        "ssl_ca_pem",
+    )
     type: Literal["kafka"]
     name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,249}$", max_length=249, description="Topic to write to.")
     bootstrap_servers: str | None = Field(
-        default=None, max_length=2048, description="host:port[,host:port] of an external Kafka; omit for the operator's managed Kafka."
+        default=None,
+        max_length=2048,
+        description="host:port[,host:port] of an external Kafka; omit for the operator's managed Kafka.",
     )
     secret: str | None = Field(
         default=None,
@@ -197,7 +208,9 @@ class WebhookDestination(_Destination):
 
     secret_keys: ClassVar[tuple[str, ...]] = ("hash_key",)
     type: Literal["webhook"]
-    url: str = Field(pattern=r"^https?://[^\s]+$", max_length=2048, description="http(s) URL that receives POSTed batches.")
+    url: str = Field(
+        pattern=r"^https?://[^\s]+$", max_length=2048, description="http(s) URL that receives POSTed batches."
+    )
     hash_key: str | None = Field(
         default=None,
         pattern=K8S_NAME_RE,
@@ -212,9 +225,15 @@ class NatsDestination(_Destination):
     secret_keys: ClassVar[tuple[str, ...]] = ("user", "password", "token")
     type: Literal["nats"]
     name: str = Field(pattern=r"^[A-Za-z0-9_.>*-]{1,249}$", max_length=249, description="Subject to publish to.")
-    url: str = Field(pattern=r"^(nats|tls)://[^\s]+$", max_length=2048, description="nats:// or tls:// server URL(s), comma-separated.")
+    url: str = Field(
+        pattern=r"^(nats|tls)://[^\s]+$",
+        max_length=2048,
+        description="nats:// or tls:// server URL(s), comma-separated.",
+    )
     secret: str | None = Field(
-        default=None, pattern=K8S_NAME_RE, max_length=253,
+        default=None,
+        pattern=K8S_NAME_RE,
+        max_length=253,
         description="Name of a Secret with keys user and password, or token.",
     )
 
@@ -224,19 +243,40 @@ class SnsDestination(_Destination):
 
     secret_keys: ClassVar[tuple[str, ...]] = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
     type: Literal["sns"]
-    topic_arn: str = Field(pattern=r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$", max_length=300, description="ARN of the SNS topic.")
-    region: str | None = Field(default=None, pattern=r"^[a-z0-9-]+$", max_length=32, description="AWS region; defaults to the one in topic_arn.")
-    endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$", max_length=2048, description="Override the SNS endpoint (VPC endpoints, testing).")
+    topic_arn: str = Field(
+        pattern=r"^arn:aws[a-z-]*:sns:[a-z0-9-]+:[0-9]{12}:[A-Za-z0-9_-]{1,256}(\.fifo)?$",
+        max_length=300,
+        description="ARN of the SNS topic.",
+    )
+    region: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9-]+$",
+        max_length=32,
+        description="AWS region; defaults to the one in topic_arn.",
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s]+$",
+        max_length=2048,
+        description="Override the SNS endpoint (VPC endpoints, testing).",
+    )
     secret: str | None = Field(
-        default=None, pattern=K8S_NAME_RE, max_length=253,
+        default=None,
+        pattern=K8S_NAME_RE,
+        max_length=253,
         description="Name of a Secret with keys aws_access_key_id, aws_secret_access_key and optionally aws_session_token; omit to use the worker's ambient AWS identity.",
     )
 
 
 Destination = Annotated[
-    Union[KafkaDestination, WebhookDestination, NatsDestination, SnsDestination], Field(discriminator="type")
+    KafkaDestination | WebhookDestination | NatsDestination | SnsDestination, Field(discriminator="type")
 ]
-DESTINATION_TYPES = {"kafka": KafkaDestination, "webhook": WebhookDestination, "nats": NatsDestination, "sns": SnsDestination}
+DESTINATION_TYPES = {
+    "kafka": KafkaDestination,
+    "webhook": WebhookDestination,
+    "nats": NatsDestination,
+    "sns": SnsDestination,
+}
 
 
 class BackfillSpec(_Model):
@@ -247,7 +287,8 @@ class BackfillSpec(_Model):
 
     job_name: str = Field(min_length=1, max_length=256, description="Display name of the backfill.")
     table: str = Field(
-        pattern=TABLE_RE, max_length=767,
+        pattern=TABLE_RE,
+        max_length=767,
         description="Source Snowflake table, e.g. base.assets.erc20_token_transfers (plain identifiers, up to 3 parts).",
     )
     backfill_window: BackfillWindow = Field(
@@ -259,9 +300,13 @@ class BackfillSpec(_Model):
     destinations: list[Destination] = Field(
         min_length=1, max_length=16, description="Where every row goes: kafka, webhook, nats or sns; at least one."
     )
-    static_egress_ip: bool = Field(default=False, description="Send from the operator's configured static egress IP (for webhook allow-lists).")
+    static_egress_ip: bool = Field(
+        default=False, description="Send from the operator's configured static egress IP (for webhook allow-lists)."
+    )
     columns: list[Annotated[str, Field(pattern=IDENT_RE, max_length=255)]] | None = Field(
-        default=None, min_length=1, max_length=500,
+        default=None,
+        min_length=1,
+        max_length=500,
         description="Columns to export (projection); omit for all columns.",
     )
     parallelism: int | None = Field(
@@ -273,7 +318,7 @@ class BackfillSpec(_Model):
     )
 
     @model_validator(mode="after")
-    def _distinct_destinations(self) -> "BackfillSpec":
+    def _distinct_destinations(self) -> BackfillSpec:
         seen = set()
         for d in self.destinations:
             key = (d.type, d.name)
@@ -293,7 +338,9 @@ SPEC_CEL = [
 
 def destination_uid(job_id: str, index: int, dest: _Destination) -> str:
     """The per-destination uid the public API reports: stable for a job and its destination."""
-    return str(uuid.uuid5(uuid.UUID(job_id) if _is_uuid(job_id) else uuid.NAMESPACE_URL, f"{index}:{dest.type}:{dest.name}"))
+    return str(
+        uuid.uuid5(uuid.UUID(job_id) if _is_uuid(job_id) else uuid.NAMESPACE_URL, f"{index}:{dest.type}:{dest.name}")
+    )
 
 
 def _is_uuid(s: str) -> bool:
@@ -326,7 +373,8 @@ class BackfillStatus(BaseModel):
     # Read back from the apiserver, whose structural schema prunes unknown fields anyway.
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     status: Phase | None = Field(
-        default=None, description="staging, transporting, completed, failed or cancelled; absent before the first reconcile."
+        default=None,
+        description="staging, transporting, completed, failed or cancelled; absent before the first reconcile.",
     )
     job_id: str | None = Field(default=None, description="The resource's uid; the public API's job_id.")
     workflow_id: str | None = Field(default=None, description="beam-backfill-<namespace>-<job_id>.")
@@ -336,7 +384,9 @@ class BackfillStatus(BaseModel):
     error_message: str | None = Field(default=None, description="Why the backfill failed; null otherwise.")
     time_created: str | None = Field(default=None, description="ISO 8601 UTC.")
     time_completed: str | None = Field(default=None, description="ISO 8601 UTC; null until the backfill ends.")
-    staged_files_deleted: bool | None = Field(default=None, description="True once the staged chunks were removed (retention).")
+    staged_files_deleted: bool | None = Field(
+        default=None, description="True once the staged chunks were removed (retention)."
+    )
     observedGeneration: int | None = None
     conditions: list[Condition] = Field(default_factory=list)
 
@@ -347,7 +397,7 @@ class BackfillStatus(BaseModel):
 
 def utc_iso(dt: datetime) -> str:
     """ISO 8601 UTC with Z, second precision: the public API's timestamp format."""
-    return dt.astimezone(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return dt.astimezone(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
 def spec_from_dict(data: dict[str, Any]) -> BackfillSpec:

@@ -59,7 +59,18 @@ DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 
 # Keys of the Snowflake Secret (the operator's `snowflake_secret`, one per organization's
 # namespace); each reaches the staging worker as snowflake_env(key).
-SNOWFLAKE_SECRET_KEYS = ("account", "user", "password", "host", "port", "protocol", "warehouse", "role", "database", "schema")
+SNOWFLAKE_SECRET_KEYS = (
+    "account",
+    "user",
+    "password",
+    "host",
+    "port",
+    "protocol",
+    "warehouse",
+    "role",
+    "database",
+    "schema",
+)
 SNOWFLAKE_REQUIRED_KEYS = ("account", "user", "password")
 
 

@@ -90,7 +90,9 @@ def up(components: list[str] | None = None) -> dict:
                 from beam_devstack.nodeagent import NodeAgent
 
                 t = time.monotonic()
-                agent = NodeAgent(STACK / "nodeagent", kubeconfig=server.endpoints()["kubeconfig"], detach=True, pid_dir=PIDS)
+                agent = NodeAgent(
+                    STACK / "nodeagent", kubeconfig=server.endpoints()["kubeconfig"], detach=True, pid_dir=PIDS
+                )
                 agent.start()
                 started.append(agent)
                 state["components"]["nodeagent"] = agent.endpoints()
@@ -103,8 +105,11 @@ def up(components: list[str] | None = None) -> dict:
     state["start_seconds"]["total"] = round(time.monotonic() - t0, 2)
     STATE.write_text(json.dumps(state, indent=2))
     fetched = sum(fetch_times.values())
-    progress("up", f"stack up: fetch/build {fetched:.1f}s, start {state['start_seconds']['total']:.1f}s "
-             f"({', '.join(f'{k} {v:.1f}s' for k, v in state['start_seconds'].items() if k != 'total')})")
+    progress(
+        "up",
+        f"stack up: fetch/build {fetched:.1f}s, start {state['start_seconds']['total']:.1f}s "
+        f"({', '.join(f'{k} {v:.1f}s' for k, v in state['start_seconds'].items() if k != 'total')})",
+    )
     return state
 
 
@@ -150,14 +155,18 @@ def status() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="beam-dev", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="beam-dev", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("fetch", help="fetch and build everything into the cache")
     sub.add_parser("up", help="start the stack in the background")
     sub.add_parser("down", help="stop the stack")
     sub.add_parser("status", help="show what runs")
     demo = sub.add_parser("demo", help="start the stack and run the sample backfill")
-    demo.add_argument("--rows", type=int, default=int(os.environ.get("BEAM_DEMO_ROWS", "2000000")), help="synthetic rows to seed")
+    demo.add_argument(
+        "--rows", type=int, default=int(os.environ.get("BEAM_DEMO_ROWS", "2000000")), help="synthetic rows to seed"
+    )
     demo.add_argument("--manifest", default=str(ROOT / "examples" / "seed-usdc-base.yaml"))
     demo.add_argument("--down", action="store_true", help="tear the stack down after the demo")
     cons = sub.add_parser("consume", help="print messages of a Kafka topic of the stack (read_committed)")

@@ -29,12 +29,25 @@ DEFAULT_END = datetime(2026, 4, 4)
 BASE_BLOCK = 42_000_000
 
 COLUMNS = [
-    ("from_address", "VARCHAR"), ("to_address", "VARCHAR"), ("token_address", "VARCHAR"),
-    ("token_name", "VARCHAR"), ("token_symbol", "VARCHAR"), ("raw_amount", "FLOAT"), ("amount", "FLOAT"),
-    ("usd_amount", "FLOAT"), ("usd_exchange_rate", "FLOAT"), ("raw_amount_str", "VARCHAR"),
-    ("amount_str", "VARCHAR"), ("transaction_from_address", "VARCHAR"), ("transaction_to_address", "VARCHAR"),
-    ("transaction_hash", "VARCHAR"), ("transaction_index", "BIGINT"), ("log_index", "BIGINT"),
-    ("block_number", "BIGINT"), ("block_timestamp", "TIMESTAMP_NTZ(9)"), ("block_hash", "VARCHAR"),
+    ("from_address", "VARCHAR"),
+    ("to_address", "VARCHAR"),
+    ("token_address", "VARCHAR"),
+    ("token_name", "VARCHAR"),
+    ("token_symbol", "VARCHAR"),
+    ("raw_amount", "FLOAT"),
+    ("amount", "FLOAT"),
+    ("usd_amount", "FLOAT"),
+    ("usd_exchange_rate", "FLOAT"),
+    ("raw_amount_str", "VARCHAR"),
+    ("amount_str", "VARCHAR"),
+    ("transaction_from_address", "VARCHAR"),
+    ("transaction_to_address", "VARCHAR"),
+    ("transaction_hash", "VARCHAR"),
+    ("transaction_index", "BIGINT"),
+    ("log_index", "BIGINT"),
+    ("block_number", "BIGINT"),
+    ("block_timestamp", "TIMESTAMP_NTZ(9)"),
+    ("block_hash", "VARCHAR"),
     ("unique_id", "VARCHAR"),
 ]
 
@@ -56,7 +69,9 @@ def _hex(expr: str, chars: int, salt: str) -> str:
     return f"'0x' || substr({' || '.join(parts)}, 1, {chars})"
 
 
-def generate(path: Path, rows: int, start: datetime = DEFAULT_START, end: datetime = DEFAULT_END, seed: float = 0.42) -> Path:
+def generate(
+    path: Path, rows: int, start: datetime = DEFAULT_START, end: datetime = DEFAULT_END, seed: float = 0.42
+) -> Path:
     import duckdb
 
     span = (end - start).total_seconds()
@@ -116,14 +131,19 @@ def load(conn, rows: int, *, table: str = TABLE, start: datetime = DEFAULT_START
         parquet = Path(tmp) / "erc20_token_transfers.parquet"
         progress("dataset", f"generating {rows:,} synthetic ERC20 transfers ({start:%Y-%m-%d} to {end:%Y-%m-%d})")
         generate(parquet, rows, start, end)
-        progress("dataset", f"generated {parquet.stat().st_size / 1e6:.0f} MB of parquet in {time.monotonic() - t:.1f}s; loading into {table}")
+        progress(
+            "dataset",
+            f"generated {parquet.stat().st_size / 1e6:.0f} MB of parquet in {time.monotonic() - t:.1f}s; loading into {table}",
+        )
         cur = conn.cursor()
         cur.execute(f"CREATE DATABASE IF NOT EXISTS {db}")
         cur.execute(f"CREATE SCHEMA IF NOT EXISTS {db}.{schema}")
         cur.execute(f"CREATE OR REPLACE TABLE {table} ({', '.join(f'{c} {ty}' for c, ty in COLUMNS)})")
         cur.execute(f"CREATE OR REPLACE STAGE {db}.{schema}.beam_seed")
         cur.execute(f"PUT file://{parquet} @{db}.{schema}.beam_seed")
-        cur.execute(f"COPY INTO {table} FROM @{db}.{schema}.beam_seed FILE_FORMAT = (TYPE = PARQUET) MATCH_BY_COLUMN_NAME = CASE_INSENSITIVE")
+        cur.execute(
+            f"COPY INTO {table} FROM @{db}.{schema}.beam_seed FILE_FORMAT = (TYPE = PARQUET) MATCH_BY_COLUMN_NAME = CASE_INSENSITIVE"
+        )
         cur.execute(f"SELECT count(*) FROM {table}")
         n = cur.fetchone()[0]
     if n != rows:
@@ -133,7 +153,9 @@ def load(conn, rows: int, *, table: str = TABLE, start: datetime = DEFAULT_START
     return took
 
 
-def expected_count(conn, *, table: str, start: str, end: str, column: str | None = None, values: list | None = None) -> int:
+def expected_count(
+    conn, *, table: str, start: str, end: str, column: str | None = None, values: list | None = None
+) -> int:
     """Rows of a timestamp window (and filter), counted by Snowflake itself: the demo's yardstick."""
     cur = conn.cursor()
     sql = f"SELECT count(*) FROM {table} WHERE block_timestamp >= CAST(? AS TIMESTAMP_NTZ) AND block_timestamp < CAST(? AS TIMESTAMP_NTZ)"

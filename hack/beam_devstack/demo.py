@@ -32,7 +32,14 @@ SNOWFLAKE_SECRET = "beam-snowflake"
 def _kubectl(kubeconfig: str, *args: str, input: str | None = None, check: bool = True):
     import subprocess
 
-    p = subprocess.run(["kubectl", *args], env=dict(os.environ, KUBECONFIG=kubeconfig), capture_output=True, text=True, input=input, timeout=120)
+    p = subprocess.run(
+        ["kubectl", *args],
+        env=dict(os.environ, KUBECONFIG=kubeconfig),
+        capture_output=True,
+        text=True,
+        input=input,
+        timeout=120,
+    )
     if check and p.returncode != 0:
         raise RuntimeError(f"kubectl {' '.join(args)}: {p.stderr.strip()}")
     return p
@@ -72,13 +79,23 @@ class _Kube:
     def kubeconfig_for_service_account(self, namespace: str, name: str, create: bool = False) -> Path:
         from beam_devstack.k8s import _kubeconfig
 
-        tr = self.core.create_namespaced_service_account_token(name, namespace, {"spec": {"expirationSeconds": 7 * 24 * 3600}})
+        tr = self.core.create_namespaced_service_account_token(
+            name, namespace, {"spec": {"expirationSeconds": 7 * 24 * 3600}}
+        )
         cfg = yaml.safe_load(Path(self.kubeconfig_path).read_text())
         cluster = cfg["clusters"][0]["cluster"]
         path = self.run_dir / "kubeconfigs" / f"sa-{namespace}-{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         ca = self.run_dir / "pki" / "ca.crt"
-        path.write_text(_kubeconfig(cluster["server"], ca, f"system:serviceaccount:{namespace}:{name}", {"token": tr.status.token}, namespace=namespace))
+        path.write_text(
+            _kubeconfig(
+                cluster["server"],
+                ca,
+                f"system:serviceaccount:{namespace}:{name}",
+                {"token": tr.status.token},
+                namespace=namespace,
+            )
+        )
         path.chmod(0o600)
         return path
 
@@ -102,7 +119,9 @@ def _ensure_bucket(gcs_url: str) -> None:
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    client = storage.Client(project="beam-backfill", credentials=AnonymousCredentials(), client_options={"api_endpoint": gcs_url})
+    client = storage.Client(
+        project="beam-backfill", credentials=AnonymousCredentials(), client_options={"api_endpoint": gcs_url}
+    )
     if client.lookup_bucket(BUCKET) is None:
         client.create_bucket(BUCKET)
 
@@ -145,7 +164,9 @@ def _start_operator(state: dict, kube: _Kube) -> None:
         pid_dir.mkdir(exist_ok=True)
         (cli.PIDS / "operator.pid").rename(pid_dir / "operator.pid")
         stop_pid_dir(pid_dir)
-    op = OperatorProcess(cli.STACK / "operator", kubeconfig=sa_kubeconfig, config=operator_config(state), detach=True, pid_dir=cli.PIDS)
+    op = OperatorProcess(
+        cli.STACK / "operator", kubeconfig=sa_kubeconfig, config=operator_config(state), detach=True, pid_dir=cli.PIDS
+    )
     op.start()
     state["components"]["operator"] = op.endpoints()
     cli.STATE.write_text(json.dumps(state, indent=2))
@@ -155,8 +176,15 @@ def count_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> tuple[int,
     """(messages, distinct keys) in `topic`, read_committed, read to the end of every partition."""
     from confluent_kafka import Consumer, TopicPartition
 
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"beam-demo-{uuid.uuid4()}", "enable.auto.commit": False,
-                  "isolation.level": "read_committed", "auto.offset.reset": "earliest"})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"beam-demo-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+        }
+    )
     try:
         md = c.list_topics(topic, timeout=10)
         if topic not in md.topics or md.topics[topic].error is not None:
@@ -189,7 +217,7 @@ def count_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> tuple[int,
         c.close()
 
 
-def worker_time(kube: "_Kube", namespace: str, uid: str) -> tuple[float, float, float]:
+def worker_time(kube: _Kube, namespace: str, uid: str) -> tuple[float, float, float]:
     """(staging seconds, transport seconds, seconds any worker process ran) from the Pods'
     container start and finish times; the rest of apply→completed is Pod start-up and operator
     reaction. Kubernetes timestamps have 1 s resolution: a rough split, not a profile."""
@@ -199,7 +227,9 @@ def worker_time(kube: "_Kube", namespace: str, uid: str) -> tuple[float, float, 
         for cs in p.status.container_statuses or []:
             t = cs.state.terminated
             if t and t.started_at and t.finished_at:
-                spans[p.metadata.labels.get("beam-backfill.dev/phase", "transport")].append((t.started_at.timestamp(), t.finished_at.timestamp()))
+                spans[p.metadata.labels.get("beam-backfill.dev/phase", "transport")].append(
+                    (t.started_at.timestamp(), t.finished_at.timestamp())
+                )
 
     def union(iv):
         total, end = 0.0, None
@@ -232,19 +262,31 @@ def run_demo(rows: int, manifest: Path, teardown: bool = False) -> int:
     kube.kubectl("delete", "bbf", name, "-n", NAMESPACE, "--ignore-not-found", "--wait=true", "--timeout=120s")
     before, _ = count_topic(state["components"]["kafka"]["bootstrap"], topic)
     w, f = spec["backfill_window"], spec.get("filter") or {}
-    expected = dataset.expected_count(_snowflake_conn(state["components"]["snowflake"]), table=spec["table"], start=w["start"], end=w["end"],
-                                      column=f.get("column"), values=f.get("values"))
+    expected = dataset.expected_count(
+        _snowflake_conn(state["components"]["snowflake"]),
+        table=spec["table"],
+        start=w["start"],
+        end=w["end"],
+        column=f.get("column"),
+        values=f.get("values"),
+    )
     progress("demo", f"applying {manifest.name} in namespace {NAMESPACE}: {expected:,} rows expected in topic {topic}")
     t_apply = time.monotonic()
     kube.kubectl("apply", "-n", NAMESPACE, "-f", str(manifest))
     last = None
     st: dict = {}
     while True:
-        obj = kube.custom.get_namespaced_custom_object("beam-backfill.dev", "v1alpha1", NAMESPACE, "beambackfills", name)
+        obj = kube.custom.get_namespaced_custom_object(
+            "beam-backfill.dev", "v1alpha1", NAMESPACE, "beambackfills", name
+        )
         st = obj.get("status") or {}
         line = (st.get("status") or "pending", st.get("num_chunks"), st.get("chunks_left"))
         if line != last:
-            chunks = f"chunks {st.get('num_chunks')} left {st.get('chunks_left')}" if st.get("num_chunks") is not None else "chunks -"
+            chunks = (
+                f"chunks {st.get('num_chunks')} left {st.get('chunks_left')}"
+                if st.get("num_chunks") is not None
+                else "chunks -"
+            )
             progress("demo", f"{time.monotonic() - t_apply:6.1f}s  status={line[0]:<12} {chunks}")
             last = line
         if st.get("status") in ("completed", "failed", "cancelled"):
@@ -260,11 +302,15 @@ def run_demo(rows: int, manifest: Path, teardown: bool = False) -> int:
         print(f"backfill ended {st.get('status')}: {st.get('error_message')}")
         return 1
     rate = got / elapsed if elapsed else 0
-    print(f"completed in {elapsed:.1f}s: {got:,} messages in topic {topic} ({distinct:,} distinct keys), "
-          f"{expected:,} expected; {rate:,.0f} rows/s end to end")
+    print(
+        f"completed in {elapsed:.1f}s: {got:,} messages in topic {topic} ({distinct:,} distinct keys), "
+        f"{expected:,} expected; {rate:,.0f} rows/s end to end"
+    )
     stage_s, transport_s, busy = worker_time(kube, NAMESPACE, obj["metadata"]["uid"])
-    print(f"time in jobrunner processes: staging {stage_s:.0f}s, transport {transport_s:.0f}s; outside the jobrunner "
-          f"(Pod start-up, operator reaction): {max(elapsed - busy, 0):.0f}s of {elapsed:.0f}s ({max(elapsed - busy, 0) / elapsed:.0%})")
+    print(
+        f"time in jobrunner processes: staging {stage_s:.0f}s, transport {transport_s:.0f}s; outside the jobrunner "
+        f"(Pod start-up, operator reaction): {max(elapsed - busy, 0):.0f}s of {elapsed:.0f}s ({max(elapsed - busy, 0) / elapsed:.0%})"
+    )
     print(f"""
 Look around:
   export KUBECONFIG={kc}
@@ -282,8 +328,15 @@ def consume(topic: str, max_messages: int) -> int:
     from confluent_kafka import Consumer
 
     state = cli.load_state()
-    c = Consumer({"bootstrap.servers": state["components"]["kafka"]["bootstrap"], "group.id": f"beam-dev-{uuid.uuid4()}",
-                  "isolation.level": "read_committed", "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c = Consumer(
+        {
+            "bootstrap.servers": state["components"]["kafka"]["bootstrap"],
+            "group.id": f"beam-dev-{uuid.uuid4()}",
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     c.subscribe([topic])
     n = 0
     deadline = time.monotonic() + 20
@@ -302,4 +355,6 @@ def consume(topic: str, max_messages: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_demo(int(sys.argv[1]) if len(sys.argv) > 1 else 2_000_000, cli.ROOT / "examples" / "seed-usdc-base.yaml"))
+    sys.exit(
+        run_demo(int(sys.argv[1]) if len(sys.argv) > 1 else 2_000_000, cli.ROOT / "examples" / "seed-usdc-base.yaml")
+    )

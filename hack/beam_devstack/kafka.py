@@ -63,7 +63,11 @@ def ensure_installed(version: str = VERSION) -> Path:
     t0 = time.monotonic()
     result = subprocess.run(
         [
-            _mvn(), "-B", "-q", "-f", str(POM),
+            _mvn(),
+            "-B",
+            "-q",
+            "-f",
+            str(POM),
             f"-Dkafka.version={version}",
             "dependency:copy-dependencies",
             "-DincludeScope=runtime",
@@ -106,8 +110,16 @@ rootLogger.appenderRef.file.ref = file
 
 
 class Kafka:
-    def __init__(self, run_dir: Path, *, detach: bool = False, pid_dir: Path | None = None,
-                 version: str = VERSION, heap: str = "512m", log_level: str = "WARN") -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        detach: bool = False,
+        pid_dir: Path | None = None,
+        version: str = VERSION,
+        heap: str = "512m",
+        log_level: str = "WARN",
+    ) -> None:
         self.run_dir = Path(run_dir) / "kafka"
         self.detach = detach
         self.pid_dir = pid_dir
@@ -170,31 +182,38 @@ class Kafka:
         libs = ensure_installed(self.version)
         return [
             _java(),
-            f"-Xms{min(self.heap, '256m', key=_mib)}", f"-Xmx{self.heap}",
-            "-XX:+UseG1GC", "-XX:MaxGCPauseMillis=20",
+            f"-Xms{min(self.heap, '256m', key=_mib)}",
+            f"-Xmx{self.heap}",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
             "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.run_dir / 'log4j2.properties'}",
             f"-Dkafka.logs.dir={self.run_dir}",
-            "-cp", f"{libs}/*",
-            main, *args,
+            "-cp",
+            f"{libs}/*",
+            main,
+            *args,
         ]
 
-    def start(self) -> "Kafka":
+    def start(self) -> Kafka:
         ensure_installed(self.version)
         shutil.rmtree(self.run_dir, ignore_errors=True)
         self.run_dir.mkdir(parents=True)
         cfg = self._write_config()
         t0 = time.monotonic()
         fmt = subprocess.run(
-            self._java_argv("kafka.tools.StorageTool", "format", "--standalone",
-                            "-t", _cluster_id(), "-c", str(cfg)),
-            capture_output=True, text=True,
+            self._java_argv("kafka.tools.StorageTool", "format", "--standalone", "-t", _cluster_id(), "-c", str(cfg)),
+            capture_output=True,
+            text=True,
         )
         if fmt.returncode != 0:
             raise RuntimeError(f"formatting Kafka storage failed:\n{fmt.stdout}\n{fmt.stderr}")
         self.proc = ManagedProcess(
-            "kafka", self._java_argv("kafka.Kafka", str(cfg)),
-            log_path=self.run_dir / "stdout.log", detach=self.detach, pid_dir=self.pid_dir,
+            "kafka",
+            self._java_argv("kafka.Kafka", str(cfg)),
+            log_path=self.run_dir / "stdout.log",
+            detach=self.detach,
+            pid_dir=self.pid_dir,
         ).start()
         try:
             # Clients are only created once the port answers: librdkafka logs every refused

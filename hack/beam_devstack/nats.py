@@ -46,18 +46,34 @@ class Nats:
     def endpoints(self) -> dict:
         return {"url": self.url}
 
-    def start(self) -> "Nats":
+    def start(self) -> Nats:
         binary = ensure_installed()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.port, self.monitor_port = free_port(), free_port()
         self.proc = start_ready(
             "nats-server",
-            [binary, "-js", "-a", "127.0.0.1", "-p", self.port, "-sd", self.run_dir / "js",
-             # The monitoring port gives a readiness probe that also reports JetStream's state.
-             "-m", self.monitor_port, "-l", self.run_dir / "nats-server.log"],
-            log_path=self.run_dir / "stdout.log", checks=[(self._jetstream_ready, "serving JetStream")],
-            timeout=READY_TIMEOUT, component="nats", describe=f"nats-server ready on {self.url}",
-            detach=self.detach, pid_dir=self.pid_dir,
+            [
+                binary,
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                self.port,
+                "-sd",
+                self.run_dir / "js",
+                # The monitoring port gives a readiness probe that also reports JetStream's state.
+                "-m",
+                self.monitor_port,
+                "-l",
+                self.run_dir / "nats-server.log",
+            ],
+            log_path=self.run_dir / "stdout.log",
+            checks=[(self._jetstream_ready, "serving JetStream")],
+            timeout=READY_TIMEOUT,
+            component="nats",
+            describe=f"nats-server ready on {self.url}",
+            detach=self.detach,
+            pid_dir=self.pid_dir,
         )
         return self
 

@@ -156,7 +156,7 @@ def image_repository(image: str) -> str:
         name = name[:colon]
     for prefix in ("docker.io/", "index.docker.io/", "library/"):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name
 
 
@@ -184,11 +184,11 @@ def expand(text: str, env: dict[str, str]) -> str:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _micro_now() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def log(message: str) -> None:
@@ -239,7 +239,9 @@ class Api:
         self.ssl: ssl.SSLContext | None = None
         self.server_hostname = getattr(cfg, "tls_server_name", None) or self.host
         if url.scheme == "https":
-            self.ssl = ssl.create_default_context(cafile=cfg.ssl_ca_cert) if cfg.verify_ssl else ssl.create_default_context()
+            self.ssl = (
+                ssl.create_default_context(cafile=cfg.ssl_ca_cert) if cfg.verify_ssl else ssl.create_default_context()
+            )
             if not cfg.verify_ssl:
                 self.ssl.check_hostname = False
                 self.ssl.verify_mode = ssl.CERT_NONE
@@ -253,9 +255,16 @@ class Api:
         self.slots = asyncio.Semaphore(connections)
 
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.wait_for(asyncio.open_connection(
-            self.host, self.port, ssl=self.ssl, server_hostname=self.server_hostname if self.ssl else None,
-            limit=1 << 22), 10)
+        return await asyncio.wait_for(
+            asyncio.open_connection(
+                self.host,
+                self.port,
+                ssl=self.ssl,
+                server_hostname=self.server_hostname if self.ssl else None,
+                limit=1 << 22,
+            ),
+            10,
+        )
 
     def request(self, method: str, path: str, params: dict | None, body: Any, ctype: str) -> bytes:
         if params:
@@ -322,8 +331,16 @@ class Api:
                 self.idle.append(conn)
             return status, body
 
-    async def call(self, method: str, path: str, body: Any = None, *, ctype: str = "application/json",
-                   params: dict | None = None, ok404: bool = False) -> Any:
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        ctype: str = "application/json",
+        params: dict | None = None,
+        ok404: bool = False,
+    ) -> Any:
         data = self.request(method, path, params, body, ctype)
         attempt = 0
         while True:
@@ -331,7 +348,7 @@ class Api:
                 status, content = await self.exchange(data)
             except StaleConnection:
                 continue  # the apiserver closed an idle keep-alive connection: not an attempt
-            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError, asyncio.IncompleteReadError) as e:
                 attempt += 1
                 if attempt >= 6:
                     raise ApiError(0, f"{method} {path}: {e!r}") from e
@@ -411,8 +428,9 @@ class PodRun:
 
 
 class Agent:
-    def __init__(self, api: Api, node: str, log_dir: Path, images: dict[str, dict[str, Any]],
-                 ready_file: Path | None = None) -> None:
+    def __init__(
+        self, api: Api, node: str, log_dir: Path, images: dict[str, dict[str, Any]], ready_file: Path | None = None
+    ) -> None:
         self.api = api
         self.node = node
         self.log_dir = log_dir
@@ -477,12 +495,20 @@ class Agent:
         now = _now()
 
         def cond(kind: str, status: str, reason: str, message: str) -> dict:
-            return {"type": kind, "status": status, "reason": reason, "message": message,
-                    "lastHeartbeatTime": now, "lastTransitionTime": self._node_transition(kind, status, now)}
+            return {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastHeartbeatTime": now,
+                "lastTransitionTime": self._node_transition(kind, status, now),
+            }
 
         status = {
             "conditions": [
-                cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+                cond(
+                    "MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"
+                ),
                 cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
                 cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
                 cond("Ready", "True", "KubeletReady", "beam-devstack node agent is posting ready status"),
@@ -492,14 +518,24 @@ class Agent:
             "addresses": [{"type": "InternalIP", "address": POD_IP}, {"type": "Hostname", "address": self.node}],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
             "nodeInfo": {
-                "machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": os.uname().release,
-                "osImage": "beam-devstack host", "containerRuntimeVersion": "host-process://1",
-                "kubeletVersion": KUBELET_VERSION, "kubeProxyVersion": "",
-                "operatingSystem": "linux", "architecture": "amd64",
+                "machineID": "",
+                "systemUUID": "",
+                "bootID": "",
+                "kernelVersion": os.uname().release,
+                "osImage": "beam-devstack host",
+                "containerRuntimeVersion": "host-process://1",
+                "kubeletVersion": KUBELET_VERSION,
+                "kubeProxyVersion": "",
+                "operatingSystem": "linux",
+                "architecture": "amd64",
             },
         }
-        await self.api.call("PATCH", f"/api/v1/nodes/{self.node}/status", {"status": status},
-                            ctype="application/strategic-merge-patch+json")
+        await self.api.call(
+            "PATCH",
+            f"/api/v1/nodes/{self.node}/status",
+            {"status": status},
+            ctype="application/strategic-merge-patch+json",
+        )
 
     def _node_transition(self, kind: str, status: str, now: str) -> str:
         old = self._node_transitions.get(kind)
@@ -513,13 +549,26 @@ class Agent:
         while not self.stopping.is_set():
             spec = {"holderIdentity": self.node, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": _micro_now()}
             try:
-                if await self.api.call("PATCH", path, {"spec": spec}, ctype="application/merge-patch+json", ok404=True) is None:
-                    await self.api.call("POST", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", {
-                        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                        "metadata": {"name": self.node, "namespace": "kube-node-lease", "ownerReferences": [
-                            {"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": self.node_uid}]},
-                        "spec": spec,
-                    })
+                if (
+                    await self.api.call("PATCH", path, {"spec": spec}, ctype="application/merge-patch+json", ok404=True)
+                    is None
+                ):
+                    await self.api.call(
+                        "POST",
+                        "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases",
+                        {
+                            "apiVersion": "coordination.k8s.io/v1",
+                            "kind": "Lease",
+                            "metadata": {
+                                "name": self.node,
+                                "namespace": "kube-node-lease",
+                                "ownerReferences": [
+                                    {"apiVersion": "v1", "kind": "Node", "name": self.node, "uid": self.node_uid}
+                                ],
+                            },
+                            "spec": spec,
+                        },
+                    )
                 if time.monotonic() - last_status >= NODE_STATUS_EVERY:
                     await self.node_status()
                     last_status = time.monotonic()
@@ -527,7 +576,7 @@ class Agent:
                 log(f"heartbeat failed: {e!r}")
             try:
                 await asyncio.wait_for(self.stopping.wait(), LEASE_RENEW)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def report(self) -> None:
@@ -535,7 +584,7 @@ class Agent:
         while not self.stopping.is_set():
             try:
                 await asyncio.wait_for(self.stopping.wait(), 30)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             now = dict(self.counts, running=sum(1 for r in self.runs.values() if r.popen is not None))
             if now != last:
@@ -610,8 +659,11 @@ class Agent:
             return
         node = spec.get("nodeName")
         if not node:
-            if (spec.get("schedulerName", "default-scheduler") == "default-scheduler"
-                    and not meta.get("deletionTimestamp") and uid not in self.binding):
+            if (
+                spec.get("schedulerName", "default-scheduler") == "default-scheduler"
+                and not meta.get("deletionTimestamp")
+                and uid not in self.binding
+            ):
                 self.binding.add(uid)
                 self.spawn(self.bind(pod))
             return
@@ -631,30 +683,48 @@ class Agent:
             if meta.get("deletionTimestamp") and meta.get("deletionGracePeriodSeconds") != 0:
                 self.spawn(self.remove(pod))
             return
-        run = PodRun(uid=uid, namespace=meta["namespace"], name=meta["name"], pod=pod,
-                     start_time=status.get("startTime") or _now())
+        run = PodRun(
+            uid=uid,
+            namespace=meta["namespace"],
+            name=meta["name"],
+            pod=pod,
+            start_time=status.get("startTime") or _now(),
+        )
         for c in status.get("conditions") or []:
             run.conds[c["type"]] = (c.get("status", ""), c.get("lastTransitionTime") or _now())
         self.runs[uid] = run
         if initial and phase == "Running":
-            self.finish(run, 137, "ContainerStatusUnknown",
-                        "The node agent restarted while this container was running; its process is gone",
-                        pod_reason="NodeAgentRestarted",
-                        pod_message=f"node agent on {self.node} restarted; the Pod's process was lost")
+            self.finish(
+                run,
+                137,
+                "ContainerStatusUnknown",
+                "The node agent restarted while this container was running; its process is gone",
+                pod_reason="NodeAgentRestarted",
+                pod_message=f"node agent on {self.node} restarted; the Pod's process was lost",
+            )
         elif meta.get("deletionTimestamp"):
-            self.finish(run, 137, "ContainerStatusUnknown",
-                        "The container could not be located when the pod was deleted.  The container used to be Running")
+            self.finish(
+                run,
+                137,
+                "ContainerStatusUnknown",
+                "The container could not be located when the pod was deleted.  The container used to be Running",
+            )
         else:
             self.spawn(self.start(run))
 
     async def bind(self, pod: dict) -> None:
         meta = pod["metadata"]
         try:
-            await self.api.call("POST", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/binding", {
-                "apiVersion": "v1", "kind": "Binding",
-                "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
-                "target": {"apiVersion": "v1", "kind": "Node", "name": self.node},
-            })
+            await self.api.call(
+                "POST",
+                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/binding",
+                {
+                    "apiVersion": "v1",
+                    "kind": "Binding",
+                    "metadata": {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
+                    "target": {"apiVersion": "v1", "kind": "Node", "name": self.node},
+                },
+            )
             self.counts["bound"] += 1
         except ApiError as e:
             if e.status not in (404, 409):
@@ -665,9 +735,17 @@ class Agent:
     async def remove(self, pod: dict) -> None:
         meta = pod["metadata"]
         try:
-            await self.api.call("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
-                                {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
-                                 "preconditions": {"uid": meta["uid"]}}, ok404=True)
+            await self.api.call(
+                "DELETE",
+                f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}",
+                {
+                    "apiVersion": "v1",
+                    "kind": "DeleteOptions",
+                    "gracePeriodSeconds": 0,
+                    "preconditions": {"uid": meta["uid"]},
+                },
+                ok404=True,
+            )
             self.counts["deleted"] += 1
         except ApiError as e:
             if e.status != 409:  # 409: a newer Pod of that name; not ours to remove
@@ -691,16 +769,20 @@ class Agent:
         obj = await self.lookup(kind, namespace, name)
         if obj is None:
             return None
-        data = {k: base64.b64decode(v).decode(errors="replace") for k, v in (obj.get("data") or {}).items()} \
-            if kind == "secrets" else dict(obj.get("data") or {})
+        data = (
+            {k: base64.b64decode(v).decode(errors="replace") for k, v in (obj.get("data") or {}).items()}
+            if kind == "secrets"
+            else dict(obj.get("data") or {})
+        )
         if kind == "secrets":
             data.update(obj.get("stringData") or {})
         return data
 
     def field_value(self, pod: dict, path: str) -> str:
         meta = pod["metadata"]
-        m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']*)'\]", path) or \
-            re.fullmatch(r'metadata\.(labels|annotations)\["([^"]*)"\]', path)
+        m = re.fullmatch(r"metadata\.(labels|annotations)\['([^']*)'\]", path) or re.fullmatch(
+            r'metadata\.(labels|annotations)\["([^"]*)"\]', path
+        )
         if m:
             return (meta.get(m.group(1)) or {}).get(m.group(2), "")
         if path in ("metadata.labels", "metadata.annotations"):
@@ -712,8 +794,10 @@ class Agent:
             "metadata.uid": meta["uid"],
             "spec.nodeName": self.node,
             "spec.serviceAccountName": pod["spec"].get("serviceAccountName", ""),
-            "status.podIP": POD_IP, "status.podIPs": POD_IP,
-            "status.hostIP": POD_IP, "status.hostIPs": POD_IP,
+            "status.podIP": POD_IP,
+            "status.podIPs": POD_IP,
+            "status.hostIP": POD_IP,
+            "status.hostIPs": POD_IP,
         }
         if path not in simple:
             raise ConfigError("CreateContainerConfigError", f"unsupported fieldRef fieldPath {path!r}", False)
@@ -724,7 +808,10 @@ class Agent:
         if "valueFrom" not in item:
             return expand(item.get("value", ""), env)
         source = item["valueFrom"]
-        for ref_key, kind, label in (("secretKeyRef", "secrets", "secret"), ("configMapKeyRef", "configmaps", "configmap")):
+        for ref_key, kind, label in (
+            ("secretKeyRef", "secrets", "secret"),
+            ("configMapKeyRef", "configmaps", "configmap"),
+        ):
             ref = source.get(ref_key)
             if ref is None:
                 continue
@@ -738,8 +825,11 @@ class Agent:
                 if optional:
                     return None
                 title = "Secret" if kind == "secrets" else "ConfigMap"
-                raise ConfigError("CreateContainerConfigError",
-                                  f"couldn't find key {ref['key']} in {title} {ns}/{ref.get('name', '')}", True)
+                raise ConfigError(
+                    "CreateContainerConfigError",
+                    f"couldn't find key {ref['key']} in {title} {ns}/{ref.get('name', '')}",
+                    True,
+                )
             return data[ref["key"]]
         if "fieldRef" in source:
             return self.field_value(pod, source["fieldRef"]["fieldPath"])
@@ -754,18 +844,27 @@ class Agent:
         pod, c = run.pod, run.container
         image = resolve_image(c.get("image", ""), self.images)
         if image is None:
-            raise ConfigError("ErrImagePull",
-                              f'image "{c.get("image", "")}" is not in the node agent\'s image table '
-                              f"(beam_devstack.nodeagent.IMAGES; extend it with BEAM_NODE_AGENT_IMAGES)", False)
+            raise ConfigError(
+                "ErrImagePull",
+                f'image "{c.get("image", "")}" is not in the node agent\'s image table '
+                f"(beam_devstack.nodeagent.IMAGES; extend it with BEAM_NODE_AGENT_IMAGES)",
+                False,
+            )
         path = os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin")
         if image.get("venv"):
             path = f"{VENV_BIN}:{path}"
-        env: dict[str, str] = {"PATH": path, "HOME": os.environ.get("HOME", "/root"),
-                               "HOSTNAME": pod["spec"].get("hostname") or run.name}
+        env: dict[str, str] = {
+            "PATH": path,
+            "HOME": os.environ.get("HOME", "/root"),
+            "HOSTNAME": pod["spec"].get("hostname") or run.name,
+        }
         env.update(image.get("env") or {})
         ns = run.namespace
         for source in c.get("envFrom") or []:
-            for ref_key, kind, label in (("configMapRef", "configmaps", "configmap"), ("secretRef", "secrets", "secret")):
+            for ref_key, kind, label in (
+                ("configMapRef", "configmaps", "configmap"),
+                ("secretRef", "secrets", "secret"),
+            ):
                 ref = source.get(ref_key)
                 if ref is None:
                     continue
@@ -790,7 +889,9 @@ class Agent:
         if c.get("command"):
             argv = words(c["command"]) + words(c.get("args") or [])
         else:
-            argv = list(image.get("entrypoint") or []) + (words(c["args"]) if c.get("args") else list(image.get("cmd") or []))
+            argv = list(image.get("entrypoint") or []) + (
+                words(c["args"]) if c.get("args") else list(image.get("cmd") or [])
+            )
         if not argv:
             raise ConfigError("CreateContainerError", "no command specified", False)
         if image.get("venv") and argv[0] in ("python", "python3"):
@@ -810,8 +911,8 @@ class Agent:
         if run.restarts == 0 and run.config_attempts == 0:
             deadline = run.pod["spec"].get("activeDeadlineSeconds")
             if deadline:
-                started = dt.datetime.strptime(run.start_time, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc)
-                left = deadline - (dt.datetime.now(dt.timezone.utc) - started).total_seconds()
+                started = dt.datetime.strptime(run.start_time, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+                left = deadline - (dt.datetime.now(dt.UTC) - started).total_seconds()
                 self.later(run, max(0.0, left), self.deadline, run)
         term_file = self.term_file(run)
         try:
@@ -820,7 +921,9 @@ class Agent:
             if run.terminating or run.terminal:
                 return
             run.config_attempts += 1
-            self.set_status(run, self.pod_status(run, "Pending", {"waiting": {"reason": e.reason, "message": e.message}}))
+            self.set_status(
+                run, self.pod_status(run, "Pending", {"waiting": {"reason": e.reason, "message": e.message}})
+            )
             if e.retry:
                 self.later(run, min(10.0, 1.0 * run.config_attempts), lambda: self.spawn(self.start(run)))
             return
@@ -845,8 +948,14 @@ class Agent:
         try:
             with open(pod_log_path(self.log_dir, run.namespace, run.name), "ab") as out:
                 run.popen = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                    start_new_session=True, preexec_fn=preexec,
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=cwd,
+                    start_new_session=True,
+                    preexec_fn=preexec,
                 )
         except OSError as e:
             self.exited(run, 128, "StartError", f"failed to start container process {argv[0]!r}: {e}")
@@ -897,8 +1006,19 @@ class Agent:
         run.last_state = {"terminated": self.terminated(run, code, reason, message)}
         run.restarts += 1
         delay = min(30.0, 1.0 * 2 ** min(run.restarts - 1, 5))
-        self.set_status(run, self.pod_status(run, "Running", {"waiting": {
-            "reason": "CrashLoopBackOff", "message": f"back-off {delay:.0f}s restarting failed container"}}))
+        self.set_status(
+            run,
+            self.pod_status(
+                run,
+                "Running",
+                {
+                    "waiting": {
+                        "reason": "CrashLoopBackOff",
+                        "message": f"back-off {delay:.0f}s restarting failed container",
+                    }
+                },
+            ),
+        )
         self.later(run, delay, lambda: self.spawn(self.start(run)))
 
     def terminated(self, run: PodRun, code: int, reason: str, message: str) -> dict:
@@ -907,8 +1027,16 @@ class Agent:
             t["message"] = message
         return t
 
-    def finish(self, run: PodRun, code: int, reason: str, message: str, *,
-               pod_reason: str | None = None, pod_message: str | None = None) -> None:
+    def finish(
+        self,
+        run: PodRun,
+        code: int,
+        reason: str,
+        message: str,
+        *,
+        pod_reason: str | None = None,
+        pod_message: str | None = None,
+    ) -> None:
         """The Pod is over: write its terminal status, then remove it if it is being deleted."""
         if run.terminal:
             return
@@ -921,8 +1049,16 @@ class Agent:
         phase = "Succeeded" if code == 0 and not run.deadline_exceeded else "Failed"
         self.counts["succeeded" if phase == "Succeeded" else "failed"] += 1
         log(f"{run.key} {phase.lower()}: exit {code} ({reason})")
-        self.set_status(run, self.pod_status(run, phase, {"terminated": self.terminated(run, code, reason, message)},
-                                             reason=pod_reason, message=pod_message))
+        self.set_status(
+            run,
+            self.pod_status(
+                run,
+                phase,
+                {"terminated": self.terminated(run, code, reason, message)},
+                reason=pod_reason,
+                message=pod_message,
+            ),
+        )
 
     def after_terminal_write(self, run: PodRun) -> None:
         self.runs.pop(run.uid, None)
@@ -946,8 +1082,9 @@ class Agent:
         run.terminating = True
         if run.popen is None:
             if not run.gone:
-                self.finish(run, 137, "ContainerStatusUnknown",
-                            "The container could not be located when the pod was terminated")
+                self.finish(
+                    run, 137, "ContainerStatusUnknown", "The container could not be located when the pod was terminated"
+                )
             else:
                 run.terminal = True
                 self.runs.pop(run.uid, None)
@@ -973,8 +1110,16 @@ class Agent:
 
     # --- status ------------------------------------------------------------------------------
 
-    def pod_status(self, run: PodRun, phase: str, state: dict, *, ready: bool = False,
-                   reason: str | None = None, message: str | None = None) -> dict:
+    def pod_status(
+        self,
+        run: PodRun,
+        phase: str,
+        state: dict,
+        *,
+        ready: bool = False,
+        reason: str | None = None,
+        message: str | None = None,
+    ) -> dict:
         now = _now()
         c = run.container
         terminal = phase in ("Succeeded", "Failed")
@@ -993,9 +1138,14 @@ class Agent:
         unready = "PodCompleted" if terminal else "ContainersNotReady"
         text = None if terminal else f"containers with unready status: [{c['name']}]"
         container = {
-            "name": c["name"], "image": c.get("image", ""), "imageID": "",
+            "name": c["name"],
+            "image": c.get("image", ""),
+            "imageID": "",
             "containerID": f"host-process://{run.uid}/{run.restarts}",
-            "ready": ready, "started": "running" in state, "restartCount": run.restarts, "state": state,
+            "ready": ready,
+            "started": "running" in state,
+            "restartCount": run.restarts,
+            "state": state,
             "lastState": run.last_state or {},
         }
         status = {
@@ -1008,8 +1158,10 @@ class Agent:
                 cond("PodScheduled", True),
             ],
             "containerStatuses": [container],
-            "hostIP": POD_IP, "hostIPs": [{"ip": POD_IP}],
-            "podIP": POD_IP, "podIPs": [{"ip": POD_IP}],
+            "hostIP": POD_IP,
+            "hostIPs": [{"ip": POD_IP}],
+            "podIP": POD_IP,
+            "podIPs": [{"ip": POD_IP}],
             "startTime": run.start_time,
         }
         if reason:
@@ -1030,9 +1182,12 @@ class Agent:
                 status, run.pending_status = run.pending_status, None
                 try:
                     await self.api.call(
-                        "PATCH", f"/api/v1/namespaces/{run.namespace}/pods/{run.name}/status",
+                        "PATCH",
+                        f"/api/v1/namespaces/{run.namespace}/pods/{run.name}/status",
                         {"metadata": {"uid": run.uid}, "status": status},
-                        ctype="application/strategic-merge-patch+json", ok404=True)
+                        ctype="application/strategic-merge-patch+json",
+                        ok404=True,
+                    )
                 except ApiError as e:
                     log(f"{run.key}: status update failed: {e}")
                     if (e.status == 0 or e.status >= 500) and not self.stopping.is_set():
@@ -1097,15 +1252,24 @@ def main(argv: list[str] | None = None) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
-    agent = Agent(Api(args.kubeconfig), args.node_name, args.log_dir.resolve(), load_images(args.images), args.ready_file)
+    agent = Agent(
+        Api(args.kubeconfig), args.node_name, args.log_dir.resolve(), load_images(args.images), args.ready_file
+    )
     asyncio.run(agent.run())
 
 
 class NodeAgent:
     """The node agent as a managed process: `start()` returns once its Node is Ready."""
 
-    def __init__(self, run_dir: Path, *, kubeconfig: Path | str, node_name: str = DEFAULT_NODE,
-                 detach: bool = False, pid_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        kubeconfig: Path | str,
+        node_name: str = DEFAULT_NODE,
+        detach: bool = False,
+        pid_dir: Path | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.kubeconfig = Path(kubeconfig)
         self.node_name = node_name
@@ -1114,12 +1278,25 @@ class NodeAgent:
         self._ready = self.run_dir / "nodeagent.ready"
         self.proc = ManagedProcess(
             "nodeagent",
-            [sys.executable, "-m", "beam_devstack.nodeagent", "--kubeconfig", self.kubeconfig,
-             "--node-name", node_name, "--log-dir", self.log_dir, "--ready-file", self._ready],
-            log_path=self.log_path, detach=detach, pid_dir=pid_dir,
+            [
+                sys.executable,
+                "-m",
+                "beam_devstack.nodeagent",
+                "--kubeconfig",
+                self.kubeconfig,
+                "--node-name",
+                node_name,
+                "--log-dir",
+                self.log_dir,
+                "--ready-file",
+                self._ready,
+            ],
+            log_path=self.log_path,
+            detach=detach,
+            pid_dir=pid_dir,
         )
 
-    def start(self) -> "NodeAgent":
+    def start(self) -> NodeAgent:
         self._ready.unlink(missing_ok=True)
         self.proc.start()
         self.proc.wait_ready(self._ready.exists, timeout=60, what="registered")

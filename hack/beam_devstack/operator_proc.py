@@ -61,8 +61,16 @@ def install_chart_rbac(k8s, helm: str, namespace: str = OPERATOR_NS, release: st
 class OperatorProcess:
     """`beam-operator` as a host process, configured through BEAM_* env as the chart would."""
 
-    def __init__(self, run_dir: Path, *, kubeconfig: Path, config: dict[str, str], detach: bool = False, pid_dir: Path | None = None,
-                 prefix: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        kubeconfig: Path,
+        config: dict[str, str],
+        detach: bool = False,
+        pid_dir: Path | None = None,
+        prefix: list[str] | None = None,
+    ) -> None:
         self.run_dir = Path(run_dir)
         # A profiler to run the operator under, e.g. ["memray", "run", "-o", "op.bin"] (bench/scale.py).
         self.prefix = list(prefix or [])
@@ -87,11 +95,15 @@ class OperatorProcess:
     def endpoints(self) -> dict[str, str]:
         return {"metrics": f"http://127.0.0.1:{self.metrics_port}/metrics", "log": str(self.log_path)}
 
-    def start(self) -> "OperatorProcess":
+    def start(self) -> OperatorProcess:
         self.starts += 1
         self.proc = ManagedProcess(
-            "operator", [*self.prefix, str(Path(sys.executable).parent / "beam-operator")], log_path=self.log_path, env=self.env,
-            detach=self.detach, pid_dir=self.pid_dir,
+            "operator",
+            [*self.prefix, str(Path(sys.executable).parent / "beam-operator")],
+            log_path=self.log_path,
+            env=self.env,
+            detach=self.detach,
+            pid_dir=self.pid_dir,
         )
         self.proc.start()
 
@@ -118,4 +130,6 @@ class OperatorProcess:
             return r.read().decode()
 
     def logs(self) -> str:
-        return "\n".join((self.run_dir / f"operator-{i}.log").read_text(errors="replace") for i in range(1, self.starts + 1))
+        return "\n".join(
+            (self.run_dir / f"operator-{i}.log").read_text(errors="replace") for i in range(1, self.starts + 1)
+        )

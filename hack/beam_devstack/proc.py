@@ -19,13 +19,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 CACHE = Path(os.environ.get("BEAM_CACHE", Path.home() / ".cache" / "beam-backfill"))
 PR_SET_PDEATHSIG = 1
 
-_live: set["ManagedProcess"] = set()
+_live: set[ManagedProcess] = set()
 _live_lock = threading.Lock()
 
 
@@ -72,7 +72,7 @@ class ManagedProcess:
         self.pid_dir = pid_dir
         self.popen: subprocess.Popen | None = None
 
-    def start(self) -> "ManagedProcess":
+    def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(

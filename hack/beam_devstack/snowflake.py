@@ -33,10 +33,17 @@ def connect(endpoints: dict, database: str | None = None, schema: str | None = N
     import snowflake.connector
 
     params = dict(
-        account=endpoints["account"], user=endpoints["user"], password=endpoints["password"],
-        host=endpoints["host"], port=endpoints["port"], protocol=endpoints["protocol"],
-        database=database, schema=schema, network_timeout=NETWORK_TIMEOUT,
-        login_timeout=NETWORK_TIMEOUT, paramstyle="qmark",
+        account=endpoints["account"],
+        user=endpoints["user"],
+        password=endpoints["password"],
+        host=endpoints["host"],
+        port=endpoints["port"],
+        protocol=endpoints["protocol"],
+        database=database,
+        schema=schema,
+        network_timeout=NETWORK_TIMEOUT,
+        login_timeout=NETWORK_TIMEOUT,
+        paramstyle="qmark",
     )
     params.update(kw)
     return snowflake.connector.connect(**params)
@@ -51,13 +58,19 @@ class FakeSnowflake:
         self.proc: ManagedProcess | None = None
 
     def endpoints(self) -> dict:
-        return {"host": "127.0.0.1", "port": self.port, "account": ACCOUNT, "user": USER,
-                "password": PASSWORD, "protocol": "http"}
+        return {
+            "host": "127.0.0.1",
+            "port": self.port,
+            "account": ACCOUNT,
+            "user": USER,
+            "password": PASSWORD,
+            "protocol": "http",
+        }
 
     def connect(self, database: str | None = None, schema: str | None = None, **kw):
         return connect(self.endpoints(), database, schema, **kw)
 
-    def start(self) -> "FakeSnowflake":
+    def start(self) -> FakeSnowflake:
         ensure_installed()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -66,8 +79,11 @@ class FakeSnowflake:
             [sys.executable, "-m", "fakesnow", "-s", "-p", self.port, "--host", "127.0.0.1"],
             log_path=self.run_dir / "fakesnow.log",
             checks=[(lambda: port_open(self.port), "listening"), (self._answers_sql, "answering SQL")],
-            timeout=READY_TIMEOUT, component="snowflake", describe=f"fakesnow ready on 127.0.0.1:{self.port}",
-            detach=self.detach, pid_dir=self.pid_dir,
+            timeout=READY_TIMEOUT,
+            component="snowflake",
+            describe=f"fakesnow ready on 127.0.0.1:{self.port}",
+            detach=self.detach,
+            pid_dir=self.pid_dir,
         )
         return self
 
@@ -81,13 +97,27 @@ class FakeSnowflake:
             self.proc = None
 
 
-def connection_secret(endpoints: dict, name: str = "beam-snowflake", database: str = "base", schema: str = "assets") -> dict:
+def connection_secret(
+    endpoints: dict, name: str = "beam-snowflake", database: str = "base", schema: str = "assets"
+) -> dict:
     """The Secret an administrator creates in an organization's namespace for this server: the
     keys the operator maps into the staging Job (beam_contract.worker.SNOWFLAKE_SECRET_KEYS)."""
     import base64
 
-    data = {"account": endpoints["account"], "user": endpoints["user"], "password": endpoints["password"],
-            "host": endpoints["host"], "port": str(endpoints["port"]), "protocol": endpoints["protocol"],
-            "database": database, "schema": schema}
-    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "type": "Opaque",
-            "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}}
+    data = {
+        "account": endpoints["account"],
+        "user": endpoints["user"],
+        "password": endpoints["password"],
+        "host": endpoints["host"],
+        "port": str(endpoints["port"]),
+        "protocol": endpoints["protocol"],
+        "database": database,
+        "schema": schema,
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name},
+        "type": "Opaque",
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }

@@ -43,7 +43,7 @@ class Sns:
 
         return boto3.client(service, endpoint_url=self.url, region_name=REGION, **CREDENTIALS)
 
-    def start(self) -> "Sns":
+    def start(self) -> Sns:
         ensure_installed()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -51,9 +51,13 @@ class Sns:
             "moto-server",
             # The interpreter that runs us has moto; a bare `moto_server` on PATH may be another.
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", self.port],
-            log_path=self.run_dir / "moto.log", checks=[(self._answers, "answering")],
-            timeout=READY_TIMEOUT, component="sns", describe=f"moto (SNS, SQS) ready on {self.url}",
-            detach=self.detach, pid_dir=self.pid_dir,
+            log_path=self.run_dir / "moto.log",
+            checks=[(self._answers, "answering")],
+            timeout=READY_TIMEOUT,
+            component="sns",
+            describe=f"moto (SNS, SQS) ready on {self.url}",
+            detach=self.detach,
+            pid_dir=self.pid_dir,
         )
         return self
 

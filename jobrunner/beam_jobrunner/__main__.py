@@ -12,7 +12,6 @@ import logging
 import sys
 
 from beam_contract.worker import Command, ExitCode
-
 from beam_jobrunner.config import termination_path
 from beam_jobrunner.errors import JobError
 
@@ -44,8 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="beam-jobrunner", description=__doc__.splitlines()[0])
     parser.add_argument("command", type=Command, choices=list(Command))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every request's full URL at INFO, query string included: webhook URLs may
     # carry tokens there. Our own log lines name endpoints through sinks.redact_url().
     for noisy in ("httpx", "httpcore", "botocore", "urllib3"):

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 from beam_contract.model import BackfillSpec
 from beam_contract.worker import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TERMINATION_MESSAGE_PATH, Env
-
 from beam_jobrunner.errors import PermanentError
 
 DEFAULT_CHUNK_TARGET_BYTES = 128 * 2**20
@@ -35,7 +34,7 @@ class Common:
     connect_timeout: float
 
     @classmethod
-    def from_env(cls) -> "Common":
+    def from_env(cls) -> Common:
         raw = require(Env.SPEC)
         try:
             spec = BackfillSpec.model_validate(json.loads(raw))

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 # The producing thread and librdkafka need the other core: polars' pool is sized at import.
 os.environ.setdefault("POLARS_MAX_THREADS", "1")
@@ -109,7 +109,9 @@ def _column(c: pl.Expr, dt: pl.DataType, rule: bool, negative: bool) -> tuple[pl
     if dt == pl.Time:
         if not rule:
             return c.dt.strftime("%H:%M:%S"), True
-        return pl.when(c.cast(pl.Int64) % 1_000_000_000 == 0).then(c.dt.strftime("%H:%M:%S")).otherwise(c.dt.strftime("%H:%M:%S%.6f")), True
+        return pl.when(c.cast(pl.Int64) % 1_000_000_000 == 0).then(c.dt.strftime("%H:%M:%S")).otherwise(
+            c.dt.strftime("%H:%M:%S%.6f")
+        ), True
     if isinstance(dt, pl.Decimal):
         return c.cast(pl.String), True  # exact digits: a JSON number would be rounded to a double
     if dt == pl.Binary:
@@ -153,8 +155,15 @@ def _view_spec(arr: pa.Array, lead: bytes, mode: int) -> tuple:
     if not pa.types.is_string_view(arr.type):
         raise TypeError(f"serialize: a rendered column is {arr.type}, not string_view")
     validity, views, *data = arr.buffers()
-    return (lead, validity.address if validity is not None else 0, views.address,
-            tuple(b.address for b in data), arr.offset, len(arr), mode)
+    return (
+        lead,
+        validity.address if validity is not None else 0,
+        views.address,
+        tuple(b.address for b in data),
+        arr.offset,
+        len(arr),
+        mode,
+    )
 
 
 def render(df: pl.DataFrame) -> tuple[list[tuple], tuple, list]:
@@ -166,7 +175,7 @@ def render(df: pl.DataFrame) -> tuple[list[tuple], tuple, list]:
     exprs.append((pl.col(key_col).cast(pl.String) if key_col else pl.lit(None, pl.String)).alias("_key"))
     table = df.select(exprs).rechunk().to_arrow(compat_level=pl.CompatLevel.newest())
     arrays = [col.chunk(0) if col.num_chunks == 1 else col.combine_chunks() for col in table.columns]
-    specs = [_view_spec(a, lead, mode) for a, lead, mode in zip(arrays, leads, modes)]
+    specs = [_view_spec(a, lead, mode) for a, lead, mode in zip(arrays, leads, modes, strict=True)]
     return specs, _view_spec(arrays[-1], b"", RAW), arrays
 
 
@@ -202,8 +211,9 @@ def _frame(table: pa.Table) -> pl.DataFrame:
     return pl.from_arrow(table)
 
 
-def parquet_batches(path: str, batch_rows: int, *, as_bytes: bool = False,
-                    first_batch_rows: int | None = None) -> Iterator[tuple[list, list, int]]:
+def parquet_batches(
+    path: str, batch_rows: int, *, as_bytes: bool = False, first_batch_rows: int | None = None
+) -> Iterator[tuple[list, list, int]]:
     """(values, keys, UTF-8 size of the values) of a local parquet file, at most batch_rows at a
     time, in row order.
 

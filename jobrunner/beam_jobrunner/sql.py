@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from beam_contract.model import IDENT_RE, TABLE_RE, BackfillSpec
-
 from beam_jobrunner.errors import PermanentError
 
 # The window's partition_key names a concept; the column that holds it in the provider's tables.
@@ -54,7 +53,7 @@ def path_segment(value: str, what: str) -> str:
 
 def ts_param(dt: datetime) -> str:
     """A window bound as Snowflake TIMESTAMP_NTZ text: the table stores UTC without a zone."""
-    return dt.astimezone(timezone.utc).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+    return dt.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
 
 
 def literal(value) -> str:

@@ -13,14 +13,20 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from beam_contract import staging
-from beam_contract.worker import SNOWFLAKE_REQUIRED_KEYS, SNOWFLAKE_SECRET_KEYS, Env, StageStrategy, StagingResult, snowflake_env
-
+from beam_contract.worker import (
+    SNOWFLAKE_REQUIRED_KEYS,
+    SNOWFLAKE_SECRET_KEYS,
+    Env,
+    StageStrategy,
+    StagingResult,
+    snowflake_env,
+)
 from beam_jobrunner import sql, storage
 from beam_jobrunner.config import DEFAULT_CHUNK_TARGET_BYTES, Common, env
 from beam_jobrunner.errors import JobError, PermanentError, TransientError
@@ -42,13 +48,17 @@ def snowflake_connect(timeout: float):
             params[key] = int(value) if key == "port" else value
     for key in SNOWFLAKE_REQUIRED_KEYS:
         if key not in params:
-            raise PermanentError(f"staging: Snowflake {key} missing (env {snowflake_env(key)} from the Snowflake Secret)")
+            raise PermanentError(
+                f"staging: Snowflake {key} missing (env {snowflake_env(key)} from the Snowflake Secret)"
+            )
     try:
         return snowflake.connector.connect(**params)
     except snowflake.connector.errors.DatabaseError as e:
         where = params.get("host") or f"account {params['account']}"
         # The connector's messages name the account and user, never the password.
-        raise TransientError(f"staging: cannot connect to Snowflake at {where} within {timeout:.0f}s: {_one_line(e)}") from None
+        raise TransientError(
+            f"staging: cannot connect to Snowflake at {where} within {timeout:.0f}s: {_one_line(e)}"
+        ) from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -130,7 +140,9 @@ def stage_fetch(common: Common, conn, target_bytes: int) -> list[dict]:
     cur = conn.cursor()
     try:
         cur.execute(q.sql, q.params)
-        writer = ChunkWriter(common.staging_uri, target_bytes, int(env("BEAM_CHUNK_ROW_GROUP_ROWS", str(ROW_GROUP_ROWS))))
+        writer = ChunkWriter(
+            common.staging_uri, target_bytes, int(env("BEAM_CHUNK_ROW_GROUP_ROWS", str(ROW_GROUP_ROWS)))
+        )
         for table in cur.fetch_arrow_batches():
             writer.write(_normalize(table))
         return writer.close()
@@ -145,7 +157,9 @@ def stage_fetch(common: Common, conn, target_bytes: int) -> list[dict]:
 def stage_unload(common: Common, conn, target_bytes: int) -> list[dict]:
     stage = env(Env.UNLOAD_STAGE)
     if stage is None:
-        raise PermanentError(f"staging: strategy unload needs {Env.UNLOAD_STAGE} (the external stage over the staging bucket)")
+        raise PermanentError(
+            f"staging: strategy unload needs {Env.UNLOAD_STAGE} (the external stage over the staging bucket)"
+        )
     # The stage's URL is the staging root; the job's files go under <namespace>/<job_id>/chunks/.
     path = f"{staging.job_path(common.namespace, common.job_id)}/{staging.CHUNKS}"
     cur = conn.cursor()
@@ -200,11 +214,17 @@ def run(common: Common) -> dict:
         "num_rows": sum(c["rows"] for c in chunks),
         "num_bytes": sum(c["bytes"] for c in chunks),
         "chunks": chunks,
-        "created": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+        "created": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
     }
     uri = staging.manifest_uri(common.staging_uri)
     storage.write_json(uri, manifest)
     elapsed = time.monotonic() - t0
-    log.info("staged %d rows in %d chunks (%d bytes) in %.1fs (%.0f rows/s)", manifest["num_rows"], len(chunks),
-             manifest["num_bytes"], elapsed, manifest["num_rows"] / elapsed if elapsed else 0)
+    log.info(
+        "staged %d rows in %d chunks (%d bytes) in %.1fs (%.0f rows/s)",
+        manifest["num_rows"],
+        len(chunks),
+        manifest["num_bytes"],
+        elapsed,
+        manifest["num_rows"] / elapsed if elapsed else 0,
+    )
     return StagingResult(num_chunks=len(chunks), num_rows=manifest["num_rows"], manifest=uri).model_dump()

@@ -8,16 +8,16 @@ from __future__ import annotations
 import json
 import os
 from datetime import timedelta
-from functools import lru_cache
+from functools import cache
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
-from beam_contract.worker import DEFAULT_CONNECT_TIMEOUT_S, Env
 
+from beam_contract.worker import DEFAULT_CONNECT_TIMEOUT_S, Env
 from beam_jobrunner.errors import PermanentError, TransientError
 
 
-@lru_cache(maxsize=None)
+@cache
 def filesystem(timeout: float | None = None) -> pafs.GcsFileSystem:
     emulator = os.environ.get(Env.STORAGE_EMULATOR_HOST)
     limit = timeout or float(os.environ.get(Env.CONNECT_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S))
@@ -32,7 +32,7 @@ def path_of(uri: str) -> str:
     """gs://bucket/a/b -> bucket/a/b (pyarrow's path form)."""
     if not uri.startswith("gs://"):
         raise PermanentError(f"storage: {uri!r} is not a gs:// URI")
-    return uri[len("gs://"):]
+    return uri[len("gs://") :]
 
 
 def write_bytes(uri: str, data: bytes) -> None:

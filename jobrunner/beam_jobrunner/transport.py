@@ -15,15 +15,14 @@ import queue
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from beam_contract import staging
 from beam_contract.worker import Env
-
 from beam_jobrunner import serialize, storage
 from beam_jobrunner.config import Common, env, require
 from beam_jobrunner.errors import PermanentError, TransientError
@@ -69,8 +68,12 @@ def read_chunk(uri: str, tag: str = "") -> LocalChunk:
     try:
         try:
             # Streamed by Arrow's C++ (GIL released), never held whole in Python memory.
-            pafs.copy_files(storage.path_of(uri), path, source_filesystem=storage.filesystem(),
-                            destination_filesystem=pafs.LocalFileSystem())
+            pafs.copy_files(
+                storage.path_of(uri),
+                path,
+                source_filesystem=storage.filesystem(),
+                destination_filesystem=pafs.LocalFileSystem(),
+            )
         except FileNotFoundError:
             raise PermanentError(f"storage: {uri} does not exist") from None
         except OSError as e:
@@ -125,10 +128,14 @@ class EncodedBatches:
 
     _done = object()
 
-    def __init__(self, local: Callable[[], LocalChunk], batch_rows: int, prefetch: int = 2, *, as_bytes: bool = False) -> None:
+    def __init__(
+        self, local: Callable[[], LocalChunk], batch_rows: int, prefetch: int = 2, *, as_bytes: bool = False
+    ) -> None:
         self._q: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, args=(local, batch_rows, as_bytes), name="encode", daemon=True)
+        self._thread = threading.Thread(
+            target=self._work, args=(local, batch_rows, as_bytes), name="encode", daemon=True
+        )
         self._thread.start()
 
     def _put(self, item) -> bool:
@@ -196,8 +203,10 @@ def _metrics():
     from prometheus_client import Counter, start_http_server
 
     start_http_server(int(port))
-    return (Counter("beam_rows_delivered", "Rows delivered", ["destination"]),
-            Counter("beam_bytes_delivered", "Bytes of JSON delivered", ["destination"]))
+    return (
+        Counter("beam_rows_delivered", "Rows delivered", ["destination"]),
+        Counter("beam_bytes_delivered", "Bytes of JSON delivered", ["destination"]),
+    )
 
 
 def run(common: Common) -> dict:
@@ -216,8 +225,13 @@ def run(common: Common) -> dict:
     results = []
     try:
         for dest_index, dest in enumerate(common.spec.destinations):
-            ctx = Context(job_id=common.job_id, chunk=index, dest_index=dest_index,
-                          staging_uri=common.staging_uri, connect_timeout=common.connect_timeout)
+            ctx = Context(
+                job_id=common.job_id,
+                chunk=index,
+                dest_index=dest_index,
+                staging_uri=common.staging_uri,
+                connect_timeout=common.connect_timeout,
+            )
             sink = make_sink(dest, ctx)
             t0 = time.monotonic()
             try:
@@ -230,13 +244,26 @@ def run(common: Common) -> dict:
                 continue
             elapsed = time.monotonic() - t0
             rows = download.result().num_rows
-            log.info("%s: delivered %d rows, %d bytes in %.2fs (%.0f rows/s)", sink.label, rows, nbytes, elapsed,
-                     rows / elapsed if elapsed else 0)
+            log.info(
+                "%s: delivered %d rows, %d bytes in %.2fs (%.0f rows/s)",
+                sink.label,
+                rows,
+                nbytes,
+                elapsed,
+                rows / elapsed if elapsed else 0,
+            )
             if metrics:
                 metrics[0].labels(dest.name).inc(rows)
                 metrics[1].labels(dest.name).inc(nbytes)
-            results.append({"destination": dest.name, "type": dest.type, "rows": rows, "bytes": nbytes,
-                            "seconds": round(elapsed, 3)})
+            results.append(
+                {
+                    "destination": dest.name,
+                    "type": dest.type,
+                    "rows": rows,
+                    "bytes": nbytes,
+                    "seconds": round(elapsed, 3),
+                }
+            )
     finally:
         download.discard()
     return {"chunk": index, "rows": chunk["rows"], "destinations": results}

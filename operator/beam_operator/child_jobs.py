@@ -8,9 +8,8 @@ carries a controller ownerReference, so deleting the BeamBackfill garbage-collec
 from __future__ import annotations
 
 import json
-from typing import Any
-
 from enum import StrEnum
+from typing import Any
 
 from beam_contract import staging
 from beam_contract.model import GROUP, KIND, VERSION, BackfillSpec
@@ -81,8 +80,16 @@ def _common_env(spec: BackfillSpec, namespace: str, uid: str, config: OperatorCo
 
 
 def _job(
-    *, name: str, namespace: str, uid: str, phase: JobKind, config: OperatorConfig, container: dict[str, Any],
-    extra_spec: dict[str, Any], pod_meta: dict[str, Any] | None = None, pod_extra: dict[str, Any] | None = None,
+    *,
+    name: str,
+    namespace: str,
+    uid: str,
+    phase: JobKind,
+    config: OperatorConfig,
+    container: dict[str, Any],
+    extra_spec: dict[str, Any],
+    pod_meta: dict[str, Any] | None = None,
+    pod_extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     jname = child_job_name(name, uid, phase)
     lab = labels(name, uid, phase)
@@ -148,7 +155,11 @@ def staging_job(name: str, namespace: str, uid: str, spec: BackfillSpec, config:
         env.append({"name": Env.UNLOAD_STAGE, "value": config.unload_stage})
     env += [_secret_env(snowflake_env(k), config.snowflake_secret, k) for k in SNOWFLAKE_SECRET_KEYS]
     return _job(
-        name=name, namespace=namespace, uid=uid, phase=STAGING, config=config,
+        name=name,
+        namespace=namespace,
+        uid=uid,
+        phase=STAGING,
+        config=config,
         container=_container(Command.STAGE, env, config),
         extra_spec={
             "backoffLimit": config.staging_backoff_limit,
@@ -183,9 +194,14 @@ def transport_job(
             pod_extra["tolerations"] = list(config.egress.tolerations)
     parallelism = min(spec.parallelism or config.default_parallelism, num_chunks)
     return _job(
-        name=name, namespace=namespace, uid=uid, phase=TRANSPORT, config=config,
+        name=name,
+        namespace=namespace,
+        uid=uid,
+        phase=TRANSPORT,
+        config=config,
         container=_container(Command.TRANSPORT, env, config),
-        pod_meta=pod_meta, pod_extra=pod_extra,
+        pod_meta=pod_meta,
+        pod_extra=pod_extra,
         extra_spec={
             "completionMode": "Indexed",
             "completions": num_chunks,

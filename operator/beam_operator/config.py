@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from beam_contract.worker import DEFAULT_CONNECT_TIMEOUT_S, StageStrategy
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from beam_contract.worker import DEFAULT_CONNECT_TIMEOUT_S, StageStrategy
 
 
 class EgressConfig(BaseModel):
@@ -93,4 +94,3 @@ class OperatorConfig(BaseSettings):
 
     def table_allowed(self, table: str) -> bool:
         return not self.allowed_tables or table.lower() in {t.lower() for t in self.allowed_tables}
-

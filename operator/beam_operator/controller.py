@@ -30,13 +30,25 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+
+from beam_contract.model import TERMINAL, BackfillStatus, Phase
 
 from . import child_jobs, metrics, staged_files
 from .config import OperatorConfig
-from beam_contract.model import TERMINAL, BackfillStatus, Phase
-from .reconcile import Action, CreateJob, DeleteJob, DeleteStaged, Event, JobObs, Observed, PodObs, finalize_actions, reconcile
+from .reconcile import (
+    Action,
+    CreateJob,
+    DeleteJob,
+    DeleteStaged,
+    Event,
+    JobObs,
+    Observed,
+    PodObs,
+    finalize_actions,
+    reconcile,
+)
 
 if TYPE_CHECKING:
     from .kubeclient import KubeApi
@@ -62,7 +74,11 @@ def _slim(body: dict[str, Any]) -> dict[str, Any]:
     the spec): kilobytes of JSON, ten times that as Python objects, times every backfill.
     """
     meta = body["metadata"]
-    return {"metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta}, "spec": body.get("spec") or {}, "status": body.get("status") or {}}
+    return {
+        "metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta},
+        "spec": body.get("spec") or {},
+        "status": body.get("status") or {},
+    }
 
 
 def _older(rv: str | None, than: str | None) -> bool:
@@ -95,7 +111,7 @@ def event_lanes(workers: int) -> int:
 
 
 class Controller:
-    def __init__(self, config: OperatorConfig, api: "KubeApi", *, workers: int = 4, event_backlog: int = 1000) -> None:
+    def __init__(self, config: OperatorConfig, api: KubeApi, *, workers: int = 4, event_backlog: int = 1000) -> None:
         self.config = config
         self.api = api
         self.workers = workers
@@ -208,9 +224,15 @@ class Controller:
             lane.put_nowait((body, ev))
         except asyncio.QueueFull:
             metrics.EVENTS_DROPPED.inc()
-            log.warning("%s/%s: Event %s not recorded: %d Events already wait for the API server", key[0], key[1], ev.reason, lane.qsize())
+            log.warning(
+                "%s/%s: Event %s not recorded: %d Events already wait for the API server",
+                key[0],
+                key[1],
+                ev.reason,
+                lane.qsize(),
+            )
 
-    async def _post_events(self, lane: "asyncio.Queue[tuple[dict[str, Any], Event]]") -> None:
+    async def _post_events(self, lane: asyncio.Queue[tuple[dict[str, Any], Event]]) -> None:
         while True:
             body, ev = await lane.get()
             try:
@@ -258,7 +280,7 @@ class Controller:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def _worker(self, n: int) -> None:
@@ -295,7 +317,7 @@ class Controller:
             status=BackfillStatus.model_validate(body.get("status") or {}),
             jobs=tuple(self.caches.jobs.get(uid, {}).values()),
             pods=tuple(self.caches.pods.get(uid, {}).values()),
-            now=now or datetime.now(timezone.utc),
+            now=now or datetime.now(UTC),
         )
 
     async def process(self, key: Key) -> None:
@@ -361,7 +383,13 @@ class Controller:
                 uid = meta["labels"][child_jobs.LABEL_JOB_ID]
                 expected = JobObs(name=meta["name"], phase=meta["labels"].get(child_jobs.LABEL_PHASE, ""))
                 self.caches.jobs.setdefault(uid, {}).setdefault(meta["name"], expected)
-                log.info("%s/%s: %s job %s", ns, body["metadata"]["name"], "created" if created else "found existing", meta["name"])
+                log.info(
+                    "%s/%s: %s job %s",
+                    ns,
+                    body["metadata"]["name"],
+                    "created" if created else "found existing",
+                    meta["name"],
+                )
             case DeleteJob(name=name):
                 await self.api.delete_job(ns, name)
             case DeleteStaged(uri=uri):

@@ -22,9 +22,24 @@ import yaml
 from beam_contract import model
 
 _KEEP = {
-    "type", "description", "pattern", "minLength", "maxLength", "minItems", "maxItems",
-    "minimum", "maximum", "enum", "items", "properties", "required", "default", "nullable",
-    "x-kubernetes-validations", "x-kubernetes-int-or-string", "format",
+    "type",
+    "description",
+    "pattern",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "minimum",
+    "maximum",
+    "enum",
+    "items",
+    "properties",
+    "required",
+    "default",
+    "nullable",
+    "x-kubernetes-validations",
+    "x-kubernetes-int-or-string",
+    "format",
 }
 
 
@@ -59,7 +74,10 @@ def _merge_union(variants: list[dict[str, Any]], disc: str, where: str) -> dict[
             if name in props and props[name].get("type") != conv.get("type"):
                 # e.g. window start: a timestamp string or a block height
                 prev = props[name]
-                props[name] = {"x-kubernetes-int-or-string": True, "description": prev.get("description", conv.get("description", ""))}
+                props[name] = {
+                    "x-kubernetes-int-or-string": True,
+                    "description": prev.get("description", conv.get("description", "")),
+                }
                 # CEL's cost budget needs a bound on the string form.
                 length = prev.get("maxLength") or conv.get("maxLength")
                 if length:
@@ -81,27 +99,51 @@ def _merge_union(variants: list[dict[str, Any]], disc: str, where: str) -> dict[
     for name, parts in descs.items():
         if len(parts) > 1 and not props[name].get("x-kubernetes-int-or-string"):
             props[name]["description"] = " ".join(parts)
-    props = {disc: {"type": "string", "enum": tags, "description": variants[0]["properties"][disc].get("description", f"One of: {', '.join(tags)}.")}, **props}
+    props = {
+        disc: {
+            "type": "string",
+            "enum": tags,
+            "description": variants[0]["properties"][disc].get("description", f"One of: {', '.join(tags)}."),
+        },
+        **props,
+    }
     rules = []
     for name, tags_req in required_by.items():
         if name == disc or set(tags_req) == set(tags):
             continue
         for tag in tags_req:
-            rules.append({"rule": f"self.{disc} != '{tag}' || has(self.{name})", "message": f"{name} is required when {disc} is {tag}"})
+            rules.append(
+                {
+                    "rule": f"self.{disc} != '{tag}' || has(self.{name})",
+                    "message": f"{name} is required when {disc} is {tag}",
+                }
+            )
     for name, owner_tags in owners.items():
         if name == disc or set(owner_tags) == set(tags):
             continue
         allowed = " || ".join(f"self.{disc} == '{t}'" for t in owner_tags)
-        rules.append({"rule": f"!has(self.{name}) || {allowed}", "message": f"{name} is only valid when {disc} is {' or '.join(owner_tags)}"})
+        rules.append(
+            {
+                "rule": f"!has(self.{name}) || {allowed}",
+                "message": f"{name} is only valid when {disc} is {' or '.join(owner_tags)}",
+            }
+        )
     # Per-variant patterns that the merge dropped (e.g. topic vs subject names).
     for v in variants:
         tag = v["properties"][disc]["const"]
         for name, p in v["properties"].items():
-            if name != disc and "pattern" in p and "pattern" not in props.get(name, {}) and not props[name].get("x-kubernetes-int-or-string"):
-                rules.append({
-                    "rule": f"self.{disc} != '{tag}' || !has(self.{name}) || self.{name}.matches(r'{p['pattern']}')",
-                    "message": f"{name} of a {tag} {noun} must match {p['pattern']}",
-                })
+            if (
+                name != disc
+                and "pattern" in p
+                and "pattern" not in props.get(name, {})
+                and not props[name].get("x-kubernetes-int-or-string")
+            ):
+                rules.append(
+                    {
+                        "rule": f"self.{disc} != '{tag}' || !has(self.{name}) || self.{name}.matches(r'{p['pattern']}')",
+                        "message": f"{name} of a {tag} {noun} must match {p['pattern']}",
+                    }
+                )
     common_required = [n for n, t in required_by.items() if set(t) == set(tags)]
     out: dict[str, Any] = {"type": "object", "properties": props, "required": common_required}
     if rules:
@@ -169,7 +211,9 @@ def _immutability_rule(spec_schema: dict[str, Any]) -> dict[str, Any]:
         if name in required or "default" in prop:
             parts.append(f"self.{name} == oldSelf.{name}")
         else:
-            parts.append(f"has(self.{name}) == has(oldSelf.{name}) && (!has(self.{name}) || self.{name} == oldSelf.{name})")
+            parts.append(
+                f"has(self.{name}) == has(oldSelf.{name}) && (!has(self.{name}) || self.{name} == oldSelf.{name})"
+            )
     return {
         "rule": " && ".join(parts),
         "message": "spec is immutable after creation, except cancel: to change a backfill, create a new BeamBackfill",

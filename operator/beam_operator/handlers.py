@@ -15,11 +15,12 @@ import os
 import kopf
 from prometheus_client import start_http_server
 
+from beam_contract.model import GROUP, PLURAL, VERSION
+
 from . import child_jobs, metrics
 from .config import OperatorConfig
 from .controller import Controller, api_connections
 from .kubeclient import KubeApi, http_session, login_via_client
-from beam_contract.model import GROUP, PLURAL, VERSION
 
 FINALIZER = f"{GROUP}/cleanup"
 _state: dict[str, Controller] = {}
@@ -95,7 +96,12 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
     ctl.start()
     if config.metrics_port:
         start_http_server(config.metrics_port)
-    logger.info("beam-backfill operator started: bucket=%s prefix=%s image=%s", config.staging_bucket, config.staging_prefix, config.jobrunner_image)
+    logger.info(
+        "beam-backfill operator started: bucket=%s prefix=%s image=%s",
+        config.staging_bucket,
+        config.staging_prefix,
+        config.jobrunner_image,
+    )
 
 
 @kopf.on.login()
@@ -113,7 +119,12 @@ async def login(**kwargs) -> kopf.AiohttpSession | None:
         return None
     # No auth=: as_http_headers() carries basic auth too (as_aiohttp_basic_auth is deprecated).
     session = http_session(info, CONFIG.kopf_connections, headers=info.as_http_headers())
-    return kopf.AiohttpSession(aiohttp_session=session, server=info.server, default_namespace=info.default_namespace, expiration=info.expiration)
+    return kopf.AiohttpSession(
+        aiohttp_session=session,
+        server=info.server,
+        default_namespace=info.default_namespace,
+        expiration=info.expiration,
+    )
 
 
 @kopf.on.cleanup()

@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
-from typing import Any, Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import kopf
 import orjson
 
+from beam_contract.model import GROUP, KIND, PLURAL, VERSION
+
 from . import child_jobs, metrics
 from .config import OperatorConfig
-from beam_contract.model import GROUP, KIND, PLURAL, VERSION
 from .reconcile import Event, PodObs
 
 log = logging.getLogger("beam_operator.kubeclient")
@@ -78,15 +80,32 @@ def _api_message(raw: bytes) -> str:
 
 
 def _tls_material(info: kopf.ConnectionInfo) -> tuple:
-    return (info.server, info.ca_path, info.ca_data, info.insecure, info.certificate_path, info.certificate_data,
-            info.private_key_path, info.private_key_data, info.proxy_url, info.trust_env)
+    return (
+        info.server,
+        info.ca_path,
+        info.ca_data,
+        info.insecure,
+        info.certificate_path,
+        info.certificate_data,
+        info.private_key_path,
+        info.private_key_data,
+        info.proxy_url,
+        info.trust_env,
+    )
 
 
 class KubeApi:
     """The controller's API calls. Create inside the event loop; close() when done."""
 
-    def __init__(self, config: OperatorConfig, identity: str = "beam-backfill-operator", *, login: Login | None = None,
-                 connections: int = 36, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        config: OperatorConfig,
+        identity: str = "beam-backfill-operator",
+        *,
+        login: Login | None = None,
+        connections: int = 36,
+        timeout: float = 30.0,
+    ) -> None:
         self.config = config
         self.identity = identity
         self._login_fn = login or login_via_client()
@@ -122,8 +141,12 @@ class KubeApi:
                 task.add_done_callback(self._retired.discard)
         # Per request rather than on the session: a rotated token alone needs no new connections.
         # The User-Agent names us in the apiserver's audit log and in API priority and fairness.
-        self._headers = {**info.as_http_headers(), "Content-Type": "application/json", "Accept": "application/json",
-                         "User-Agent": self.identity}
+        self._headers = {
+            **info.as_http_headers(),
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            "User-Agent": self.identity,
+        }
         self._info = info
         self._generation += 1
 
@@ -141,8 +164,16 @@ class KubeApi:
             await self._session.close()
             self._session = None
 
-    async def request(self, method: str, path: str, *, params: dict[str, str] | None = None, body: Any = None,
-                      content_type: str | None = None, ok: tuple[int, ...] = ()) -> tuple[int, Any]:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: Any = None,
+        content_type: str | None = None,
+        ok: tuple[int, ...] = (),
+    ) -> tuple[int, Any]:
         """One call; returns (status, parsed JSON body). Statuses below 300 or listed in `ok`
         are answers, any other raises ApiError."""
         data = None if body is None else orjson.dumps(body)
@@ -152,7 +183,9 @@ class KubeApi:
             assert self._session is not None and self._info is not None
             headers = self._headers if content_type is None else {**self._headers, "Content-Type": content_type}
             try:
-                async with self._session.request(method, self._info.server + path, params=params, data=data, headers=headers) as resp:
+                async with self._session.request(
+                    method, self._info.server + path, params=params, data=data, headers=headers
+                ) as resp:
                     raw = await resp.read()
                     status, reason = resp.status, resp.reason or ""
             except aiohttp.ServerDisconnectedError:
@@ -183,19 +216,31 @@ class KubeApi:
         metrics.API_WRITES.labels(kind="delete_job").inc()
         # Foreground: the Job disappears only after its Pods, so "no Jobs left" also means no
         # worker still sending. 404: gone already.
-        await self.request("DELETE", f"/apis/batch/v1/namespaces/{namespace}/jobs/{quote(name)}",
-                           body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Foreground"}, ok=(404,))
+        await self.request(
+            "DELETE",
+            f"/apis/batch/v1/namespaces/{namespace}/jobs/{quote(name)}",
+            body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Foreground"},
+            ok=(404,),
+        )
 
     async def list_job_names(self, namespace: str, uid: str) -> list[str]:
-        _, doc = await self.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs", params={"labelSelector": f"{child_jobs.LABEL_JOB_ID}={uid}"})
+        _, doc = await self.request(
+            "GET",
+            f"/apis/batch/v1/namespaces/{namespace}/jobs",
+            params={"labelSelector": f"{child_jobs.LABEL_JOB_ID}={uid}"},
+        )
         return [j["metadata"]["name"] for j in doc["items"]]
 
     async def finished_pods(self, namespace: str, job_name: str) -> dict[str, PodObs]:
         """The finished Pods of one Job, by name: what their workers said."""
-        _, doc = await self.request("GET", f"/api/v1/namespaces/{namespace}/pods", params={
-            "labelSelector": f"batch.kubernetes.io/job-name={job_name}",
-            "fieldSelector": "status.phase!=Pending,status.phase!=Running",
-        })
+        _, doc = await self.request(
+            "GET",
+            f"/api/v1/namespaces/{namespace}/pods",
+            params={
+                "labelSelector": f"batch.kubernetes.io/job-name={job_name}",
+                "fieldSelector": "status.phase!=Pending,status.phase!=Running",
+            },
+        )
         found = {}
         for pod in doc["items"]:
             obs = PodObs.from_pod(pod)
@@ -205,28 +250,43 @@ class KubeApi:
 
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
         """The backfill as stored after the patch, or None if it was deleted meanwhile."""
-        code, doc = await self.request("PATCH", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{quote(name)}/status",
-                                       body={"status": status}, content_type="application/merge-patch+json", ok=(404,))
+        code, doc = await self.request(
+            "PATCH",
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{quote(name)}/status",
+            body={"status": status},
+            content_type="application/merge-patch+json",
+            ok=(404,),
+        )
         return None if code == 404 else doc
 
     async def post_event(self, body: dict[str, Any], ev: Event) -> None:
         meta = body["metadata"]
-        now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         metrics.API_WRITES.labels(kind="event").inc()
         try:
-            await self.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", body={
-                "apiVersion": "v1",
-                "kind": "Event",
-                "metadata": {"generateName": f"{meta['name']}."},
-                "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"]},
-                "reason": ev.reason,
-                "message": ev.message[:1024],
-                "type": ev.type,
-                "firstTimestamp": now,
-                "lastTimestamp": now,
-                "count": 1,
-                "source": {"component": self.identity},
-                "reportingComponent": self.identity,
-            })
-        except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as e:
+            await self.request(
+                "POST",
+                f"/api/v1/namespaces/{meta['namespace']}/events",
+                body={
+                    "apiVersion": "v1",
+                    "kind": "Event",
+                    "metadata": {"generateName": f"{meta['name']}."},
+                    "involvedObject": {
+                        "apiVersion": f"{GROUP}/{VERSION}",
+                        "kind": KIND,
+                        "name": meta["name"],
+                        "namespace": meta["namespace"],
+                        "uid": meta["uid"],
+                    },
+                    "reason": ev.reason,
+                    "message": ev.message[:1024],
+                    "type": ev.type,
+                    "firstTimestamp": now,
+                    "lastTimestamp": now,
+                    "count": 1,
+                    "source": {"component": self.identity},
+                    "reportingComponent": self.identity,
+                },
+            )
+        except (TimeoutError, ApiError, aiohttp.ClientError) as e:
             log.warning("could not record event %s on %s/%s: %s", ev.reason, meta["namespace"], meta["name"], e)

@@ -9,12 +9,13 @@ decision again, and deterministic Job names turn a repeated create into AlreadyE
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+from pydantic import ValidationError
 
 from beam_contract.model import BackfillSpec, BackfillStatus, Condition, Phase, parse_timestamp, utc_iso, workflow_id
 from beam_contract.worker import StagingResult
-from pydantic import ValidationError
 
 from . import child_jobs
 from .config import OperatorConfig
@@ -45,7 +46,7 @@ class JobObs:
     finished_at: str = ""
 
     @classmethod
-    def from_job(cls, job: dict[str, Any]) -> "JobObs":
+    def from_job(cls, job: dict[str, Any]) -> JobObs:
         meta, status = job.get("metadata", {}), job.get("status") or {}
         conds = {c.get("type"): c for c in status.get("conditions") or [] if c.get("status") == "True"}
         failed = conds.get("Failed") or conds.get("FailureTarget")
@@ -63,7 +64,14 @@ class JobObs:
             active=status.get("active") or 0,
             deleting=bool(meta.get("deletionTimestamp")),
             finished_at=status.get("completionTime")
-            or next((c.get("lastTransitionTime") for t, c in conds.items() if t in _FINISHED and c.get("lastTransitionTime")), ""),
+            or next(
+                (
+                    c.get("lastTransitionTime")
+                    for t, c in conds.items()
+                    if t in _FINISHED and c.get("lastTransitionTime")
+                ),
+                "",
+            ),
         )
 
 
@@ -79,7 +87,7 @@ class PodObs:
     finished_at: str = ""
 
     @classmethod
-    def from_pod(cls, pod: dict[str, Any]) -> "PodObs | None":
+    def from_pod(cls, pod: dict[str, Any]) -> PodObs | None:
         meta, status = pod.get("metadata", {}), pod.get("status") or {}
         phase = status.get("phase")
         if phase not in ("Succeeded", "Failed"):
@@ -89,7 +97,8 @@ class PodObs:
             term = (cs.get("state") or {}).get("terminated") or {}
         idx = (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index")
         return cls(
-            job=(meta.get("labels") or {}).get("job-name") or (meta.get("labels") or {}).get("batch.kubernetes.io/job-name", ""),
+            job=(meta.get("labels") or {}).get("job-name")
+            or (meta.get("labels") or {}).get("batch.kubernetes.io/job-name", ""),
             index=int(idx) if idx is not None and idx.isdigit() else None,
             succeeded=phase == "Succeeded",
             exit_code=term.get("exitCode"),
@@ -109,7 +118,7 @@ class Observed:
     status: BackfillStatus
     jobs: tuple[JobObs, ...] = ()
     pods: tuple[PodObs, ...] = ()
-    now: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 @dataclass(frozen=True)
@@ -180,7 +189,9 @@ def _set_condition(st: BackfillStatus, type_: str, status: bool, reason: str, me
     value = "True" if status else "False"
     old = next((c for c in st.conditions if c.type == type_), None)
     ltt = old.lastTransitionTime if old and old.status == value and old.lastTransitionTime else now
-    new = Condition(type=type_, status=value, reason=reason, message=_clip(message), lastTransitionTime=ltt, observedGeneration=gen)
+    new = Condition(
+        type=type_, status=value, reason=reason, message=_clip(message), lastTransitionTime=ltt, observedGeneration=gen
+    )
     st.conditions = sorted([c for c in st.conditions if c.type != type_] + [new], key=lambda c: c.type)
 
 
@@ -203,7 +214,9 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
     actions: list[Action] = []
     by_phase = {j.phase: j for j in obs.jobs}
 
-    def finish(phase: Phase, reason: str, message: str, *, warning: bool = False, cleanup_jobs: bool = False) -> Decision:
+    def finish(
+        phase: Phase, reason: str, message: str, *, warning: bool = False, cleanup_jobs: bool = False
+    ) -> Decision:
         st.status = phase
         st.time_completed = st.time_completed or now
         if phase == Phase.FAILED:
@@ -214,7 +227,9 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
         if phase == Phase.CANCELLED:
             _set_condition(st, "Cancelled", True, reason, message, now, obs.generation)
         if cleanup_jobs:
-            actions.extend(DeleteJob(j.name) for j in obs.jobs if not j.deleting and (phase == Phase.CANCELLED or _running(j)))
+            actions.extend(
+                DeleteJob(j.name) for j in obs.jobs if not j.deleting and (phase == Phase.CANCELLED or _running(j))
+            )
         events.append(Event("Warning" if warning else "Normal", _reason(phase), message))
         if completed and config.staged_retention_seconds == 0 and st.num_chunks is not None:
             actions.append(DeleteStaged(child_jobs.staging_uri(config, obs.namespace, obs.uid)))
@@ -245,18 +260,28 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
     except ValidationError as e:
         first = e.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        return finish(Phase.FAILED, "InvalidSpec", f"invalid spec: {loc}: {first['msg']}", warning=True, cleanup_jobs=True)
+        return finish(
+            Phase.FAILED, "InvalidSpec", f"invalid spec: {loc}: {first['msg']}", warning=True, cleanup_jobs=True
+        )
     if spec.cancel:
         return finish(Phase.CANCELLED, "Cancelled", "cancelled by request (spec.cancel)", cleanup_jobs=True)
     if not config.table_allowed(spec.table):
         allowed = ", ".join(config.allowed_tables)
-        return finish(Phase.FAILED, "TableNotAllowed", f"table {spec.table} is not allowed by this operator; allowed tables: {allowed}", warning=True, cleanup_jobs=True)
+        return finish(
+            Phase.FAILED,
+            "TableNotAllowed",
+            f"table {spec.table} is not allowed by this operator; allowed tables: {allowed}",
+            warning=True,
+            cleanup_jobs=True,
+        )
     if spec.static_egress_ip and not config.egress.configured:
         return finish(
-            Phase.FAILED, "NoStaticEgress",
+            Phase.FAILED,
+            "NoStaticEgress",
             "static_egress_ip is true but this operator has no static egress configured (egress.podLabels, nodeSelector or tolerations in the chart's values); "
             "set static_egress_ip: false or ask your administrator to configure egress",
-            warning=True, cleanup_jobs=True,
+            warning=True,
+            cleanup_jobs=True,
         )
 
     if st.status == Phase.STAGING:
@@ -276,15 +301,37 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
         if result is None and _within_grace(job, obs.now):
             return Decision(st, actions, events, requeue_after=1.0)
         if result is None:
-            return finish(Phase.FAILED, "StagingFailed", "staging finished but reported no chunk count (no termination message from the staging Pod)", warning=True, cleanup_jobs=True)
+            return finish(
+                Phase.FAILED,
+                "StagingFailed",
+                "staging finished but reported no chunk count (no termination message from the staging Pod)",
+                warning=True,
+                cleanup_jobs=True,
+            )
         st.num_chunks, st.num_rows, st.chunks_left = result.num_chunks, result.num_rows, result.num_chunks
-        _set_condition(st, "Staged", True, "Staged", f"{result.num_chunks} chunks, {result.num_rows} rows staged", now, obs.generation)
+        _set_condition(
+            st,
+            "Staged",
+            True,
+            "Staged",
+            f"{result.num_chunks} chunks, {result.num_rows} rows staged",
+            now,
+            obs.generation,
+        )
         if result.num_chunks == 0:
             # An empty window is a success with nothing to deliver, not an error.
             return finish(Phase.COMPLETED, "Completed", "the window holds no rows: nothing to deliver")
         st.status = Phase.TRANSPORTING
-        events.append(Event("Normal", _reason(Phase.TRANSPORTING), f"staged {result.num_chunks} chunks ({result.num_rows} rows); delivering to {len(spec.destinations)} destination(s)"))
-        actions.append(CreateJob(child_jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, result.num_chunks)))
+        events.append(
+            Event(
+                "Normal",
+                _reason(Phase.TRANSPORTING),
+                f"staged {result.num_chunks} chunks ({result.num_rows} rows); delivering to {len(spec.destinations)} destination(s)",
+            )
+        )
+        actions.append(
+            CreateJob(child_jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, result.num_chunks))
+        )
         return Decision(st, actions, events)
 
     # transporting
@@ -302,17 +349,29 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             return Decision(st, actions, events, requeue_after=1.0)
         why = why or job.failure_message or job.failure_reason
         where = f"chunk {idx}" if idx is not None else "a chunk"
-        return finish(Phase.FAILED, "TransportFailed", f"transport failed on {where} of {num_chunks}: {why}", warning=True, cleanup_jobs=True)
+        return finish(
+            Phase.FAILED,
+            "TransportFailed",
+            f"transport failed on {where} of {num_chunks}: {why}",
+            warning=True,
+            cleanup_jobs=True,
+        )
     if job.complete:
         st.chunks_left = 0
-        return finish(Phase.COMPLETED, "Completed", f"delivered {num_chunks} chunks to {len(spec.destinations)} destination(s)")
+        return finish(
+            Phase.COMPLETED, "Completed", f"delivered {num_chunks} chunks to {len(spec.destinations)} destination(s)"
+        )
     return Decision(st, actions, events)
 
 
-def _terminal(obs: Observed, st: BackfillStatus, config: OperatorConfig, actions: list[Action], events: list[Event]) -> Decision:
+def _terminal(
+    obs: Observed, st: BackfillStatus, config: OperatorConfig, actions: list[Action], events: list[Event]
+) -> Decision:
     # Jobs left after a terminal status (the operator died between status and delete): a
     # cancelled backfill keeps none, a failed or completed one keeps finished Jobs until their TTL.
-    actions.extend(DeleteJob(j.name) for j in obs.jobs if not j.deleting and (st.status == Phase.CANCELLED or _running(j)))
+    actions.extend(
+        DeleteJob(j.name) for j in obs.jobs if not j.deleting and (st.status == Phase.CANCELLED or _running(j))
+    )
     if st.status == Phase.COMPLETED and st.num_chunks and not st.staged_files_deleted:
         done_at = parse_timestamp(st.time_completed) if st.time_completed else obs.now
         due = done_at + timedelta(seconds=config.staged_retention_seconds)

@@ -36,11 +36,24 @@ def install_chart_identities(k8s, helm: str) -> dict[str, Path]:
     for ns in (API_NS, KEYS_NS):
         ensure_namespace(k8s, ns)
     rendered = subprocess.run(
-        [helm, "template", RELEASE, str(CHART), "--namespace", API_NS,
-         "--set", "api.enabled=true", "--set", f"api.apiKeysNamespace={KEYS_NS}",
-         # The aggregated admin/edit/view rules would change what other tests' users may do.
-         "--set", "rbac.aggregateToDefaultRoles=false"],
-        capture_output=True, text=True, check=True,
+        [
+            helm,
+            "template",
+            RELEASE,
+            str(CHART),
+            "--namespace",
+            API_NS,
+            "--set",
+            "api.enabled=true",
+            "--set",
+            f"api.apiKeysNamespace={KEYS_NS}",
+            # The aggregated admin/edit/view rules would change what other tests' users may do.
+            "--set",
+            "rbac.aggregateToDefaultRoles=false",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
     k8s.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in docs if d["kind"] in RBAC_KINDS))
@@ -56,13 +69,20 @@ def install_chart_identities(k8s, helm: str) -> dict[str, Path]:
 class ApiProcess:
     """`beam-api serve` on a free port, configured through env as the chart's Deployment does."""
 
-    def __init__(self, run_dir: Path, *, kubeconfig: Path, rate: float = 1000, burst: int = 1000,
-                 key_cache_seconds: float = 0.5) -> None:
+    def __init__(
+        self, run_dir: Path, *, kubeconfig: Path, rate: float = 1000, burst: int = 1000, key_cache_seconds: float = 0.5
+    ) -> None:
         self.run_dir = Path(run_dir)
         self.port = free_port()
-        self.env = dict(os.environ, KUBECONFIG=str(kubeconfig), BEAM_API_KEYS_NAMESPACE=KEYS_NS,
-                        BEAM_API_RATE_LIMIT_PER_SECOND=str(rate), BEAM_API_RATE_LIMIT_BURST=str(burst),
-                        BEAM_API_KEY_CACHE_SECONDS=str(key_cache_seconds), BEAM_API_ACCESS_LOG="0")
+        self.env = dict(
+            os.environ,
+            KUBECONFIG=str(kubeconfig),
+            BEAM_API_KEYS_NAMESPACE=KEYS_NS,
+            BEAM_API_RATE_LIMIT_PER_SECOND=str(rate),
+            BEAM_API_RATE_LIMIT_BURST=str(burst),
+            BEAM_API_KEY_CACHE_SECONDS=str(key_cache_seconds),
+            BEAM_API_ACCESS_LOG="0",
+        )
         self.proc: ManagedProcess | None = None
 
     @property
@@ -72,10 +92,13 @@ class ApiProcess:
     def endpoints(self) -> dict[str, str]:
         return {"url": self.url, "openapi": self.url + "/openapi.json", "log": str(self.run_dir / "api.log")}
 
-    def start(self) -> "ApiProcess":
-        self.proc = ManagedProcess("beam-api", [str(Path(sys.executable).parent / "beam-api"), "serve",
-                                                "--host", "127.0.0.1", "--port", str(self.port)],
-                                   log_path=self.run_dir / "api.log", env=self.env).start()
+    def start(self) -> ApiProcess:
+        self.proc = ManagedProcess(
+            "beam-api",
+            [str(Path(sys.executable).parent / "beam-api"), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            log_path=self.run_dir / "api.log",
+            env=self.env,
+        ).start()
 
         def ready() -> bool:
             with urllib.request.urlopen(self.url + "/healthz", timeout=1) as r:

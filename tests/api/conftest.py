@@ -4,9 +4,9 @@ running `beam-api`, and organizations with keys."""
 from __future__ import annotations
 
 import pytest
+from apiproc import KEYS_NS, ApiProcess, install_chart_identities
 from kubernetes.client import CoreV1Api
 
-from apiproc import KEYS_NS, ApiProcess, install_chart_identities
 from beam_operator.api import keys as keymod
 from beam_operator.api.kube import api_client
 

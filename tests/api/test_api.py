@@ -11,15 +11,19 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from apiproc import KEYS_NS, ApiProcess
+
 from beam_contract.model import destination_uid, spec_from_dict
 
 # The seed's create example, verbatim, and its block-height form (the other documented window).
 SEED_CREATE = {
     "job_name": "USDC transfers on Base — Mar 2026",
     "table": "base.assets.erc20_token_transfers",
-    "backfill_window": {"partition_key": "block_timestamp", "start": "2026-03-01T00:00:00", "end": "2026-04-01T00:00:00"},
+    "backfill_window": {
+        "partition_key": "block_timestamp",
+        "start": "2026-03-01T00:00:00",
+        "end": "2026-04-01T00:00:00",
+    },
     "filter": {"column": "token_address", "values": ["0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"]},
     "destinations": [{"type": "kafka", "name": "base-usdc-transfers-backfill"}],
 }
@@ -101,16 +105,31 @@ def test_seed_create_examples_are_accepted_and_listed_in_the_seed_shape(api, org
         assert_seed_shape(j)
     ts, blocks = jobs
     assert ts == {
-        "job_id": ts["job_id"], "workflow_id": ts["workflow_id"], "organization_id": ns,
+        "job_id": ts["job_id"],
+        "workflow_id": ts["workflow_id"],
+        "organization_id": ns,
         # The operator does not run in this test: a job it has not seen yet is reported as staging.
         "status": "staging",
-        "job_name": "USDC transfers on Base — Mar 2026", "table": "base.assets.erc20_token_transfers",
-        "partition_key": "block_timestamp", "backfill_start": "2026-03-01T00:00:00", "backfill_end": "2026-04-01T00:00:00",
-        "filter_column": "token_address", "filter_values": ["0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"],
-        "destinations": [{"type": "kafka", "name": "base-usdc-transfers-backfill",
-                          "uid": destination_uid(ts["job_id"], 0, spec_from_dict(SEED_CREATE).destinations[0])}],
-        "static_egress_ip": False, "num_chunks": None, "chunks_left": None, "error_message": None,
-        "time_created": ts["time_created"], "time_completed": None,
+        "job_name": "USDC transfers on Base — Mar 2026",
+        "table": "base.assets.erc20_token_transfers",
+        "partition_key": "block_timestamp",
+        "backfill_start": "2026-03-01T00:00:00",
+        "backfill_end": "2026-04-01T00:00:00",
+        "filter_column": "token_address",
+        "filter_values": ["0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"],
+        "destinations": [
+            {
+                "type": "kafka",
+                "name": "base-usdc-transfers-backfill",
+                "uid": destination_uid(ts["job_id"], 0, spec_from_dict(SEED_CREATE).destinations[0]),
+            }
+        ],
+        "static_egress_ip": False,
+        "num_chunks": None,
+        "chunks_left": None,
+        "error_message": None,
+        "time_created": ts["time_created"],
+        "time_completed": None,
     }
     assert (blocks["partition_key"], blocks["backfill_start"], blocks["backfill_end"]) == ("block", 1000000, 1100000)
     assert (blocks["filter_column"], blocks["filter_values"]) == (None, None)
@@ -124,24 +143,52 @@ def test_seed_create_examples_are_accepted_and_listed_in_the_seed_shape(api, org
 def test_list_filters_by_status_and_limit(api, org, k8s):
     ns, key = org
     with api.client(key) as c:
-        ids = [c.post("/backfills", json={**SEED_CREATE_BLOCKS, "job_name": f"n{i}"}).json()["job_id"] for i in range(3)]
-        mark_status(k8s, ns, ids[1], {"status": "completed", "num_chunks": 2, "chunks_left": 0, "time_completed": "2026-01-01T00:00:00Z"})
+        ids = [
+            c.post("/backfills", json={**SEED_CREATE_BLOCKS, "job_name": f"n{i}"}).json()["job_id"] for i in range(3)
+        ]
+        mark_status(
+            k8s,
+            ns,
+            ids[1],
+            {"status": "completed", "num_chunks": 2, "chunks_left": 0, "time_completed": "2026-01-01T00:00:00Z"},
+        )
         assert [j["job_id"] for j in c.get("/backfills", params={"limit": 2}).json()] == ids[:2]
         assert [j["job_id"] for j in c.get("/backfills", params={"status": "completed"}).json()] == [ids[1]]
         assert [j["job_id"] for j in c.get("/backfills", params={"status": "staging"}).json()] == [ids[0], ids[2]]
         assert c.get("/backfills", params={"status": "bogus"}).status_code == 422
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"backfill_window": {"partition_key": "block_timestamp", "start": "2026-04-01T00:00:00", "end": "2026-03-01T00:00:00"}}, "backfill_window"),
-    ({"backfill_window": {"partition_key": "block_timestamp", "start": "yesterday", "end": "2026-03-01T00:00:00"}}, "backfill_window.start"),
-    ({"backfill_window": {"partition_key": "block_height", "start": 1, "end": 2}}, "backfill_window"),
-    ({"table": "base.assets; drop table x"}, "table"),
-    ({"destinations": []}, "destinations"),
-    ({"destinations": [{"type": "kafka", "name": "has space"}]}, "destinations.0.name"),
-    ({"filter": {"column": "token_address", "values": []}}, "filter.values"),
-    ({"colour": "blue"}, "colour"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (
+            {
+                "backfill_window": {
+                    "partition_key": "block_timestamp",
+                    "start": "2026-04-01T00:00:00",
+                    "end": "2026-03-01T00:00:00",
+                }
+            },
+            "backfill_window",
+        ),
+        (
+            {
+                "backfill_window": {
+                    "partition_key": "block_timestamp",
+                    "start": "yesterday",
+                    "end": "2026-03-01T00:00:00",
+                }
+            },
+            "backfill_window.start",
+        ),
+        ({"backfill_window": {"partition_key": "block_height", "start": 1, "end": 2}}, "backfill_window"),
+        ({"table": "base.assets; drop table x"}, "table"),
+        ({"destinations": []}, "destinations"),
+        ({"destinations": [{"type": "kafka", "name": "has space"}]}, "destinations.0.name"),
+        ({"filter": {"column": "token_address", "values": []}}, "filter.values"),
+        ({"colour": "blue"}, "colour"),
+    ],
+)
 def test_invalid_bodies_answer_422_naming_the_field(api, org, k8s, change, field):
     ns, key = org
     with api.client(key) as c:
@@ -179,7 +226,9 @@ def test_organizations_are_isolated(api, org, other_org):
 def mark_status(k8s, ns, uid, status):
     """Write status as the operator would (admin, status subresource)."""
     name = get_bbf_by_uid(k8s, ns, uid)["metadata"]["name"]
-    k8s.api("PATCH", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills/{name}/status", {"status": status})
+    k8s.api(
+        "PATCH", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills/{name}/status", {"status": status}
+    )
 
 
 def test_cancel_sets_the_resource_and_refuses_finished_jobs(api, org, k8s):
@@ -188,7 +237,12 @@ def test_cancel_sets_the_resource_and_refuses_finished_jobs(api, org, k8s):
         job = c.post("/backfills", json=SEED_CREATE).json()["job_id"]
         r = c.post(f"/backfills/{job}/cancel")
         assert r.status_code == 200, r.text
-        assert r.json() == {"job_id": job, "workflow_id": f"beam-backfill-{ns}-{job}", "status": "staging", "cancel_requested": True}
+        assert r.json() == {
+            "job_id": job,
+            "workflow_id": f"beam-backfill-{ns}-{job}",
+            "status": "staging",
+            "cancel_requested": True,
+        }
         assert get_bbf_by_uid(k8s, ns, job)["spec"]["cancel"] is True
         # Asking again before the operator has acted is harmless.
         assert c.post(f"/backfills/{job}/cancel").status_code == 200
@@ -196,7 +250,9 @@ def test_cancel_sets_the_resource_and_refuses_finished_jobs(api, org, k8s):
             mark_status(k8s, ns, job, {"status": final})
             r = c.post(f"/backfills/{job}/cancel")
             assert r.status_code == 409, r.text
-            assert r.json() == {"detail": f"backfill {job} has already ended with status {final}; there is nothing to cancel"}
+            assert r.json() == {
+                "detail": f"backfill {job} has already ended with status {final}; there is nothing to cancel"
+            }
 
 
 def test_keys_are_required_and_checked(api, org, k8s):
@@ -216,8 +272,19 @@ def test_keys_are_required_and_checked(api, org, k8s):
 
 
 def beam_api(k8s, *args):
-    return subprocess.run([str(Path(sys.executable).parent / "beam-api"), "--kubeconfig", str(k8s.kubeconfig),
-                           "--keys-namespace", KEYS_NS, *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [
+            str(Path(sys.executable).parent / "beam-api"),
+            "--kubeconfig",
+            str(k8s.kubeconfig),
+            "--keys-namespace",
+            KEYS_NS,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_admin_cli_creates_lists_and_revokes_keys(api, namespace, k8s):
@@ -252,27 +319,53 @@ def test_rate_limit_per_key_answers_429_with_retry_after(api_kubeconfig, org, ot
         limited.stop()
 
 
-
 def test_apiserver_refusals_are_passed_on_with_their_message(api, org, k8s):
     """A cluster's own CEL admission policy refuses what the model allows: the caller gets the
     apiserver's status and message."""
     ns, key = org
     name = f"no-forbidden-tables-{ns}"[:63]
-    k8s.api("POST", "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies", {
-        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy", "metadata": {"name": name},
-        "spec": {
-            "failurePolicy": "Fail",
-            "matchConstraints": {"resourceRules": [{"apiGroups": ["beam-backfill.dev"], "apiVersions": ["*"],
-                                                    "operations": ["CREATE"], "resources": ["beambackfills"]}]},
-            "validations": [{"expression": "!object.spec.table.startsWith('base.secret.')",
-                             "message": "tables under base.secret are not for backfills"}],
+    k8s.api(
+        "POST",
+        "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies",
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicy",
+            "metadata": {"name": name},
+            "spec": {
+                "failurePolicy": "Fail",
+                "matchConstraints": {
+                    "resourceRules": [
+                        {
+                            "apiGroups": ["beam-backfill.dev"],
+                            "apiVersions": ["*"],
+                            "operations": ["CREATE"],
+                            "resources": ["beambackfills"],
+                        }
+                    ]
+                },
+                "validations": [
+                    {
+                        "expression": "!object.spec.table.startsWith('base.secret.')",
+                        "message": "tables under base.secret are not for backfills",
+                    }
+                ],
+            },
         },
-    })
-    k8s.api("POST", "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicybindings", {
-        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding", "metadata": {"name": name},
-        "spec": {"policyName": name, "validationActions": ["Deny"],
-                 "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}}},
-    })
+    )
+    k8s.api(
+        "POST",
+        "/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicybindings",
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingAdmissionPolicyBinding",
+            "metadata": {"name": name},
+            "spec": {
+                "policyName": name,
+                "validationActions": ["Deny"],
+                "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": ns}}},
+            },
+        },
+    )
     try:
         with api.client(key) as c:
             # The apiserver applies a new policy once its informer has seen it.

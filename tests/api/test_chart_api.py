@@ -11,8 +11,12 @@ from beam_devstack.operator_proc import CHART
 
 
 def render(helm, *args):
-    out = subprocess.run([helm, "template", "beam", str(CHART), "--namespace", "beam-system", *args],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [helm, "template", "beam", str(CHART), "--namespace", "beam-system", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
@@ -27,12 +31,24 @@ def test_api_deployment_is_off_by_default(helm):
 
 
 def test_api_deployment_runs_under_the_api_identity(helm):
-    docs = render(helm, "--set", "api.enabled=true", "--set", "api.apiKeysNamespace=beam-api-keys",
-                  "--set-json", "api.rateLimit.perSecond=2.5", "--set", "api.port=9000")
+    docs = render(
+        helm,
+        "--set",
+        "api.enabled=true",
+        "--set",
+        "api.apiKeysNamespace=beam-api-keys",
+        "--set-json",
+        "api.rateLimit.perSecond=2.5",
+        "--set",
+        "api.port=9000",
+    )
     dep = one(docs, "Deployment", "beam-beam-backfill-api")
     pod = dep["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "beam-beam-backfill-api"
-    assert pod["serviceAccountName"] != one(docs, "Deployment", "beam-beam-backfill")["spec"]["template"]["spec"]["serviceAccountName"]
+    assert (
+        pod["serviceAccountName"]
+        != one(docs, "Deployment", "beam-beam-backfill")["spec"]["template"]["spec"]["serviceAccountName"]
+    )
     (c,) = pod["containers"]
     assert c["command"] == ["beam-api", "serve", "--host", "0.0.0.0", "--port", "9000"]
     assert c["image"] == "beam-backfill/operator:0.1.0"
@@ -47,6 +63,10 @@ def test_api_deployment_runs_under_the_api_identity(helm):
 
 
 def test_schema_rejects_a_bad_api_value(helm):
-    out = subprocess.run([helm, "template", "beam", str(CHART), "--set", "api.enabled=true", "--set", "api.rateLimit.burst=0"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [helm, "template", "beam", str(CHART), "--set", "api.enabled=true", "--set", "api.rateLimit.burst=0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0 and "burst" in out.stderr

@@ -17,15 +17,42 @@ def test_openapi_fuzzing_finds_no_server_errors(api, org, tmp_path):
     st = Path(sys.executable).parent / "schemathesis"
     report = tmp_path / "report.json"
     out = subprocess.run(
-        [str(st), "run", api.endpoints()["openapi"], "--header", f"X-API-Key: {key}",
-         "--checks", "all",
-         # Schema-valid bodies can still break rules a JSON schema cannot express (start < end,
-         # distinct destinations): those answer 422 by design.
-         "--exclude-checks", "positive_data_acceptance",
-         "--max-examples", "100", "--workers", "2", "--phases", "examples,coverage,fuzzing,stateful", "--seed", "1", "--suppress-health-check", "all",
-         "--generation-database", "none", "--request-timeout", "30", "--no-color",
-         "--report", "json", "--report-json-path", str(report)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            str(st),
+            "run",
+            api.endpoints()["openapi"],
+            "--header",
+            f"X-API-Key: {key}",
+            "--checks",
+            "all",
+            # Schema-valid bodies can still break rules a JSON schema cannot express (start < end,
+            # distinct destinations): those answer 422 by design.
+            "--exclude-checks",
+            "positive_data_acceptance",
+            "--max-examples",
+            "100",
+            "--workers",
+            "2",
+            "--phases",
+            "examples,coverage,fuzzing,stateful",
+            "--seed",
+            "1",
+            "--suppress-health-check",
+            "all",
+            "--generation-database",
+            "none",
+            "--request-timeout",
+            "30",
+            "--no-color",
+            "--report",
+            "json",
+            "--report-json-path",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     generated = re.search(r"(\d+) generated, (\d+) passed", out.stdout)

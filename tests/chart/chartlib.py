@@ -24,8 +24,12 @@ class Rendered(list):
 
 
 def run_template(helm: str, *args: str, namespace: str = "beam-system") -> subprocess.CompletedProcess:
-    return subprocess.run([helm, "template", "beam", str(CHART), "--namespace", namespace, "--include-crds", *args],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [helm, "template", "beam", str(CHART), "--namespace", namespace, "--include-crds", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def container_env(deployment: dict[str, Any]) -> dict[str, str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import yaml
@@ -14,8 +14,9 @@ from chartlib import REPO, Rendered, run_template
 @pytest.fixture(scope="session")
 def helm() -> str:
     """Path of helm, built from the Go module proxy by hack/get-helm.sh on first use (cached)."""
-    proc = subprocess.run(["bash", str(REPO / "hack" / "get-helm.sh")], stdout=subprocess.PIPE, stderr=sys.stderr,
-                          text=True, timeout=1800)
+    proc = subprocess.run(
+        ["bash", str(REPO / "hack" / "get-helm.sh")], stdout=subprocess.PIPE, stderr=sys.stderr, text=True, timeout=1800
+    )
     assert proc.returncode == 0, "hack/get-helm.sh failed (its log is above)"
     return proc.stdout.strip().splitlines()[-1]
 

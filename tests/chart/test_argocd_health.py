@@ -57,7 +57,10 @@ def backfill(status: dict[str, Any] | None = None, *, cancel: bool = False, floa
 
 
 def test_missing_status_block_is_progressing(health):
-    assert health(backfill()) == {"status": "Progressing", "message": "Waiting for the operator to pick up the backfill"}
+    assert health(backfill()) == {
+        "status": "Progressing",
+        "message": "Waiting for the operator to pick up the backfill",
+    }
 
 
 def test_empty_status_is_progressing(health):
@@ -73,7 +76,9 @@ def test_staging_is_progressing(health):
 
 @pytest.mark.parametrize("floats", [False, True], ids=["ints", "floats"])
 def test_transporting_reports_chunks_left(health, floats):
-    hs = health(backfill({"status": "transporting", "num_chunks": 12, "chunks_left": 5, "num_rows": 1000}, floats=floats))
+    hs = health(
+        backfill({"status": "transporting", "num_chunks": 12, "chunks_left": 5, "num_rows": 1000}, floats=floats)
+    )
     assert hs == {"status": "Progressing", "message": "Transporting: 5 of 12 chunks left"}
 
 
@@ -83,8 +88,18 @@ def test_transporting_before_counts_arrive(health):
 
 @pytest.mark.parametrize("floats", [False, True], ids=["ints", "floats"])
 def test_completed_is_healthy(health, floats):
-    hs = health(backfill({"status": "completed", "num_chunks": 12, "chunks_left": 0, "num_rows": 123456789,
-                          "time_completed": "2026-01-01T00:00:00Z"}, floats=floats))
+    hs = health(
+        backfill(
+            {
+                "status": "completed",
+                "num_chunks": 12,
+                "chunks_left": 0,
+                "num_rows": 123456789,
+                "time_completed": "2026-01-01T00:00:00Z",
+            },
+            floats=floats,
+        )
+    )
     assert hs == {"status": "Healthy", "message": "Completed: 123456789 rows in 12 chunks delivered"}
 
 
@@ -94,13 +109,20 @@ def test_failed_is_degraded_with_the_error_message(health):
 
 
 def test_failed_without_message_still_says_why_to_look(health):
-    for status in ({"status": "failed"}, {"status": "failed", "error_message": None}, {"status": "failed", "error_message": ""}):
+    for status in (
+        {"status": "failed"},
+        {"status": "failed", "error_message": None},
+        {"status": "failed", "error_message": ""},
+    ):
         hs = health(backfill(status))
         assert hs["status"] == "Degraded" and "failed" in hs["message"]
 
 
 def test_cancelled_is_suspended(health):
-    assert health(backfill({"status": "cancelled"}, cancel=True)) == {"status": "Suspended", "message": "Cancelled by spec.cancel"}
+    assert health(backfill({"status": "cancelled"}, cancel=True)) == {
+        "status": "Suspended",
+        "message": "Cancelled by spec.cancel",
+    }
 
 
 def test_cancel_requested_but_not_yet_done(health):
@@ -117,7 +139,8 @@ def test_unknown_status_is_unknown(health):
 def test_argocd_cm_snippet_carries_the_same_script():
     cm = yaml.safe_load((REPO / "docs" / "argocd-cm.yaml").read_text())
     assert cm["kind"] == "ConfigMap" and cm["metadata"] == {
-        "name": "argocd-cm", "namespace": "argocd",
+        "name": "argocd-cm",
+        "namespace": "argocd",
         "labels": {"app.kubernetes.io/name": "argocd-cm", "app.kubernetes.io/part-of": "argocd"},
     }
     assert cm["data"] == {"resource.customizations.health.beam-backfill.dev_BeamBackfill": LUA}

@@ -7,9 +7,9 @@ import subprocess
 
 import pytest
 import yaml
-from beam_operator.config import OperatorConfig
-
 from chartlib import CHART, FULL_VALUES, REPO, container_env, run_template
+
+from beam_operator.config import OperatorConfig
 
 # Settings the chart derives from other values rather than from `config`.
 DERIVED = {"jobrunner_image", "image_pull_policy", "worker_service_account", "metrics_port", "liveness_endpoint"}
@@ -18,7 +18,9 @@ ALL_ENV = {f"BEAM_{name.upper()}" for name in OperatorConfig.model_fields}
 
 def test_helm_lint_strict(helm):
     for values in ([], ["--values", str(FULL_VALUES)]):
-        proc = subprocess.run([helm, "lint", "--strict", str(CHART), *values], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [helm, "lint", "--strict", str(CHART), *values], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "1 chart(s) linted, 0 chart(s) failed" in proc.stdout
 
@@ -30,7 +32,9 @@ def test_values_config_covers_every_operator_setting():
 
 
 def test_chart_crd_is_the_generated_crd():
-    assert (CHART / "crds" / "beambackfills.yaml").read_bytes() == (REPO / "crds" / "beambackfills.yaml").read_bytes(), (
+    assert (CHART / "crds" / "beambackfills.yaml").read_bytes() == (
+        REPO / "crds" / "beambackfills.yaml"
+    ).read_bytes(), (
         "charts/beam-backfill/crds/beambackfills.yaml differs from crds/beambackfills.yaml: "
         "cp crds/beambackfills.yaml charts/beam-backfill/crds/"
     )
@@ -39,10 +43,19 @@ def test_chart_crd_is_the_generated_crd():
 def test_default_render(render):
     docs = render()
     kinds = sorted(d["kind"] for d in docs)
-    assert kinds == sorted([
-        "CustomResourceDefinition", "Deployment", "Service", "ServiceAccount", "ServiceAccount",
-        "ClusterRole", "ClusterRole", "ClusterRole", "ClusterRoleBinding",
-    ])
+    assert kinds == sorted(
+        [
+            "CustomResourceDefinition",
+            "Deployment",
+            "Service",
+            "ServiceAccount",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRole",
+            "ClusterRole",
+            "ClusterRoleBinding",
+        ]
+    )
     assert docs.one("CustomResourceDefinition")["metadata"]["name"] == "beambackfills.beam-backfill.dev"
 
     dep = docs.one("Deployment", "beam-beam-backfill")
@@ -191,18 +204,39 @@ def test_api_identity_is_off_by_default_and_confined_when_on(render):
     assert keys["metadata"]["namespace"] == "beam-system"
     assert _grants(keys) == {("", "secrets"): {"get", "list"}}
     for binding in (docs.one("ClusterRoleBinding", "beam-beam-backfill-api"), docs.one("RoleBinding")):
-        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "beam-system"}]
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "beam-system"}
+        ]
 
     keys = render("--values", str(FULL_VALUES)).one("Role", "beam-ops-api-keys")
     assert keys["metadata"]["namespace"] == "beam-api-keys"
 
 
 def test_rbac_and_service_accounts_can_be_left_to_the_cluster_admin(render, helm):
-    docs = render("--set", "rbac.create=false", "--set", "serviceAccount.create=false", "--set", "serviceAccount.name=ops",
-                  "--set", "worker.serviceAccount.create=false", "--set", "api.enabled=true",
-                  "--set", "api.serviceAccount.create=false", "--set", "api.serviceAccount.name=api")
+    docs = render(
+        "--set",
+        "rbac.create=false",
+        "--set",
+        "serviceAccount.create=false",
+        "--set",
+        "serviceAccount.name=ops",
+        "--set",
+        "worker.serviceAccount.create=false",
+        "--set",
+        "api.enabled=true",
+        "--set",
+        "api.serviceAccount.create=false",
+        "--set",
+        "api.serviceAccount.name=api",
+    )
     # The operator's Deployment and metrics Service, and the API's Deployment and Service.
-    assert sorted(d["kind"] for d in docs) == ["CustomResourceDefinition", "Deployment", "Deployment", "Service", "Service"]
+    assert sorted(d["kind"] for d in docs) == [
+        "CustomResourceDefinition",
+        "Deployment",
+        "Deployment",
+        "Service",
+        "Service",
+    ]
     dep = docs.one("Deployment", "beam-beam-backfill")
     assert dep["spec"]["template"]["spec"]["serviceAccountName"] == "ops"
     assert docs.one("Deployment", "beam-beam-backfill-api")["spec"]["template"]["spec"]["serviceAccountName"] == "api"

@@ -29,9 +29,21 @@ def _helm(helm, k8s, *args: str) -> subprocess.CompletedProcess:
 def installed(helm, k8s):
     for ns in (OPERATOR_NS, KEYS_NS, ORG):
         k8s.create_namespace(ns, wait_service_account=False)
-    _helm(helm, k8s, "install", RELEASE, str(CHART), "--namespace", OPERATOR_NS,
-          "--set", "api.enabled=true", "--set", f"api.apiKeysNamespace={KEYS_NS}",
-          "--set-json", f'worker.serviceAccount.namespaces=["{ORG}"]')
+    _helm(
+        helm,
+        k8s,
+        "install",
+        RELEASE,
+        str(CHART),
+        "--namespace",
+        OPERATOR_NS,
+        "--set",
+        "api.enabled=true",
+        "--set",
+        f"api.apiKeysNamespace={KEYS_NS}",
+        "--set-json",
+        f'worker.serviceAccount.namespaces=["{ORG}"]',
+    )
     k8s.kubectl("wait", "--for=condition=Established", "crd/beambackfills.beam-backfill.dev", "--timeout=60s")
     yield
     _helm(helm, k8s, "uninstall", RELEASE, "--namespace", OPERATOR_NS, "--wait")
@@ -54,36 +66,42 @@ API = f"system:serviceaccount:{OPERATOR_NS}:{RELEASE}-beam-backfill-api"
 WORKER = f"system:serviceaccount:{ORG}:{RELEASE}-beam-backfill-worker"
 
 
-@pytest.mark.parametrize("verb, resource", [
-    ("watch", "beambackfills.beam-backfill.dev"),
-    ("patch", "beambackfills.beam-backfill.dev"),
-    ("patch", "beambackfills.beam-backfill.dev/status"),
-    ("update", "beambackfills.beam-backfill.dev/finalizers"),
-    ("create", "jobs.batch"),
-    ("delete", "jobs.batch"),
-    ("get", "pods"),
-    ("create", "events"),
-    ("create", "events.events.k8s.io"),
-    ("watch", "namespaces"),
-    ("list", "customresourcedefinitions.apiextensions.k8s.io"),
-])
+@pytest.mark.parametrize(
+    "verb, resource",
+    [
+        ("watch", "beambackfills.beam-backfill.dev"),
+        ("patch", "beambackfills.beam-backfill.dev"),
+        ("patch", "beambackfills.beam-backfill.dev/status"),
+        ("update", "beambackfills.beam-backfill.dev/finalizers"),
+        ("create", "jobs.batch"),
+        ("delete", "jobs.batch"),
+        ("get", "pods"),
+        ("create", "events"),
+        ("create", "events.events.k8s.io"),
+        ("watch", "namespaces"),
+        ("list", "customresourcedefinitions.apiextensions.k8s.io"),
+    ],
+)
 def test_operator_may(installed, k8s, verb, resource):
     assert can_i(k8s, OPERATOR, verb, resource, ORG) and can_i(k8s, OPERATOR, verb, resource)
 
 
-@pytest.mark.parametrize("verb, resource", [
-    ("get", "secrets"),
-    ("list", "secrets"),
-    ("delete", "beambackfills.beam-backfill.dev/status"),
-    ("update", "jobs.batch/status"),
-    ("create", "beambackfills.beam-backfill.dev"),
-    ("delete", "beambackfills.beam-backfill.dev"),
-    ("create", "pods"),
-    ("delete", "pods"),
-    ("update", "jobs.batch"),
-    ("create", "serviceaccounts"),
-    ("create", "rolebindings.rbac.authorization.k8s.io"),
-])
+@pytest.mark.parametrize(
+    "verb, resource",
+    [
+        ("get", "secrets"),
+        ("list", "secrets"),
+        ("delete", "beambackfills.beam-backfill.dev/status"),
+        ("update", "jobs.batch/status"),
+        ("create", "beambackfills.beam-backfill.dev"),
+        ("delete", "beambackfills.beam-backfill.dev"),
+        ("create", "pods"),
+        ("delete", "pods"),
+        ("update", "jobs.batch"),
+        ("create", "serviceaccounts"),
+        ("create", "rolebindings.rbac.authorization.k8s.io"),
+    ],
+)
 def test_operator_may_not(installed, k8s, verb, resource):
     assert not can_i(k8s, OPERATOR, verb, resource, ORG)
 
@@ -108,8 +126,12 @@ def test_namespace_editors_manage_backfills(installed, k8s):
     """The chart's edit and view roles (aggregated into the built-in edit/admin/view) let an
     organization's member create and cancel backfills in their own namespace only, and a viewer
     only read them. Bound directly here: this control plane runs no aggregation controller."""
-    k8s.kubectl("create", "rolebinding", "alice-edit", f"--clusterrole={RELEASE}-beam-backfill-edit", "--user=alice", "-n", ORG)
-    k8s.kubectl("create", "rolebinding", "bob-view", f"--clusterrole={RELEASE}-beam-backfill-view", "--user=bob", "-n", ORG)
+    k8s.kubectl(
+        "create", "rolebinding", "alice-edit", f"--clusterrole={RELEASE}-beam-backfill-edit", "--user=alice", "-n", ORG
+    )
+    k8s.kubectl(
+        "create", "rolebinding", "bob-view", f"--clusterrole={RELEASE}-beam-backfill-view", "--user=bob", "-n", ORG
+    )
     assert can_i(k8s, "alice", "create", "beambackfills.beam-backfill.dev", ORG)
     assert can_i(k8s, "alice", "patch", "beambackfills.beam-backfill.dev", ORG)
     assert not can_i(k8s, "alice", "create", "beambackfills.beam-backfill.dev", OPERATOR_NS)
@@ -117,7 +139,9 @@ def test_namespace_editors_manage_backfills(installed, k8s):
     assert can_i(k8s, "bob", "list", "beambackfills.beam-backfill.dev", ORG)
     assert not can_i(k8s, "bob", "create", "beambackfills.beam-backfill.dev", ORG)
     for role in ("edit", "view"):
-        labels = k8s.api("GET", f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{RELEASE}-beam-backfill-{role}")["metadata"]["labels"]
+        labels = k8s.api("GET", f"/apis/rbac.authorization.k8s.io/v1/clusterroles/{RELEASE}-beam-backfill-{role}")[
+            "metadata"
+        ]["labels"]
         assert labels[f"rbac.authorization.k8s.io/aggregate-to-{role}"] == "true"
 
 

@@ -11,7 +11,15 @@ import pytest
 from chartlib import REPO
 
 # Every shell script: hack/*.sh plus the extension-less entry points and CI's script.
-SCRIPTS = sorted([*(REPO / "hack").glob("*.sh"), REPO / "hack" / "setup", REPO / "hack" / "test", REPO / "hack" / "demo", REPO / ".ci" / "run"])
+SCRIPTS = sorted(
+    [
+        *(REPO / "hack").glob("*.sh"),
+        REPO / "hack" / "setup",
+        REPO / "hack" / "test",
+        REPO / "hack" / "demo",
+        REPO / ".ci" / "run",
+    ]
+)
 DOCKERFILES = sorted(REPO.glob("Dockerfile.*"))
 
 
@@ -40,14 +48,16 @@ def test_dockerfiles_exist():
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=[d.name for d in DOCKERFILES])
 def test_hadolint(dockerfile):
-    proc = subprocess.run([_tool("hadolint"), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [_tool("hadolint"), "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=[d.name for d in DOCKERFILES])
 def test_dockerfile_runs_as_non_root_on_a_pinned_base(dockerfile):
-    lines = [l.strip() for l in dockerfile.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    lines = [line.strip() for line in dockerfile.read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert "ARG PYTHON_IMAGE=python:3.11-slim-bookworm" in lines
-    assert sum(l.startswith("FROM ") for l in lines) == 2, "build and runtime stages"
+    assert sum(line.startswith("FROM ") for line in lines) == 2, "build and runtime stages"
     # The chart and the operator's Jobs set runAsNonRoot, which needs a numeric UID.
-    assert [l for l in lines if l.startswith("USER ")] == ["USER 10001:10001"]
+    assert [line for line in lines if line.startswith("USER ")] == ["USER 10001:10001"]

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from beam_devstack import dataset
-from beam_devstack.snowflake import connection_secret
 from beam_devstack.operator_proc import OperatorProcess, helm_binary, install_chart_rbac, install_crd
+from beam_devstack.snowflake import connection_secret
 
 BUCKET = "beam-e2e"
 ROWS = 24_000  # about 8,000 USDC rows in March 2026
@@ -27,7 +27,9 @@ def bucket(gcs):
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
 
-    client = storage.Client(project="e2e", credentials=AnonymousCredentials(), client_options={"api_endpoint": gcs.endpoints()["url"]})
+    client = storage.Client(
+        project="e2e", credentials=AnonymousCredentials(), client_options={"api_endpoint": gcs.endpoints()["url"]}
+    )
     if client.lookup_bucket(BUCKET) is None:
         client.create_bucket(BUCKET)
     return client.bucket(BUCKET)

@@ -21,12 +21,20 @@ def expected_ids(conn, window=WINDOW, token=dataset.USDC) -> set[str]:
     )
     return {r[0] for r in cur.fetchall()}
 
+
 def read_topic(bootstrap: str, topic: str, *, idle: float = 3.0) -> list[tuple[str, dict]]:
     """Every committed message of `topic` (read_committed), as (key, value)."""
     from confluent_kafka import Consumer, KafkaException
 
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"e2e-{uuid.uuid4()}", "isolation.level": "read_committed",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"e2e-{uuid.uuid4()}",
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     try:
         try:
             md = c.list_topics(topic, timeout=10)
@@ -46,18 +54,26 @@ def read_topic(bootstrap: str, topic: str, *, idle: float = 3.0) -> list[tuple[s
     finally:
         c.close()
 
+
 def backfill(name: str, topic: str, window=WINDOW, **spec) -> dict:
     return {
-        "apiVersion": "beam-backfill.dev/v1alpha1", "kind": "BeamBackfill", "metadata": {"name": name},
+        "apiVersion": "beam-backfill.dev/v1alpha1",
+        "kind": "BeamBackfill",
+        "metadata": {"name": name},
         "spec": {
-            "job_name": f"e2e {name}", "table": dataset.TABLE, "backfill_window": window,
+            "job_name": f"e2e {name}",
+            "table": dataset.TABLE,
+            "backfill_window": window,
             "filter": {"column": "token_address", "values": [dataset.USDC]},
-            "destinations": [{"type": "kafka", "name": topic}], **spec,
+            "destinations": [{"type": "kafka", "name": topic}],
+            **spec,
         },
     }
 
+
 def staged_objects(bucket, namespace: str, uid: str) -> list[str]:
     return [b.name for b in bucket.client.list_blobs(bucket.name, prefix=f"backfills/{namespace}/{uid}/")]
+
 
 def pods_of(k8s, namespace: str, uid: str) -> list[dict]:
     sel = urllib.parse.quote(f"beam-backfill.dev/job-id={uid}")

@@ -17,9 +17,9 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from e2e_helpers import WINDOW, backfill, expected_ids, pods_of, read_topic, staged_objects
 
 from beam_devstack.kafka_proxy import END_TXN
-from e2e_helpers import WINDOW, backfill, expected_ids, pods_of, read_topic, staged_objects
 
 API = "/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills/{name}"
 
@@ -60,7 +60,9 @@ def wait_until(fn, timeout, what):
 
 
 def jobs(k8s, ns, uid):
-    return k8s.api("GET", f"/apis/batch/v1/namespaces/{ns}/jobs?labelSelector=beam-backfill.dev%2Fjob-id%3D{uid}")["items"]
+    return k8s.api("GET", f"/apis/batch/v1/namespaces/{ns}/jobs?labelSelector=beam-backfill.dev%2Fjob-id%3D{uid}")[
+        "items"
+    ]
 
 
 def assert_exactly(messages, ids):
@@ -81,12 +83,17 @@ def test_seed_example_completes_with_exactly_the_window_in_kafka(k8s, operator, 
     assert_exactly(msgs, ids)
     sample = msgs[0][1]
     assert sample["token_address"] == "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"
-    assert sample["block_timestamp"].endswith("Z") and "2026-03-01T00:00:00Z" <= sample["block_timestamp"] < "2026-04-01T00:00:00Z"
+    assert (
+        sample["block_timestamp"].endswith("Z")
+        and "2026-03-01T00:00:00Z" <= sample["block_timestamp"] < "2026-04-01T00:00:00Z"
+    )
     # staged files go once the backfill completed (retention 0)
     assert staged_objects(bucket, org, obj["metadata"]["uid"]) == []
 
 
-def test_two_organizations_at_once_see_only_their_own_data_and_jobs(k8s, operator, kafka, seeded, org, namespace_factory):
+def test_two_organizations_at_once_see_only_their_own_data_and_jobs(
+    k8s, operator, kafka, seeded, org, namespace_factory
+):
     other = namespace_factory()
     march_1 = {**WINDOW, "end": "2026-03-16T00:00:00"}
     march_2 = {**WINDOW, "start": "2026-03-16T00:00:00"}
@@ -109,7 +116,11 @@ class _Receiver(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        ts, nonce, sig = self.headers["X-Webhook-Timestamp"], self.headers["X-Webhook-Nonce"], self.headers["X-Signature-256"]
+        ts, nonce, sig = (
+            self.headers["X-Webhook-Timestamp"],
+            self.headers["X-Webhook-Nonce"],
+            self.headers["X-Signature-256"],
+        )
         want = "sha256=" + hmac.new(self.key, f"{nonce}.{ts}.".encode() + body, hashlib.sha256).hexdigest()
         if not hmac.compare_digest(want, sig) or abs(time.time() - int(ts)) > 300:
             type(self).bad += 1
@@ -131,11 +142,26 @@ def test_one_backfill_delivers_to_kafka_and_a_signed_webhook(k8s, operator, kafk
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        k8s.api("POST", f"/api/v1/namespaces/{org}/secrets", {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hook-key"},
-                                                              "data": {"hash_key": base64.b64encode(_Receiver.key).decode()}})
+        k8s.api(
+            "POST",
+            f"/api/v1/namespaces/{org}/secrets",
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "hook-key"},
+                "data": {"hash_key": base64.b64encode(_Receiver.key).decode()},
+            },
+        )
         window = {**WINDOW, "end": "2026-03-08T00:00:00"}
         obj = backfill("fanout", "e2e-fanout", window=window)
-        obj["spec"]["destinations"].append({"type": "webhook", "name": "hook", "url": f"http://127.0.0.1:{server.server_port}/beam", "hash_key": "hook-key"})
+        obj["spec"]["destinations"].append(
+            {
+                "type": "webhook",
+                "name": "hook",
+                "url": f"http://127.0.0.1:{server.server_port}/beam",
+                "hash_key": "hook-key",
+            }
+        )
         apply(k8s, org, obj)
         wait_status(k8s, org, "fanout", "completed")
         ids = expected_ids(seeded, window)
@@ -177,7 +203,11 @@ def _worker_pids(uid: str) -> dict[int, str]:
         if not proc.name.isdigit():
             continue
         try:
-            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode(errors="replace").split("\0") if "=" in kv)
+            env = dict(
+                kv.split("=", 1)
+                for kv in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+                if "=" in kv
+            )
         except (OSError, ValueError):
             continue
         if env.get("BEAM_JOB_ID") == uid and "JOB_COMPLETION_INDEX" in env:
@@ -231,7 +261,8 @@ def test_staging_failure_is_actionable_and_leaves_nothing_running(k8s, operator,
     obj["spec"]["table"] = "base.assets.erc20_token_transfers_v9"
     uid = apply(k8s, org, obj)["metadata"]["uid"]
     st = wait_status(k8s, org, "missing-table", "failed", timeout=120)
-    assert st["error_message"] == ("staging failed: staging: table base.assets.erc20_token_transfers_v9 "
-                                   "does not exist or is not authorized")
+    assert st["error_message"] == (
+        "staging failed: staging: table base.assets.erc20_token_transfers_v9 does not exist or is not authorized"
+    )
     assert all(not (j.get("status") or {}).get("active") for j in jobs(k8s, org, uid))
     assert [j for j in jobs(k8s, org, uid) if j["metadata"]["labels"]["beam-backfill.dev/phase"] == "transport"] == []

@@ -1,6 +1,5 @@
 import pyarrow.fs as pafs
 import pytest
-
 from jr_helpers import BUCKET, make_rows, seed
 
 
@@ -19,6 +18,8 @@ def source(snowflake, rows):
 
 @pytest.fixture(scope="session")
 def bucket(gcs):
-    fs = pafs.GcsFileSystem(anonymous=True, endpoint_override=gcs.endpoints()["host_port"], scheme="http", project_id="beam-test")
+    fs = pafs.GcsFileSystem(
+        anonymous=True, endpoint_override=gcs.endpoints()["host_port"], scheme="http", project_id="beam-test"
+    )
     fs.create_dir(BUCKET)
     return BUCKET

@@ -20,24 +20,36 @@ TOKENS = [f"0x{n:040x}" for n in (0xA0B8, 0xDAC1, 0x4200, 0x833F)]
 N_ROWS = 3000
 
 
-
 def make_rows(n: int = N_ROWS) -> list[dict]:
     """Synthetic transfers: one every 10 s from T0, block = 1000 + i, four tokens in turn."""
     rows = []
     for i in range(n):
         raw = (i * 7919 % 10**6) * 10**12 + i  # large but exact in float64? not always: that is the point
         tx = f"0x{i:064x}"
-        rows.append({
-            "from_address": f"0x{i * 31 % 2**160:040x}", "to_address": f"0x{i * 17 % 2**160:040x}",
-            "token_address": TOKENS[i % 4], "token_name": ["USD Coin", "Tether", "Wrapped \"Ether\"", "Ünicode ✓"][i % 4],
-            "token_symbol": ["USDC", "USDT", "WETH", "UNI'"][i % 4],
-            "raw_amount": float(raw), "amount": raw / 1e18, "usd_amount": (raw / 1e18) * 1.0001 if i % 5 else None,
-            "usd_exchange_rate": 1.0001, "raw_amount_str": str(raw), "amount_str": str(raw / 1e18),
-            "transaction_from_address": f"0x{i:040x}", "transaction_to_address": TOKENS[i % 4],
-            "transaction_hash": tx, "transaction_index": i % 50, "log_index": i % 7,
-            "block_number": 1000 + i, "block_timestamp": T0 + timedelta(seconds=10 * i),
-            "block_hash": f"0x{1000 + i:064x}", "unique_id": f"{tx}-{i % 7}",
-        })
+        rows.append(
+            {
+                "from_address": f"0x{i * 31 % 2**160:040x}",
+                "to_address": f"0x{i * 17 % 2**160:040x}",
+                "token_address": TOKENS[i % 4],
+                "token_name": ["USD Coin", "Tether", 'Wrapped "Ether"', "Ünicode ✓"][i % 4],
+                "token_symbol": ["USDC", "USDT", "WETH", "UNI'"][i % 4],
+                "raw_amount": float(raw),
+                "amount": raw / 1e18,
+                "usd_amount": (raw / 1e18) * 1.0001 if i % 5 else None,
+                "usd_exchange_rate": 1.0001,
+                "raw_amount_str": str(raw),
+                "amount_str": str(raw / 1e18),
+                "transaction_from_address": f"0x{i:040x}",
+                "transaction_to_address": TOKENS[i % 4],
+                "transaction_hash": tx,
+                "transaction_index": i % 50,
+                "log_index": i % 7,
+                "block_number": 1000 + i,
+                "block_timestamp": T0 + timedelta(seconds=10 * i),
+                "block_hash": f"0x{1000 + i:064x}",
+                "unique_id": f"{tx}-{i % 7}",
+            }
+        )
     return rows
 
 
@@ -58,7 +70,7 @@ def seed(conn, rows: list[dict], table: str = TABLE) -> None:
     cur.execute(f"CREATE SCHEMA IF NOT EXISTS {db}.{schema}")
     cur.execute(f"CREATE OR REPLACE TABLE {table} ({', '.join(f'{c} {t}' for c, t in COLUMNS)})")
     for i in range(0, len(rows), 1000):
-        values = ", ".join("(" + ", ".join(_lit(r[c]) for c, _ in COLUMNS) + ")" for r in rows[i:i + 1000])
+        values = ", ".join("(" + ", ".join(_lit(r[c]) for c, _ in COLUMNS) + ")" for r in rows[i : i + 1000])
         cur.execute(f"INSERT INTO {table} VALUES {values}")
 
 
@@ -83,15 +95,25 @@ class Job:
         self.staging = f"gs://{BUCKET}/backfills/test-ns/{self.job_id}/"
         sf = snowflake.endpoints()
         self.env = {
-            "PATH": os.environ.get("PATH", ""), "HOME": os.environ.get("HOME", "/root"),
-            "BEAM_SPEC": json.dumps(spec), "BEAM_JOB_ID": self.job_id, "BEAM_NAMESPACE": "test-ns",
-            "BEAM_STAGING_URI": self.staging, "STORAGE_EMULATOR_HOST": gcs.endpoints()["url"],
-            "BEAM_CONNECT_TIMEOUT_S": "10", "BEAM_STAGE_STRATEGY": "fetch",
-            "BEAM_CHUNK_TARGET_BYTES": "20000", "BEAM_CHUNK_ROW_GROUP_ROWS": "200",
-            "BEAM_SNOWFLAKE_ACCOUNT": sf["account"], "BEAM_SNOWFLAKE_USER": sf["user"],
-            "BEAM_SNOWFLAKE_PASSWORD": sf["password"], "BEAM_SNOWFLAKE_HOST": sf["host"],
-            "BEAM_SNOWFLAKE_PORT": str(sf["port"]), "BEAM_SNOWFLAKE_PROTOCOL": sf["protocol"],
-            "BEAM_SNOWFLAKE_DATABASE": "base", "BEAM_SNOWFLAKE_SCHEMA": "assets",
+            "PATH": os.environ.get("PATH", ""),
+            "HOME": os.environ.get("HOME", "/root"),
+            "BEAM_SPEC": json.dumps(spec),
+            "BEAM_JOB_ID": self.job_id,
+            "BEAM_NAMESPACE": "test-ns",
+            "BEAM_STAGING_URI": self.staging,
+            "STORAGE_EMULATOR_HOST": gcs.endpoints()["url"],
+            "BEAM_CONNECT_TIMEOUT_S": "10",
+            "BEAM_STAGE_STRATEGY": "fetch",
+            "BEAM_CHUNK_TARGET_BYTES": "20000",
+            "BEAM_CHUNK_ROW_GROUP_ROWS": "200",
+            "BEAM_SNOWFLAKE_ACCOUNT": sf["account"],
+            "BEAM_SNOWFLAKE_USER": sf["user"],
+            "BEAM_SNOWFLAKE_PASSWORD": sf["password"],
+            "BEAM_SNOWFLAKE_HOST": sf["host"],
+            "BEAM_SNOWFLAKE_PORT": str(sf["port"]),
+            "BEAM_SNOWFLAKE_PROTOCOL": sf["protocol"],
+            "BEAM_SNOWFLAKE_DATABASE": "base",
+            "BEAM_SNOWFLAKE_SCHEMA": "assets",
         }
         if kafka is not None:
             self.env["BEAM_KAFKA_BOOTSTRAP"] = kafka.bootstrap
@@ -133,8 +155,15 @@ def consume_all(bootstrap: str, topic: str, isolation: str = "read_committed") -
     """Every message of a one-partition topic, up to its end (EOF at the last stable offset)."""
     from confluent_kafka import Consumer, KafkaError, TopicPartition
 
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"t-{uuid.uuid4()}", "isolation.level": isolation,
-                  "enable.partition.eof": True, "enable.auto.commit": False})
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"t-{uuid.uuid4()}",
+            "isolation.level": isolation,
+            "enable.partition.eof": True,
+            "enable.auto.commit": False,
+        }
+    )
     c.assign([TopicPartition(topic, 0, 0)])
     out = []
     try:

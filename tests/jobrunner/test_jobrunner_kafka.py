@@ -7,23 +7,36 @@ import signal
 import uuid
 from datetime import datetime
 
-from beam_devstack.kafka_proxy import END_TXN
 from jr_helpers import TOKENS, Job, consume_all, expected_ids
+
+from beam_devstack.kafka_proxy import END_TXN
 
 
 def spec(topic: str, window: dict, **extra) -> dict:
-    return {"job_name": "test", "table": "base.assets.erc20_token_transfers", "backfill_window": window,
-            "destinations": [{"type": "kafka", "name": topic}], **extra}
+    return {
+        "job_name": "test",
+        "table": "base.assets.erc20_token_transfers",
+        "backfill_window": window,
+        "destinations": [{"type": "kafka", "name": topic}],
+        **extra,
+    }
 
 
 def test_timestamp_window_with_filter_exactly_once(tmp_path, source, bucket, gcs, kafka, rows):
     topic = f"ts-{uuid.uuid4().hex[:8]}"
     start, end = datetime(2024, 1, 1, 1, 0, 0), datetime(2024, 1, 1, 6, 0, 0)
     tokens = TOKENS[:2]
-    job = Job(tmp_path, spec(topic, {"partition_key": "block_timestamp", "start": "2024-01-01T01:00:00",
-                                     "end": "2024-01-01T06:00:00Z"},
-                             filter={"column": "token_address", "values": tokens}),
-              snowflake=source, gcs=gcs, kafka=kafka)
+    job = Job(
+        tmp_path,
+        spec(
+            topic,
+            {"partition_key": "block_timestamp", "start": "2024-01-01T01:00:00", "end": "2024-01-01T06:00:00Z"},
+            filter={"column": "token_address", "values": tokens},
+        ),
+        snowflake=source,
+        gcs=gcs,
+        kafka=kafka,
+    )
     staged = job.stage().json
     want = expected_ids(rows, start, end, tokens=tokens)
     assert staged["num_rows"] == len(want)
@@ -55,9 +68,17 @@ def test_timestamp_window_with_filter_exactly_once(tmp_path, source, bucket, gcs
 
 def test_block_window_with_projection(tmp_path, source, bucket, gcs, kafka, rows):
     topic = f"blk-{uuid.uuid4().hex[:8]}"
-    job = Job(tmp_path, spec(topic, {"partition_key": "block", "start": 1500, "end": 2100},
-                             columns=["unique_id", "block_number", "amount", "block_timestamp"]),
-              snowflake=source, gcs=gcs, kafka=kafka)
+    job = Job(
+        tmp_path,
+        spec(
+            topic,
+            {"partition_key": "block", "start": 1500, "end": 2100},
+            columns=["unique_id", "block_number", "amount", "block_timestamp"],
+        ),
+        snowflake=source,
+        gcs=gcs,
+        kafka=kafka,
+    )
     staged = job.stage().json
     job.transport_all(staged["num_chunks"])
     msgs = consume_all(kafka.bootstrap, topic)
@@ -73,8 +94,13 @@ def test_block_window_with_projection(tmp_path, source, bucket, gcs, kafka, rows
 def test_killed_inside_its_transaction_then_rerun_delivers_exactly_once(tmp_path, source, bucket, gcs, kafka, rows):
     """SIGKILL from outside while the chunk's rows sit in an open transaction, as a deleted Pod dies."""
     topic = f"crash-{uuid.uuid4().hex[:8]}"
-    job = Job(tmp_path, spec(topic, {"partition_key": "block", "start": 1000, "end": 2000}),
-              snowflake=source, gcs=gcs, kafka=kafka)
+    job = Job(
+        tmp_path,
+        spec(topic, {"partition_key": "block", "start": 1000, "end": 2000}),
+        snowflake=source,
+        gcs=gcs,
+        kafka=kafka,
+    )
     staged = job.stage().json
     n = staged["num_chunks"]
     assert n >= 2
@@ -108,25 +134,44 @@ def test_killed_inside_its_transaction_then_rerun_delivers_exactly_once(tmp_path
     want = expected_ids(rows, blocks=(1000, 2000))
     assert len(got) == len(set(got)), "duplicates after the kill and the reruns"
     assert set(got) == set(want)
-    assert len(consume_all(kafka.bootstrap, topic, "read_uncommitted")) > len(want), "the killed attempt really produced"
+    assert len(consume_all(kafka.bootstrap, topic, "read_uncommitted")) > len(want), (
+        "the killed attempt really produced"
+    )
 
 
 def test_unreachable_broker_and_missing_secret(tmp_path, source, bucket, gcs, kafka):
     from beam_devstack.proc import free_port
 
     dead = f"127.0.0.1:{free_port()}"
-    job = Job(tmp_path, {**spec("x", {"partition_key": "block", "start": 1000, "end": 1100}),
-                         "destinations": [{"type": "kafka", "name": "dead", "bootstrap_servers": dead}]},
-              snowflake=source, gcs=gcs, kafka=kafka, extra={"BEAM_CONNECT_TIMEOUT_S": "3"})
+    job = Job(
+        tmp_path,
+        {
+            **spec("x", {"partition_key": "block", "start": 1000, "end": 1100}),
+            "destinations": [{"type": "kafka", "name": "dead", "bootstrap_servers": dead}],
+        },
+        snowflake=source,
+        gcs=gcs,
+        kafka=kafka,
+        extra={"BEAM_CONNECT_TIMEOUT_S": "3"},
+    )
     job.stage()
     r = job.transport(0)
     assert r.code == 3, r.stderr[-2000:]
     assert r.message.startswith("kafka destination 'dead' chunk 0:") and dead in r.message
 
-    job = Job(tmp_path, {**spec("x", {"partition_key": "block", "start": 1000, "end": 1100}),
-                         "destinations": [{"type": "kafka", "name": "ext", "bootstrap_servers": kafka.bootstrap,
-                                           "secret": "ext-kafka"}]},
-              snowflake=source, gcs=gcs, kafka=kafka, extra={"BEAM_DEST_0_SASL_USERNAME": "alice"})
+    job = Job(
+        tmp_path,
+        {
+            **spec("x", {"partition_key": "block", "start": 1000, "end": 1100}),
+            "destinations": [
+                {"type": "kafka", "name": "ext", "bootstrap_servers": kafka.bootstrap, "secret": "ext-kafka"}
+            ],
+        },
+        snowflake=source,
+        gcs=gcs,
+        kafka=kafka,
+        extra={"BEAM_DEST_0_SASL_USERNAME": "alice"},
+    )
     job.stage()
     r = job.transport(0)
     assert r.code == 2

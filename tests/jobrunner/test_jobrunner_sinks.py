@@ -12,7 +12,6 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-
 from jr_helpers import Job, expected_ids
 
 WINDOW = {"partition_key": "block", "start": 2000, "end": 2300}
@@ -20,7 +19,12 @@ KEY = "s3cr3t-hash-key"
 
 
 def spec(dest: dict) -> dict:
-    return {"job_name": "t", "table": "base.assets.erc20_token_transfers", "backfill_window": WINDOW, "destinations": [dest]}
+    return {
+        "job_name": "t",
+        "table": "base.assets.erc20_token_transfers",
+        "backfill_window": WINDOW,
+        "destinations": [dest],
+    }
 
 
 class Receiver:
@@ -41,7 +45,9 @@ class Receiver:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 outer.requests += 1
-                ts, nonce, sig = (self.headers.get(h) for h in ("X-Webhook-Timestamp", "X-Webhook-Nonce", "X-Signature-256"))
+                ts, nonce, sig = (
+                    self.headers.get(h) for h in ("X-Webhook-Timestamp", "X-Webhook-Nonce", "X-Signature-256")
+                )
                 want = "sha256=" + hmac.new(outer.key, f"{nonce}.{ts}.".encode() + body, hashlib.sha256).hexdigest()
                 if not (ts and nonce and sig) or not hmac.compare_digest(want, sig):
                     return self._answer(401, b'{"error":"bad signature"}')
@@ -75,8 +81,13 @@ class Receiver:
 def test_webhook_signed_batches_with_retry(tmp_path, source, bucket, gcs, rows):
     recv = Receiver(KEY, fail_first=2)
     try:
-        job = Job(tmp_path, spec({"type": "webhook", "name": "hook", "url": recv.url, "hash_key": "hook-secret"}),
-                  snowflake=source, gcs=gcs, extra={"BEAM_DEST_0_HASH_KEY": KEY, "BEAM_WEBHOOK_BATCH_ROWS": "40"})
+        job = Job(
+            tmp_path,
+            spec({"type": "webhook", "name": "hook", "url": recv.url, "hash_key": "hook-secret"}),
+            snowflake=source,
+            gcs=gcs,
+            extra={"BEAM_DEST_0_HASH_KEY": KEY, "BEAM_WEBHOOK_BATCH_ROWS": "40"},
+        )
         staged = job.stage().json
         job.transport_all(staged["num_chunks"])
         got = [r["unique_id"] for r in recv.rows]
@@ -94,16 +105,25 @@ def test_webhook_signed_batches_with_retry(tmp_path, source, bucket, gcs, rows):
 def test_webhook_4xx_fails_chunk_without_leaking_secrets(tmp_path, source, bucket, gcs):
     recv = Receiver("another-key")
     try:
-        job = Job(tmp_path, spec({"type": "webhook", "name": "hook", "url": recv.url, "hash_key": "hook-secret"}),
-                  snowflake=source, gcs=gcs, extra={"BEAM_DEST_0_HASH_KEY": KEY})
+        job = Job(
+            tmp_path,
+            spec({"type": "webhook", "name": "hook", "url": recv.url, "hash_key": "hook-secret"}),
+            snowflake=source,
+            gcs=gcs,
+            extra={"BEAM_DEST_0_HASH_KEY": KEY},
+        )
         job.stage()
         r = job.transport(0)
         assert r.code == 2
         assert "HTTP 401" in r.message and "bad signature" in r.message
         assert KEY not in r.message + r.stderr and "token=abc" not in r.message + r.stderr
 
-        missing = Job(tmp_path, spec({"type": "webhook", "name": "hook", "url": recv.url, "hash_key": "hook-secret"}),
-                      snowflake=source, gcs=gcs)
+        missing = Job(
+            tmp_path,
+            spec({"type": "webhook", "name": "hook", "url": recv.url, "hash_key": "hook-secret"}),
+            snowflake=source,
+            gcs=gcs,
+        )
         missing.stage()
         r = missing.transport(0)
         assert r.code == 2 and "hash_key missing" in r.message
@@ -122,7 +142,9 @@ def test_nats_jetstream(tmp_path, source, bucket, gcs, nats, rows):
         await nc.close()
 
     asyncio.run(make_stream())
-    job = Job(tmp_path, spec({"type": "nats", "name": subject, "url": nats.endpoints()["url"]}), snowflake=source, gcs=gcs)
+    job = Job(
+        tmp_path, spec({"type": "nats", "name": subject, "url": nats.endpoints()["url"]}), snowflake=source, gcs=gcs
+    )
     staged = job.stage().json
     job.transport_all(staged["num_chunks"])
 
@@ -134,7 +156,7 @@ def test_nats_jetstream(tmp_path, source, bucket, gcs, nats, rows):
         while True:
             try:
                 msgs = await sub.fetch(500, timeout=5)
-            except asyncio.TimeoutError:  # nats-py raises its own subclass or asyncio's
+            except TimeoutError:  # nats-py raises its own subclass or asyncio's
                 break
             for m in msgs:
                 out.append(((m.headers or {}).get("Nats-Msg-Id"), json.loads(m.data)))
@@ -148,8 +170,12 @@ def test_nats_jetstream(tmp_path, source, bucket, gcs, nats, rows):
     assert set(ids) == set(expected_ids(rows, blocks=(2000, 2300)))
     assert all(mid == doc["unique_id"] for mid, doc in got)
 
-    no_stream = Job(tmp_path, spec({"type": "nats", "name": "nobody.listens", "url": nats.endpoints()["url"]}),
-                    snowflake=source, gcs=gcs)
+    no_stream = Job(
+        tmp_path,
+        spec({"type": "nats", "name": "nobody.listens", "url": nats.endpoints()["url"]}),
+        snowflake=source,
+        gcs=gcs,
+    )
     no_stream.stage()
     r = no_stream.transport(0)
     assert r.code == 2 and "no JetStream stream" in r.message
@@ -166,8 +192,13 @@ def test_sns_via_sqs(tmp_path, source, bucket, gcs, sns, rows, fifo):
     sns_c.subscribe(TopicArn=arn, Protocol="sqs", Endpoint=qarn, Attributes={"RawMessageDelivery": "true"})
 
     creds = {"BEAM_DEST_0_AWS_ACCESS_KEY_ID": "testing", "BEAM_DEST_0_AWS_SECRET_ACCESS_KEY": "testing"}
-    job = Job(tmp_path, spec({"type": "sns", "name": "sns", "topic_arn": arn, "endpoint_url": sns.endpoints()["url"],
-                              "secret": "aws"}), snowflake=source, gcs=gcs, extra=creds)
+    job = Job(
+        tmp_path,
+        spec({"type": "sns", "name": "sns", "topic_arn": arn, "endpoint_url": sns.endpoints()["url"], "secret": "aws"}),
+        snowflake=source,
+        gcs=gcs,
+        extra=creds,
+    )
     staged = job.stage().json
     job.transport_all(staged["num_chunks"])
 
@@ -178,6 +209,8 @@ def test_sns_via_sqs(tmp_path, source, bucket, gcs, sns, rows, fifo):
         if not msgs:
             break
         got.extend(json.loads(m["Body"])["unique_id"] for m in msgs)
-        sqs_c.delete_message_batch(QueueUrl=q, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs)])
+        sqs_c.delete_message_batch(
+            QueueUrl=q, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs)]
+        )
     assert len(got) == len(set(got))
     assert set(got) == set(expected_ids(rows, blocks=(2000, 2300)))

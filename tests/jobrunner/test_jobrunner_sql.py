@@ -6,22 +6,38 @@ import uuid
 
 import pytest
 import sqlglot
+from jr_helpers import Job, consume_all
 from sqlglot import exp
 
 from beam_contract.model import BackfillSpec
 from beam_jobrunner import sql
 from beam_jobrunner.errors import PermanentError
 
-from jr_helpers import Job, consume_all
-
-HOSTILE_VALUES = ["x'; DROP TABLE base.assets.erc20_token_transfers; --", "a\\' OR 1=1 --", "\\", "'", "''",
-                  "-- comment", "ünï©ødé ✓", "line\nbreak", "$$dollar$$", "%s ? :1"]
+HOSTILE_VALUES = [
+    "x'; DROP TABLE base.assets.erc20_token_transfers; --",
+    "a\\' OR 1=1 --",
+    "\\",
+    "'",
+    "''",
+    "-- comment",
+    "ünï©ødé ✓",
+    "line\nbreak",
+    "$$dollar$$",
+    "%s ? :1",
+]
 
 
 def make_spec(**kw) -> BackfillSpec:
-    base = {"job_name": "t", "table": "base.assets.erc20_token_transfers",
-            "backfill_window": {"partition_key": "block_timestamp", "start": "2024-01-01T00:00:00", "end": "2024-01-02T00:00:00Z"},
-            "destinations": [{"type": "kafka", "name": "t"}]}
+    base = {
+        "job_name": "t",
+        "table": "base.assets.erc20_token_transfers",
+        "backfill_window": {
+            "partition_key": "block_timestamp",
+            "start": "2024-01-01T00:00:00",
+            "end": "2024-01-02T00:00:00Z",
+        },
+        "destinations": [{"type": "kafka", "name": "t"}],
+    }
     base.update(kw)
     return BackfillSpec.model_validate(base)
 
@@ -41,14 +57,23 @@ def test_golden_unload_sql():
     assert [c.sql() for c in select.expressions] == ["unique_id", "amount"]
     assert select.find(exp.Table).sql(dialect="snowflake") == "base.assets.erc20_token_transfers"
 
-    block = sql.unload_sql(make_spec(backfill_window={"partition_key": "block", "start": 10, "end": 20}), "s", "a/b", 1000)
+    block = sql.unload_sql(
+        make_spec(backfill_window={"partition_key": "block", "start": 10, "end": 20}), "s", "a/b", 1000
+    )
     assert "WHERE block_number >= 10 AND block_number < 20)" in block
     sqlglot.parse_one(block, dialect="snowflake")
 
 
 def test_timestamps_are_converted_to_utc():
-    q = sql.select_query(make_spec(backfill_window={"partition_key": "block_timestamp", "start": "2024-01-01T02:00:00+02:00",
-                                                    "end": "2024-01-01T01:00:00.5Z"}))
+    q = sql.select_query(
+        make_spec(
+            backfill_window={
+                "partition_key": "block_timestamp",
+                "start": "2024-01-01T02:00:00+02:00",
+                "end": "2024-01-01T01:00:00.5Z",
+            }
+        )
+    )
     assert q.params == ["2024-01-01 00:00:00.000000", "2024-01-01 01:00:00.500000"]
 
 
@@ -85,23 +110,37 @@ def test_hostile_identifiers_refused_by_model_and_by_sql(bad):
 def test_hostile_filter_values_end_to_end(tmp_path, source, bucket, gcs, kafka, rows):
     """Bound parameters: hostile values match nothing and the table survives."""
     topic = f"hostile-{uuid.uuid4().hex[:8]}"
-    job = Job(tmp_path, {"job_name": "t", "table": "base.assets.erc20_token_transfers",
-                         "backfill_window": {"partition_key": "block", "start": 1000, "end": 1100},
-                         "filter": {"column": "token_symbol", "values": HOSTILE_VALUES + ["UNI'"]},
-                         "destinations": [{"type": "kafka", "name": topic}]},
-              snowflake=source, gcs=gcs, kafka=kafka)
+    job = Job(
+        tmp_path,
+        {
+            "job_name": "t",
+            "table": "base.assets.erc20_token_transfers",
+            "backfill_window": {"partition_key": "block", "start": 1000, "end": 1100},
+            "filter": {"column": "token_symbol", "values": HOSTILE_VALUES + ["UNI'"]},
+            "destinations": [{"type": "kafka", "name": topic}],
+        },
+        snowflake=source,
+        gcs=gcs,
+        kafka=kafka,
+    )
     staged = job.stage().json
     # Only the genuine value (which itself has a quote) matches: every 4th row.
     assert staged["num_rows"] == 25
     job.transport_all(staged["num_chunks"])
     assert len(consume_all(kafka.bootstrap, topic)) == 25
     with source.connect("base", "assets") as conn:
-        assert conn.cursor().execute("SELECT COUNT(*) FROM base.assets.erc20_token_transfers").fetchone()[0] == len(rows)
+        assert conn.cursor().execute("SELECT COUNT(*) FROM base.assets.erc20_token_transfers").fetchone()[0] == len(
+            rows
+        )
 
 
 def test_missing_table_and_column(tmp_path, source, bucket, gcs):
-    spec = {"job_name": "t", "table": "base.assets.nope", "backfill_window": {"partition_key": "block", "start": 1, "end": 2},
-            "destinations": [{"type": "kafka", "name": "t"}]}
+    spec = {
+        "job_name": "t",
+        "table": "base.assets.nope",
+        "backfill_window": {"partition_key": "block", "start": 1, "end": 2},
+        "destinations": [{"type": "kafka", "name": "t"}],
+    }
     r = Job(tmp_path, spec, snowflake=source, gcs=gcs).run("stage")
     assert r.code == 2
     assert r.message == "staging: table base.assets.nope does not exist or is not authorized"
@@ -117,15 +156,26 @@ def test_empty_window_and_operator_deletes_staged_files(tmp_path, source, bucket
     from beam_jobrunner import storage
     from beam_operator import staged_files
 
-    spec = {"job_name": "t", "table": "base.assets.erc20_token_transfers",
-            "backfill_window": {"partition_key": "block_timestamp", "start": "2030-01-01T00:00:00", "end": "2030-01-02T00:00:00"},
-            "destinations": [{"type": "kafka", "name": "t"}]}
+    spec = {
+        "job_name": "t",
+        "table": "base.assets.erc20_token_transfers",
+        "backfill_window": {
+            "partition_key": "block_timestamp",
+            "start": "2030-01-01T00:00:00",
+            "end": "2030-01-02T00:00:00",
+        },
+        "destinations": [{"type": "kafka", "name": "t"}],
+    }
     job = Job(tmp_path, spec, snowflake=source, gcs=gcs)
     staged = job.stage().json
     assert staged == {"num_chunks": 0, "num_rows": 0, "manifest": job.staging + "manifest.json"}
 
-    other = Job(tmp_path, {**spec, "backfill_window": {"partition_key": "block", "start": 1000, "end": 1900}},
-                snowflake=source, gcs=gcs)
+    other = Job(
+        tmp_path,
+        {**spec, "backfill_window": {"partition_key": "block", "start": 1000, "end": 1900}},
+        snowflake=source,
+        gcs=gcs,
+    )
     assert other.stage().json["num_chunks"] >= 2
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.endpoints()["url"])
     storage.filesystem.cache_clear()

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from beam_devstack.operator_proc import OperatorProcess, helm_binary, install_chart_rbac
+
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "beambackfills.yaml"
 
@@ -21,8 +23,6 @@ def crd_installed(k8s):
 
 
 # --- the real operator process, under the chart's RBAC -------------------------------------
-
-from beam_devstack.operator_proc import OperatorProcess, helm_binary, install_chart_rbac
 
 
 @pytest.fixture(scope="session")

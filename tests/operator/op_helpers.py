@@ -23,7 +23,7 @@ def wait_status(k8s, ns, name, statuses, timeout=60.0):
     seen = []
 
     def check():
-        st = (get_bbf(k8s, ns, name).get("status") or {})
+        st = get_bbf(k8s, ns, name).get("status") or {}
         if not seen or seen[-1] != st.get("status"):
             seen.append(st.get("status"))
         return st if st.get("status") in statuses else None

@@ -20,7 +20,11 @@ BASE = {
     "spec": {
         "job_name": "USDC transfers on Base — Mar 2026",
         "table": "base.assets.erc20_token_transfers",
-        "backfill_window": {"partition_key": "block_timestamp", "start": "2026-03-01T00:00:00", "end": "2026-04-01T00:00:00"},
+        "backfill_window": {
+            "partition_key": "block_timestamp",
+            "start": "2026-03-01T00:00:00",
+            "end": "2026-04-01T00:00:00",
+        },
         "filter": {"column": "token_address", "values": ["0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"]},
         "destinations": [{"type": "kafka", "name": "base-usdc-transfers-backfill"}],
     },
@@ -55,45 +59,145 @@ def test_seed_examples_are_accepted(k8s, crd_installed, namespace):
 
 
 BAD = [
-    ("start after end", with_spec(backfill_window=window("block_timestamp", "2026-04-01T00:00:00", "2026-03-01T00:00:00")),
-     "backfill_window.start must be before end"),
-    ("start equals end (blocks)", with_spec(backfill_window=window("block", 100, 100)), "backfill_window.start must be less than end"),
-    ("mixed offsets compared as instants", with_spec(backfill_window=window("block_timestamp", "2026-03-01T02:00:00+02:00", "2026-03-01T00:00:00Z")),
-     "backfill_window.start must be before end"),
-    ("not ISO 8601", with_spec(backfill_window=window("block_timestamp", "March 1st 2026", "2026-04-01T00:00:00")),
-     "start and end must be ISO 8601 timestamps"),
-    ("timestamps for a block window", with_spec(backfill_window=window("block", "2026-03-01T00:00:00", "2026-04-01T00:00:00")),
-     "for partition_key block, start and end must be integer block heights"),
-    ("integers for a timestamp window", with_spec(backfill_window=window("block_timestamp", 1, 2)),
-     "for partition_key block_timestamp, start and end must be ISO 8601 strings"),
-    ("unknown partition key", with_spec(backfill_window=window("slot", 1, 2)), 'supported values: "block_timestamp", "block"'),
+    (
+        "start after end",
+        with_spec(backfill_window=window("block_timestamp", "2026-04-01T00:00:00", "2026-03-01T00:00:00")),
+        "backfill_window.start must be before end",
+    ),
+    (
+        "start equals end (blocks)",
+        with_spec(backfill_window=window("block", 100, 100)),
+        "backfill_window.start must be less than end",
+    ),
+    (
+        "mixed offsets compared as instants",
+        with_spec(backfill_window=window("block_timestamp", "2026-03-01T02:00:00+02:00", "2026-03-01T00:00:00Z")),
+        "backfill_window.start must be before end",
+    ),
+    (
+        "not ISO 8601",
+        with_spec(backfill_window=window("block_timestamp", "March 1st 2026", "2026-04-01T00:00:00")),
+        "start and end must be ISO 8601 timestamps",
+    ),
+    (
+        "timestamps for a block window",
+        with_spec(backfill_window=window("block", "2026-03-01T00:00:00", "2026-04-01T00:00:00")),
+        "for partition_key block, start and end must be integer block heights",
+    ),
+    (
+        "integers for a timestamp window",
+        with_spec(backfill_window=window("block_timestamp", 1, 2)),
+        "for partition_key block_timestamp, start and end must be ISO 8601 strings",
+    ),
+    (
+        "unknown partition key",
+        with_spec(backfill_window=window("slot", 1, 2)),
+        'supported values: "block_timestamp", "block"',
+    ),
     ("no destination", with_spec(destinations=[]), "should have at least 1 items"),
-    ("empty filter values", with_spec(filter={"column": "token_address", "values": []}), "should have at least 1 items"),
-    ("column not an identifier", with_spec(filter={"column": "token_address) OR (1=1", "values": ["x"]}), "spec.filter.column"),
+    (
+        "empty filter values",
+        with_spec(filter={"column": "token_address", "values": []}),
+        "should have at least 1 items",
+    ),
+    (
+        "column not an identifier",
+        with_spec(filter={"column": "token_address) OR (1=1", "values": ["x"]}),
+        "spec.filter.column",
+    ),
     ("projection column not an identifier", with_spec(columns=["amount", "1; drop"]), "spec.columns[1]"),
     ("table not an identifier", with_spec(table="base.assets.t; DROP TABLE x"), "spec.table"),
-    ("webhook without url", with_spec(destinations=[{"type": "webhook", "name": "hook"}]), "url is required when type is webhook"),
-    ("sns without arn", with_spec(destinations=[{"type": "sns", "name": "s"}]), "topic_arn is required when type is sns"),
-    ("field of another type", with_spec(destinations=[{"type": "kafka", "name": "t", "url": "https://x"}]), "url is only valid when type is webhook or nats"),
-    ("kafka topic with spaces", with_spec(destinations=[{"type": "kafka", "name": "my topic"}]), "name of a kafka destination must match"),
-    ("duplicate destination", with_spec(destinations=[{"type": "kafka", "name": "t"}, {"type": "kafka", "name": "t"}]),
-     "each destination (type and name) may be listed only once"),
-    ("unknown destination type", with_spec(destinations=[{"type": "pubsub", "name": "t"}]), 'supported values: "kafka", "webhook", "nats", "sns"'),
+    (
+        "webhook without url",
+        with_spec(destinations=[{"type": "webhook", "name": "hook"}]),
+        "url is required when type is webhook",
+    ),
+    (
+        "sns without arn",
+        with_spec(destinations=[{"type": "sns", "name": "s"}]),
+        "topic_arn is required when type is sns",
+    ),
+    (
+        "field of another type",
+        with_spec(destinations=[{"type": "kafka", "name": "t", "url": "https://x"}]),
+        "url is only valid when type is webhook or nats",
+    ),
+    (
+        "kafka topic with spaces",
+        with_spec(destinations=[{"type": "kafka", "name": "my topic"}]),
+        "name of a kafka destination must match",
+    ),
+    (
+        "duplicate destination",
+        with_spec(destinations=[{"type": "kafka", "name": "t"}, {"type": "kafka", "name": "t"}]),
+        "each destination (type and name) may be listed only once",
+    ),
+    (
+        "unknown destination type",
+        with_spec(destinations=[{"type": "pubsub", "name": "t"}]),
+        'supported values: "kafka", "webhook", "nats", "sns"',
+    ),
     ("parallelism out of range", with_spec(parallelism=0), "should be greater than or equal to 1"),
     ("nats without url", with_spec(destinations=[{"type": "nats", "name": "s"}]), "url is required when type is nats"),
-    ("bootstrap_servers on a webhook", with_spec(destinations=[{"type": "webhook", "name": "h", "url": "https://x", "bootstrap_servers": "k:9092"}]),
-     "bootstrap_servers is only valid when type is kafka"),
-    ("secret on a webhook", with_spec(destinations=[{"type": "webhook", "name": "h", "url": "https://x", "secret": "s"}]),
-     "secret is only valid when type is kafka or nats or sns"),
-    ("hash_key on kafka", with_spec(destinations=[{"type": "kafka", "name": "t", "hash_key": "k"}]), "hash_key is only valid when type is webhook"),
-    ("topic_arn on nats", with_spec(destinations=[{"type": "nats", "name": "s", "url": "nats://n:4222", "topic_arn": "arn:aws:sns:us-east-1:123456789012:t"}]),
-     "topic_arn is only valid when type is sns"),
-    ("region on kafka", with_spec(destinations=[{"type": "kafka", "name": "t", "region": "us-east-1"}]), "region is only valid when type is sns"),
-    ("endpoint_url on kafka", with_spec(destinations=[{"type": "kafka", "name": "t", "endpoint_url": "http://x"}]), "endpoint_url is only valid when type is sns"),
-    ("webhook url not http", with_spec(destinations=[{"type": "webhook", "name": "h", "url": "ftp://x"}]), "url of a webhook destination must match"),
-    ("nats subject with spaces", with_spec(destinations=[{"type": "nats", "name": "a b", "url": "nats://n:4222"}]), "name of a nats destination must match"),
-    ("nats url not nats://", with_spec(destinations=[{"type": "nats", "name": "s", "url": "http://n:4222"}]), "url of a nats destination must match"),
-    ("sns arn malformed", with_spec(destinations=[{"type": "sns", "name": "s", "topic_arn": "arn:aws:sqs:x"}]), "spec.destinations[0].topic_arn"),
+    (
+        "bootstrap_servers on a webhook",
+        with_spec(destinations=[{"type": "webhook", "name": "h", "url": "https://x", "bootstrap_servers": "k:9092"}]),
+        "bootstrap_servers is only valid when type is kafka",
+    ),
+    (
+        "secret on a webhook",
+        with_spec(destinations=[{"type": "webhook", "name": "h", "url": "https://x", "secret": "s"}]),
+        "secret is only valid when type is kafka or nats or sns",
+    ),
+    (
+        "hash_key on kafka",
+        with_spec(destinations=[{"type": "kafka", "name": "t", "hash_key": "k"}]),
+        "hash_key is only valid when type is webhook",
+    ),
+    (
+        "topic_arn on nats",
+        with_spec(
+            destinations=[
+                {
+                    "type": "nats",
+                    "name": "s",
+                    "url": "nats://n:4222",
+                    "topic_arn": "arn:aws:sns:us-east-1:123456789012:t",
+                }
+            ]
+        ),
+        "topic_arn is only valid when type is sns",
+    ),
+    (
+        "region on kafka",
+        with_spec(destinations=[{"type": "kafka", "name": "t", "region": "us-east-1"}]),
+        "region is only valid when type is sns",
+    ),
+    (
+        "endpoint_url on kafka",
+        with_spec(destinations=[{"type": "kafka", "name": "t", "endpoint_url": "http://x"}]),
+        "endpoint_url is only valid when type is sns",
+    ),
+    (
+        "webhook url not http",
+        with_spec(destinations=[{"type": "webhook", "name": "h", "url": "ftp://x"}]),
+        "url of a webhook destination must match",
+    ),
+    (
+        "nats subject with spaces",
+        with_spec(destinations=[{"type": "nats", "name": "a b", "url": "nats://n:4222"}]),
+        "name of a nats destination must match",
+    ),
+    (
+        "nats url not nats://",
+        with_spec(destinations=[{"type": "nats", "name": "s", "url": "http://n:4222"}]),
+        "url of a nats destination must match",
+    ),
+    (
+        "sns arn malformed",
+        with_spec(destinations=[{"type": "sns", "name": "s", "topic_arn": "arn:aws:sqs:x"}]),
+        "spec.destinations[0].topic_arn",
+    ),
 ]
 
 
@@ -116,8 +220,13 @@ def test_unknown_fields_are_refused_by_kubectl(k8s, crd_installed, namespace):
 def test_spec_is_immutable_except_cancel(k8s, crd_installed, namespace):
     create(k8s, namespace, BASE)
     path = f"/apis/beam-backfill.dev/v1alpha1/namespaces/{namespace}/beambackfills/usdc"
-    for patch in ({"job_name": "renamed"}, {"table": "base.assets.other"}, {"filter": None},
-                  {"destinations": [{"type": "kafka", "name": "other"}]}, {"columns": ["amount"]}):
+    for patch in (
+        {"job_name": "renamed"},
+        {"table": "base.assets.other"},
+        {"filter": None},
+        {"destinations": [{"type": "kafka", "name": "other"}]},
+        {"columns": ["amount"]},
+    ):
         with pytest.raises(ApiError) as e:
             k8s.api("PATCH", path, {"spec": patch})
         assert "spec is immutable after creation, except cancel" in e.value.body, patch

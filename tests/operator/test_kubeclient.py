@@ -39,7 +39,9 @@ def _job(name: str, **template_spec) -> dict:
 
 def _run(kubeconfig, scenario, login=None):
     async def main():
-        api = KubeApi(OperatorConfig(), login=login or (lambda: _connection_info(kubeconfig)), connections=4, timeout=20)
+        api = KubeApi(
+            OperatorConfig(), login=login or (lambda: _connection_info(kubeconfig)), connections=4, timeout=20
+        )
         try:
             return await scenario(api)
         finally:
@@ -48,7 +50,9 @@ def _run(kubeconfig, scenario, login=None):
     return asyncio.run(main())
 
 
-def test_create_twice_is_found_existing_and_deletes_of_missing_objects_are_quiet(k8s, crd_installed, operator_kubeconfig, namespace):
+def test_create_twice_is_found_existing_and_deletes_of_missing_objects_are_quiet(
+    k8s, crd_installed, operator_kubeconfig, namespace
+):
     async def scenario(api):
         first = await api.create_job(namespace, _job("stage-1"))
         second = await api.create_job(namespace, _job("stage-1"))
@@ -65,13 +69,24 @@ def test_create_twice_is_found_existing_and_deletes_of_missing_objects_are_quiet
     assert job["metadata"].get("deletionTimestamp") and "foregroundDeletion" in job["metadata"]["finalizers"]
 
 
-def test_patch_status_of_a_missing_backfill_is_none_and_of_a_live_one_its_new_body(k8s, crd_installed, operator_kubeconfig, namespace):
-    k8s.api("POST", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{namespace}/beambackfills", {
-        "apiVersion": "beam-backfill.dev/v1alpha1", "kind": "BeamBackfill", "metadata": {"name": "live"},
-        "spec": {"job_name": "seed", "table": "base.assets.erc20_token_transfers",
-                 "backfill_window": {"partition_key": "block", "start": 0, "end": 4},
-                 "destinations": [{"type": "kafka", "name": "t"}]},
-    })
+def test_patch_status_of_a_missing_backfill_is_none_and_of_a_live_one_its_new_body(
+    k8s, crd_installed, operator_kubeconfig, namespace
+):
+    k8s.api(
+        "POST",
+        f"/apis/beam-backfill.dev/v1alpha1/namespaces/{namespace}/beambackfills",
+        {
+            "apiVersion": "beam-backfill.dev/v1alpha1",
+            "kind": "BeamBackfill",
+            "metadata": {"name": "live"},
+            "spec": {
+                "job_name": "seed",
+                "table": "base.assets.erc20_token_transfers",
+                "backfill_window": {"partition_key": "block", "start": 0, "end": 4},
+                "destinations": [{"type": "kafka", "name": "t"}],
+            },
+        },
+    )
 
     async def scenario(api):
         missing = await api.patch_status(namespace, "nobody", {"status": "staging"})

@@ -85,7 +85,9 @@ def test_staging_failure_is_reported_with_the_workers_message(k8s, operator, nam
     assert "num_chunks" not in st  # null in the public API: nothing was staged
     assert all(not (j.get("status") or {}).get("active") for j in jobs_of(k8s, namespace, obj["metadata"]["uid"]))
     assert jobs_of(k8s, namespace, obj["metadata"]["uid"], "transport") == []
-    wait_for(lambda: sorted(events(k8s, namespace, "missing")) == ["Failed", "Staging"], 10, "Staging and Failed events")
+    wait_for(
+        lambda: sorted(events(k8s, namespace, "missing")) == ["Failed", "Staging"], 10, "Staging and Failed events"
+    )
 
 
 def test_a_chunk_that_cannot_be_delivered_fails_the_backfill_clearly(k8s, operator, namespace):
@@ -100,11 +102,17 @@ def test_cancel_mid_transport_deletes_jobs_and_ends_cancelled(k8s, operator, nam
     obj = apply(k8s, namespace, backfill("cancelme", job_name="cancel sleep=30", start=0, end=4, parallelism=1))
     uid = obj["metadata"]["uid"]
     wait_status(k8s, namespace, "cancelme", "transporting", timeout=60)
-    k8s.api("PATCH", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{namespace}/beambackfills/cancelme", {"spec": {"cancel": True}})
+    k8s.api(
+        "PATCH",
+        f"/apis/beam-backfill.dev/v1alpha1/namespaces/{namespace}/beambackfills/cancelme",
+        {"spec": {"cancel": True}},
+    )
     st = wait_status(k8s, namespace, "cancelme", "cancelled", timeout=15)
     assert st["time_completed"] and st["chunks_left"] == 4
     wait_for(lambda: jobs_of(k8s, namespace, uid, "transport") == [], 30, "transport Job deleted")
-    pods = k8s.api("GET", f"/api/v1/namespaces/{namespace}/pods?labelSelector=beam-backfill.dev%2Fphase%3Dtransport")["items"]
+    pods = k8s.api("GET", f"/api/v1/namespaces/{namespace}/pods?labelSelector=beam-backfill.dev%2Fphase%3Dtransport")[
+        "items"
+    ]
     assert [p for p in pods if p["metadata"]["labels"]["beam-backfill.dev/job-id"] == uid] == []
 
 

@@ -14,7 +14,6 @@ from collections import defaultdict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -31,16 +30,18 @@ def _create_topic(bootstrap: str, name: str, partitions: int) -> None:
 
 def _drain(bootstrap: str, topic: str, partitions: int, isolation: str) -> list:
     """Read every partition from the start to its end (everything was produced beforehand)."""
-    consumer = Consumer({
-        "bootstrap.servers": bootstrap,
-        "group.id": _unique("drain"),
-        "enable.auto.commit": False,
-        "isolation.level": isolation,
-        # End of partition is judged by the client against the high watermark or, under
-        # read_committed, the last stable offset; control records (commit and abort markers)
-        # take offsets but are never delivered, so counting messages could not tell the end.
-        "enable.partition.eof": True,
-    })
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": _unique("drain"),
+            "enable.auto.commit": False,
+            "isolation.level": isolation,
+            # End of partition is judged by the client against the high watermark or, under
+            # read_committed, the last stable offset; control records (commit and abort markers)
+            # take offsets but are never delivered, so counting messages could not tell the end.
+            "enable.partition.eof": True,
+        }
+    )
     consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
     seen, at_end = [], set()
     deadline = time.monotonic() + 60
@@ -72,16 +73,20 @@ def test_kafka_keyed_messages_all_come_back_in_their_partitions(kafka):
         else:
             delivered[msg.key()] = msg.partition()
 
-    producer = Producer({
-        "bootstrap.servers": kafka.bootstrap,
-        "enable.idempotence": True,
-        "compression.type": "lz4",
-        "linger.ms": 20,
-    })
+    producer = Producer(
+        {
+            "bootstrap.servers": kafka.bootstrap,
+            "enable.idempotence": True,
+            "compression.type": "lz4",
+            "linger.ms": 20,
+        }
+    )
     for i in range(n):
         while True:
             try:
-                producer.produce(topic, key=f"key-{i}".encode(), value=f'{{"n": {i}}}'.encode(), on_delivery=on_delivery)
+                producer.produce(
+                    topic, key=f"key-{i}".encode(), value=f'{{"n": {i}}}'.encode(), on_delivery=on_delivery
+                )
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -144,11 +149,13 @@ def test_gcs_parquet_written_by_one_client_is_read_by_the_other(gcs, monkeypatch
     bucket = client.create_bucket(_unique("staging"))
     gfs = pafs.GcsFileSystem(anonymous=True, endpoint_override=gcs.endpoints()["host_port"], scheme="http")
 
-    table = pa.table({
-        "block_number": pa.array(range(1000), pa.int64()),
-        "tx_hash": [f"0x{i:064x}" for i in range(1000)],
-        "amount": pa.array([i * 10**18 for i in range(1000)], pa.decimal128(38, 0)),
-    })
+    table = pa.table(
+        {
+            "block_number": pa.array(range(1000), pa.int64()),
+            "tx_hash": [f"0x{i:064x}" for i in range(1000)],
+            "amount": pa.array([i * 10**18 for i in range(1000)], pa.decimal128(38, 0)),
+        }
+    )
 
     # google-cloud-storage writes, pyarrow reads.
     buf = io.BytesIO()

@@ -58,8 +58,15 @@ def test_service_account_is_confined_by_rbac(k8s, namespace):
     assert denied_cli.returncode != 0 and "forbidden" in denied_cli.stderr.lower()
 
     k8s.kubectl("create", "role", "pod-reader", "-n", namespace, "--verb=get,list,watch", "--resource=pods")
-    k8s.kubectl("create", "rolebinding", "reader-reads-pods", "-n", namespace, "--role=pod-reader",
-                f"--serviceaccount={namespace}:reader")
+    k8s.kubectl(
+        "create",
+        "rolebinding",
+        "reader-reads-pods",
+        "-n",
+        namespace,
+        "--role=pod-reader",
+        f"--serviceaccount={namespace}:reader",
+    )
 
     def allowed():
         try:
@@ -117,8 +124,11 @@ def _gone(k8s, path: str) -> bool:
 
 
 def test_garbage_collector_deletes_job_and_pods_with_their_owner(k8s, namespace):
-    owner = k8s.api("POST", f"/api/v1/namespaces/{namespace}/configmaps",
-                    {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}})
+    owner = k8s.api(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/configmaps",
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "owner"}},
+    )
     job = _job("owned")
     job["metadata"]["ownerReferences"] = [
         {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner["metadata"]["uid"]}
@@ -129,8 +139,11 @@ def test_garbage_collector_deletes_job_and_pods_with_their_owner(k8s, namespace)
     pods = eventually(lambda: _pods_of(k8s, namespace, "owned"), 60, "Job controller creating a Pod")
     assert pods[0]["metadata"]["ownerReferences"][0]["kind"] == "Job"
 
-    k8s.api("DELETE", f"/api/v1/namespaces/{namespace}/configmaps/owner",
-            {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"})
+    k8s.api(
+        "DELETE",
+        f"/api/v1/namespaces/{namespace}/configmaps/owner",
+        {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"},
+    )
 
     eventually(lambda: _gone(k8s, f"/apis/batch/v1/namespaces/{namespace}/jobs/owned"), 60, "Job collected")
     eventually(lambda: not _pods_of(k8s, namespace, "owned"), 60, "Pods collected")
@@ -145,23 +158,35 @@ def test_finished_job_expires_after_its_ttl(k8s, namespace):
     pod["status"] = {
         "phase": "Succeeded",
         "startTime": now,
-        "containerStatuses": [{
-            "name": "main", "image": "busybox", "imageID": "", "ready": False, "restartCount": 0,
-            "state": {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now}},
-        }],
+        "containerStatuses": [
+            {
+                "name": "main",
+                "image": "busybox",
+                "imageID": "",
+                "ready": False,
+                "restartCount": 0,
+                "state": {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": now, "finishedAt": now}},
+            }
+        ],
     }
     k8s.api("PUT", f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}/status", pod)
 
     # The Job controller marks it Complete, then the TTL controller deletes it.
-    eventually(lambda: _gone(k8s, f"/apis/batch/v1/namespaces/{namespace}/jobs/short-lived"), 60,
-               "finished Job deleted by the TTL-after-finished controller")
+    eventually(
+        lambda: _gone(k8s, f"/apis/batch/v1/namespaces/{namespace}/jobs/short-lived"),
+        60,
+        "finished Job deleted by the TTL-after-finished controller",
+    )
 
 
 def test_apiserver_restart_keeps_state_and_stop_leaves_nothing(tmp_path):
     plane = ControlPlane(tmp_path / "k8s").start()
     try:
-        plane.api("POST", "/api/v1/namespaces/default/configmaps",
-                  {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "survivor"}, "data": {"k": "v"}})
+        plane.api(
+            "POST",
+            "/api/v1/namespaces/default/configmaps",
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "survivor"}, "data": {"k": "v"}},
+        )
         server = plane.server
         plane.restart_apiserver()
         assert plane.server == server

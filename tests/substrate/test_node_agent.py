@@ -36,15 +36,22 @@ def py_container(code: str, *args: str, **extra) -> dict:
 
 
 def make_pod(k8s, namespace: str, name: str, container: dict, **spec) -> dict:
-    body = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": "agent-test"},
-                                                            "annotations": {"note": "hello"}},
-            "spec": {"restartPolicy": "Never", "containers": [container], **spec}}
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": "agent-test"}, "annotations": {"note": "hello"}},
+        "spec": {"restartPolicy": "Never", "containers": [container], **spec},
+    }
     return k8s.api("POST", f"/api/v1/namespaces/{namespace}/pods", body)
 
 
 def make_job(k8s, namespace: str, name: str, container: dict, **spec) -> dict:
-    body = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
-            "spec": {**spec, "template": {"spec": {"restartPolicy": "Never", "containers": [container]}}}}
+    body = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name},
+        "spec": {**spec, "template": {"spec": {"restartPolicy": "Never", "containers": [container]}}},
+    }
     return k8s.api("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", body)
 
 
@@ -95,7 +102,10 @@ def test_variable_expansion_follows_kubernetes():
 def test_image_table_matches_repositories():
     table = load_images(None)
     assert image_repository("docker.io/library/python:3.11-slim") == "python"
-    assert image_repository("localhost:5000/beam-backfill/jobrunner@sha256:abc") == "localhost:5000/beam-backfill/jobrunner"
+    assert (
+        image_repository("localhost:5000/beam-backfill/jobrunner@sha256:abc")
+        == "localhost:5000/beam-backfill/jobrunner"
+    )
     assert resolve_image("beam-backfill/jobrunner:dev", table)["entrypoint"] == ["beam-jobrunner"]
     assert resolve_image("beam-backfill/anything:1", table)["venv"] is True
     assert resolve_image("nginx:1.27", table) is None
@@ -111,15 +121,33 @@ def test_node_is_ready_with_a_renewed_lease(k8s, node_agent):
     assert int(node["status"]["allocatable"]["pods"]) >= 500
     lease = k8s.api("GET", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/local-node")
     first = lease["spec"]["renewTime"]
-    eventually(lambda: k8s.api("GET", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/local-node")
-               ["spec"]["renewTime"] != first, timeout=30, what="lease renewal")
+    eventually(
+        lambda: (
+            k8s.api("GET", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/local-node")["spec"][
+                "renewTime"
+            ]
+            != first
+        ),
+        timeout=30,
+        what="lease renewal",
+    )
 
 
 def test_indexed_job_completes_every_index(k8s, node_agent, namespace, tmp_path):
-    code = ("import os, sys; i = os.environ['JOB_COMPLETION_INDEX']; "
-            "open(os.path.join(sys.argv[1], i), 'w').write(i); print('wrote index', i)")
-    make_job(k8s, namespace, "indexed", py_container(code, str(tmp_path)),
-             completions=5, parallelism=2, completionMode="Indexed", backoffLimit=0)
+    code = (
+        "import os, sys; i = os.environ['JOB_COMPLETION_INDEX']; "
+        "open(os.path.join(sys.argv[1], i), 'w').write(i); print('wrote index', i)"
+    )
+    make_job(
+        k8s,
+        namespace,
+        "indexed",
+        py_container(code, str(tmp_path)),
+        completions=5,
+        parallelism=2,
+        completionMode="Indexed",
+        backoffLimit=0,
+    )
 
     job = job_condition(k8s, namespace, "indexed", "Complete", "Failed")
     assert job["status"]["completedIndexes"] == "0-4"
@@ -134,10 +162,17 @@ def test_indexed_job_completes_every_index(k8s, node_agent, namespace, tmp_path)
 
 def test_fail_index_rule_fails_only_that_index(k8s, node_agent, namespace):
     code = "import os, sys; sys.exit(3 if os.environ['JOB_COMPLETION_INDEX'] == '1' else 0)"
-    make_job(k8s, namespace, "failindex", py_container(code),
-             completions=3, parallelism=3, completionMode="Indexed", backoffLimitPerIndex=2,
-             podFailurePolicy={"rules": [{"action": "FailIndex",
-                                          "onExitCodes": {"operator": "In", "values": [3]}}]})
+    make_job(
+        k8s,
+        namespace,
+        "failindex",
+        py_container(code),
+        completions=3,
+        parallelism=3,
+        completionMode="Indexed",
+        backoffLimitPerIndex=2,
+        podFailurePolicy={"rules": [{"action": "FailIndex", "onExitCodes": {"operator": "In", "values": [3]}}]},
+    )
 
     job = job_condition(k8s, namespace, "failindex", "Failed", "Complete")
     assert job["status"]["failedIndexes"] == "1"
@@ -150,16 +185,31 @@ def test_fail_index_rule_fails_only_that_index(k8s, node_agent, namespace):
 
 
 def test_termination_message_and_exit_code_reach_pod_status(k8s, node_agent, namespace):
-    write_and_fail = ("import os, sys; open(os.environ['TERMINATION_MESSAGE_PATH'], 'w')"
-                      ".write('stopped at chunk 17'); sys.exit(7)")
+    write_and_fail = (
+        "import os, sys; open(os.environ['TERMINATION_MESSAGE_PATH'], 'w').write('stopped at chunk 17'); sys.exit(7)"
+    )
     make_pod(k8s, namespace, "message", py_container(write_and_fail))
-    make_pod(k8s, namespace, "fallback", py_container(
-        "import sys; print('line one'); print('snowflake said no', file=sys.stderr); sys.exit(2)",
-        terminationMessagePolicy="FallbackToLogsOnError"))
+    make_pod(
+        k8s,
+        namespace,
+        "fallback",
+        py_container(
+            "import sys; print('line one'); print('snowflake said no', file=sys.stderr); sys.exit(2)",
+            terminationMessagePolicy="FallbackToLogsOnError",
+        ),
+    )
     # A worker that only knows the spec's terminationMessagePath still reaches the status.
-    make_pod(k8s, namespace, "custom-path", {
-        "name": "main", "image": "busybox", "terminationMessagePath": "/var/run/beam/done",
-        "command": ["sh", "-c", "printf 'all good' > /var/run/beam/done"]})
+    make_pod(
+        k8s,
+        namespace,
+        "custom-path",
+        {
+            "name": "main",
+            "image": "busybox",
+            "terminationMessagePath": "/var/run/beam/done",
+            "command": ["sh", "-c", "printf 'all good' > /var/run/beam/done"],
+        },
+    )
 
     message = finished_pod(k8s, namespace, "message")
     assert message["status"]["phase"] == "Failed"
@@ -178,13 +228,23 @@ def test_termination_message_and_exit_code_reach_pod_status(k8s, node_agent, nam
 
 
 def test_env_sources_resolve(k8s, node_agent, namespace, tmp_path):
-    k8s.api("POST", f"/api/v1/namespaces/{namespace}/secrets", {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "stringData": {"password": "s3cret"}})
-    k8s.api("POST", f"/api/v1/namespaces/{namespace}/configmaps", {
-        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"}, "data": {"sink": "kafka"}})
+    k8s.api(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/secrets",
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"}, "stringData": {"password": "s3cret"}},
+    )
+    k8s.api(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/configmaps",
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings"}, "data": {"sink": "kafka"}},
+    )
     out = tmp_path / "env.json"
     names = ["PASSWORD", "SINK", "POD_NAME", "POD_NAMESPACE", "POD_UID", "APP", "NOTE", "NODE", "POD_IP", "GREETING"]
-    code = "import json, os, sys; json.dump({k: os.environ.get(k) for k in sys.argv[2:]} | {'arg': sys.argv[1]}, open(%r, 'w'))" % str(out)
+    code = (
+        "import json, os, sys; json.dump({k: os.environ.get(k) for k in sys.argv[2:]} | {'arg': sys.argv[1]}, open("
+        + repr(str(out))
+        + ", 'w'))"
+    )
     field = lambda path: {"valueFrom": {"fieldRef": {"fieldPath": path}}}  # noqa: E731
     env = [
         {"name": "PASSWORD", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "password"}}},
@@ -203,23 +263,42 @@ def test_env_sources_resolve(k8s, node_agent, namespace, tmp_path):
 
     assert finished_pod(k8s, namespace, "envpod")["status"]["phase"] == "Succeeded"
     assert json.loads(out.read_text()) == {
-        "PASSWORD": "s3cret", "SINK": "kafka", "POD_NAME": "envpod", "POD_NAMESPACE": namespace,
-        "POD_UID": pod["metadata"]["uid"], "APP": "agent-test", "NOTE": "hello", "NODE": "local-node",
-        "POD_IP": "127.0.0.1", "GREETING": "hello from envpod", "arg": "kafka-local-node",
+        "PASSWORD": "s3cret",
+        "SINK": "kafka",
+        "POD_NAME": "envpod",
+        "POD_NAMESPACE": namespace,
+        "POD_UID": pod["metadata"]["uid"],
+        "APP": "agent-test",
+        "NOTE": "hello",
+        "NODE": "local-node",
+        "POD_IP": "127.0.0.1",
+        "GREETING": "hello from envpod",
+        "arg": "kafka-local-node",
     }
 
 
 def test_missing_secret_waits_and_unknown_image_is_reported(k8s, node_agent, namespace, tmp_path):
     marker = tmp_path / "ran"
-    make_pod(k8s, namespace, "needs-secret", py_container(
-        "import sys; open(sys.argv[1], 'w').write('ok')", str(marker),
-        env=[{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "late", "key": "token"}}}]))
+    make_pod(
+        k8s,
+        namespace,
+        "needs-secret",
+        py_container(
+            "import sys; open(sys.argv[1], 'w').write('ok')",
+            str(marker),
+            env=[{"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "late", "key": "token"}}}],
+        ),
+    )
     make_pod(k8s, namespace, "bad-image", {"name": "main", "image": "nginx:1.27"})
 
     def waiting(name):
         pod = get_pod(k8s, namespace, name)
         statuses = (pod or {}).get("status", {}).get("containerStatuses") or []
-        return statuses and statuses[0]["state"].get("waiting") and (pod["status"]["phase"], statuses[0]["state"]["waiting"])
+        return (
+            statuses
+            and statuses[0]["state"].get("waiting")
+            and (pod["status"]["phase"], statuses[0]["state"]["waiting"])
+        )
 
     phase, why = eventually(lambda: waiting("needs-secret"), what="CreateContainerConfigError")
     assert phase == "Pending" and why["reason"] == "CreateContainerConfigError"
@@ -228,8 +307,11 @@ def test_missing_secret_waits_and_unknown_image_is_reported(k8s, node_agent, nam
     assert phase == "Pending" and why["reason"] == "ErrImagePull" and "nginx:1.27" in why["message"]
 
     # As with a kubelet, the Pod starts once its Secret exists.
-    k8s.api("POST", f"/api/v1/namespaces/{namespace}/secrets", {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "late"}, "stringData": {"token": "t"}})
+    k8s.api(
+        "POST",
+        f"/api/v1/namespaces/{namespace}/secrets",
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "late"}, "stringData": {"token": "t"}},
+    )
     assert finished_pod(k8s, namespace, "needs-secret")["status"]["phase"] == "Succeeded"
     assert marker.read_text() == "ok"
 
@@ -270,8 +352,11 @@ def test_deleting_a_job_stops_its_pods(k8s, node_agent, namespace, tmp_path, pro
     eventually(lambda: len(list(tmp_path.glob("signal.pid-*"))) == 2, what="both pods started")
     pids = [int(p.read_text()) for p in tmp_path.glob("signal.pid-*")]
 
-    k8s.api("DELETE", f"/apis/batch/v1/namespaces/{namespace}/jobs/sleepers",
-            {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation})
+    k8s.api(
+        "DELETE",
+        f"/apis/batch/v1/namespaces/{namespace}/jobs/sleepers",
+        {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation},
+    )
 
     def all_gone():
         pods = k8s.api("GET", f"/api/v1/namespaces/{namespace}/pods")["items"]
@@ -320,15 +405,20 @@ def test_agent_stop_kills_pods_and_restart_fails_lost_ones(k8s, node_agent, name
         agent.stop()
         # No agent is left to remove Pods of restart-node: force them out of the namespace.
         for pod in k8s.api("GET", f"/api/v1/namespaces/{namespace}/pods")["items"]:
-            k8s.api("DELETE", f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}",
-                    {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0})
+            k8s.api(
+                "DELETE",
+                f"/api/v1/namespaces/{namespace}/pods/{pod['metadata']['name']}",
+                {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0},
+            )
         k8s.api("DELETE", "/api/v1/nodes/restart-node")
 
 
 def test_active_deadline_and_on_failure_restart(k8s, node_agent, namespace, tmp_path):
     make_pod(k8s, namespace, "too-slow", py_container("import time; time.sleep(600)"), activeDeadlineSeconds=2)
-    flaky = ("import os, sys; m = sys.argv[1]; first = not os.path.exists(m); open(m, 'a').write('x'); "
-             "sys.exit(5 if first else 0)")
+    flaky = (
+        "import os, sys; m = sys.argv[1]; first = not os.path.exists(m); open(m, 'a').write('x'); "
+        "sys.exit(5 if first else 0)"
+    )
     make_pod(k8s, namespace, "flaky", py_container(flaky, str(tmp_path / "tries")), restartPolicy="OnFailure")
 
     slow = finished_pod(k8s, namespace, "too-slow")["status"]
@@ -344,11 +434,15 @@ def test_active_deadline_and_on_failure_restart(k8s, node_agent, namespace, tmp_
 
 def test_agent_rides_out_an_apiserver_restart(k8s, node_agent, namespace):
     # This Pod exits while the apiserver is down: its terminal status must still arrive.
-    waiter = ("import socket, sys, time\n"
-              "while socket.socket().connect_ex(('127.0.0.1', int(sys.argv[1]))) == 0: time.sleep(0.1)")
+    waiter = (
+        "import socket, sys, time\n"
+        "while socket.socket().connect_ex(('127.0.0.1', int(sys.argv[1]))) == 0: time.sleep(0.1)"
+    )
     make_pod(k8s, namespace, "across", py_container(waiter, str(k8s.port)))
-    eventually(lambda: (get_pod(k8s, namespace, "across") or {}).get("status", {}).get("phase") == "Running",
-               what="pod running")
+    eventually(
+        lambda: (get_pod(k8s, namespace, "across") or {}).get("status", {}).get("phase") == "Running",
+        what="pod running",
+    )
     k8s.restart_apiserver(downtime=3)
 
     assert finished_pod(k8s, namespace, "across")["status"]["phase"] == "Succeeded"
@@ -360,9 +454,23 @@ def test_agent_rides_out_an_apiserver_restart(k8s, node_agent, namespace):
 @pytest.mark.slow
 def test_fifty_trivial_completions(k8s, node_agent, namespace):
     started = time.monotonic()
-    make_job(k8s, namespace, "fifty", py_container("pass"), completions=50, parallelism=10,
-             completionMode="Indexed", backoffLimit=0)
-    job = job_condition(k8s, namespace, "fifty", "Complete", "Failed", )
+    make_job(
+        k8s,
+        namespace,
+        "fifty",
+        py_container("pass"),
+        completions=50,
+        parallelism=10,
+        completionMode="Indexed",
+        backoffLimit=0,
+    )
+    job = job_condition(
+        k8s,
+        namespace,
+        "fifty",
+        "Complete",
+        "Failed",
+    )
     elapsed = time.monotonic() - started
     assert job["status"]["completedIndexes"] == "0-49"
     print(f"\n50 pods (parallelism 10) in {elapsed:.1f}s: {50 / elapsed:.1f} pods/s", file=sys.stderr)

@@ -6,8 +6,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from beam_operator import crd
 from beam_contract.model import BackfillSpec
+from beam_operator import crd
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,7 +34,11 @@ def test_every_spec_field_has_a_description_for_kubectl_explain():
 SEED = {
     "job_name": "USDC transfers on Base — Mar 2026",
     "table": "base.assets.erc20_token_transfers",
-    "backfill_window": {"partition_key": "block_timestamp", "start": "2026-03-01T00:00:00", "end": "2026-04-01T00:00:00"},
+    "backfill_window": {
+        "partition_key": "block_timestamp",
+        "start": "2026-03-01T00:00:00",
+        "end": "2026-04-01T00:00:00",
+    },
     "filter": {"column": "token_address", "values": ["0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"]},
     "destinations": [{"type": "kafka", "name": "base-usdc-transfers-backfill"}],
 }
@@ -42,15 +46,35 @@ SEED = {
 
 def test_seed_examples_are_valid():
     BackfillSpec.model_validate(SEED)
-    BackfillSpec.model_validate({**SEED, "backfill_window": {"partition_key": "block", "start": 100, "end": 200}, "static_egress_ip": False})
+    BackfillSpec.model_validate(
+        {**SEED, "backfill_window": {"partition_key": "block", "start": 100, "end": 200}, "static_egress_ip": False}
+    )
 
 
 @pytest.mark.parametrize(
     "patch, fragment",
     [
-        ({"backfill_window": {"partition_key": "block_timestamp", "start": "2026-04-01T00:00:00", "end": "2026-03-01T00:00:00"}}, "must be before end"),
+        (
+            {
+                "backfill_window": {
+                    "partition_key": "block_timestamp",
+                    "start": "2026-04-01T00:00:00",
+                    "end": "2026-03-01T00:00:00",
+                }
+            },
+            "must be before end",
+        ),
         ({"backfill_window": {"partition_key": "block", "start": 5, "end": 5}}, "must be less than end"),
-        ({"backfill_window": {"partition_key": "block_timestamp", "start": "March 1st", "end": "2026-03-01T00:00:00"}}, "not an ISO 8601 timestamp"),
+        (
+            {
+                "backfill_window": {
+                    "partition_key": "block_timestamp",
+                    "start": "March 1st",
+                    "end": "2026-03-01T00:00:00",
+                }
+            },
+            "not an ISO 8601 timestamp",
+        ),
         ({"backfill_window": {"partition_key": "slot", "start": 1, "end": 2}}, "partition_key"),
         ({"destinations": []}, "at least 1"),
         ({"filter": {"column": "token_address", "values": []}}, "at least 1"),

@@ -8,7 +8,7 @@ a second one, and must not lose progress already recorded in status.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -27,12 +27,16 @@ from beam_operator.reconcile import (
     reconcile,
 )
 
-NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 UID = "f47ac10b-58cc-4372-a567-0e02b2c3d479"
 SPEC = {
     "job_name": "USDC transfers on Base — Mar 2026",
     "table": "base.assets.erc20_token_transfers",
-    "backfill_window": {"partition_key": "block_timestamp", "start": "2026-03-01T00:00:00", "end": "2026-04-01T00:00:00"},
+    "backfill_window": {
+        "partition_key": "block_timestamp",
+        "start": "2026-03-01T00:00:00",
+        "end": "2026-04-01T00:00:00",
+    },
     "filter": {"column": "token_address", "values": ["0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"]},
     "destinations": [{"type": "kafka", "name": "base-usdc-transfers-backfill"}],
 }
@@ -43,15 +47,28 @@ XPORT = child_jobs.child_job_name("usdc", UID, child_jobs.TRANSPORT)
 
 def obs(status=None, jobs_=(), pods=(), spec=None, now=NOW, generation=1):
     return Observed(
-        name="usdc", namespace="org123", uid=UID, generation=generation,
-        creation_timestamp="2026-03-01T11:59:00Z", spec=spec or SPEC,
+        name="usdc",
+        namespace="org123",
+        uid=UID,
+        generation=generation,
+        creation_timestamp="2026-03-01T11:59:00Z",
+        spec=spec or SPEC,
         status=status if isinstance(status, BackfillStatus) else BackfillStatus.model_validate(status or {}),
-        jobs=tuple(jobs_), pods=tuple(pods), now=now,
+        jobs=tuple(jobs_),
+        pods=tuple(pods),
+        now=now,
     )
 
 
 def staged_pod(n=3, rows=300, job=STAGE):
-    return PodObs(job=job, index=None, succeeded=True, exit_code=0, message=json.dumps({"num_chunks": n, "num_rows": rows}), finished_at="2026-03-01T11:59:30Z")
+    return PodObs(
+        job=job,
+        index=None,
+        succeeded=True,
+        exit_code=0,
+        message=json.dumps({"num_chunks": n, "num_rows": rows}),
+        finished_at="2026-03-01T11:59:30Z",
+    )
 
 
 def run(o, config=CONFIG):
@@ -86,7 +103,13 @@ def test_restart_while_staging_asks_for_the_same_job_and_nothing_else():
 
 def test_staging_done_records_chunks_and_starts_one_indexed_transport_job():
     st = run(obs()).status
-    d = run(obs(status=st, jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True, finished_at="2026-03-01T11:59:30Z")], pods=[staged_pod(3, 300)]))
+    d = run(
+        obs(
+            status=st,
+            jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True, finished_at="2026-03-01T11:59:30Z")],
+            pods=[staged_pod(3, 300)],
+        )
+    )
     assert d.status.status == "transporting"
     assert (d.status.num_chunks, d.status.chunks_left, d.status.num_rows) == (3, 3, 300)
     [m] = created(d)
@@ -95,7 +118,10 @@ def test_staging_done_records_chunks_and_starts_one_indexed_transport_job():
     assert m["spec"]["completions"] == 3
     assert m["spec"]["parallelism"] == 3  # min(default 4, chunks)
     assert m["spec"]["backoffLimitPerIndex"] == 1
-    assert m["spec"]["podFailurePolicy"]["rules"][0] == {"action": "FailIndex", "onExitCodes": {"operator": "In", "values": [2]}}
+    assert m["spec"]["podFailurePolicy"]["rules"][0] == {
+        "action": "FailIndex",
+        "onExitCodes": {"operator": "In", "values": [2]},
+    }
     assert "Transporting" in [e.reason for e in d.events]
 
 
@@ -111,10 +137,33 @@ def test_staging_done_but_message_not_seen_yet_waits_then_fails_clearly():
 
 def test_staging_failure_carries_the_workers_message():
     st = run(obs()).status
-    pod = PodObs(STAGE, None, False, 2, "staging: table base.assets.nope does not exist or is not authorized", "2026-03-01T11:59:40Z")
-    d = run(obs(status=st, jobs_=[JobObs(STAGE, child_jobs.STAGING, failed=True, failure_reason="PodFailurePolicy", finished_at="2026-03-01T11:59:41Z")], pods=[pod]))
+    pod = PodObs(
+        STAGE,
+        None,
+        False,
+        2,
+        "staging: table base.assets.nope does not exist or is not authorized",
+        "2026-03-01T11:59:40Z",
+    )
+    d = run(
+        obs(
+            status=st,
+            jobs_=[
+                JobObs(
+                    STAGE,
+                    child_jobs.STAGING,
+                    failed=True,
+                    failure_reason="PodFailurePolicy",
+                    finished_at="2026-03-01T11:59:41Z",
+                )
+            ],
+            pods=[pod],
+        )
+    )
     assert d.status.status == "failed"
-    assert d.status.error_message == "staging failed: staging: table base.assets.nope does not exist or is not authorized"
+    assert (
+        d.status.error_message == "staging failed: staging: table base.assets.nope does not exist or is not authorized"
+    )
     assert d.status.time_completed == "2026-03-01T12:00:00Z"
     assert [e.type for e in d.events] == ["Warning"]
     cond = {c.type: c.model_dump() for c in d.status.conditions}
@@ -123,7 +172,13 @@ def test_staging_failure_carries_the_workers_message():
 
 def test_empty_window_completes_without_transport():
     st = run(obs()).status
-    d = run(obs(status=st, jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True, finished_at="2026-03-01T11:59:30Z")], pods=[staged_pod(0, 0)]))
+    d = run(
+        obs(
+            status=st,
+            jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True, finished_at="2026-03-01T11:59:30Z")],
+            pods=[staged_pod(0, 0)],
+        )
+    )
     assert d.status.status == "completed"
     assert (d.status.num_chunks, d.status.chunks_left) == (0, 0)
     assert created(d) == []
@@ -131,7 +186,13 @@ def test_empty_window_completes_without_transport():
 
 def transporting_status(n=3):
     st = run(obs()).status
-    return run(obs(status=st, jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True, finished_at="2026-03-01T11:59:30Z")], pods=[staged_pod(n)])).status
+    return run(
+        obs(
+            status=st,
+            jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True, finished_at="2026-03-01T11:59:30Z")],
+            pods=[staged_pod(n)],
+        )
+    ).status
 
 
 def test_restart_while_transporting_recreates_only_the_same_transport_job():
@@ -150,7 +211,20 @@ def test_chunks_left_follows_completed_indexes():
 
 def test_transport_complete_completes_and_deletes_staged_files():
     st = transporting_status(3)
-    d = run(obs(status=st, jobs_=[JobObs(XPORT, child_jobs.TRANSPORT, complete=True, completed_indexes="0-2", finished_at="2026-03-01T11:59:59Z")]))
+    d = run(
+        obs(
+            status=st,
+            jobs_=[
+                JobObs(
+                    XPORT,
+                    child_jobs.TRANSPORT,
+                    complete=True,
+                    completed_indexes="0-2",
+                    finished_at="2026-03-01T11:59:59Z",
+                )
+            ],
+        )
+    )
     assert d.status.status == "completed" and d.status.chunks_left == 0
     assert d.status.time_completed == "2026-03-01T12:00:00Z"
     assert DeleteStaged("gs://b/p/org123/" + UID + "/") in d.actions
@@ -160,7 +234,9 @@ def test_transport_complete_completes_and_deletes_staged_files():
 def test_retention_keeps_staged_files_until_due():
     cfg = OperatorConfig(staging_bucket="b", staging_prefix="p", staged_retention_seconds=3600)
     st = transporting_status(3)
-    d = reconcile(obs(status=st, jobs_=[JobObs(XPORT, child_jobs.TRANSPORT, complete=True, completed_indexes="0-2")]), cfg)
+    d = reconcile(
+        obs(status=st, jobs_=[JobObs(XPORT, child_jobs.TRANSPORT, complete=True, completed_indexes="0-2")]), cfg
+    )
     assert d.status.status == "completed" and not any(isinstance(a, DeleteStaged) for a in d.actions)
     assert d.requeue_after == 3600
     later = reconcile(obs(status=d.status, now=NOW + timedelta(hours=1, seconds=1)), cfg)
@@ -170,11 +246,30 @@ def test_retention_keeps_staged_files_until_due():
 
 def test_transport_failure_names_the_chunk_and_what_the_worker_said():
     st = transporting_status(5)
-    pod = PodObs(XPORT, 3, False, 2, "webhook destination 'hook' chunk 3: HTTP 403 Forbidden: bad signature", "2026-03-01T11:59:50Z")
-    job = JobObs(XPORT, child_jobs.TRANSPORT, failed=True, failure_reason="MaxFailedIndexesExceeded", completed_indexes="0-1", failed_indexes="3", active=1, finished_at="2026-03-01T11:59:51Z")
+    pod = PodObs(
+        XPORT,
+        3,
+        False,
+        2,
+        "webhook destination 'hook' chunk 3: HTTP 403 Forbidden: bad signature",
+        "2026-03-01T11:59:50Z",
+    )
+    job = JobObs(
+        XPORT,
+        child_jobs.TRANSPORT,
+        failed=True,
+        failure_reason="MaxFailedIndexesExceeded",
+        completed_indexes="0-1",
+        failed_indexes="3",
+        active=1,
+        finished_at="2026-03-01T11:59:51Z",
+    )
     d = run(obs(status=st, jobs_=[job], pods=[pod]))
     assert d.status.status == "failed"
-    assert d.status.error_message == "transport failed on chunk 3 of 5: webhook destination 'hook' chunk 3: HTTP 403 Forbidden: bad signature"
+    assert (
+        d.status.error_message
+        == "transport failed on chunk 3 of 5: webhook destination 'hook' chunk 3: HTTP 403 Forbidden: bad signature"
+    )
     assert d.status.chunks_left == 3
     assert DeleteJob(XPORT) in d.actions  # nothing keeps running
 
@@ -182,7 +277,11 @@ def test_transport_failure_names_the_chunk_and_what_the_worker_said():
 @pytest.mark.parametrize("phase", ["staging", "transporting"])
 def test_cancel_deletes_every_job_and_ends_cancelled(phase):
     st = run(obs()).status if phase == "staging" else transporting_status()
-    running = [JobObs(STAGE, child_jobs.STAGING, active=1)] if phase == "staging" else [JobObs(STAGE, child_jobs.STAGING, complete=True), JobObs(XPORT, child_jobs.TRANSPORT, active=2)]
+    running = (
+        [JobObs(STAGE, child_jobs.STAGING, active=1)]
+        if phase == "staging"
+        else [JobObs(STAGE, child_jobs.STAGING, complete=True), JobObs(XPORT, child_jobs.TRANSPORT, active=2)]
+    )
     d = run(obs(status=st, jobs_=running, spec={**SPEC, "cancel": True}, generation=2))
     assert d.status.status == "cancelled"
     assert d.status.time_completed == "2026-03-01T12:00:00Z"
@@ -194,7 +293,9 @@ def test_cancel_deletes_every_job_and_ends_cancelled(phase):
 
 def test_cancel_after_completion_changes_nothing():
     st = transporting_status(3)
-    done = run(obs(status=st, jobs_=[JobObs(XPORT, child_jobs.TRANSPORT, complete=True, completed_indexes="0-2")])).status
+    done = run(
+        obs(status=st, jobs_=[JobObs(XPORT, child_jobs.TRANSPORT, complete=True, completed_indexes="0-2")])
+    ).status
     d = run(obs(status=done, spec={**SPEC, "cancel": True}))
     assert d.status.status == "completed" and d.actions == [] and d.events == []
 
@@ -213,7 +314,10 @@ def test_table_not_in_allow_list_fails_with_the_list():
     cfg = OperatorConfig(allowed_tables=["base.assets.erc20_token_transfers"])
     d = reconcile(obs(spec={**SPEC, "table": "eth.raw.blocks"}), cfg)
     assert d.status.status == "failed"
-    assert d.status.error_message == "table eth.raw.blocks is not allowed by this operator; allowed tables: base.assets.erc20_token_transfers"
+    assert (
+        d.status.error_message
+        == "table eth.raw.blocks is not allowed by this operator; allowed tables: base.assets.erc20_token_transfers"
+    )
     assert created(d) == []
     # case-insensitive, as Snowflake is for unquoted names
     assert reconcile(obs(spec={**SPEC, "table": "BASE.ASSETS.ERC20_TOKEN_TRANSFERS"}), cfg).status.status == "staging"
@@ -224,7 +328,15 @@ def test_static_egress_without_configuration_fails_clearly_and_with_it_pins_pods
     assert d.status.status == "failed" and "no static egress configured" in d.status.error_message
     cfg = OperatorConfig(egress=EgressConfig(pod_labels={"egress": "static"}, node_selector={"pool": "egress"}))
     st = reconcile(obs(spec={**SPEC, "static_egress_ip": True}), cfg).status
-    d = reconcile(obs(status=st, spec={**SPEC, "static_egress_ip": True}, jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True)], pods=[staged_pod(2)]), cfg)
+    d = reconcile(
+        obs(
+            status=st,
+            spec={**SPEC, "static_egress_ip": True},
+            jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True)],
+            pods=[staged_pod(2)],
+        ),
+        cfg,
+    )
     pod = created(d)[0]["spec"]["template"]
     assert pod["metadata"]["labels"]["egress"] == "static"
     assert pod["spec"]["nodeSelector"] == {"pool": "egress"}
@@ -245,7 +357,10 @@ def test_reconcile_is_idempotent_on_its_own_output():
 
 
 def test_finalize_deletes_jobs_and_staged_prefix():
-    acts = finalize_actions(obs(jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True), JobObs(XPORT, child_jobs.TRANSPORT, active=1)]), CONFIG)
+    acts = finalize_actions(
+        obs(jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True), JobObs(XPORT, child_jobs.TRANSPORT, active=1)]),
+        CONFIG,
+    )
     assert DeleteJob(STAGE) in acts and DeleteJob(XPORT) in acts
     assert DeleteStaged(f"gs://b/p/org123/{UID}/") in acts
 
@@ -263,14 +378,22 @@ def test_job_names_are_deterministic_and_fit_pod_hostnames():
 
 
 def test_secrets_reach_workers_only_as_secret_refs():
-    spec = {**SPEC, "destinations": [
-        {"type": "kafka", "name": "t", "bootstrap_servers": "k:9092", "secret": "kafka-creds"},
-        {"type": "webhook", "name": "h", "url": "https://example.test/hook", "hash_key": "hook-key"},
-    ]}
+    spec = {
+        **SPEC,
+        "destinations": [
+            {"type": "kafka", "name": "t", "bootstrap_servers": "k:9092", "secret": "kafka-creds"},
+            {"type": "webhook", "name": "h", "url": "https://example.test/hook", "hash_key": "hook-key"},
+        ],
+    }
     from beam_contract.model import BackfillSpec
+
     m = child_jobs.transport_job("usdc", "org123", UID, BackfillSpec.model_validate(spec), CONFIG, 2)
     env = {e["name"]: e for e in m["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env["BEAM_DEST_0_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "kafka-creds", "key": "sasl_password", "optional": True}
+    assert env["BEAM_DEST_0_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+        "name": "kafka-creds",
+        "key": "sasl_password",
+        "optional": True,
+    }
     assert env["BEAM_DEST_1_HASH_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "hook-key"
     assert json.loads(env["BEAM_SPEC"]["value"])["destinations"][1]["hash_key"] == "hook-key"  # a name, not a value
     assert all("value" not in e for k, e in env.items() if k.startswith("BEAM_DEST_"))

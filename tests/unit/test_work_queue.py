@@ -59,8 +59,11 @@ def test_events_for_a_queued_key_coalesce_and_a_busy_key_waits():
 def test_a_watch_event_older_than_our_own_write_is_not_taken():
     ctl = _controller()
     key = ("ns", "a")
-    body = {"metadata": {"namespace": "ns", "name": "a", "uid": "uid-a", "resourceVersion": "120"}, "spec": {},
-            "status": {"status": "transporting"}}
+    body = {
+        "metadata": {"namespace": "ns", "name": "a", "uid": "uid-a", "resourceVersion": "120"},
+        "spec": {},
+        "status": {"status": "transporting"},
+    }
     ctl.on_backfill("MODIFIED", body)  # as _write_status caches the patch's answer
     stale = {"metadata": {**body["metadata"], "resourceVersion": "117"}, "spec": {}, "status": {"status": "staging"}}
     ctl.on_backfill("MODIFIED", stale)

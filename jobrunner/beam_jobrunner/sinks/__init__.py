@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 from urllib.parse import urlsplit
 
 from beam_contract.worker import destination_env
-
 from beam_jobrunner.errors import PermanentError
 
 

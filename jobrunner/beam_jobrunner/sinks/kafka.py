@@ -20,12 +20,11 @@ import json
 import logging
 import os
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from beam_contract.worker import Env
-
 from beam_jobrunner.errors import PermanentError, TransientError
 from beam_jobrunner.sinks import Batch, Context, Sink
 
@@ -74,17 +73,24 @@ class KafkaSink(Sink):
     # --- configuration -----------------------------------------------------------------------
     def _client_conf(self) -> dict:
         if not self.bootstrap:
-            raise PermanentError(f"{self.label}: no bootstrap_servers and no managed Kafka ({Env.KAFKA_BOOTSTRAP}) configured")
+            raise PermanentError(
+                f"{self.label}: no bootstrap_servers and no managed Kafka ({Env.KAFKA_BOOTSTRAP}) configured"
+            )
         ms = int(self.ctx.connect_timeout * 1000)
-        conf = {"bootstrap.servers": self.bootstrap, "socket.connection.setup.timeout.ms": ms,
-                "error_cb": self._on_error}
+        conf = {
+            "bootstrap.servers": self.bootstrap,
+            "socket.connection.setup.timeout.ms": ms,
+            "error_cb": self._on_error,
+        }
         if self.dest.secret:
-            conf.update({
-                "security.protocol": self.secret("security_protocol") or "SASL_SSL",
-                "sasl.mechanism": self.secret("sasl_mechanism") or "PLAIN",
-                "sasl.username": self.require_secret("sasl_username"),
-                "sasl.password": self.require_secret("sasl_password"),
-            })
+            conf.update(
+                {
+                    "security.protocol": self.secret("security_protocol") or "SASL_SSL",
+                    "sasl.mechanism": self.secret("sasl_mechanism") or "PLAIN",
+                    "sasl.username": self.require_secret("sasl_username"),
+                    "sasl.password": self.require_secret("sasl_password"),
+                }
+            )
             ca = self.secret("ssl_ca_pem")
             if ca:
                 conf["ssl.ca.pem"] = ca
@@ -133,11 +139,20 @@ class KafkaSink(Sink):
 
     def _fail(self, what: str, e: KafkaException) -> Exception:
         err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
-        if err is not None and err.code() in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
+        if err is not None and err.code() in (
+            KafkaError._TIMED_OUT,
+            KafkaError._TRANSPORT,
+            KafkaError._ALL_BROKERS_DOWN,
+        ):
             return self._unreachable(what, e)
-        if err is not None and err.code() in (KafkaError.TOPIC_AUTHORIZATION_FAILED, KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
-                                              KafkaError.GROUP_AUTHORIZATION_FAILED, KafkaError.SASL_AUTHENTICATION_FAILED,
-                                              KafkaError._AUTHENTICATION, KafkaError.TOPIC_EXCEPTION):
+        if err is not None and err.code() in (
+            KafkaError.TOPIC_AUTHORIZATION_FAILED,
+            KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+            KafkaError.GROUP_AUTHORIZATION_FAILED,
+            KafkaError.SASL_AUTHENTICATION_FAILED,
+            KafkaError._AUTHENTICATION,
+            KafkaError.TOPIC_EXCEPTION,
+        ):
             return PermanentError(f"{self.label}: {what}: {err.str()}")
         return TransientError(f"{self.label}: {what}: {err.str() if err else e}")
 
@@ -152,7 +167,11 @@ class KafkaSink(Sink):
                 break
             except KafkaException as e:
                 # The group coordinator may still be loading (NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS).
-                if time.monotonic() > deadline or not e.args[0].retriable() and e.args[0].code() != KafkaError.NOT_COORDINATOR:
+                if (
+                    time.monotonic() > deadline
+                    or not e.args[0].retriable()
+                    and e.args[0].code() != KafkaError.NOT_COORDINATOR
+                ):
                     raise self._fail("reading the delivery marker", e) from None
                 time.sleep(0.2)
         if tp.offset >= 0:
@@ -162,8 +181,14 @@ class KafkaSink(Sink):
 
     def _group_consumer(self) -> Consumer:
         if self._group is None:
-            self._group = Consumer({**self._client_conf(), "group.id": marker_group(self.ctx.job_id, self.ctx.dest_index, self.ctx.chunk),
-                                    "isolation.level": "read_committed", "enable.auto.commit": False})
+            self._group = Consumer(
+                {
+                    **self._client_conf(),
+                    "group.id": marker_group(self.ctx.job_id, self.ctx.dest_index, self.ctx.chunk),
+                    "isolation.level": "read_committed",
+                    "enable.auto.commit": False,
+                }
+            )
         return self._group
 
     # transport.EncodedBatches hands this sink bytes-like messages, made in the encoding thread
@@ -178,7 +203,7 @@ class KafkaSink(Sink):
         if self.transactions:
             p.begin_transaction()
         for batch in batches:
-            for value, key in zip(batch.values, batch.keys):
+            for value, key in zip(batch.values, batch.keys, strict=True):
                 try:
                     produce(topic, value, key, headers=headers)
                 except BufferError:

@@ -11,7 +11,6 @@ import json
 import time
 
 from beam_contract.staging import delivered_marker_uri
-
 from beam_jobrunner import storage
 from beam_jobrunner.sinks import Context
 
@@ -25,6 +24,12 @@ def is_delivered(ctx: Context) -> bool:
 
 
 def mark_delivered(ctx: Context, rows: int, nbytes: int) -> None:
-    body = {"job_id": ctx.job_id, "chunk": ctx.chunk, "destination": ctx.dest_index, "rows": rows,
-            "bytes": nbytes, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    body = {
+        "job_id": ctx.job_id,
+        "chunk": ctx.chunk,
+        "destination": ctx.dest_index,
+        "rows": rows,
+        "bytes": nbytes,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     storage.write_bytes(marker_uri(ctx), json.dumps(body).encode())

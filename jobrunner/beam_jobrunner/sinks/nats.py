@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 from beam_jobrunner.errors import PermanentError, TransientError
 from beam_jobrunner.sinks import Batch, Sink, markers, redact_url
@@ -45,11 +45,21 @@ class NatsSink(Sink):
 
         t = self.ctx.connect_timeout
         try:
-            self.nc = await asyncio.wait_for(nats.connect(
-                servers=self.dest.url.split(","), connect_timeout=min(t, 10), allow_reconnect=False,
-                max_reconnect_attempts=0, error_cb=quiet, **auth), timeout=t)
-        except (asyncio.TimeoutError, NoServersError, OSError) as e:
-            raise TransientError(f"{self.label}: server {self.where} unreachable after {t:.0f}s ({type(e).__name__})") from None
+            self.nc = await asyncio.wait_for(
+                nats.connect(
+                    servers=self.dest.url.split(","),
+                    connect_timeout=min(t, 10),
+                    allow_reconnect=False,
+                    max_reconnect_attempts=0,
+                    error_cb=quiet,
+                    **auth,
+                ),
+                timeout=t,
+            )
+        except (TimeoutError, NoServersError, OSError) as e:
+            raise TransientError(
+                f"{self.label}: server {self.where} unreachable after {t:.0f}s ({type(e).__name__})"
+            ) from None
         except Exception as e:
             if "authorization" in str(e).lower():
                 raise PermanentError(f"{self.label}: {self.where} refused the credentials: {e}") from None
@@ -70,17 +80,26 @@ class NatsSink(Sink):
                 hdr = {"Nats-Msg-Id": keys[i]} if keys[i] is not None else None
                 futures.append(await self.js.publish_async(subject, values[i].encode(), headers=hdr))
             try:
-                results = await asyncio.wait_for(asyncio.gather(*futures, return_exceptions=True), timeout=self.ctx.connect_timeout)
-            except asyncio.TimeoutError:
+                results = await asyncio.wait_for(
+                    asyncio.gather(*futures, return_exceptions=True), timeout=self.ctx.connect_timeout
+                )
+            except TimeoutError:
                 results = [f.result() if f.done() and not f.exception() else TimeoutError() for f in futures]
-            failed = [i for i, r in zip(todo, results) if isinstance(r, BaseException)]
+            failed = [i for i, r in zip(todo, results, strict=True) if isinstance(r, BaseException)]
             if not failed:
                 return
             first = next(r for r in results if isinstance(r, BaseException))
-            if isinstance(first, jserr.APIError) and getattr(first, "code", None) and first.code < 500 and first.code != 408:
+            if (
+                isinstance(first, jserr.APIError)
+                and getattr(first, "code", None)
+                and first.code < 500
+                and first.code != 408
+            ):
                 raise PermanentError(f"{self.label}: {first}")
             if attempt == ATTEMPTS:
-                raise TransientError(f"{self.label}: {len(failed)} messages not acknowledged after {ATTEMPTS} attempts ({type(first).__name__} {first})")
+                raise TransientError(
+                    f"{self.label}: {len(failed)} messages not acknowledged after {ATTEMPTS} attempts ({type(first).__name__} {first})"
+                )
             log.warning("%s: %d unacknowledged, retrying", self.label, len(failed))
             await asyncio.sleep(0.5 * attempt)
             todo = failed
@@ -91,14 +110,16 @@ class NatsSink(Sink):
         try:
             await self.js.find_stream_name_by_subject(self.dest.name)
         except jserr.NotFoundError:
-            raise PermanentError(f"{self.label}: no JetStream stream on {self.where} covers subject {self.dest.name!r}") from None
+            raise PermanentError(
+                f"{self.label}: no JetStream stream on {self.where} covers subject {self.dest.name!r}"
+            ) from None
 
     def deliver(self, batches: Iterable[Batch]) -> int:
         self.loop.run_until_complete(self._check_stream())
         nbytes = rows = 0
         for batch in batches:
             for i in range(0, len(batch.values), WINDOW):
-                self.loop.run_until_complete(self._publish(batch.values[i:i + WINDOW], batch.keys[i:i + WINDOW]))
+                self.loop.run_until_complete(self._publish(batch.values[i : i + WINDOW], batch.keys[i : i + WINDOW]))
             rows += len(batch.values)
             nbytes += batch.nbytes
         markers.mark_delivered(self.ctx, rows, nbytes)

@@ -12,8 +12,8 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable
 
 from beam_jobrunner.errors import PermanentError, TransientError
 from beam_jobrunner.sinks import Batch, Sink, markers
@@ -35,17 +35,25 @@ class SnsSink(Sink):
         region = self.dest.region or arn.split(":")[3]
         creds = {}
         if self.dest.secret:
-            creds = {"aws_access_key_id": self.require_secret("aws_access_key_id"),
-                     "aws_secret_access_key": self.require_secret("aws_secret_access_key")}
+            creds = {
+                "aws_access_key_id": self.require_secret("aws_access_key_id"),
+                "aws_secret_access_key": self.require_secret("aws_secret_access_key"),
+            }
             token = self.secret("aws_session_token")
             if token:
                 creds["aws_session_token"] = token
         t = self.ctx.connect_timeout
-        cfg = Config(connect_timeout=t, read_timeout=max(t, 30), retries={"mode": "standard", "max_attempts": 5},
-                     max_pool_connections=THREADS * 2)
+        cfg = Config(
+            connect_timeout=t,
+            read_timeout=max(t, 30),
+            retries={"mode": "standard", "max_attempts": 5},
+            max_pool_connections=THREADS * 2,
+        )
         self.client = boto3.client("sns", region_name=region, endpoint_url=self.dest.endpoint_url, config=cfg, **creds)
-        self.attrs = {"beam_job_id": {"DataType": "String", "StringValue": self.ctx.job_id},
-                      "beam_chunk": {"DataType": "Number", "StringValue": str(self.ctx.chunk)}}
+        self.attrs = {
+            "beam_job_id": {"DataType": "String", "StringValue": self.ctx.job_id},
+            "beam_chunk": {"DataType": "Number", "StringValue": str(self.ctx.chunk)},
+        }
         try:
             self.client.get_topic_attributes(TopicArn=arn)
         except Exception as e:
@@ -55,7 +63,9 @@ class SnsSink(Sink):
         from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
         if isinstance(e, NoCredentialsError):
-            return PermanentError(f"{self.label}: {what}: no AWS credentials (set the destination's secret or the worker's identity)")
+            return PermanentError(
+                f"{self.label}: {what}: no AWS credentials (set the destination's secret or the worker's identity)"
+            )
         if isinstance(e, ClientError):
             code = e.response.get("Error", {}).get("Code", "")
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -73,7 +83,7 @@ class SnsSink(Sink):
     def _entries(self, values: list[str], keys: list) -> list[dict]:
         group = f"{self.ctx.job_id}-{self.ctx.chunk}"
         out = []
-        for i, (v, k) in enumerate(zip(values, keys)):
+        for i, (v, k) in enumerate(zip(values, keys, strict=True)):
             e = {"Id": str(i), "Message": v, "MessageAttributes": self.attrs}
             if self.fifo:
                 e["MessageGroupId"] = group
@@ -101,7 +111,9 @@ class SnsSink(Sink):
                 raise PermanentError(f"{self.label}: SNS refused a message: {f.get('Code')}: {f.get('Message')}")
             if attempt == ATTEMPTS:
                 f = failed[0]
-                raise TransientError(f"{self.label}: {len(failed)} messages failed after {ATTEMPTS} attempts: {f.get('Code')}")
+                raise TransientError(
+                    f"{self.label}: {len(failed)} messages failed after {ATTEMPTS} attempts: {f.get('Code')}"
+                )
             ids = {f["Id"] for f in failed}
             todo = [e for e in todo if e["Id"] in ids]
             time.sleep(0.5 * attempt)
@@ -111,7 +123,7 @@ class SnsSink(Sink):
         with ThreadPoolExecutor(THREADS) as pool:
             for batch in batches:
                 entries = self._entries(batch.values, batch.keys)
-                calls = [entries[i:i + PER_CALL] for i in range(0, len(entries), PER_CALL)]
+                calls = [entries[i : i + PER_CALL] for i in range(0, len(entries), PER_CALL)]
                 for _ in pool.map(self._publish, calls):
                     pass
                 rows += len(batch.values)

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 import uuid
-from typing import Iterable
+from collections.abc import Iterable
 
 import httpx
 
@@ -32,7 +32,9 @@ RETRY_STATUSES = {408, 425, 429}
 
 
 def sign(key: bytes, nonce: str, timestamp: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(key, nonce.encode() + b"." + timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return (
+        "sha256=" + hmac.new(key, nonce.encode() + b"." + timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+    )
 
 
 class WebhookSink(Sink):
@@ -47,13 +49,21 @@ class WebhookSink(Sink):
         return markers.is_delivered(self.ctx)
 
     def _post(self, batch_no: int, body: bytes) -> None:
-        headers = {"Content-Type": "application/json", "Idempotency-Key": f"{self.ctx.job_id}:{self.ctx.chunk}:{batch_no}"}
+        headers = {
+            "Content-Type": "application/json",
+            "Idempotency-Key": f"{self.ctx.job_id}:{self.ctx.chunk}:{batch_no}",
+        }
         delay = 0.5
         for attempt in range(1, ATTEMPTS + 1):
             if self.key is not None:
                 ts, nonce = str(int(time.time())), str(uuid.uuid4())
-                headers.update({"X-Webhook-Timestamp": ts, "X-Webhook-Nonce": nonce,
-                                "X-Signature-256": sign(self.key, nonce, ts, body)})
+                headers.update(
+                    {
+                        "X-Webhook-Timestamp": ts,
+                        "X-Webhook-Nonce": nonce,
+                        "X-Signature-256": sign(self.key, nonce, ts, body),
+                    }
+                )
             try:
                 r = self.client.post(self.url, content=body, headers=headers)
             except httpx.TransportError as e:
@@ -63,10 +73,14 @@ class WebhookSink(Sink):
                     return
                 text = " ".join(r.text.split())[:300]
                 if 400 <= r.status_code < 500 and r.status_code not in RETRY_STATUSES:
-                    raise PermanentError(f"{self.label} batch {batch_no}: {self.where} answered HTTP {r.status_code}: {text}")
+                    raise PermanentError(
+                        f"{self.label} batch {batch_no}: {self.where} answered HTTP {r.status_code}: {text}"
+                    )
                 why = f"HTTP {r.status_code}: {text}"
             if attempt == ATTEMPTS:
-                raise TransientError(f"{self.label} batch {batch_no}: {self.where} failed after {ATTEMPTS} attempts: {why}")
+                raise TransientError(
+                    f"{self.label} batch {batch_no}: {self.where} failed after {ATTEMPTS} attempts: {why}"
+                )
             log.warning("%s batch %d attempt %d: %s; retrying in %.1fs", self.label, batch_no, attempt, why, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10)
@@ -90,7 +104,7 @@ class WebhookSink(Sink):
             values, i = batch.values, 0
             while i < len(values):
                 take = BATCH_ROWS - len(pending)
-                pending.extend(values[i:i + take])
+                pending.extend(values[i : i + take])
                 i += take
                 if len(pending) == BATCH_ROWS:
                     send()

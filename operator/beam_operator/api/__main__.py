@@ -21,9 +21,15 @@ from kubernetes.client import CoreV1Api
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="beam-api", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="beam-api", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--kubeconfig", default=None)
-    p.add_argument("--keys-namespace", default=None, help="namespace of the API key Secrets (default $BEAM_API_KEYS_NAMESPACE or beam-system)")
+    p.add_argument(
+        "--keys-namespace",
+        default=None,
+        help="namespace of the API key Secrets (default $BEAM_API_KEYS_NAMESPACE or beam-system)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     serve = sub.add_parser("serve", help="run the HTTP server")
     serve.add_argument("--host", default=os.environ.get("BEAM_API_HOST", "0.0.0.0"))
@@ -47,8 +53,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "serve":
         import uvicorn
 
-        uvicorn.run(create_app(settings, args.kubeconfig), host=args.host, port=args.port, log_level="info",
-                    access_log=os.environ.get("BEAM_API_ACCESS_LOG", "1") != "0")
+        uvicorn.run(
+            create_app(settings, args.kubeconfig),
+            host=args.host,
+            port=args.port,
+            log_level="info",
+            access_log=os.environ.get("BEAM_API_ACCESS_LOG", "1") != "0",
+        )
         return 0
     if args.cmd == "openapi":
         from beam_operator.api.app import openapi_document
@@ -63,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ns = settings.keys_namespace
     if args.keys_cmd == "create":
         key, secret = keymod.create_key(core, ns, args.org, args.description)
-        print(f"key_id {key.key_id} for organization {key.organization} (Secret {ns}/{keymod.SECRET_PREFIX}{key.key_id})", file=sys.stderr)
+        print(
+            f"key_id {key.key_id} for organization {key.organization} (Secret {ns}/{keymod.SECRET_PREFIX}{key.key_id})",
+            file=sys.stderr,
+        )
         print("the key is shown only now; store it safely:", file=sys.stderr)
         print(secret)
         return 0

@@ -9,7 +9,7 @@ that generates the CRD, so the API refuses exactly what `kubectl apply` would.
 # refer to names local to create_app.
 import os
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
@@ -22,11 +22,19 @@ from kubernetes.client import ApiException, CoreV1Api
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
-from beam_operator.api.public_job import CancelResponse, CreateResponse, ErrorBody, Job, creation_order, job_view, public_status
+from beam_contract.model import TERMINAL, TIMESTAMP_RE, BackfillSpec, Phase, workflow_id
 from beam_operator.api.keys import ApiKey, KeyStore
 from beam_operator.api.kube import Backfills, api_client, status_message
+from beam_operator.api.public_job import (
+    CancelResponse,
+    CreateResponse,
+    ErrorBody,
+    Job,
+    creation_order,
+    job_view,
+    public_status,
+)
 from beam_operator.api.ratelimit import TokenBuckets, retry_after_header
-from beam_contract.model import TERMINAL, TIMESTAMP_RE, Phase, BackfillSpec, workflow_id
 
 PREFIX = "/api/v1/beam"
 
@@ -88,7 +96,14 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
     def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = []
         for err in exc.errors():
-            detail.append({"loc": list(err.get("loc", ())), "msg": err.get("msg", ""), "type": err.get("type", ""), "field": _field(err.get("loc", ()))})
+            detail.append(
+                {
+                    "loc": list(err.get("loc", ())),
+                    "msg": err.get("msg", ""),
+                    "type": err.get("type", ""),
+                    "field": _field(err.get("loc", ())),
+                }
+            )
         return JSONResponse(status_code=422, content={"detail": detail})
 
     @app.exception_handler(ApiException)
@@ -100,8 +115,15 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
         if exc.status is not None and 400 <= exc.status < 500 and not own_identity:
             if exc.status == 422:
                 # The same shape as the API's own 422, so a script handles both alike.
-                detail = [{"loc": ["body", *c.get("field", "").removeprefix("spec.").split(".")], "msg": c.get("message", ""),
-                           "type": c.get("reason", ""), "field": c.get("field", "").removeprefix("spec.")} for c in causes]
+                detail = [
+                    {
+                        "loc": ["body", *c.get("field", "").removeprefix("spec.").split(".")],
+                        "msg": c.get("message", ""),
+                        "type": c.get("reason", ""),
+                        "field": c.get("field", "").removeprefix("spec."),
+                    }
+                    for c in causes
+                ]
                 detail = detail or [{"loc": ["body"], "msg": message, "type": "Invalid", "field": ""}]
                 return JSONResponse(status_code=422, content={"detail": detail, "message": message})
             return JSONResponse(status_code=exc.status, content={"detail": message})
@@ -118,7 +140,14 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             # Starlette names only the first route that matched the path; list every method.
-            methods = sorted({m for r in app.routes if isinstance(r, APIRoute) and r.path_regex.match(request.url.path) for m in r.methods})
+            methods = sorted(
+                {
+                    m
+                    for r in app.routes
+                    if isinstance(r, APIRoute) and r.path_regex.match(request.url.path)
+                    for m in r.methods
+                }
+            )
             headers["Allow"] = ", ".join(methods)
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail}, headers=headers)
 
@@ -131,8 +160,11 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
             # client address, so guessing cannot turn into a flood on the apiserver.
             wait = failures.take(request.client.host if request.client else "")
             if wait:
-                raise HTTPException(429, "too many requests with a missing or invalid X-API-Key",
-                                    headers={"Retry-After": retry_after_header(wait)})
+                raise HTTPException(
+                    429,
+                    "too many requests with a missing or invalid X-API-Key",
+                    headers={"Retry-After": retry_after_header(wait)},
+                )
             raise HTTPException(401, "missing or invalid X-API-Key" if key else "missing X-API-Key header")
         wait = buckets.take(found.key_id)
         if wait:
@@ -154,11 +186,20 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
         response_model=CreateResponse,
         summary="Create backfill",
         operation_id="create_backfill",
-        responses={**ERRORS, 200: {"links": {"CancelBackfill": {
-            "operationId": "cancel_backfill", "parameters": {"job_id": "$response.body#/job_id"}}}},
-                   400: {"model": ErrorBody, "description": "The body is not JSON."},
-                   422: {"model": ErrorBody, "description": "The body is not valid; each item names its field."},
-                   403: {"model": ErrorBody, "description": "The organization is not provisioned (no namespace)."}},
+        responses={
+            **ERRORS,
+            200: {
+                "links": {
+                    "CancelBackfill": {
+                        "operationId": "cancel_backfill",
+                        "parameters": {"job_id": "$response.body#/job_id"},
+                    }
+                }
+            },
+            400: {"model": ErrorBody, "description": "The body is not JSON."},
+            422: {"model": ErrorBody, "description": "The body is not valid; each item names its field."},
+            403: {"model": ErrorBody, "description": "The organization is not provisioned (no namespace)."},
+        },
     )
     def create_backfill(spec: BackfillSpec, who: Caller) -> Any:
         # exclude_none: unset optional fields stay absent in the resource, as in a hand-written one.
@@ -167,7 +208,9 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
             obj = backfills.create(who.organization, body)
         except ApiException as e:
             if e.status == 404:
-                raise HTTPException(403, f"organization {who.organization} is not provisioned: its namespace does not exist") from None
+                raise HTTPException(
+                    403, f"organization {who.organization} is not provisioned: its namespace does not exist"
+                ) from None
             raise
         uid = obj["metadata"]["uid"]
         return _json({"job_id": uid, "workflow_id": workflow_id(who.organization, uid)})
@@ -183,7 +226,9 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
     def list_backfills(
         who: Caller,
         status: Annotated[Phase | None, Query(description="Only jobs in this status.")] = None,
-        limit: Annotated[int | None, Query(ge=1, le=100000, description="At most this many jobs: the oldest ones.")] = None,
+        limit: Annotated[
+            int | None, Query(ge=1, le=100000, description="At most this many jobs: the oldest ones.")
+        ] = None,
     ) -> Any:
         items = sorted(backfills.list(who.organization), key=creation_order)
         if status:
@@ -197,8 +242,11 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
         response_model=CancelResponse,
         summary="Cancel backfill",
         operation_id="cancel_backfill",
-        responses={**ERRORS, 404: {"model": ErrorBody, "description": "No such job in the caller's organization."},
-                   409: {"model": ErrorBody, "description": "The job has already ended (completed, failed or cancelled)."}},
+        responses={
+            **ERRORS,
+            404: {"model": ErrorBody, "description": "No such job in the caller's organization."},
+            409: {"model": ErrorBody, "description": "The job has already ended (completed, failed or cancelled)."},
+        },
     )
     def cancel_backfill(job_id: Annotated[str, Path(max_length=64)], who: Caller) -> Any:
         for _ in range(5):
@@ -207,7 +255,9 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
                 raise HTTPException(404, f"backfill {job_id} not found")
             current = public_status(obj)
             if current in TERMINAL:
-                raise HTTPException(409, f"backfill {job_id} has already ended with status {current}; there is nothing to cancel")
+                raise HTTPException(
+                    409, f"backfill {job_id} has already ended with status {current}; there is nothing to cancel"
+                )
             try:
                 backfills.request_cancel(who.organization, obj["metadata"]["name"], obj["metadata"]["resourceVersion"])
             except ApiException as e:
@@ -216,8 +266,14 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
                 if e.status == 404:
                     raise HTTPException(404, f"backfill {job_id} not found") from None
                 raise
-            return _json({"job_id": job_id, "workflow_id": workflow_id(who.organization, job_id),
-                                   "status": current, "cancel_requested": True})
+            return _json(
+                {
+                    "job_id": job_id,
+                    "workflow_id": workflow_id(who.organization, job_id),
+                    "status": current,
+                    "cancel_requested": True,
+                }
+            )
         raise HTTPException(503, "the backfill kept changing while cancelling; retry")
 
     def openapi() -> dict[str, Any]:

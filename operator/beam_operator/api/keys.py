@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from kubernetes.client import ApiException, CoreV1Api
 
@@ -50,20 +50,23 @@ def create_key(core: CoreV1Api, namespace: str, organization: str, description: 
     if not ORG_RE.match(organization) or len(organization) > 63:
         raise ValueError(f"organization {organization!r} must be a namespace name (lowercase letters, digits, '-')")
     key_id, key = new_key()
-    core.create_namespaced_secret(namespace, {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {
-            "name": SECRET_PREFIX + key_id,
-            "labels": {ORG_LABEL: organization, KIND_LABEL: "true"},
-            "annotations": {
-                "beam-backfill.dev/created-at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                "beam-backfill.dev/description": description,
+    core.create_namespaced_secret(
+        namespace,
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": SECRET_PREFIX + key_id,
+                "labels": {ORG_LABEL: organization, KIND_LABEL: "true"},
+                "annotations": {
+                    "beam-backfill.dev/created-at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    "beam-backfill.dev/description": description,
+                },
             },
+            "type": "Opaque",
+            "stringData": {"sha256": digest(key)},
         },
-        "type": "Opaque",
-        "stringData": {"sha256": digest(key)},
-    })
+    )
     return ApiKey(key_id, organization), key
 
 

@@ -4,15 +4,15 @@ FastAPI's thread pool)."""
 from __future__ import annotations
 
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from kubernetes import client, config
 from kubernetes.client import ApiClient, ApiException
 
-from beam_operator.api.public_job import CREATED_AT_ANNOTATION
 from beam_contract.model import GROUP, KIND, PLURAL, VERSION
+from beam_operator.api.public_job import CREATED_AT_ANNOTATION
 
 
 def api_client(kubeconfig: str | None = None) -> ApiClient:
@@ -40,7 +40,7 @@ class Backfills:
             "kind": KIND,
             "metadata": {
                 "generateName": "bf-",
-                "annotations": {CREATED_AT_ANNOTATION: datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")},
+                "annotations": {CREATED_AT_ANNOTATION: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")},
                 "labels": {"app.kubernetes.io/created-by": "beam-api"},
             },
             "spec": spec,

@@ -7,7 +7,7 @@ apiserver returns it, so the API and kubectl cannot disagree.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,9 +18,24 @@ from beam_contract.model import Phase, destination_uid, workflow_id
 CREATED_AT_ANNOTATION = "beam-backfill.dev/created-at"
 
 JOB_FIELDS = (
-    "job_id", "workflow_id", "organization_id", "status", "job_name", "table", "partition_key",
-    "backfill_start", "backfill_end", "filter_column", "filter_values", "destinations",
-    "static_egress_ip", "num_chunks", "chunks_left", "error_message", "time_created", "time_completed",
+    "job_id",
+    "workflow_id",
+    "organization_id",
+    "status",
+    "job_name",
+    "table",
+    "partition_key",
+    "backfill_start",
+    "backfill_end",
+    "filter_column",
+    "filter_values",
+    "destinations",
+    "static_egress_ip",
+    "num_chunks",
+    "chunks_left",
+    "error_message",
+    "time_created",
+    "time_completed",
 )
 
 
@@ -45,10 +60,10 @@ class Job(BaseModel):
     job_name: str
     table: str
     partition_key: Literal["block", "block_timestamp"]
-    backfill_start: Union[str, int] = Field(description="Inclusive window start, as given at creation.")
-    backfill_end: Union[str, int] = Field(description="Exclusive window end, as given at creation.")
+    backfill_start: str | int = Field(description="Inclusive window start, as given at creation.")
+    backfill_end: str | int = Field(description="Exclusive window end, as given at creation.")
     filter_column: str | None
-    filter_values: list[Union[str, int]] | None
+    filter_values: list[str | int] | None
     destinations: list[JobDestination]
     static_egress_ip: bool
     num_chunks: int | None = Field(description="Parquet files staged; null while staging.")
@@ -121,4 +136,8 @@ def job_view(obj: dict[str, Any]) -> dict[str, Any]:
 
 def creation_order(obj: dict[str, Any]) -> tuple[str, str, str]:
     meta = obj["metadata"]
-    return (meta.get("creationTimestamp", ""), (meta.get("annotations") or {}).get(CREATED_AT_ANNOTATION, ""), meta.get("name", ""))
+    return (
+        meta.get("creationTimestamp", ""),
+        (meta.get("annotations") or {}).get(CREATED_AT_ANNOTATION, ""),
+        meta.get("name", ""),
+    )
