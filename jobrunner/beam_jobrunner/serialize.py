@@ -175,7 +175,8 @@ def render(df: pl.DataFrame) -> tuple[list[tuple], tuple, list]:
     exprs.append((pl.col(key_col).cast(pl.String) if key_col else pl.lit(None, pl.String)).alias("_key"))
     table = df.select(exprs).rechunk().to_arrow(compat_level=pl.CompatLevel.newest())
     arrays = [col.chunk(0) if col.num_chunks == 1 else col.combine_chunks() for col in table.columns]
-    specs = [_view_spec(a, lead, mode) for a, lead, mode in zip(arrays, leads, modes, strict=True)]
+    # arrays has one more entry than leads and modes: the key column, last.
+    specs = [_view_spec(a, lead, mode) for a, lead, mode in zip(arrays[:-1], leads, modes, strict=True)]
     return specs, _view_spec(arrays[-1], b"", RAW), arrays
 
 
