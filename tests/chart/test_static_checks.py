@@ -28,7 +28,7 @@ def _tool(name: str) -> str:
     path = Path(sys.executable).with_name(name)
     found = str(path) if path.exists() else shutil.which(name)
     if found is None:
-        pytest.fail(f"{name} not found: run .venv/bin/pip install -e '.[dev]'")
+        pytest.fail(f"{name} not found: run hack/setup (it is in uv.lock's dev group)")
     return found
 
 
