@@ -52,7 +52,10 @@ build_k8s() {
     log "compiling $cmd (first time: 5-15 minutes on 2 cores)"
     (cd "$work" && go build -trimpath -ldflags "$ld" -o "$K8S_DIR.tmp/$cmd" "k8s.io/kubernetes/cmd/$cmd")
   done
-  rm -rf "$K8S_DIR"; mv "$K8S_DIR.tmp" "$K8S_DIR"
+  # File by file: the node's binaries (hack/node/build-node.sh) live in the same directory.
+  mkdir -p "$K8S_DIR"
+  for f in "$K8S_DIR.tmp"/*; do mv -f "$f" "$K8S_DIR/"; done
+  rmdir "$K8S_DIR.tmp"
   log "kubernetes $K8S_VERSION ready in $K8S_DIR"
 }
 

@@ -17,6 +17,7 @@ import argparse
 import importlib
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,16 @@ def fetch() -> dict[str, float]:
     progress("fetch", "helm: checking cache")
     helm_binary()
     times["helm"] = time.monotonic() - t
+    # The real node (tests/node): Debian's containerd, runc, CNI plugins and image builders, the
+    # node's Kubernetes binaries, then the images, built from the Dockerfiles when they changed.
+    from beam_devstack import images, node
+
+    t = time.monotonic()
+    progress("fetch", "node: Debian packages, kubelet, kube-proxy, kube-scheduler, images")
+    subprocess.run(["bash", str(ROOT / "hack" / "node" / "install-packages.sh")], check=True)
+    node.ensure_installed()
+    images.ensure_built()
+    times["node"] = time.monotonic() - t
     return times
 
 

@@ -45,8 +45,13 @@ def ensure_installed() -> Path:
 
 
 class FakeGcs:
-    def __init__(self, run_dir: Path, *, detach: bool = False, pid_dir: Path | None = None) -> None:
+    """host: 127.0.0.1, or a real node's bridge address (node.py) for servers that Pods use."""
+
+    def __init__(
+        self, run_dir: Path, *, detach: bool = False, pid_dir: Path | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.run_dir = Path(run_dir) / "gcs"
+        self.host = host
         self.detach = detach
         self.pid_dir = pid_dir
         self.port: int | None = None
@@ -54,17 +59,17 @@ class FakeGcs:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def endpoints(self) -> dict:
         # url is the value for STORAGE_EMULATOR_HOST; host_port is pyarrow's endpoint_override.
-        return {"url": self.url, "host_port": f"127.0.0.1:{self.port}"}
+        return {"url": self.url, "host_port": f"{self.host}:{self.port}"}
 
     def start(self) -> FakeGcs:
         binary = ensure_installed()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        hp = f"127.0.0.1:{self.port}"
+        hp = f"{self.host}:{self.port}"
         self.proc = start_ready(
             "fake-gcs-server",
             [
@@ -72,7 +77,7 @@ class FakeGcs:
                 "-scheme",
                 "http",
                 "-host",
-                "127.0.0.1",
+                self.host,
                 "-port",
                 self.port,
                 "-backend",

@@ -56,6 +56,17 @@ CONTROLLERS = [
     # Pods admitted with a ServiceAccount mount kube-root-ca.crt; real clusters publish it.
     "root-ca-certificate-publisher-controller",
 ]
+# With a real node (node.py): its heartbeat and Pod garbage collection, the EndpointSlices
+# kube-proxy reads for Services, and Deployments for the chart's operator and API.
+NODE_CONTROLLERS = [
+    "node-lifecycle-controller",
+    "pod-garbage-collector-controller",
+    "endpoints-controller",
+    "endpointslice-controller",
+    "endpointslice-mirroring-controller",
+    "replicaset-controller",
+    "deployment-controller",
+]
 
 
 def ensure_installed() -> None:
@@ -75,7 +86,7 @@ def ensure_installed() -> None:
 # --- certificates ------------------------------------------------------------------------
 
 
-def _write_pki(pki: Path) -> None:
+def _write_pki(pki: Path, extra_ips: tuple[str, ...] = ()) -> None:
     """CA, apiserver serving cert, admin client cert, ServiceAccount signing key.
 
     EC P-256 keys: generated in milliseconds, unlike RSA, and every component accepts them.
@@ -150,6 +161,7 @@ def _write_pki(pki: Path) -> None:
         ExtendedKeyUsageOID.SERVER_AUTH,
         [
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips),
             # The first address of the service range is the in-cluster `kubernetes` Service.
             x509.IPAddress(next(ipaddress.ip_network(SERVICE_CIDR).hosts())),
             x509.DNSName("localhost"),
@@ -203,11 +215,17 @@ class ApiError(RuntimeError):
 class ControlPlane:
     """etcd + kube-apiserver + kube-controller-manager on free 127.0.0.1 ports.
 
-    Each start() begins from an empty etcd and fresh certificates under run_dir.
+    Each start() begins from an empty etcd and fresh certificates under run_dir. With node_ip
+    (the bridge address of a real node, node.py) kube-apiserver binds and advertises that address
+    instead, so Pods reach it through the `kubernetes` Service, it can reach the kubelet for logs
+    and exec, and the controllers a node needs run too.
     """
 
-    def __init__(self, run_dir: Path, *, detach: bool = False, pid_dir: Path | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, *, detach: bool = False, pid_dir: Path | None = None, node_ip: str | None = None
+    ) -> None:
         self.run_dir = Path(run_dir)
+        self.node_ip = node_ip
         self.detach = detach
         self.pid_dir = pid_dir
         self.pki = self.run_dir / "pki"
@@ -223,7 +241,7 @@ class ControlPlane:
 
     @property
     def server(self) -> str:
-        return f"https://127.0.0.1:{self.port}"
+        return f"https://{self.node_ip or '127.0.0.1'}:{self.port}"
 
     def endpoints(self) -> dict[str, Any]:
         return {"kubeconfig": str(self.kubeconfig), "server": self.server}
@@ -234,7 +252,7 @@ class ControlPlane:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in ("etcd", "pki", "kcm-certs", "kubeconfigs"):
             shutil.rmtree(self.run_dir / stale, ignore_errors=True)
-        _write_pki(self.pki)
+        _write_pki(self.pki, (self.node_ip,) if self.node_ip else ())
         self._ssl = None
         self.etcd_port, self.etcd_peer_port, self.port, self.kcm_port = (free_port() for _ in range(4))
         self.kubeconfig.write_text(
@@ -398,8 +416,8 @@ class ControlPlane:
         return [
             APISERVER_BIN,
             f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            f"--bind-address={self.node_ip or '127.0.0.1'}",
+            f"--advertise-address={self.node_ip or '127.0.0.1'}",
             f"--secure-port={self.port}",
             f"--cert-dir={self.run_dir / 'apiserver-certs'}",
             f"--tls-cert-file={pki / 'apiserver.crt'}",
@@ -415,6 +433,19 @@ class ControlPlane:
             # Without a bound, SIGTERM waits on open watches (the controller manager's) and
             # restart_apiserver() would end in SIGKILL after the stop grace.
             "--shutdown-watch-termination-grace-period=2s",
+            *self._kubelet_client_argv(),
+        ]
+
+    def _kubelet_client_argv(self) -> list[str]:
+        """`kubectl logs` and `exec` go through the kubelet, at the node's InternalIP."""
+        if not self.node_ip:
+            return []
+        pki = self.pki
+        return [
+            f"--kubelet-client-certificate={pki / 'admin.crt'}",
+            f"--kubelet-client-key={pki / 'admin.key'}",
+            f"--kubelet-certificate-authority={pki / 'ca.crt'}",
+            "--kubelet-preferred-address-types=InternalIP",
         ]
 
     def _start_apiserver(self) -> None:
@@ -431,7 +462,7 @@ class ControlPlane:
             [
                 CONTROLLER_MANAGER_BIN,
                 f"--kubeconfig={self.kubeconfig}",
-                f"--controllers={','.join(CONTROLLERS)}",
+                f"--controllers={','.join(CONTROLLERS + (NODE_CONTROLLERS if self.node_ip else []))}",
                 "--bind-address=127.0.0.1",
                 f"--secure-port={self.kcm_port}",
                 f"--cert-dir={self.run_dir / 'kcm-certs'}",

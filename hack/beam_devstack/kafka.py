@@ -1,4 +1,4 @@
-"""A real one-node Apache Kafka (KRaft, broker and controller in one JVM) on 127.0.0.1.
+"""A real one-node Apache Kafka (KRaft, broker and controller in one JVM) on 127.0.0.1 (or `host`).
 
 The jars come from Maven Central through hack/kafka/pom.xml and are cached per version; the
 broker runs on the machine's Java 17. Settings suit tests: replication factor 1 everywhere
@@ -119,7 +119,10 @@ class Kafka:
         version: str = VERSION,
         heap: str = "512m",
         log_level: str = "WARN",
+        host: str = "127.0.0.1",
     ) -> None:
+        # 127.0.0.1, or a real node's bridge address (node.py), where Pods reach the broker.
+        self.host = host
         self.run_dir = Path(run_dir) / "kafka"
         self.detach = detach
         self.pid_dir = pid_dir
@@ -136,7 +139,7 @@ class Kafka:
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def endpoints(self) -> dict:
         return {"bootstrap": self.bootstrap}
@@ -151,9 +154,9 @@ class Kafka:
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port},"
-            f"PROXIED://127.0.0.1:{self.proxied_port}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{self.port},PROXIED://127.0.0.1:{self._proxy_port}",
+            "listeners": f"PLAINTEXT://{self.host}:{self.port},CONTROLLER://127.0.0.1:{self.controller_port},"
+            f"PROXIED://{self.host}:{self.proxied_port}",
+            "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port},PROXIED://{self.host}:{self._proxy_port}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PROXIED:PLAINTEXT",
@@ -218,13 +221,13 @@ class Kafka:
         try:
             # Clients are only created once the port answers: librdkafka logs every refused
             # connection, which would bury the broker's own log in the test output.
-            self.proc.wait_ready(lambda: port_open(self.port), READY_TIMEOUT, "listening")
+            self.proc.wait_ready(lambda: port_open(self.port, self.host), READY_TIMEOUT, "listening")
             self.proc.wait_ready(self._lists_topics, READY_TIMEOUT, "listing topics")
             # The transaction coordinator's topic is created lazily by the first transactional
             # producer; do it here so tests that use transactions do not pay for it or race it.
             self.proc.wait_ready(self._inits_transactions, READY_TIMEOUT, "accepting transactions")
             if not self.detach:  # the proxy lives in this process: a detached broker has none
-                self.proxy = KafkaProxy(self.proxied_port, self._proxy_port)
+                self.proxy = KafkaProxy(self.proxied_port, self._proxy_port, self.host)
         except BaseException:
             self.stop()
             raise

@@ -50,8 +50,13 @@ def connect(endpoints: dict, database: str | None = None, schema: str | None = N
 
 
 class FakeSnowflake:
-    def __init__(self, run_dir: Path, *, detach: bool = False, pid_dir: Path | None = None) -> None:
+    """host: 127.0.0.1, or a real node's bridge address (node.py) for servers that Pods use."""
+
+    def __init__(
+        self, run_dir: Path, *, detach: bool = False, pid_dir: Path | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.run_dir = Path(run_dir) / "snowflake"
+        self.host = host
         self.detach = detach
         self.pid_dir = pid_dir
         self.port: int | None = None
@@ -59,7 +64,7 @@ class FakeSnowflake:
 
     def endpoints(self) -> dict:
         return {
-            "host": "127.0.0.1",
+            "host": self.host,
             "port": self.port,
             "account": ACCOUNT,
             "user": USER,
@@ -76,12 +81,12 @@ class FakeSnowflake:
         self.port = free_port()
         self.proc = start_ready(
             "fakesnow",
-            [sys.executable, "-m", "fakesnow", "-s", "-p", self.port, "--host", "127.0.0.1"],
+            [sys.executable, "-m", "fakesnow", "-s", "-p", self.port, "--host", self.host],
             log_path=self.run_dir / "fakesnow.log",
-            checks=[(lambda: port_open(self.port), "listening"), (self._answers_sql, "answering SQL")],
+            checks=[(lambda: port_open(self.port, self.host), "listening"), (self._answers_sql, "answering SQL")],
             timeout=READY_TIMEOUT,
             component="snowflake",
-            describe=f"fakesnow ready on 127.0.0.1:{self.port}",
+            describe=f"fakesnow ready on {self.host}:{self.port}",
             detach=self.detach,
             pid_dir=self.pid_dir,
         )

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from chartlib import REPO
 
-# Every shell script: hack/*.sh plus the extension-less entry points and CI's script.
+# Every shell script: hack/*.sh, hack/node/*.sh plus the extension-less entry points and CI's script.
 SCRIPTS = sorted(
     [
         *(REPO / "hack").glob("*.sh"),
+        *(REPO / "hack" / "node").glob("*.sh"),
         REPO / "hack" / "setup",
         REPO / "hack" / "test",
         REPO / "hack" / "demo",
