@@ -91,7 +91,8 @@ def installed(cluster, servers):
             "stage_strategy": "fetch",
             "staging_bucket": BUCKET,
             "gcs_endpoint": gcs.url,
-            "managed_kafka_bootstrap": servers["kafka"].bootstrap,
+            # Through the stack's Kafka proxy, which the kill test uses to hold commits.
+            "managed_kafka_bootstrap": servers["kafka"].proxy.bootstrap,
             "chunk_target_bytes": 1048576,
             "connect_timeout_seconds": 15,
             # Chunks are cut between row groups: small ones, so that a March of USDC makes several.

@@ -9,6 +9,7 @@ import urllib.parse
 
 from beam_devstack import dataset
 from beam_devstack.images import JOBRUNNER, OPERATOR
+from beam_devstack.kafka_proxy import END_TXN
 
 WINDOW = {"partition_key": "block_timestamp", "start": "2026-03-01T00:00:00", "end": "2026-04-01T00:00:00"}
 
@@ -45,32 +46,15 @@ def test_seed_backfill_completes_in_real_containers_with_exactly_the_window(inst
     plane = installed
     kafka = servers["kafka"]
     topic = "node-usdc"
-    spec = {
-        "job_name": "USDC on Base, March 2026, on a real node",
-        "table": dataset.TABLE,
-        "backfill_window": WINDOW,
-        "filter": {"column": "token_address", "values": [dataset.USDC]},
-        "destinations": [{"type": "kafka", "name": topic}],
-        "parallelism": 2,
-    }
-    body = {
-        "apiVersion": "beam-backfill.dev/v1alpha1",
-        "kind": "BeamBackfill",
-        "metadata": {"name": "usdc"},
-        "spec": spec,
-    }
-    obj = plane.api("POST", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills", body)
+    obj = plane.api(
+        "POST",
+        f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills",
+        backfill("usdc", topic, parallelism=2),
+    )
     uid = obj["metadata"]["uid"]
 
-    def ended():
-        st = (
-            plane.api("GET", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills/usdc").get("status")
-            or {}
-        )
-        return st if st.get("status") in ("completed", "failed", "cancelled") else None
-
     try:
-        st = wait_for(ended, 240, "the backfill's end")
+        st = wait_for(lambda: ended(plane, org, "usdc"), 240, "the backfill's end")
     except AssertionError:
         raise AssertionError(story(plane, org)) from None
     assert st["status"] == "completed", story(plane, org)
@@ -91,6 +75,44 @@ def test_seed_backfill_completes_in_real_containers_with_exactly_the_window(inst
     staging = next(p for p in pods if p["metadata"]["labels"]["beam-backfill.dev/phase"] == "staging")
     described = plane.kubectl("describe", "pod", "-n", org, staging["metadata"]["name"]).stdout
     assert JOBRUNNER.tag() in described and "Completed" in described, described
+
+
+def test_a_killed_container_and_a_deleted_pod_are_retried_without_loss_or_duplicates(cluster, installed, servers, org):
+    """Faults as a cluster injects them, at an observable point: both transport workers are held
+    at their commit by the stack's Kafka proxy, inside their open transactions; then one
+    container's process is SIGKILLed through containerd and the other Pod is deleted."""
+    plane, node = cluster
+    kafka = servers["kafka"]
+    topic = "node-faults"
+    with kafka.proxy.holding(END_TXN):
+        obj = plane.api(
+            "POST",
+            f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills",
+            backfill("faults", topic, parallelism=2),
+        )
+        uid = obj["metadata"]["uid"]
+        assert kafka.proxy.wait_held(2, timeout=180), story(plane, org)
+        running = [p for p in transport_pods(plane, org, uid) if p["status"]["phase"] == "Running"]
+        assert len(running) == 2, [p["status"]["phase"] for p in running]
+        killed, deleted = running
+        container = killed["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
+        node.ctr("tasks", "kill", "--signal", "SIGKILL", container)
+        plane.kubectl("delete", "pod", "-n", org, deleted["metadata"]["name"], "--wait=false")
+        # Both workers are gone before the hold ends; their retries are created only after that
+        # and need seconds to reach a commit of their own.
+        wait_for(
+            lambda: pod_phase(plane, org, killed) == "Failed" and pod_phase(plane, org, deleted) in ("Failed", None),
+            60,
+            "the end of both workers",
+        )
+
+    st = wait_for(lambda: ended(plane, org, "faults"), 240, "the backfill's end")
+    assert st["status"] == "completed", story(plane, org)
+    [term] = [p for p in transport_pods(plane, org, uid) if p["metadata"]["name"] == killed["metadata"]["name"]]
+    assert term["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
+    got = read_keys(kafka.bootstrap, topic)
+    assert len(got) == len(set(got)), "duplicates after the faults"
+    assert set(got) == expected_ids(servers["snowflake"])
 
 
 def test_a_pod_whose_image_is_missing_shows_the_real_reason(installed, org):
@@ -117,6 +139,42 @@ def test_a_pod_whose_image_is_missing_shows_the_real_reason(installed, org):
     assert wait_for(waiting, 60, "a waiting reason") == "ErrImageNeverPull"
     described = plane.kubectl("describe", "pod", "-n", org, "no-image").stdout
     assert "ErrImageNeverPull" in described and "not present with pull policy of Never" in described, described
+
+
+def backfill(name: str, topic: str, **extra) -> dict:
+    spec = {
+        "job_name": f"USDC on Base, March 2026 ({name})",
+        "table": dataset.TABLE,
+        "backfill_window": WINDOW,
+        "filter": {"column": "token_address", "values": [dataset.USDC]},
+        "destinations": [{"type": "kafka", "name": topic}],
+        **extra,
+    }
+    return {
+        "apiVersion": "beam-backfill.dev/v1alpha1",
+        "kind": "BeamBackfill",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
+
+
+def ended(plane, namespace: str, name: str) -> dict | None:
+    path = f"/apis/beam-backfill.dev/v1alpha1/namespaces/{namespace}/beambackfills/{name}"
+    st = plane.api("GET", path).get("status") or {}
+    return st if st.get("status") in ("completed", "failed", "cancelled") else None
+
+
+def transport_pods(plane, namespace: str, uid: str) -> list[dict]:
+    sel = urllib.parse.quote(f"beam-backfill.dev/job-id={uid},beam-backfill.dev/phase=transport")
+    return plane.api("GET", f"/api/v1/namespaces/{namespace}/pods?labelSelector={sel}")["items"]
+
+
+def pod_phase(plane, namespace: str, pod: dict) -> str | None:
+    """The Pod's phase; None once it is deleted."""
+    items = plane.api(
+        "GET", f"/api/v1/namespaces/{namespace}/pods?fieldSelector=metadata.name%3D{pod['metadata']['name']}"
+    )
+    return items["items"][0]["status"]["phase"] if items["items"] else None
 
 
 def story(plane, namespace: str) -> str:
