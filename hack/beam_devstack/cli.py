@@ -29,7 +29,13 @@ STACK = Path(os.environ.get("BEAM_DEVSTACK_DIR", ROOT / ".devstack"))
 STATE = STACK / "state.json"
 PIDS = STACK / "pids"
 
-# name -> (module, class); order is start order (the node agent needs the control plane).
+# The dev stack's node (beam_devstack.node): a bridge and ranges of its own, apart from the
+# test suite's (tests/node). One node runs per machine: a second one is refused with NodeBusy.
+NODE = {"bridge": "beamdev0", "node_ip": "10.213.8.1", "pod_cidr": "10.213.8.0/24"}
+# Servers that Pods use listen on the node's address.
+ON_NODE = {"kafka", "gcs", "snowflake"}
+
+# name -> (module, class); order is start order (the control plane comes first).
 COMPONENTS = {
     "k8s": ("k8s", "ControlPlane"),
     "kafka": ("kafka", "Kafka"),
@@ -87,27 +93,29 @@ def up(components: list[str] | None = None) -> dict:
     fetch_times = fetch()
     state = {"components": {}, "start_seconds": {}, "fetch_seconds": fetch_times}
     t0 = time.monotonic()
-    started = []
+    from beam_devstack import images
+    from beam_devstack.node import Node
+
+    node = Node(node_settings(images=images.ensure_built()))
     try:
+        t = time.monotonic()
+        node.prepare_network()
+        state["start_seconds"]["network"] = round(time.monotonic() - t, 2)
         for name in components or list(COMPONENTS):
             mod, cls = COMPONENTS[name]
             t = time.monotonic()
-            server = getattr(_module(mod), cls)(STACK / name, detach=True, pid_dir=PIDS)
+            kw = {"node_ip": NODE["node_ip"]} if name == "k8s" else {"host": NODE["node_ip"]} if name in ON_NODE else {}
+            server = getattr(_module(mod), cls)(STACK / name, detach=True, pid_dir=PIDS, **kw)
             server.start()
-            started.append(server)
             state["components"][name] = server.endpoints()
             state["start_seconds"][name] = round(time.monotonic() - t, 2)
             if name == "k8s":
-                from beam_devstack.nodeagent import NodeAgent
-
                 t = time.monotonic()
-                agent = NodeAgent(
-                    STACK / "nodeagent", kubeconfig=server.endpoints()["kubeconfig"], detach=True, pid_dir=PIDS
-                )
-                agent.start()
-                started.append(agent)
-                state["components"]["nodeagent"] = agent.endpoints()
-                state["start_seconds"]["nodeagent"] = round(time.monotonic() - t, 2)
+                node.s.apiserver_url = server.server
+                node.s.ca_cert, node.s.ca_key = server.pki / "ca.crt", server.pki / "ca.key"
+                node.start()
+                state["components"]["node"] = node.endpoints()
+                state["start_seconds"]["node"] = round(time.monotonic() - t, 2)
             STATE.write_text(json.dumps(state, indent=2))
     except BaseException:
         progress("up", "start failed; stopping what was started")
@@ -136,8 +144,25 @@ def _all_alive() -> bool:
     return True
 
 
+def node_settings(**kw):
+    from beam_devstack import k8s
+    from beam_devstack.node import NodeSettings
+
+    return NodeSettings(state_dir=STACK / "node", service_cidr=k8s.SERVICE_CIDR, detach=True, **NODE, **kw)
+
+
 def down(quiet: bool = False) -> list[str]:
+    from beam_devstack.node import NodeBusy, cleanup
+
+    # The control plane and the servers first: kube-apiserver is bound on the node's bridge
+    # address, which the node's cleanup removes.
     stopped = stop_pid_dir(PIDS, grace=10) if PIDS.exists() else []
+    try:
+        removed = cleanup(node_settings())
+    except NodeBusy as e:  # the test suite's node, not ours
+        removed = [f"not the dev stack's node: {e}"]
+    if removed:
+        stopped.append(f"node ({', '.join(removed)})")
     STATE.unlink(missing_ok=True)
     if not quiet:
         progress("down", f"stopped {len(stopped)} processes: {', '.join(stopped) or 'none'}")

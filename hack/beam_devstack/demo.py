@@ -1,9 +1,9 @@
 """`beam-dev demo`: the whole product on the local stack, as a user would run it.
 
-1. `beam-dev up` (control plane, node agent, Kafka, GCS, fakesnow, NATS, SNS);
+1. `beam-dev up` (control plane, a real node, Kafka, GCS, fakesnow, NATS, SNS);
 2. a synthetic base.assets.erc20_token_transfers loaded into fakesnow (once per stack);
-3. the CRD and the chart's RBAC applied; the operator started as a host process with the
-   chart's ServiceAccount token, configured for the local stack (`fetch` staging strategy);
+3. the CRD applied and the chart installed with `helm upgrade --install`, from the images the
+   Dockerfiles build (beam_devstack.images), configured for the local stack (`fetch` staging);
 4. examples/seed-usdc-base.yaml applied in namespace org123 (the seed's organization);
 5. a progress line every second until the backfill ends; then the messages in the topic are
    counted with a read_committed consumer and compared with Snowflake's own count.
@@ -25,7 +25,7 @@ from beam_devstack.proc import progress
 
 NAMESPACE = "org123"
 BUCKET = "beam-staging"
-JOBRUNNER_IMAGE = "beam-backfill/jobrunner:dev"
+RELEASE, RELEASE_NAMESPACE = "beam", "beam-system"
 SNOWFLAKE_SECRET = "beam-snowflake"
 
 
@@ -133,43 +133,64 @@ def _snowflake_secret(kube: _Kube, sf: dict) -> None:
     kube.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(secret))
 
 
-def operator_config(state: dict) -> dict[str, str]:
+def chart_values(state: dict) -> dict:
+    from beam_devstack import images
+
     c = state["components"]
+
+    def image(img) -> dict:
+        # Never: a missing image must fail here, not send containerd to a registry off the machine.
+        return {"repository": img.repository, "tag": img.tag(), "pullPolicy": "Never"}
+
     return {
-        "BEAM_JOBRUNNER_IMAGE": JOBRUNNER_IMAGE,
-        "BEAM_STAGE_STRATEGY": "fetch",
-        "BEAM_GCS_ENDPOINT": c["gcs"]["url"],
-        "BEAM_STAGING_BUCKET": BUCKET,
-        "BEAM_MANAGED_KAFKA_BOOTSTRAP": c["kafka"]["bootstrap"],
-        "BEAM_ALLOWED_TABLES": dataset.TABLE,
-        "BEAM_SNOWFLAKE_SECRET": SNOWFLAKE_SECRET,
-        # Small chunks (production default: 64 MiB) so that the demo's month makes a dozen
-        # chunks and chunks_left visibly counts down.
-        "BEAM_CHUNK_TARGET_BYTES": str(4 * 2**20),
-        "BEAM_DEFAULT_PARALLELISM": "2",
-        "BEAM_JOB_TTL_SECONDS": "3600",
+        "operator": {"image": image(images.OPERATOR)},
+        "jobrunner": {"image": image(images.JOBRUNNER)},
+        # The workers' ServiceAccount in the organization's namespace (a Pod uses its own namespace's).
+        "worker": {"serviceAccount": {"namespaces": [NAMESPACE]}},
+        "config": {
+            "stage_strategy": "fetch",
+            "gcs_endpoint": c["gcs"]["url"],
+            "staging_bucket": BUCKET,
+            "managed_kafka_bootstrap": c["kafka"]["bootstrap"],
+            "allowed_tables": [dataset.TABLE],
+            "snowflake_secret": SNOWFLAKE_SECRET,
+            # Small chunks (production default: 64 MiB) so that the demo's month makes a dozen
+            # chunks and chunks_left visibly counts down.
+            "chunk_target_bytes": 4 * 2**20,
+            "default_parallelism": 2,
+            "job_ttl_seconds": 3600,
+        },
     }
 
 
-def _start_operator(state: dict, kube: _Kube) -> None:
-    from beam_devstack.operator_proc import OperatorProcess, helm_binary, install_chart_rbac, install_crd
+def _install_operator(state: dict, kube: _Kube) -> None:
+    """The chart, as a user installs it: the operator runs as its Deployment on the node."""
+    import subprocess
+
+    from beam_devstack.operator_proc import CHART, helm_binary, install_crd
 
     install_crd(kube)
-    sa_kubeconfig = install_chart_rbac(kube, helm_binary())
-    if (cli.PIDS / "operator.pid").exists():
-        from beam_devstack.proc import stop_pid_dir
-
-        # A fresh operator per demo run: its configuration may have changed.
-        pid_dir = cli.STACK / "operator-pid"
-        pid_dir.mkdir(exist_ok=True)
-        (cli.PIDS / "operator.pid").rename(pid_dir / "operator.pid")
-        stop_pid_dir(pid_dir)
-    op = OperatorProcess(
-        cli.STACK / "operator", kubeconfig=sa_kubeconfig, config=operator_config(state), detach=True, pid_dir=cli.PIDS
+    values = cli.STACK / "values.yaml"
+    values.write_text(yaml.safe_dump(chart_values(state)))
+    t0 = time.monotonic()
+    argv = [helm_binary(), "upgrade", "--install", RELEASE, str(CHART), "--kubeconfig", kube.kubeconfig_path]
+    argv += [
+        "--namespace",
+        RELEASE_NAMESPACE,
+        "--create-namespace",
+        "--values",
+        str(values),
+        "--wait",
+        "--timeout",
+        "180s",
+    ]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=240)
+    if done.returncode != 0:
+        pods = _kubectl(kube.kubeconfig_path, "describe", "pods", "-n", RELEASE_NAMESPACE, check=False).stdout
+        raise RuntimeError(f"helm install failed: {done.stderr.strip()}\n{pods[-3000:]}")
+    progress(
+        "demo", f"operator running as the chart's Deployment in {RELEASE_NAMESPACE} ({time.monotonic() - t0:.1f}s)"
     )
-    op.start()
-    state["components"]["operator"] = op.endpoints()
-    cli.STATE.write_text(json.dumps(state, indent=2))
 
 
 def count_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> tuple[int, int]:
@@ -253,7 +274,7 @@ def run_demo(rows: int, manifest: Path, teardown: bool = False) -> int:
     _ensure_bucket(state["components"]["gcs"]["url"])
     kube.create_namespace(NAMESPACE)
     _snowflake_secret(kube, state["components"]["snowflake"])
-    _start_operator(state, kube)
+    _install_operator(state, kube)
 
     doc = yaml.safe_load(manifest.read_text())
     name, spec = doc["metadata"]["name"], doc["spec"]
@@ -316,7 +337,11 @@ Look around:
   export KUBECONFIG={kc}
   kubectl get beambackfills -A            # short name: kubectl get bbf -A
   kubectl describe bbf {name} -n {NAMESPACE}    # status, conditions and Events
-  kubectl get jobs,pods -n {NAMESPACE}
+  kubectl get jobs,pods -n {NAMESPACE} -o wide
+  kubectl logs -n {NAMESPACE} -l beam-backfill.dev/phase=transport --tail=3    # the workers' own words
+  kubectl describe pod -n {NAMESPACE} -l beam-backfill.dev/phase=staging
+  kubectl logs -n {RELEASE_NAMESPACE} deploy/{RELEASE}-beam-backfill    # the operator
+  kubectl get nodes -o wide    # containerd://, a real kubelet
   .venv/bin/beam-dev consume {topic} --max 3    # read_committed consumer on the topic
 Tear down: .venv/bin/beam-dev down   (total demo time {time.monotonic() - t_all:.0f}s)""")
     if teardown:
