@@ -97,3 +97,136 @@ def sns(tmp_path_factory):
     server = _broker("sns", "Sns", tmp_path_factory)
     yield server
     server.stop()
+
+
+# --- a real node, its servers and the chart (beam_devstack.node, .images) -------------------
+# One per session, shared by every test directory that uses it: one node runs per machine, and
+# one operator watches the whole cluster.
+
+# Private ranges on a bridge of the suite's own; the node's guard chain drops anything else.
+NODE = {"bridge": "beamtest0", "node_ip": "10.213.9.1", "pod_cidr": "10.213.9.0/24"}
+NODE_BUCKET = "beam-node"
+# About 33,000 USDC rows in March 2026: 6 chunks of the chart's smallest chunk size (1 MiB).
+NODE_ROWS = 100_000
+# The second table is allowed but missing from the warehouse: staging must say so.
+MISSING_TABLE_SUFFIX = "_v9"
+
+
+@pytest.fixture(scope="session")
+def node_cluster():
+    """(control plane, node): Pods are real containers; kube-apiserver is on the bridge address."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from beam_devstack import images, k8s
+    from beam_devstack.node import Node, NodeSettings
+
+    # A short path: containerd's socket lives under it, and a unix socket path has 108 bytes.
+    run = Path(tempfile.mkdtemp(prefix="bbn", dir="/tmp"))
+    settings = NodeSettings(state_dir=run / "node", service_cidr=k8s.SERVICE_CIDR, images=images.ensure_built(), **NODE)
+    node = Node(settings)
+    plane = k8s.ControlPlane(run / "cp", node_ip=settings.node_ip)
+    try:
+        node.prepare_network()
+        plane.start()
+        settings.apiserver_url = plane.server
+        settings.ca_cert, settings.ca_key = plane.pki / "ca.crt", plane.pki / "ca.key"
+        node.start()
+        yield plane, node
+    finally:
+        node.stop_workloads()
+        plane.stop()
+        node.stop()
+        shutil.rmtree(run, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def node_servers(node_cluster, tmp_path_factory):
+    """fakesnow (with the synthetic transfers), fake-gcs-server (with the staging bucket) and
+    Kafka where Pods reach them: on the node's address."""
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    from beam_devstack import dataset
+    from beam_devstack.gcs import FakeGcs
+    from beam_devstack.kafka import Kafka
+    from beam_devstack.snowflake import FakeSnowflake
+
+    run = tmp_path_factory.mktemp("node-servers")
+    host = NODE["node_ip"]
+    started = []
+    try:
+        for server in (FakeSnowflake(run, host=host), FakeGcs(run, host=host), Kafka(run, host=host)):
+            started.append(server.start())
+        snowflake, gcs, kafka = started
+        dataset.load(snowflake.connect("base", "assets"), NODE_ROWS)
+        client = storage.Client(
+            project="t", credentials=AnonymousCredentials(), client_options={"api_endpoint": gcs.url}
+        )
+        client.create_bucket(NODE_BUCKET)
+        yield {"snowflake": snowflake, "gcs": gcs, "kafka": kafka, "bucket": client.bucket(NODE_BUCKET)}
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def node_operator(node_cluster, node_servers):
+    """The chart, installed with helm as a user installs it, from the images the Dockerfiles
+    build; returns the control plane. pullPolicy Never: a missing image must fail here, not send
+    containerd to a registry off the machine."""
+    import subprocess
+
+    import yaml
+
+    from beam_devstack import dataset, images
+    from beam_devstack.operator_proc import CHART, helm_binary, install_crd
+
+    plane, _ = node_cluster
+    install_crd(plane)
+
+    def image(img) -> dict:
+        return {"repository": img.repository, "tag": img.tag(), "pullPolicy": "Never"}
+
+    values = {
+        "operator": {"image": image(images.OPERATOR)},
+        "jobrunner": {"image": image(images.JOBRUNNER)},
+        "config": {
+            "stage_strategy": "fetch",
+            "staging_bucket": NODE_BUCKET,
+            "gcs_endpoint": node_servers["gcs"].url,
+            # Through the stack's Kafka proxy, which fault tests use to hold commits.
+            "managed_kafka_bootstrap": node_servers["kafka"].proxy.bootstrap,
+            "allowed_tables": [dataset.TABLE, dataset.TABLE + MISSING_TABLE_SUFFIX],
+            "chunk_target_bytes": 1048576,
+            "connect_timeout_seconds": 15,
+            "job_ttl_seconds": 600,
+            # Chunks are cut between row groups: small ones, so that a March of USDC makes several.
+            "worker_env": {"BEAM_CHUNK_ROW_GROUP_ROWS": "1000"},
+        },
+    }
+    values_file = plane.run_dir / "values.yaml"
+    values_file.write_text(yaml.safe_dump(values))
+    argv = [helm_binary(), "install", "beam", str(CHART), "--kubeconfig", str(plane.kubeconfig)]
+    argv += ["--values", str(values_file), "--namespace", "beam-system", "--create-namespace", "--wait"]
+    done = subprocess.run([*argv, "--timeout", "180s"], capture_output=True, text=True, timeout=240)
+    pods = "" if done.returncode == 0 else plane.kubectl("-n", "beam-system", "describe", "pods", check=False).stdout
+    assert done.returncode == 0, done.stdout + done.stderr + pods
+    return plane
+
+
+def provision_organization(plane, snowflake, name: str) -> str:
+    """An organization as an administrator provisions one (the chart's README): a namespace, its
+    Snowflake Secret, and the workers' ServiceAccount (a Pod uses one of its own namespace)."""
+    from beam_devstack.snowflake import connection_secret
+
+    ns = plane.create_namespace(name)
+    plane.api("POST", f"/api/v1/namespaces/{ns}/secrets", connection_secret(snowflake.endpoints()))
+    worker = {"apiVersion": "v1", "kind": "ServiceAccount", "automountServiceAccountToken": False}
+    plane.api(
+        "POST",
+        f"/api/v1/namespaces/{ns}/serviceaccounts",
+        {**worker, "metadata": {"name": "beam-beam-backfill-worker"}},
+    )
+    return ns

@@ -1,85 +1,94 @@
-"""The whole product on the local stack: real operator (chart RBAC), real jobrunner Pods run by
-the node agent, fakesnow → fake-gcs-server → Apache Kafka (and a webhook receiver)."""
+"""The whole product on a real node: the operator installed with the chart from the images the
+Dockerfiles build, its staging and transport Jobs as containers, fakesnow -> fake-gcs-server ->
+Apache Kafka (and a webhook receiver) on the node's address. The fixtures of the node, its
+servers and the chart are the plugin's (node_cluster, node_servers, node_operator), shared with
+tests/node; the ones here give them the names these tests use."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from beam_devstack import dataset
-from beam_devstack.operator_proc import OperatorProcess, helm_binary, install_chart_rbac, install_crd
-from beam_devstack.snowflake import connection_secret
+from beam_devstack.k8s import unique_name
+from beam_devstack.pytest_plugin import provision_organization
 
-BUCKET = "beam-e2e"
-ROWS = 24_000  # about 8,000 USDC rows in March 2026
+
+@pytest.fixture(scope="module")
+def k8s(node_operator):
+    """The real node's control plane (ControlPlane: .api, .kubectl, .create_namespace)."""
+    return node_operator
+
+
+@pytest.fixture(scope="module")
+def kafka(node_servers):
+    return node_servers["kafka"]
+
+
+@pytest.fixture(scope="module")
+def snowflake(node_servers):
+    return node_servers["snowflake"]
 
 
 @pytest.fixture(scope="module")
 def seeded(snowflake):
-    conn = snowflake.connect("base", "assets")
-    dataset.load(conn, ROWS)
-    return conn
+    return snowflake.connect("base", "assets")
 
 
 @pytest.fixture(scope="module")
-def bucket(gcs):
-    from google.auth.credentials import AnonymousCredentials
-    from google.cloud import storage
+def bucket(node_servers):
+    return node_servers["bucket"]
 
-    client = storage.Client(
-        project="e2e", credentials=AnonymousCredentials(), client_options={"api_endpoint": gcs.endpoints()["url"]}
-    )
-    if client.lookup_bucket(BUCKET) is None:
-        client.create_bucket(BUCKET)
-    return client.bucket(BUCKET)
+
+class Operator:
+    """The chart's operator Pod: kill() SIGKILLs its container through containerd, as a node's
+    OOM kill or crash would; start() waits for the kubelet to have restarted it and for Ready."""
+
+    def __init__(self, plane, node) -> None:
+        self.plane, self.node = plane, node
+        self._restarts = 0
+
+    def _pod(self) -> dict:
+        sel = "app.kubernetes.io%2Fcomponent%3Doperator"
+        [pod] = self.plane.api("GET", f"/api/v1/namespaces/beam-system/pods?labelSelector={sel}")["items"]
+        return pod
+
+    def kill(self) -> None:
+        [cs] = self._pod()["status"]["containerStatuses"]
+        self._restarts = cs["restartCount"]
+        self.node.ctr("tasks", "kill", "--signal", "SIGKILL", cs["containerID"].removeprefix("containerd://"))
+
+    def start(self, timeout: float = 120) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            [cs] = self._pod()["status"]["containerStatuses"]
+            if cs["restartCount"] > self._restarts and cs.get("ready"):
+                return
+            time.sleep(0.5)
+        raise AssertionError(f"the operator's container was not restarted and Ready within {timeout:.0f}s")
 
 
 @pytest.fixture(scope="module")
-def operator(k8s, node_agent, kafka, gcs, seeded, bucket, tmp_path_factory):
-    install_crd(k8s)
-    kubeconfig = install_chart_rbac(k8s, helm_binary(), namespace="beam-e2e", release="e2e")
-    op = OperatorProcess(
-        tmp_path_factory.mktemp("e2e-operator"),
-        kubeconfig=kubeconfig,
-        config={
-            "BEAM_JOBRUNNER_IMAGE": "beam-backfill/jobrunner:e2e",
-            "BEAM_STAGE_STRATEGY": "fetch",
-            "BEAM_GCS_ENDPOINT": gcs.endpoints()["url"],
-            "BEAM_STAGING_BUCKET": BUCKET,
-            # Through the stack's proxy, which the kill test uses to hold commits (kafka_proxy.py).
-            "BEAM_MANAGED_KAFKA_BOOTSTRAP": kafka.proxy.bootstrap,
-            # The second table is allowed but missing from the warehouse: staging must say so.
-            "BEAM_ALLOWED_TABLES": f"{dataset.TABLE},{dataset.TABLE}_v9",
-            # ~1,000-row chunks: a March of USDC makes about 8, enough to act mid-transport.
-            "BEAM_CHUNK_TARGET_BYTES": "1",
-            "BEAM_WORKER_ENV": json.dumps({"BEAM_CHUNK_ROW_GROUP_ROWS": "1000"}),
-            "BEAM_CONNECT_TIMEOUT_SECONDS": "15",
-            "BEAM_JOB_TTL_SECONDS": "600",
-        },
-    ).start()
-    yield op
-    op.stop()
+def operator(node_cluster, node_operator):
+    return Operator(node_operator, node_cluster[1])
 
 
 @pytest.fixture
-def org(k8s, namespace, snowflake):
-    """A namespace (organization) with its Snowflake Secret, as an administrator would set it up."""
-    k8s.api("POST", f"/api/v1/namespaces/{namespace}/secrets", connection_secret(snowflake.endpoints()))
-    return namespace
+def org(k8s, snowflake, request):
+    """A namespace (organization) with its Snowflake Secret and the workers' ServiceAccount."""
+    ns = provision_organization(k8s, snowflake, unique_name(request.node.name[:40]))
+    yield ns
+    k8s.delete_namespace(ns)
 
 
 @pytest.fixture
 def namespace_factory(k8s, snowflake, request):
-    """More organizations for one test, each with its Snowflake Secret; deleted after."""
-    from beam_devstack.k8s import unique_name
-
+    """More organizations for one test; deleted after."""
     made = []
 
     def make() -> str:
-        ns = k8s.create_namespace(unique_name(f"org-{len(made)}"))
+        ns = provision_organization(k8s, snowflake, unique_name(f"org-{len(made)}"))
         made.append(ns)
-        k8s.api("POST", f"/api/v1/namespaces/{ns}/secrets", connection_secret(snowflake.endpoints()))
         return ns
 
     yield make

@@ -1,7 +1,7 @@
 """kubectl apply → rows in Kafka, as a user runs it (issue: end to end).
 
 Each test applies BeamBackfills with kubectl to the real operator (under the chart's RBAC);
-staging and transport run as real jobrunner processes through the node agent.
+staging and transport run as containers of the jobrunner image on a real node (conftest.py).
 """
 
 from __future__ import annotations
@@ -9,17 +9,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
-import signal
 import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 from e2e_helpers import WINDOW, backfill, expected_ids, pods_of, read_topic, staged_objects
 
 from beam_devstack.kafka_proxy import END_TXN
+from beam_devstack.pytest_plugin import NODE
 
 API = "/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills/{name}"
 
@@ -139,7 +137,7 @@ def test_one_backfill_delivers_to_kafka_and_a_signed_webhook(k8s, operator, kafk
     import base64
 
     _Receiver.key, _Receiver.rows, _Receiver.bad = b"e2e-signing-key", [], 0
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    server = ThreadingHTTPServer((NODE["node_ip"], 0), _Receiver)  # where Pods reach the host
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         k8s.api(
@@ -158,7 +156,7 @@ def test_one_backfill_delivers_to_kafka_and_a_signed_webhook(k8s, operator, kafk
             {
                 "type": "webhook",
                 "name": "hook",
-                "url": f"http://127.0.0.1:{server.server_port}/beam",
+                "url": f"http://{NODE['node_ip']}:{server.server_port}/beam",
                 "hash_key": "hook-key",
             }
         )
@@ -196,41 +194,33 @@ def test_delete_mid_transport_leaves_no_jobs_and_no_staged_files(k8s, operator, 
     assert staged_objects(bucket, org, uid) == []
 
 
-def _worker_pids(uid: str) -> dict[int, str]:
-    """pid -> completion index of this backfill's running transport processes on this machine."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            env = dict(
-                kv.split("=", 1)
-                for kv in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
-                if "=" in kv
-            )
-        except (OSError, ValueError):
-            continue
-        if env.get("BEAM_JOB_ID") == uid and "JOB_COMPLETION_INDEX" in env:
-            found[int(proc.name)] = env["JOB_COMPLETION_INDEX"]
-    return found
-
-
-def test_killed_transport_process_is_retried_without_loss_or_duplicates(k8s, operator, kafka, seeded, org):
+def test_killed_transport_containers_are_retried_without_loss_or_duplicates(k8s, node_cluster, kafka, seeded, org):
     # Both transport workers (parallelism 2) stop at their commit, held by the stack's Kafka
-    # proxy: each is inside its open transaction, observably, when it is killed.
+    # proxy: each is inside its open transaction, observably, when containerd kills it.
+    node = node_cluster[1]
     with kafka.proxy.holding(END_TXN):
         obj = apply(k8s, org, backfill("killed", "e2e-kill", parallelism=2))
         uid = obj["metadata"]["uid"]
-        assert kafka.proxy.wait_held(2, timeout=120), "two transport workers never reached their commit"
-        running = _worker_pids(uid)
-        assert len(running) == 2, running
-        for pid in running:
-            os.kill(pid, signal.SIGKILL)
+        assert kafka.proxy.wait_held(2, timeout=180), "two transport workers never reached their commit"
+        running = [
+            p
+            for p in pods_of(k8s, org, uid)
+            if p["metadata"]["labels"]["beam-backfill.dev/phase"] == "transport" and p["status"]["phase"] == "Running"
+        ]
+        assert len(running) == 2, [p["status"]["phase"] for p in running]
+        for pod in running:
+            container = pod["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
+            node.ctr("tasks", "kill", "--signal", "SIGKILL", container)
+        # Both are gone before the hold ends: their retries start only after it.
+        names = {p["metadata"]["name"] for p in running}
+        deadline = time.monotonic() + 60
+        while {p["metadata"]["name"] for p in pods_of(k8s, org, uid) if p["status"]["phase"] == "Failed"} != names:
+            assert time.monotonic() < deadline, "the killed Pods did not fail"
+            time.sleep(0.5)
     st = wait_status(k8s, org, "killed", "completed")
     assert st["chunks_left"] == 0
-    pods = pods_of(k8s, org, uid)
-    killed = [p for p in pods if p["status"]["phase"] == "Failed"]
-    assert len(killed) == 2, [p["status"].get("phase") for p in pods]
+    failed = [p for p in pods_of(k8s, org, uid) if p["status"]["phase"] == "Failed"]
+    assert {p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] for p in failed} == {137}
     assert_exactly(read_topic(kafka.bootstrap, "e2e-kill"), expected_ids(seeded))
 
 

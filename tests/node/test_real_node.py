@@ -1,5 +1,5 @@
 """The product on a real node: real containers from the images the Dockerfiles build, the
-operator installed by `helm install` and running as the chart's Pod, workers as the Jobs it
+operator node_operator by `helm install` and running as the chart's Pod, workers as the Jobs it
 creates, and what a user types (`kubectl logs`, `kubectl describe pod`) answering."""
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ def wait_for(check, timeout: float, what: str):
     raise AssertionError(f"{what} not within {timeout:.0f}s")
 
 
-def test_the_node_runs_containerd_and_the_operator_runs_as_the_charts_pod(cluster, installed):
-    plane, _ = cluster
+def test_the_node_runs_containerd_and_the_operator_runs_as_the_charts_pod(node_cluster, node_operator):
+    plane, _ = node_cluster
     node = plane.api("GET", "/api/v1/nodes")["items"][0]
     assert node["status"]["nodeInfo"]["containerRuntimeVersion"].startswith("containerd://")
     assert {c["type"]: c["status"] for c in node["status"]["conditions"]}["Ready"] == "True"
@@ -35,16 +35,17 @@ def test_the_node_runs_containerd_and_the_operator_runs_as_the_charts_pod(cluste
     [pod] = pods["items"]
     assert pod["status"]["phase"] == "Running"
     [status] = pod["status"]["containerStatuses"]
-    # Ready means the chart's readiness probe answered on kopf's /healthz inside the container.
-    assert status["ready"] is True and status["restartCount"] == 0
+    # Ready means the chart's probe answered on kopf's /healthz inside the container. (Not
+    # restartCount 0: tests/e2e kills this container and the kubelet restarts it.)
+    assert status["ready"] is True
     assert pod["spec"]["containers"][0]["image"] == f"{OPERATOR.repository}:{OPERATOR.tag()}"
     ctx = pod["spec"]["containers"][0]["securityContext"]
     assert ctx["readOnlyRootFilesystem"] is True and ctx["runAsNonRoot"] is True
 
 
-def test_seed_backfill_completes_in_real_containers_with_exactly_the_window(installed, servers, org):
-    plane = installed
-    kafka = servers["kafka"]
+def test_seed_backfill_completes_in_real_containers_with_exactly_the_window(node_operator, node_servers, org):
+    plane = node_operator
+    kafka = node_servers["kafka"]
     topic = "node-usdc"
     obj = plane.api(
         "POST",
@@ -60,7 +61,7 @@ def test_seed_backfill_completes_in_real_containers_with_exactly_the_window(inst
     assert st["status"] == "completed", story(plane, org)
     assert st["num_chunks"] >= 2 and st["chunks_left"] == 0
 
-    want = expected_ids(servers["snowflake"])
+    want = expected_ids(node_servers["snowflake"])
     got = read_keys(kafka.bootstrap, topic)
     assert len(got) == len(set(got)), "duplicates"
     assert set(got) == want
@@ -77,12 +78,14 @@ def test_seed_backfill_completes_in_real_containers_with_exactly_the_window(inst
     assert JOBRUNNER.tag() in described and "Completed" in described, described
 
 
-def test_a_killed_container_and_a_deleted_pod_are_retried_without_loss_or_duplicates(cluster, installed, servers, org):
-    """Faults as a cluster injects them, at an observable point: both transport workers are held
+def test_a_killed_container_and_a_deleted_pod_are_retried_without_loss_or_duplicates(
+    node_cluster, node_operator, node_servers, org
+):
+    """Faults as a node_cluster injects them, at an observable point: both transport workers are held
     at their commit by the stack's Kafka proxy, inside their open transactions; then one
     container's process is SIGKILLed through containerd and the other Pod is deleted."""
-    plane, node = cluster
-    kafka = servers["kafka"]
+    plane, node = node_cluster
+    kafka = node_servers["kafka"]
     topic = "node-faults"
     with kafka.proxy.holding(END_TXN):
         obj = plane.api(
@@ -112,11 +115,11 @@ def test_a_killed_container_and_a_deleted_pod_are_retried_without_loss_or_duplic
     assert term["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
     got = read_keys(kafka.bootstrap, topic)
     assert len(got) == len(set(got)), "duplicates after the faults"
-    assert set(got) == expected_ids(servers["snowflake"])
+    assert set(got) == expected_ids(node_servers["snowflake"])
 
 
-def test_a_pod_whose_image_is_missing_shows_the_real_reason(installed, org):
-    plane = installed
+def test_a_pod_whose_image_is_missing_shows_the_real_reason(node_operator, org):
+    plane = node_operator
     pod = {
         "apiVersion": "v1",
         "kind": "Pod",
