@@ -153,15 +153,32 @@ def load(conn, rows: int, *, table: str = TABLE, start: datetime = DEFAULT_START
     return took
 
 
+def _window_query(
+    what: str, *, table: str, start: str, end: str, column: str | None, values: list | None
+) -> tuple[str, list]:
+    sql = f"SELECT {what} FROM {table} WHERE block_timestamp >= CAST(? AS TIMESTAMP_NTZ) AND block_timestamp < CAST(? AS TIMESTAMP_NTZ)"
+    params: list = [start, end]
+    if column:
+        sql += f" AND {column} IN ({', '.join('?' for _ in values or [])})"
+        params += list(values or [])
+    return sql, params
+
+
 def expected_count(
     conn, *, table: str, start: str, end: str, column: str | None = None, values: list | None = None
 ) -> int:
     """Rows of a timestamp window (and filter), counted by Snowflake itself: the demo's yardstick."""
     cur = conn.cursor()
-    sql = f"SELECT count(*) FROM {table} WHERE block_timestamp >= CAST(? AS TIMESTAMP_NTZ) AND block_timestamp < CAST(? AS TIMESTAMP_NTZ)"
-    params: list = [start, end]
-    if column:
-        sql += f" AND {column} IN ({', '.join('?' for _ in values or [])})"
-        params += list(values or [])
-    cur.execute(sql, params)
+    cur.execute(*_window_query("count(*)", table=table, start=start, end=end, column=column, values=values))
     return cur.fetchone()[0]
+
+
+def expected_ids(conn, window: dict, token: str = USDC, table: str = TABLE) -> set[str]:
+    """unique_id of every row of a timestamp window of one token, read from Snowflake itself:
+    what a backfill of that window and filter must deliver, each exactly once."""
+    cur = conn.cursor()
+    sql, params = _window_query(
+        "unique_id", table=table, start=window["start"], end=window["end"], column="token_address", values=[token]
+    )
+    cur.execute(sql, params)
+    return {r[0] for r in cur.fetchall()}

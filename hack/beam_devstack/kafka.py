@@ -260,3 +260,32 @@ class Kafka:
 def _mib(size: str) -> int:
     units = {"k": 1 / 1024, "m": 1, "g": 1024}
     return int(float(size[:-1]) * units[size[-1].lower()])
+
+
+def consume_all(bootstrap: str, topic: str, isolation: str = "read_committed") -> list:
+    """Every message of a one-partition topic, up to its end (EOF at the last stable offset):
+    what tests count delivered rows with (never the watermarks, which count transaction markers)."""
+    from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"t-{uuid.uuid4()}",
+            "isolation.level": isolation,
+            "enable.partition.eof": True,
+            "enable.auto.commit": False,
+        }
+    )
+    c.assign([TopicPartition(topic, 0, 0)])
+    out = []
+    try:
+        while True:
+            m = c.poll(30)
+            assert m is not None, f"no EOF on {topic} within 30s"
+            if m.error():
+                if m.error().code() == KafkaError._PARTITION_EOF:
+                    return out
+                raise AssertionError(m.error())
+            out.append(m)
+    finally:
+        c.close()

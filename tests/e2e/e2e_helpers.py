@@ -13,13 +13,7 @@ WINDOW = {"partition_key": "block_timestamp", "start": "2026-03-01T00:00:00", "e
 
 
 def expected_ids(conn, window=WINDOW, token=dataset.USDC) -> set[str]:
-    cur = conn.cursor()
-    cur.execute(
-        f"SELECT unique_id FROM {dataset.TABLE} WHERE block_timestamp >= CAST(? AS TIMESTAMP_NTZ) "
-        "AND block_timestamp < CAST(? AS TIMESTAMP_NTZ) AND token_address IN (?)",
-        [window["start"], window["end"], token],
-    )
-    return {r[0] for r in cur.fetchall()}
+    return dataset.expected_ids(conn, window, token)
 
 
 def read_topic(bootstrap: str, topic: str, *, idle: float = 3.0) -> list[tuple[str, dict]]:

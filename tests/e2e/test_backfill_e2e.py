@@ -194,6 +194,16 @@ def test_delete_mid_transport_leaves_no_jobs_and_no_staged_files(k8s, operator, 
     assert staged_objects(bucket, org, uid) == []
 
 
+def _running_transport(k8s, ns: str, uid: str) -> list[dict]:
+    """Transport Pods whose container the kubelet reports running."""
+    return [
+        p
+        for p in pods_of(k8s, ns, uid)
+        if p["metadata"]["labels"]["beam-backfill.dev/phase"] == "transport"
+        and any("running" in (cs.get("state") or {}) for cs in p["status"].get("containerStatuses") or [])
+    ]
+
+
 def test_killed_transport_containers_are_retried_without_loss_or_duplicates(k8s, node_cluster, kafka, seeded, org):
     # Both transport workers (parallelism 2) stop at their commit, held by the stack's Kafka
     # proxy: each is inside its open transaction, observably, when containerd kills it.
@@ -202,12 +212,11 @@ def test_killed_transport_containers_are_retried_without_loss_or_duplicates(k8s,
         obj = apply(k8s, org, backfill("killed", "e2e-kill", parallelism=2))
         uid = obj["metadata"]["uid"]
         assert kafka.proxy.wait_held(2, timeout=180), "two transport workers never reached their commit"
-        running = [
-            p
-            for p in pods_of(k8s, org, uid)
-            if p["metadata"]["labels"]["beam-backfill.dev/phase"] == "transport" and p["status"]["phase"] == "Running"
-        ]
-        assert len(running) == 2, [p["status"]["phase"] for p in running]
+        # The kubelet may report the containers' start after they reached the proxy.
+        deadline = time.monotonic() + 60
+        while len(running := _running_transport(k8s, org, uid)) != 2:
+            assert time.monotonic() < deadline, [p["status"].get("containerStatuses") for p in pods_of(k8s, org, uid)]
+            time.sleep(0.5)
         for pod in running:
             container = pod["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
             node.ctr("tasks", "kill", "--signal", "SIGKILL", container)

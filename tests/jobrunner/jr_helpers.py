@@ -151,34 +151,6 @@ class Job:
             assert r.code == 0, r.stderr[-3000:]
 
 
-def consume_all(bootstrap: str, topic: str, isolation: str = "read_committed") -> list:
-    """Every message of a one-partition topic, up to its end (EOF at the last stable offset)."""
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
-
-    c = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"t-{uuid.uuid4()}",
-            "isolation.level": isolation,
-            "enable.partition.eof": True,
-            "enable.auto.commit": False,
-        }
-    )
-    c.assign([TopicPartition(topic, 0, 0)])
-    out = []
-    try:
-        while True:
-            m = c.poll(30)
-            assert m is not None, f"no EOF on {topic} within 30s"
-            if m.error():
-                if m.error().code() == KafkaError._PARTITION_EOF:
-                    return out
-                raise AssertionError(m.error())
-            out.append(m)
-    finally:
-        c.close()
-
-
 def expected_ids(rows, start=None, end=None, blocks=None, tokens=None) -> list[str]:
     out = []
     for r in rows:

@@ -7,8 +7,9 @@ import signal
 import uuid
 from datetime import datetime
 
-from jr_helpers import TOKENS, Job, consume_all, expected_ids
+from jr_helpers import TOKENS, Job, expected_ids
 
+from beam_devstack.kafka import consume_all
 from beam_devstack.kafka_proxy import END_TXN
 
 

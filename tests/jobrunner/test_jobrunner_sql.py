@@ -6,10 +6,11 @@ import uuid
 
 import pytest
 import sqlglot
-from jr_helpers import Job, consume_all
+from jr_helpers import Job
 from sqlglot import exp
 
 from beam_contract.model import BackfillSpec
+from beam_devstack.kafka import consume_all
 from beam_jobrunner import sql
 from beam_jobrunner.errors import PermanentError
 

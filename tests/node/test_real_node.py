@@ -9,6 +9,7 @@ import urllib.parse
 
 from beam_devstack import dataset
 from beam_devstack.images import JOBRUNNER, OPERATOR
+from beam_devstack.kafka import consume_all
 from beam_devstack.kafka_proxy import END_TXN
 
 WINDOW = {"partition_key": "block_timestamp", "start": "2026-03-01T00:00:00", "end": "2026-04-01T00:00:00"}
@@ -81,7 +82,7 @@ def test_seed_backfill_completes_in_real_containers_with_exactly_the_window(node
 def test_a_killed_container_and_a_deleted_pod_are_retried_without_loss_or_duplicates(
     node_cluster, node_operator, node_servers, org
 ):
-    """Faults as a node_cluster injects them, at an observable point: both transport workers are held
+    """Faults as a cluster injects them, at an observable point: both transport workers are held
     at their commit by the stack's Kafka proxy, inside their open transactions; then one
     container's process is SIGKILLed through containerd and the other Pod is deleted."""
     plane, node = node_cluster
@@ -95,8 +96,11 @@ def test_a_killed_container_and_a_deleted_pod_are_retried_without_loss_or_duplic
         )
         uid = obj["metadata"]["uid"]
         assert kafka.proxy.wait_held(2, timeout=180), story(plane, org)
-        running = [p for p in transport_pods(plane, org, uid) if p["status"]["phase"] == "Running"]
-        assert len(running) == 2, [p["status"]["phase"] for p in running]
+        # The kubelet may report the containers' start after they reached the proxy.
+        try:
+            running = wait_for(lambda: running_containers(transport_pods(plane, org, uid), 2), 60, "both running")
+        except AssertionError:
+            raise AssertionError(story(plane, org)) from None
         killed, deleted = running
         container = killed["status"]["containerStatuses"][0]["containerID"].removeprefix("containerd://")
         node.ctr("tasks", "kill", "--signal", "SIGKILL", container)
@@ -172,6 +176,16 @@ def transport_pods(plane, namespace: str, uid: str) -> list[dict]:
     return plane.api("GET", f"/api/v1/namespaces/{namespace}/pods?labelSelector={sel}")["items"]
 
 
+def running_containers(pods: list[dict], n: int) -> list[dict] | None:
+    """The Pods whose container the kubelet reports running, once there are n of them."""
+    running = [
+        p
+        for p in pods
+        if any("running" in (cs.get("state") or {}) for cs in p["status"].get("containerStatuses") or [])
+    ]
+    return running if len(running) == n else None
+
+
 def pod_phase(plane, namespace: str, pod: dict) -> str | None:
     """The Pod's phase; None once it is deleted."""
     items = plane.api(
@@ -192,38 +206,9 @@ def story(plane, namespace: str) -> str:
 
 
 def expected_ids(snowflake) -> set[str]:
-    cur = snowflake.connect("base", "assets").cursor()
-    cur.execute(
-        f"SELECT unique_id FROM {dataset.TABLE} WHERE block_timestamp >= CAST(? AS TIMESTAMP_NTZ) "
-        "AND block_timestamp < CAST(? AS TIMESTAMP_NTZ) AND token_address IN (?)",
-        [WINDOW["start"], WINDOW["end"], dataset.USDC],
-    )
-    return {r[0] for r in cur.fetchall()}
+    return dataset.expected_ids(snowflake.connect("base", "assets"), WINDOW)
 
 
 def read_keys(bootstrap: str, topic: str) -> list[str]:
-    """Every committed key of a one-partition topic, read to its end."""
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
-
-    c = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": "node-test",
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-            "enable.auto.commit": False,
-        }
-    )
-    c.assign([TopicPartition(topic, 0, 0)])
-    out = []
-    try:
-        while True:
-            m = c.poll(30)
-            assert m is not None, f"no end of {topic} within 30s"
-            if m.error():
-                if m.error().code() == KafkaError._PARTITION_EOF:
-                    return out
-                raise AssertionError(m.error())
-            out.append(m.key().decode())
-    finally:
-        c.close()
+    """Every committed key of the topic, read to its end."""
+    return [m.key().decode() for m in consume_all(bootstrap, topic)]
