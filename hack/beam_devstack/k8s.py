@@ -135,25 +135,7 @@ def _write_pki(pki: Path, extra_ips: tuple[str, ...] = ()) -> None:
     write("ca.key", key_pem(ca_key))
 
     def leaf(file: str, subject: x509.Name, usage, sans=None) -> None:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
-            .not_valid_after(until)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
-        write(f"{file}.crt", cert.public_bytes(serialization.Encoding.PEM))
-        write(f"{file}.key", key_pem(key))
+        _write_leaf(pki / file, ca_cert, ca_key, subject, usage, sans or [])
 
     leaf(
         "apiserver",
@@ -180,6 +162,71 @@ def _write_pki(pki: Path, extra_ips: tuple[str, ...] = ()) -> None:
         "sa.pub",
         sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
     )
+
+
+def _write_leaf(prefix: Path, ca_cert, ca_key, subject, usage, sans: list) -> None:
+    """An EC P-256 key and a certificate signed by the CA, at prefix.key and prefix.crt."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+    )
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    for suffix, data in (
+        (".crt", cert.public_bytes(serialization.Encoding.PEM)),
+        (
+            ".key",
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        ),
+    ):
+        path = prefix.with_name(prefix.name + suffix)
+        path.write_bytes(data)
+        path.chmod(0o600)
+
+
+def issue_cert(
+    prefix: Path,
+    ca_crt: Path,
+    ca_key: Path,
+    cn: str,
+    *,
+    org: str | None = None,
+    server: bool = False,
+    ips: tuple[str, ...] = (),
+    dns: tuple[str, ...] = (),
+) -> None:
+    """A certificate from the control plane's CA (pki/ca.crt, ca.key) for another component:
+    the real node's kubelet, kube-proxy and kube-scheduler (beam_devstack.node)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert = x509.load_pem_x509_certificate(Path(ca_crt).read_bytes())
+    key = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if org:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    sans = [x509.IPAddress(ipaddress.ip_address(i)) for i in ips] + [x509.DNSName(n) for n in dns]
+    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+    _write_leaf(prefix, ca_cert, key, x509.Name(attrs), usage, sans)
 
 
 def _b64(path: Path) -> str:

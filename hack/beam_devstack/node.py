@@ -81,7 +81,7 @@ kube-scheduler: `--leader-elect=false`, on 127.0.0.1; identity system:kube-sched
 RBAC); `--authentication-skip-lookup` (the control plane has no requestheader CA: else "missing
 content for CA bundle" twice a second). Without a scheduler Pods stay Pending.
 
-Certificates: EC P-256 via the openssl CLI (stdlib only here), signed by the control plane's CA
+Certificates: EC P-256 from beam_devstack.k8s.issue_cert, signed by the control plane's CA
 (k8s.py writes pki/ca.crt and ca.key): kubelet client and serving (SAN node_ip), kube-proxy,
 kube-scheduler; kubeconfigs point at apiserver_url with file references.
 
@@ -106,13 +106,11 @@ import ipaddress
 import json
 import os
 import re
-import secrets
 import shutil
 import signal
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -120,6 +118,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from beam_devstack.k8s import issue_cert
 from beam_devstack.proc import CACHE, ManagedProcess, free_port, progress
 
 K8S_VERSION = "v1.34.4"
@@ -442,18 +441,12 @@ class Node:
         ca, key = Path(self.s.ca_cert), Path(self.s.ca_key)
         shutil.copy(ca, self.pki / "ca.crt")
         name = self.s.node_name
-        sign_cert(self.pki / "kubelet", ca, key, f"system:node:{name}", org="system:nodes", usage="clientAuth")
-        sign_cert(
-            self.pki / "kubelet-serving",
-            ca,
-            key,
-            name,
-            usage="serverAuth",
-            ips=[self.s.node_ip, "127.0.0.1"],
-            dns=[name],
+        issue_cert(self.pki / "kubelet", ca, key, f"system:node:{name}", org="system:nodes")
+        issue_cert(
+            self.pki / "kubelet-serving", ca, key, name, server=True, ips=(self.s.node_ip, "127.0.0.1"), dns=(name,)
         )
-        sign_cert(self.pki / "kube-proxy", ca, key, "system:kube-proxy", usage="clientAuth")
-        sign_cert(self.pki / "kube-scheduler", ca, key, "system:kube-scheduler", usage="clientAuth")
+        issue_cert(self.pki / "kube-proxy", ca, key, "system:kube-proxy")
+        issue_cert(self.pki / "kube-scheduler", ca, key, "system:kube-scheduler")
         for user in ("kubelet", "kube-proxy", "kube-scheduler"):
             write_kubeconfig(
                 self.pki / f"{user}.kubeconfig",
@@ -1158,105 +1151,7 @@ def _settings_from_owner(owner: dict) -> NodeSettings:
     return NodeSettings(**owner["settings"])
 
 
-# --- certificates and kubeconfigs (openssl; the CA is the control plane's) ----------------
-
-
-def make_ca(prefix: Path, cn: str = "beam-backfill-local-ca") -> None:
-    """An EC P-256 CA at prefix.crt/prefix.key (for scripts that have no k8s.py PKI)."""
-    subprocess.run(
-        [
-            "openssl",
-            "req",
-            "-x509",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            f"{prefix}.key",
-            "-out",
-            f"{prefix}.crt",
-            "-subj",
-            f"/CN={cn}",
-            "-days",
-            "365",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,digitalSignature,keyCertSign,cRLSign",
-        ],
-        check=True,
-        capture_output=True,
-    )
-    os.chmod(f"{prefix}.key", 0o600)
-
-
-def sign_cert(
-    prefix: Path,
-    ca_crt: Path,
-    ca_key: Path,
-    cn: str,
-    *,
-    org: str | None = None,
-    usage: str = "clientAuth",
-    ips: Iterable[str] = (),
-    dns: Iterable[str] = (),
-) -> None:
-    """An EC P-256 key and a certificate signed by the CA, at prefix.key/prefix.crt."""
-    subj = f"/CN={cn}" + (f"/O={org}" if org else "")
-    sans = [f"IP:{i}" for i in ips] + [f"DNS:{n}" for n in dns]
-    with tempfile.TemporaryDirectory() as tmp:
-        csr, ext = Path(tmp) / "csr", Path(tmp) / "ext"
-        ext.write_text(
-            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
-            f"extendedKeyUsage={usage}\n" + (f"subjectAltName={','.join(sans)}\n" if sans else "")
-        )
-        subprocess.run(
-            [
-                "openssl",
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                f"{prefix}.key",
-                "-out",
-                csr,
-                "-subj",
-                subj,
-            ],
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run(
-            [
-                "openssl",
-                "x509",
-                "-req",
-                "-in",
-                csr,
-                "-CA",
-                ca_crt,
-                "-CAkey",
-                ca_key,
-                "-set_serial",
-                f"0x{secrets.token_hex(16)}",
-                "-days",
-                "365",
-                "-extfile",
-                ext,
-                "-out",
-                f"{prefix}.crt",
-            ],
-            check=True,
-            capture_output=True,
-        )
-    os.chmod(f"{prefix}.key", 0o600)
+# --- kubeconfigs (the certificates come from k8s.issue_cert, the control plane's CA) ---------
 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, crt: Path, key: Path, user: str) -> None:

@@ -21,7 +21,6 @@ PACKAGES=(
   mmdebstrap                  # the Debian bookworm base image with Python 3.11
   uidmap                      # newuidmap/newgidmap, which podman/buildah look for
   gcc libc6-dev               # the static pause binary
-  openssl                     # node certificates (beam_devstack.node signs them with the local CA)
 )
 
 missing=()
