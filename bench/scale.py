@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """The operator at scale: many live BeamBackfills on the local control plane (issue 7).
 
-    .venv/bin/python bench/scale.py                              # 1,000 backfills x 20 chunks, 10 namespaces
-    .venv/bin/python bench/scale.py --backfills 100 --chunks 5   # a quick run
+    .venv/bin/python bench/scale.py                              # 500 backfills x 2 chunks, 10 namespaces
+    .venv/bin/python bench/scale.py --backfills 50 --chunks 2    # a quick run
     .venv/bin/python bench/scale.py --restart-apiserver-at 0.3 --restart-operator-at 0.6
 
 What runs: etcd, kube-apiserver (with an audit log of the operator's requests and BeamBackfill creates),
-kube-controller-manager, the node agent, fake-gcs-server, and the real operator process under
-the chart's RBAC. The jobrunner image maps to bench/scale_standin/beam-jobrunner, a sh script
-that sleeps briefly and keeps the worker contract, so that the operator, not Python start-ups
-of 20,000 workers, is what is measured. Everything is stopped at the end.
+kube-controller-manager, the stack's real node (kube-scheduler, containerd, kubelet, kube-proxy:
+beam_devstack.node, on a bridge of its own), fake-gcs-server, and the real operator process under
+the chart's RBAC, on the host, so that /proc gives its RSS and CPU and a profiler can wrap it.
+Workers are containers of bench/scale_standin (its Dockerfile, built like the project's images):
+a sh script that sleeps briefly and keeps the worker contract, so that the operator, not Python
+start-ups of thousands of workers, is what is measured. Every Pod is a real container, so the
+node's Pod throughput bounds the scale: the defaults are 500 backfills x 2 chunks (1,500 Pods).
+Everything is stopped at the end.
 
 What it reports (docs/benchmarks.md, "Operator at scale", explains how to read it):
 - latency apply -> staging Job created, and transport Job finished -> `completed` written,
@@ -32,6 +36,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 import threading
@@ -47,13 +52,16 @@ from scale_audit import POLICY, READS, WATCHES, WRITES, max_in_window, read_audi
 from scale_watch import Client, Watcher, admin_ssl  # noqa: E402
 
 from beam_contract.model import Phase  # noqa: E402
+from beam_devstack import images  # noqa: E402
 from beam_devstack.gcs import FakeGcs  # noqa: E402
-from beam_devstack.k8s import K8S_VERSION, ControlPlane  # noqa: E402
-from beam_devstack.nodeagent import NodeAgent  # noqa: E402
+from beam_devstack.k8s import K8S_VERSION, SERVICE_CIDR, ControlPlane  # noqa: E402
+from beam_devstack.node import Node, NodeSettings  # noqa: E402
 from beam_devstack.operator_proc import OperatorProcess, helm_binary, install_chart_rbac, install_crd  # noqa: E402
 from beam_devstack.proc import progress  # noqa: E402
 
-IMAGE = "beam-backfill/scale-standin:bench"
+STANDIN = images.ProjectImage("scale-standin", BENCH / "scale_standin" / "Dockerfile", "beam-backfill/scale-standin")
+# A bridge and ranges of the benchmark's own (the suite uses 10.213.9.0/24, the demo 10.213.8.0/24).
+NODE = {"bridge": "beambench0", "node_ip": "10.213.10.1", "pod_cidr": "10.213.10.0/24"}
 TERMINAL = tuple(p.value for p in Phase if p.terminal)
 
 
@@ -165,9 +173,9 @@ class Operator:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backfills", type=int, default=1000)
+    ap.add_argument("--backfills", type=int, default=500)
     ap.add_argument("--namespaces", type=int, default=10)
-    ap.add_argument("--chunks", type=int, default=20, help="chunks per backfill (transport Pods)")
+    ap.add_argument("--chunks", type=int, default=2, help="chunks per backfill (transport Pods)")
     ap.add_argument("--parallelism", type=int, default=4, help="spec.parallelism of each backfill")
     ap.add_argument("--sleep", type=float, default=0.1, help="seconds the stand-in worker sleeps per Pod")
     ap.add_argument("--create-workers", type=int, default=8, help="concurrent creates")
@@ -207,34 +215,27 @@ def main() -> None:
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="beam-scale-"))
     run_dir.mkdir(parents=True, exist_ok=True)
     say(f"run dir {run_dir}")
-    # The node agent reads its image table from the environment when it starts.
-    os.environ["BEAM_NODE_AGENT_IMAGES"] = json.dumps(
-        {
-            "beam-backfill/scale-standin": {
-                "entrypoint": ["beam-jobrunner"],
-                "cmd": [],
-                "venv": False,
-                "env": {
-                    "PATH": f"{BENCH / 'scale_standin'}:/usr/bin:/bin",
-                    "SCALE_CHUNKS": str(args.chunks),
-                    "SCALE_SLEEP": str(args.sleep),
-                },
-            }
-        }
-    )
-    plane = AuditedControlPlane(run_dir / "k8s")
+    archives = [*images.ensure_built(), STANDIN.archive()]
+    settings = NodeSettings(state_dir=run_dir / "node", service_cidr=SERVICE_CIDR, images=archives, **NODE)
+    node = Node(settings)
+    plane = AuditedControlPlane(run_dir / "k8s", node_ip=settings.node_ip)
     plane.job_syncs = args.job_syncs
     gcs = FakeGcs(run_dir)
-    agent = None
     operator = None
+    figures = None
     try:
+        node.prepare_network()
         plane.start()
+        settings.apiserver_url = plane.server
+        settings.ca_cert, settings.ca_key = plane.pki / "ca.crt", plane.pki / "ca.key"
+        node.start()
         gcs.start()
-        agent = NodeAgent(run_dir / "nodeagent", kubeconfig=plane.kubeconfig).start()
         install_crd(plane)
         kubeconfig = install_chart_rbac(plane, helm_binary())
         config = {
-            "BEAM_JOBRUNNER_IMAGE": IMAGE,
+            "BEAM_JOBRUNNER_IMAGE": STANDIN.reference(),
+            "BEAM_IMAGE_PULL_POLICY": "Never",
+            "BEAM_WORKER_ENV": json.dumps({"SCALE_CHUNKS": str(args.chunks), "SCALE_SLEEP": str(args.sleep)}),
             "BEAM_GCS_ENDPOINT": gcs.endpoints()["url"],
             "BEAM_STAGING_BUCKET": "beam-staging",
         }
@@ -252,16 +253,18 @@ def main() -> None:
             "kube-apiserver": plane.apiserver,
             "etcd": plane.etcd,
             "kube-controller-manager": plane.controller_manager,
-            "node agent": agent.proc,
+            **node.procs,
         }
         figures = run(args, plane, operator, namespaces, run_dir, others)
     finally:
-        for stop in (operator, agent, gcs, plane):
-            if stop is not None:
-                try:
-                    stop.stop()
-                except Exception as e:  # keep stopping the others
-                    say(f"stopping {type(stop).__name__}: {e}")
+        stops = [operator.stop] if operator else []
+        for stop in (*stops, node.stop_workloads, gcs.stop, plane.stop, node.stop):
+            try:
+                stop()
+            except Exception as e:  # keep stopping the others
+                say(f"{stop.__qualname__}: {e}")
+        if not args.run_dir:
+            shutil.rmtree(run_dir, ignore_errors=True)
     report(figures, args)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))

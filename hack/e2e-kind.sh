@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# End to end on a kind cluster, for machines with Docker (our CI has none: it tests the chart
-# with tests/chart and the operator on a process-based control plane instead).
+# End to end on a kind cluster, for machines with Docker (our CI has none: it runs the same chart
+# and images on the stack's own node, tests/node and tests/e2e).
 #
-#   hack/e2e-kind.sh
+#   hack/e2e-kind.sh                     # the images the stack's node runs (buildah, Debian base)
+#   E2E_IMAGES=docker hack/e2e-kind.sh   # docker build with the public python images instead
 #
-# Builds both images, creates a kind cluster, loads the images, installs the chart, applies
+# Gets the images, creates a kind cluster, loads the images, installs the chart, applies
 # examples/seed-usdc-base.yaml and waits until that backfill is completed (fails at once if it
 # fails). The backfill reads a real Snowflake and stages to a real GCS bucket, so it needs:
 #   SNOWFLAKE_ACCOUNT, SNOWFLAKE_USER, SNOWFLAKE_PASSWORD   (and optionally SNOWFLAKE_WAREHOUSE,
@@ -21,6 +22,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CLUSTER="${KIND_CLUSTER:-beam-backfill-e2e}"
 TAG="${E2E_TAG:-e2e}"
+IMAGES="${E2E_IMAGES:-stack}"
 TIMEOUT="${E2E_TIMEOUT:-1800}"
 EXAMPLE="$ROOT/examples/seed-usdc-base.yaml"
 RELEASE=beam-backfill
@@ -55,16 +57,31 @@ cleanup() {
 }
 trap cleanup EXIT
 
-log "building images beam-backfill/operator:$TAG and beam-backfill/jobrunner:$TAG"
-docker build -f "$ROOT/Dockerfile.operator" -t "beam-backfill/operator:$TAG" "$ROOT"
-docker build -f "$ROOT/Dockerfile.jobrunner" -t "beam-backfill/jobrunner:$TAG" "$ROOT"
-
 if ! kind get clusters 2>/dev/null | grep -qx "$CLUSTER"; then
   log "creating kind cluster $CLUSTER"
   kind create cluster --name "$CLUSTER" --wait 120s
 fi
-log "loading images into $CLUSTER"
-kind load docker-image --name "$CLUSTER" "beam-backfill/operator:$TAG" "beam-backfill/jobrunner:$TAG"
+declare -A tags=([beam-backfill/operator]="$TAG" [beam-backfill/jobrunner]="$TAG")
+case "$IMAGES" in
+  stack)
+    # The OCI archives the stack's node imports (beam_devstack.images: Dockerfile.* built with
+    # buildah on a Debian Python 3.11 base, tagged dev-<hash of their inputs>), built if stale.
+    [[ -x "$ROOT/.venv/bin/beam-dev" ]] || "$ROOT/hack/setup"
+    while read -r repository tag archive; do
+      tags[$repository]="$tag"
+      log "loading $repository:$tag into $CLUSTER from $archive"
+      kind load image-archive --name "$CLUSTER" "$archive"
+    done < <("$ROOT/.venv/bin/beam-dev" images)
+    ;;
+  docker)
+    log "building images beam-backfill/operator:$TAG and beam-backfill/jobrunner:$TAG"
+    docker build -f "$ROOT/Dockerfile.operator" -t "beam-backfill/operator:$TAG" "$ROOT"
+    docker build -f "$ROOT/Dockerfile.jobrunner" -t "beam-backfill/jobrunner:$TAG" "$ROOT"
+    log "loading images into $CLUSTER"
+    kind load docker-image --name "$CLUSTER" "beam-backfill/operator:$TAG" "beam-backfill/jobrunner:$TAG"
+    ;;
+  *) die "E2E_IMAGES is stack or docker, not $IMAGES" ;;
+esac
 
 # The example names its namespace (its organization); the worker ServiceAccount and the
 # Snowflake Secret must live there.
@@ -81,7 +98,7 @@ log "installing the chart (operator in $OPERATOR_NS, organization namespace $ns)
 "$HELM" upgrade --install "$RELEASE" "$ROOT/charts/beam-backfill" \
   --kube-context "kind-$CLUSTER" --namespace "$OPERATOR_NS" --create-namespace \
   --values "$E2E_VALUES" \
-  --set "operator.image.tag=$TAG" --set "jobrunner.image.tag=$TAG" \
+  --set "operator.image.tag=${tags[beam-backfill/operator]}" --set "jobrunner.image.tag=${tags[beam-backfill/jobrunner]}" \
   --set operator.image.pullPolicy=Never --set jobrunner.image.pullPolicy=Never \
   --set-json "worker.serviceAccount.namespaces=[\"$ns\"]" \
   --wait --timeout 5m

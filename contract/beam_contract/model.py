@@ -206,7 +206,7 @@ class KafkaDestination(_Destination):
 class WebhookDestination(_Destination):
     """HTTP endpoint that receives rows as JSON batches, optionally HMAC-signed."""
 
-    secret_keys: ClassVar[tuple[str, ...]] = ("hash_key",)
+    secret_keys: ClassVar[tuple[str, ...]] = ("hash_key", "ssl_ca_pem")
     type: Literal["webhook"]
     url: str = Field(
         pattern=r"^https?://[^\s]+$", max_length=2048, description="http(s) URL that receives POSTed batches."
@@ -215,7 +215,9 @@ class WebhookDestination(_Destination):
         default=None,
         pattern=K8S_NAME_RE,
         max_length=253,
-        description="Name of a Secret in this namespace whose key hash_key signs each request (HMAC-SHA256); omit to send unsigned.",
+        description="Name of a Secret in this namespace whose key hash_key signs each request (HMAC-SHA256); "
+        "omit to send unsigned. Its optional key ssl_ca_pem (PEM) is then the only CA trusted for an https url, "
+        "for endpoints whose certificate a private CA signs.",
     )
 
 

@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("up", help="start the stack in the background")
     sub.add_parser("down", help="stop the stack")
     sub.add_parser("status", help="show what runs")
+    sub.add_parser(
+        "images", help="build the project's images if their inputs changed; print `repository tag archive` per image"
+    )
     demo = sub.add_parser("demo", help="start the stack and run the sample backfill")
     demo.add_argument(
         "--rows", type=int, default=int(os.environ.get("BEAM_DEMO_ROWS", "2000000")), help="synthetic rows to seed"
@@ -222,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "status":
         return status()
+    if args.cmd == "images":
+        from beam_devstack import images
+
+        for image in images.PROJECT_IMAGES:
+            print(image.repository, image.tag(), image.archive())
+        return 0
     if args.cmd == "consume":
         from beam_devstack.demo import consume
 

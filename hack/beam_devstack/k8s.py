@@ -4,7 +4,7 @@ kube-controller-manager, with no node and no container runtime.
 This is what controller-runtime's envtest runs, plus a controller manager so that the
 behaviour the operator relies on is real: Jobs create Pods, ownerReferences are garbage
 collected, finished Jobs expire, namespaces are finalized and get their default ServiceAccount.
-Pods stay Pending unless something plays the kubelet (beam_devstack.nodeagent).
+Pods stay Pending unless a node runs them: with node_ip, beam_devstack.node is that node.
 
 The binaries cannot be downloaded as releases on our CI machines, so hack/build-control-plane.sh
 builds them from the Go module proxy once and caches them by version.
@@ -13,7 +13,6 @@ builds them from the Go module proxy once and caches them by version.
 from __future__ import annotations
 
 import base64
-import datetime
 import ipaddress
 import json
 import os
@@ -30,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from beam_devstack.pki import issue_cert, make_ca
 from beam_devstack.proc import CACHE, ManagedProcess, free_port, progress
 
 K8S_VERSION = "v1.34.4"
@@ -87,146 +87,48 @@ def ensure_installed() -> None:
 
 
 def _write_pki(pki: Path, extra_ips: tuple[str, ...] = ()) -> None:
-    """CA, apiserver serving cert, admin client cert, ServiceAccount signing key.
-
-    EC P-256 keys: generated in milliseconds, unlike RSA, and every component accepts them.
-    """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    """CA, apiserver serving cert, admin client cert, ServiceAccount signing key."""
+    from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     pki.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
-    until = now + datetime.timedelta(days=365)
-
-    def key_pem(key) -> bytes:
-        return key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
-    def write(name: str, data: bytes) -> None:
-        path = pki / name
-        path.write_bytes(data)
-        path.chmod(0o600)
-
-    def name(cn: str, org: str | None = None) -> x509.Name:
-        attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-        if org:
-            attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
-        return x509.Name(attrs)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = name("beam-backfill-local-ca")
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(until)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    write("ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM))
-    write("ca.key", key_pem(ca_key))
-
-    def leaf(file: str, subject: x509.Name, usage, sans=None) -> None:
-        _write_leaf(pki / file, ca_cert, ca_key, subject, usage, sans or [])
-
-    leaf(
-        "apiserver",
-        name("kube-apiserver"),
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        [
-            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-            *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in extra_ips),
-            # The first address of the service range is the in-cluster `kubernetes` Service.
-            x509.IPAddress(next(ipaddress.ip_network(SERVICE_CIDR).hosts())),
-            x509.DNSName("localhost"),
-            x509.DNSName("kubernetes"),
-            x509.DNSName("kubernetes.default"),
-            x509.DNSName("kubernetes.default.svc"),
-            x509.DNSName("kubernetes.default.svc.cluster.local"),
-        ],
+    ca, ca_key = make_ca(pki / "ca", "beam-backfill-local-ca")
+    issue_cert(
+        pki / "apiserver",
+        ca,
+        ca_key,
+        "kube-apiserver",
+        server=True,
+        # The first address of the service range is the in-cluster `kubernetes` Service.
+        ips=("127.0.0.1", *extra_ips, str(next(ipaddress.ip_network(SERVICE_CIDR).hosts()))),
+        dns=(
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ),
     )
     # Group system:masters is bound to cluster-admin by the bootstrap RBAC policy.
-    leaf("admin", name(ADMIN_USER, "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH)
+    issue_cert(pki / "admin", ca, ca_key, ADMIN_USER, org="system:masters")
 
     sa_key = ec.generate_private_key(ec.SECP256R1())
-    write("sa.key", key_pem(sa_key))
-    write(
-        "sa.pub",
-        sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
-    )
-
-
-def _write_leaf(prefix: Path, ca_cert, ca_key, subject, usage, sans: list) -> None:
-    """An EC P-256 key and a certificate signed by the CA, at prefix.key and prefix.crt."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
-    key = ec.generate_private_key(ec.SECP256R1())
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = builder.sign(ca_key, hashes.SHA256())
-    for suffix, data in (
-        (".crt", cert.public_bytes(serialization.Encoding.PEM)),
+    for name, data in (
         (
-            ".key",
-            key.private_bytes(
+            "sa.key",
+            sa_key.private_bytes(
                 serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             ),
         ),
+        (
+            "sa.pub",
+            sa_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+        ),
     ):
-        path = prefix.with_name(prefix.name + suffix)
-        path.write_bytes(data)
-        path.chmod(0o600)
-
-
-def issue_cert(
-    prefix: Path,
-    ca_crt: Path,
-    ca_key: Path,
-    cn: str,
-    *,
-    org: str | None = None,
-    server: bool = False,
-    ips: tuple[str, ...] = (),
-    dns: tuple[str, ...] = (),
-) -> None:
-    """A certificate from the control plane's CA (pki/ca.crt, ca.key) for another component:
-    the real node's kubelet, kube-proxy and kube-scheduler (beam_devstack.node)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    ca_cert = x509.load_pem_x509_certificate(Path(ca_crt).read_bytes())
-    key = serialization.load_pem_private_key(Path(ca_key).read_bytes(), password=None)
-    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
-    if org:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
-    sans = [x509.IPAddress(ipaddress.ip_address(i)) for i in ips] + [x509.DNSName(n) for n in dns]
-    usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-    _write_leaf(prefix, ca_cert, key, x509.Name(attrs), usage, sans)
+        (pki / name).write_bytes(data)
+        (pki / name).chmod(0o600)
 
 
 def _b64(path: Path) -> str:

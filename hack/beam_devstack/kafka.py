@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 import shutil
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
+from beam_devstack import pki
 from beam_devstack.kafka_proxy import KafkaProxy
 from beam_devstack.proc import CACHE, ManagedProcess, free_port, port_open, progress
 
@@ -136,30 +138,69 @@ class Kafka:
         self.proxied_port: int | None = None
         self._proxy_port: int | None = None
         self.proxy: KafkaProxy | None = None
+        # A third, as a managed Kafka is reached: SASL_SSL with PLAIN, a certificate from a CA of
+        # this broker's own (ca_pem), one user (sasl_user, sasl_password) made at each start.
+        self.sasl_ssl_port: int | None = None
+        self.sasl_user = "beam-e2e"
+        self.sasl_password = ""
+        self.ca_pem = ""
+
+    @property
+    def sasl_ssl_bootstrap(self) -> str:
+        return f"{self.host}:{self.sasl_ssl_port}"
 
     @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
     def endpoints(self) -> dict:
-        return {"bootstrap": self.bootstrap}
+        return {"bootstrap": self.bootstrap, "sasl_ssl_bootstrap": self.sasl_ssl_bootstrap}
+
+    def sasl_ssl_client_config(self) -> dict[str, str]:
+        """librdkafka settings of a client of the SASL_SSL listener."""
+        return {
+            "bootstrap.servers": self.sasl_ssl_bootstrap,
+            "security.protocol": "SASL_SSL",
+            "sasl.mechanism": "PLAIN",
+            "sasl.username": self.sasl_user,
+            "sasl.password": self.sasl_password,
+            "ssl.ca.pem": self.ca_pem,
+        }
 
     def _write_config(self) -> Path:
         ports: set[int] = set()
-        while len(ports) < 4:
+        while len(ports) < 5:
             ports.add(free_port())
-        self.port, self.controller_port, self.proxied_port, self._proxy_port = sorted(ports)
+        self.port, self.controller_port, self.proxied_port, self._proxy_port, self.sasl_ssl_port = sorted(ports)
         data = self.run_dir / "data"
+        tls = self.run_dir / "tls"
+        ca, ca_key = pki.make_ca(tls / "ca", "beam-devstack-kafka-ca")
+        crt, key = pki.issue_cert(
+            tls / "broker", ca, ca_key, "kafka", server=True, ips=(self.host,), dns=("localhost",)
+        )
+        # Kafka's PEM keystore: the key and its certificate in one file.
+        keystore = tls / "broker.pem"
+        keystore.write_bytes(key.read_bytes() + crt.read_bytes())
+        keystore.chmod(0o600)
+        self.ca_pem = ca.read_text()
+        self.sasl_password = secrets.token_urlsafe(18)
         props = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
             "listeners": f"PLAINTEXT://{self.host}:{self.port},CONTROLLER://127.0.0.1:{self.controller_port},"
-            f"PROXIED://{self.host}:{self.proxied_port}",
-            "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port},PROXIED://{self.host}:{self._proxy_port}",
+            f"PROXIED://{self.host}:{self.proxied_port},SASL_SSL://{self.host}:{self.sasl_ssl_port}",
+            "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port},PROXIED://{self.host}:{self._proxy_port},"
+            f"SASL_SSL://{self.host}:{self.sasl_ssl_port}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
-            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PROXIED:PLAINTEXT",
+            "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,PROXIED:PLAINTEXT,"
+            "SASL_SSL:SASL_SSL",
+            "sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.sasl_ssl.plain.sasl.jaas.config": "org.apache.kafka.common.security.plain.PlainLoginModule "
+            f'required user_{self.sasl_user}="{self.sasl_password}";',
+            "listener.name.sasl_ssl.ssl.keystore.type": "PEM",
+            "listener.name.sasl_ssl.ssl.keystore.location": str(keystore),
             "log.dirs": str(data),
             "num.partitions": "1",
             "auto.create.topics.enable": "true",

@@ -81,7 +81,7 @@ kube-scheduler: `--leader-elect=false`, on 127.0.0.1; identity system:kube-sched
 RBAC); `--authentication-skip-lookup` (the control plane has no requestheader CA: else "missing
 content for CA bundle" twice a second). Without a scheduler Pods stay Pending.
 
-Certificates: EC P-256 from beam_devstack.k8s.issue_cert, signed by the control plane's CA
+Certificates: EC P-256 from beam_devstack.pki.issue_cert, signed by the control plane's CA
 (k8s.py writes pki/ca.crt and ca.key): kubelet client and serving (SAN node_ip), kube-proxy,
 kube-scheduler; kubeconfigs point at apiserver_url with file references.
 
@@ -118,7 +118,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from beam_devstack.k8s import issue_cert
+from beam_devstack.pki import issue_cert
 from beam_devstack.proc import CACHE, ManagedProcess, free_port, progress
 
 K8S_VERSION = "v1.34.4"
@@ -1151,7 +1151,7 @@ def _settings_from_owner(owner: dict) -> NodeSettings:
     return NodeSettings(**owner["settings"])
 
 
-# --- kubeconfigs (the certificates come from k8s.issue_cert, the control plane's CA) ---------
+# --- kubeconfigs (the certificates come from pki.issue_cert, the control plane's CA) ---------
 
 
 def write_kubeconfig(path: Path, server: str, ca: Path, crt: Path, key: Path, user: str) -> None:

@@ -33,21 +33,6 @@ def namespace(k8s, request):
     k8s.delete_namespace(name)
 
 
-# --- node agent (beam_devstack.nodeagent) ---------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def node_agent(k8s, tmp_path_factory):
-    """One Ready Node `local-node` whose Pods run as host processes; .log_dir,
-    .pod_log_path(ns, pod), endpoints()["node_name"|"log_dir"|"log"]."""
-    from beam_devstack.nodeagent import NodeAgent
-
-    agent = NodeAgent(tmp_path_factory.mktemp("nodeagent"), kubeconfig=k8s.endpoints()["kubeconfig"])
-    agent.start()
-    yield agent
-    agent.stop()
-
-
 # --- brokers: Kafka, fake-gcs-server, fakesnow, NATS, SNS ------------------------------------
 
 
@@ -192,6 +177,8 @@ def node_operator(node_cluster, node_servers):
     values = {
         "operator": {"image": image(images.OPERATOR)},
         "jobrunner": {"image": image(images.JOBRUNNER)},
+        # The REST API as its Deployment behind its Service; tests poll it next to kubectl.
+        "api": {"enabled": True, "rateLimit": {"perSecond": 50, "burst": 100}, "keyCacheSeconds": 1},
         "config": {
             "stage_strategy": "fetch",
             "staging_bucket": NODE_BUCKET,

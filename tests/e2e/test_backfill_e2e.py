@@ -133,40 +133,101 @@ class _Receiver(BaseHTTPRequestHandler):
         pass
 
 
-def test_one_backfill_delivers_to_kafka_and_a_signed_webhook(k8s, operator, kafka, seeded, org):
+def _secret(k8s, ns, name, **data):
     import base64
 
+    body = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+    k8s.api(
+        "POST",
+        f"/api/v1/namespaces/{ns}/secrets",
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name}, "data": body},
+    )
+
+
+def test_one_backfill_delivers_over_sasl_ssl_kafka_and_a_signed_https_webhook(
+    k8s, operator, kafka, seeded, org, tmp_path
+):
+    # As the seed's managed Kafka is reached: SASL_SSL, PLAIN, credentials and the CA from a
+    # Secret. The webhook is https with a certificate from a CA of the test's own.
+    import ssl
+
+    from beam_devstack import pki
+
+    ca, ca_key = pki.make_ca(tmp_path / "hook-ca", "e2e-webhook-ca")
+    crt, key = pki.issue_cert(tmp_path / "hook", ca, ca_key, "receiver", server=True, ips=(NODE["node_ip"],))
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(crt, key)
     _Receiver.key, _Receiver.rows, _Receiver.bad = b"e2e-signing-key", [], 0
     server = ThreadingHTTPServer((NODE["node_ip"], 0), _Receiver)  # where Pods reach the host
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        k8s.api(
-            "POST",
-            f"/api/v1/namespaces/{org}/secrets",
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "metadata": {"name": "hook-key"},
-                "data": {"hash_key": base64.b64encode(_Receiver.key).decode()},
-            },
+        _secret(k8s, org, "hook-key", hash_key=_Receiver.key.decode(), ssl_ca_pem=ca.read_text())
+        _secret(
+            k8s,
+            org,
+            "kafka-creds",
+            sasl_username=kafka.sasl_user,
+            sasl_password=kafka.sasl_password,
+            ssl_ca_pem=kafka.ca_pem,
         )
         window = {**WINDOW, "end": "2026-03-08T00:00:00"}
-        obj = backfill("fanout", "e2e-fanout", window=window)
-        obj["spec"]["destinations"].append(
+        obj = backfill("fanout", "e2e-sasl", window=window)
+        obj["spec"]["destinations"] = [
+            {
+                "type": "kafka",
+                "name": "e2e-sasl",
+                "bootstrap_servers": kafka.sasl_ssl_bootstrap,
+                "secret": "kafka-creds",
+            },
             {
                 "type": "webhook",
                 "name": "hook",
-                "url": f"http://{NODE['node_ip']}:{server.server_port}/beam",
+                "url": f"https://{NODE['node_ip']}:{server.server_port}/beam",
                 "hash_key": "hook-key",
-            }
-        )
+            },
+        ]
         apply(k8s, org, obj)
         wait_status(k8s, org, "fanout", "completed")
         ids = expected_ids(seeded, window)
-        assert_exactly(read_topic(kafka.bootstrap, "e2e-fanout"), ids)
+        assert_exactly(read_topic(kafka.bootstrap, "e2e-sasl"), ids)
         assert set(_Receiver.rows) == ids and _Receiver.bad == 0
     finally:
         server.shutdown()
+
+
+def test_a_chunk_the_destination_refuses_fails_the_backfill_with_its_answer(k8s, operator, org):
+    _Refuser.calls = 0
+    server = ThreadingHTTPServer((NODE["node_ip"], 0), _Refuser)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        obj = backfill("refused", "e2e-refused", window={**WINDOW, "end": "2026-03-02T00:00:00"})
+        url = f"http://{NODE['node_ip']}:{server.server_port}/beam"
+        obj["spec"]["destinations"] = [{"type": "webhook", "name": "refuser", "url": url}]
+        uid = apply(k8s, org, obj)["metadata"]["uid"]
+        st = wait_status(k8s, org, "refused", "failed")
+    finally:
+        server.shutdown()
+    assert st["error_message"].startswith("transport failed on chunk 0 of 1: "), st
+    assert "answered HTTP 400: unknown tenant" in st["error_message"], st
+    assert _Refuser.calls == 1  # a 400 is permanent: not retried
+    assert all(not (j.get("status") or {}).get("active") for j in jobs(k8s, org, uid))
+
+
+class _Refuser(BaseHTTPRequestHandler):
+    calls = 0
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).calls += 1
+        body = b"unknown tenant"
+        self.send_response(400)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
 
 
 def test_cancel_mid_transport_stops_delivery(k8s, operator, kafka, seeded, org):
@@ -238,7 +299,6 @@ def test_operator_killed_mid_transport_still_completes_with_one_transport_job(k8
     uid = obj["metadata"]["uid"]
     wait_status(k8s, org, "resilient", "transporting")
     operator.kill()
-    time.sleep(2)
     operator.start()
     wait_status(k8s, org, "resilient", "completed")
     transport = [j for j in jobs(k8s, org, uid) if j["metadata"]["labels"]["beam-backfill.dev/phase"] == "transport"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from beam_devstack.operator_proc import OperatorProcess, helm_binary, install_chart_rbac
+from beam_devstack.operator_proc import helm_binary, install_chart_rbac
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD = ROOT / "crds" / "beambackfills.yaml"
@@ -33,22 +33,3 @@ def helm():
 @pytest.fixture(scope="session")
 def operator_kubeconfig(k8s, crd_installed, helm):
     return install_chart_rbac(k8s, helm, namespace="beam-operator-tests", release="optests")
-
-
-@pytest.fixture(scope="module")
-def operator(k8s, node_agent, operator_kubeconfig, gcs, tmp_path_factory):
-    """The operator for this module's tests. Module scope: two operators on one cluster would
-    both reconcile every BeamBackfill, so each test module that runs one stops it when done."""
-    run_dir = tmp_path_factory.mktemp("operator")
-    op = OperatorProcess(
-        run_dir,
-        kubeconfig=operator_kubeconfig,
-        config={
-            "BEAM_JOBRUNNER_IMAGE": "beam-backfill/standin-jobrunner:test",
-            "BEAM_GCS_ENDPOINT": gcs.endpoints()["url"],
-            "BEAM_STAGING_BUCKET": "beam-staging",
-            "BEAM_JOB_TTL_SECONDS": "600",
-        },
-    ).start()
-    yield op
-    op.stop()

@@ -14,6 +14,7 @@ from collections import defaultdict
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -137,6 +138,31 @@ def test_kafka_read_committed_hides_aborted_transactions(kafka):
     everything = _drain(kafka.bootstrap, topic, 1, "read_uncommitted")
     assert len(everything) == 120
     assert sum(m.key() == b"aborted" for m in everything) == 50
+
+
+def test_kafka_sasl_ssl_listener_takes_its_user_and_its_ca_only(kafka, tmp_path):
+    from confluent_kafka.admin import AdminClient
+
+    from beam_devstack import pki
+
+    topic = _unique("sasl")
+    p = Producer(kafka.sasl_ssl_client_config())
+    p.produce(topic, key=b"k", value=b"over SASL_SSL")
+    assert p.flush(30) == 0
+    assert [m.value() for m in _drain(kafka.bootstrap, topic, 1, "read_committed")] == [b"over SASL_SSL"]
+
+    def refusal(**override) -> str:
+        conf = {**kafka.sasl_ssl_client_config(), **override}
+        errors = []
+        admin = AdminClient({**conf, "error_cb": lambda e: errors.append(str(e))})
+        with pytest.raises(KafkaException):
+            admin.list_topics(timeout=5)
+        admin.poll(1)  # serves error_cb
+        return " ".join(errors)
+
+    assert "Authentication failed" in refusal(**{"sasl.password": "wrong"})
+    other_ca, _ = pki.make_ca(tmp_path / "other", "not-the-brokers-ca")
+    assert "certificate verify failed" in refusal(**{"ssl.ca.pem": other_ca.read_text()})
 
 
 def test_gcs_parquet_written_by_one_client_is_read_by_the_other(gcs, monkeypatch):

@@ -15,6 +15,7 @@ import hmac
 import json
 import logging
 import os
+import ssl
 import time
 import uuid
 from collections.abc import Iterable
@@ -43,7 +44,15 @@ class WebhookSink(Sink):
         self.url = self.dest.url
         self.where = redact_url(self.url)
         t = self.ctx.connect_timeout
-        self.client = httpx.Client(timeout=httpx.Timeout(max(t, 30), connect=t), follow_redirects=False)
+        ca = self.secret("ssl_ca_pem") if self.dest.hash_key else None
+        # A private CA is trusted alone, for this destination only, as Kafka's ssl.ca.pem is.
+        try:
+            verify = ssl.create_default_context(cadata=ca) if ca else True
+        except (ssl.SSLError, ValueError) as e:
+            raise PermanentError(
+                f"{self.label}: ssl_ca_pem of Secret {self.dest.hash_key} is not a PEM CA certificate ({e})"
+            ) from None
+        self.client = httpx.Client(timeout=httpx.Timeout(max(t, 30), connect=t), follow_redirects=False, verify=verify)
 
     def already_delivered(self) -> bool:
         return markers.is_delivered(self.ctx)
