@@ -37,6 +37,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -59,7 +60,9 @@ from beam_devstack.node import Node, NodeSettings  # noqa: E402
 from beam_devstack.operator_proc import OperatorProcess, helm_binary, install_chart_rbac, install_crd  # noqa: E402
 from beam_devstack.proc import progress  # noqa: E402
 
-STANDIN = images.ProjectImage("scale-standin", BENCH / "scale_standin" / "Dockerfile", "beam-backfill/scale-standin")
+STANDIN = images.ProjectImage(
+    "scale-standin", BENCH / "scale_standin" / "Dockerfile", "beam-backfill/scale-standin", BENCH / "scale_standin"
+)
 # A bridge and ranges of the benchmark's own (the suite uses 10.213.9.0/24, the demo 10.213.8.0/24).
 NODE = {"bridge": "beambench0", "node_ip": "10.213.10.1", "pod_cidr": "10.213.10.0/24"}
 TERMINAL = tuple(p.value for p in Phase if p.terminal)
@@ -211,6 +214,8 @@ def main() -> None:
     ap.add_argument("--run-dir", type=Path, help="keep logs here (default: a temporary directory)")
     ap.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = ap.parse_args()
+    # SIGTERM (timeout, a Ctrl-C'd flock) must stop the node and delete the run dir like an error does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="beam-scale-"))
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -287,7 +292,7 @@ def run(
     args, plane: AuditedControlPlane, operator: Operator, namespaces: list[str], run_dir: Path, others: dict
 ) -> dict:
     ctx = admin_ssl(plane.pki)
-    watcher = Watcher(plane.port, ctx).start()
+    watcher = Watcher(plane.port, ctx, host=NODE["node_ip"]).start()
     wait_watching(plane, operator.started_at)
     watcher.ready.wait(30)
     names = [(namespaces[i % len(namespaces)], f"bf-{i:05d}") for i in range(args.backfills)]
@@ -299,7 +304,7 @@ def run(
         if at > time.time():
             time.sleep(at - time.time())
         if not hasattr(local, "client"):
-            local.client = Client(plane.port, ctx)
+            local.client = Client(plane.port, ctx, host=NODE["node_ip"])
         ns, name = key
         while True:
             sent[key] = time.time()

@@ -33,14 +33,15 @@ def admin_ssl(pki: Path) -> ssl.SSLContext:
 class Client:
     """A keep-alive HTTPS connection to the apiserver as the admin; JSON in and out."""
 
-    def __init__(self, port: int, ctx: ssl.SSLContext, timeout: float = 30) -> None:
+    def __init__(self, port: int, ctx: ssl.SSLContext, timeout: float = 30, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port, self.ctx, self.timeout = port, ctx, timeout
         self.conn: http.client.HTTPSConnection | None = None
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
         for attempt in (1, 2):
             if self.conn is None:
-                self.conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx, timeout=self.timeout)
+                self.conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=self.timeout)
             try:
                 data = orjson.dumps(body) if body is not None else None
                 self.conn.request(
@@ -83,7 +84,8 @@ class BackfillSeen:
 class Watcher:
     """One list+watch loop per resource in a thread; keeps first-sighting times."""
 
-    def __init__(self, port: int, ctx: ssl.SSLContext) -> None:
+    def __init__(self, port: int, ctx: ssl.SSLContext, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.port, self.ctx = port, ctx
         self.jobs: dict[tuple[str, str], JobSeen] = {}
         self.backfills: dict[tuple[str, str], BackfillSeen] = {}
@@ -153,7 +155,7 @@ class Watcher:
         while not self.stopping.is_set():
             try:
                 if not rv:
-                    client = Client(self.port, self.ctx)
+                    client = Client(self.port, self.ctx, host=self.host)
                     try:
                         code, body = client.request("GET", f"{path}?{urllib.parse.urlencode(params)}")
                     finally:
@@ -178,7 +180,7 @@ class Watcher:
         q = urllib.parse.urlencode(
             {**params, "watch": "1", "resourceVersion": rv, "allowWatchBookmarks": "true", "timeoutSeconds": "60"}
         )
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.ctx, timeout=90)
+        conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=90)
         try:
             conn.request("GET", f"{path}?{q}")
             resp = conn.getresponse()

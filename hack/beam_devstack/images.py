@@ -32,6 +32,7 @@ class ProjectImage:
     name: str  # jobrunner | operator
     dockerfile: Path
     repository: str  # as the chart names it
+    context: Path = ROOT  # the build context, which the COPY sources are relative to
 
     def copied_paths(self) -> list[Path]:
         """The sources of the Dockerfile's COPY lines (not COPY --from)."""
@@ -39,7 +40,7 @@ class ProjectImage:
         for line in self.dockerfile.read_text().splitlines():
             words = line.split()
             if words[:1] == ["COPY"] and not any(w.startswith("--from") for w in words):
-                out += [ROOT / w for w in words[1:-1] if not w.startswith("--")]
+                out += [self.context / w for w in words[1:-1] if not w.startswith("--")]
         return out
 
     def inputs(self) -> list[Path]:
@@ -80,11 +81,12 @@ class ProjectImage:
         t0 = time.monotonic()
         progress("images", f"building {self.repository}:dev-{key} from {self.dockerfile.name} (inputs changed)")
         done = subprocess.run(
-            ["bash", str(BUILD_IMAGES), "dockerfile", str(self.dockerfile), self.reference(), str(ROOT)],
-            check=True,
+            ["bash", str(BUILD_IMAGES), "dockerfile", str(self.dockerfile), self.reference(), str(self.context)],
             capture_output=True,
             text=True,
         )
+        if done.returncode != 0:
+            raise RuntimeError(f"building {self.repository} failed ({done.returncode}):\n{done.stderr[-4000:]}")
         built = Path(done.stdout.strip().splitlines()[-1])
         for old in IMAGE_DIR.glob(f"{self.name}-*.oci.tar"):
             old.unlink()

@@ -30,7 +30,7 @@ def spec(dest: dict) -> dict:
 class Receiver:
     """A webhook receiver as the docs tell users to write one: verify, reject stale, dedupe by key."""
 
-    def __init__(self, key: str, fail_first: int = 0) -> None:
+    def __init__(self, key: str, fail_first: int = 0, tls=None) -> None:
         self.key = key.encode()
         self.rows: list[dict] = []
         self.keys: list[str] = []
@@ -71,7 +71,15 @@ class Receiver:
                 self.wfile.write(body)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook?token=abc"
+        scheme = "http"
+        if tls is not None:  # (certificate, key) files
+            import ssl
+
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(*tls)
+            self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_port}/hook?token=abc"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self):
@@ -127,6 +135,37 @@ def test_webhook_4xx_fails_chunk_without_leaking_secrets(tmp_path, source, bucke
         missing.stage()
         r = missing.transport(0)
         assert r.code == 2 and "hash_key missing" in r.message
+    finally:
+        recv.close()
+
+
+def test_https_webhook_trusts_the_ca_of_its_secret_and_only_then(tmp_path, source, bucket, gcs, rows):
+    from beam_devstack import pki
+
+    ca, ca_key = pki.make_ca(tmp_path / "ca", "private-webhook-ca")
+    recv = Receiver(KEY, tls=pki.issue_cert(tmp_path / "recv", ca, ca_key, "receiver", server=True, ips=("127.0.0.1",)))
+    dest = {"type": "webhook", "name": "hook", "url": recv.url, "hash_key": "hook-secret"}
+    try:
+
+        def transport(**secret):
+            job = Job(
+                tmp_path,
+                spec(dest),
+                snowflake=source,
+                gcs=gcs,
+                extra={"BEAM_DEST_0_HASH_KEY": KEY, "BEAM_WEBHOOK_ATTEMPTS": "1", **secret},
+            )
+            job.stage()
+            return job.transport(0)
+
+        untrusted = transport()  # the public roots do not include the private CA
+        assert untrusted.code != 0 and "CERTIFICATE_VERIFY_FAILED" in untrusted.message, untrusted.message
+        assert recv.requests == 0
+        garbled = transport(BEAM_DEST_0_SSL_CA_PEM="not a certificate")
+        assert garbled.code == 2 and "ssl_ca_pem of Secret hook-secret is not a PEM CA certificate" in garbled.message
+        trusted = transport(BEAM_DEST_0_SSL_CA_PEM=ca.read_text())
+        assert trusted.code == 0, trusted.message
+        assert {r["unique_id"] for r in recv.rows} <= set(expected_ids(rows, blocks=(2000, 2300))) and recv.rows
     finally:
         recv.close()
 
