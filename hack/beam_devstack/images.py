@@ -27,6 +27,11 @@ IMAGE_DIR = CACHE / "images"
 _SKIPPED = ("__pycache__", "*.pyc", "*.so", "*.egg-info")
 
 
+# The key each image was built (or found) with in this process: its tag must stay the one of the
+# archive the node imported even if a source file changes while the stack runs.
+_BUILT: dict[str, str] = {}
+
+
 @dataclass(frozen=True)
 class ProjectImage:
     name: str  # jobrunner | operator
@@ -65,7 +70,7 @@ class ProjectImage:
         return h.hexdigest()[:16]
 
     def tag(self) -> str:
-        return f"dev-{self.key()}"
+        return f"dev-{_BUILT.get(self.name) or self.key()}"
 
     def reference(self) -> str:
         """The name the CRI stores it under: unqualified names mean docker.io."""
@@ -75,6 +80,7 @@ class ProjectImage:
         """The image's OCI archive, built first if its inputs changed."""
         key = self.key()
         out = IMAGE_DIR / f"{self.name}-{key}.oci.tar"
+        _BUILT[self.name] = key
         if out.exists():
             progress("images", f"{self.repository}:dev-{key} cached")
             return out

@@ -40,8 +40,9 @@ def _trunc(name: str, n: int) -> str:
 
 def child_job_name(name: str, uid: str, phase: JobKind) -> str:
     """The Kubernetes name of a backfill's Job (not the spec's job_name, a display name)."""
-    # Pod hostnames of an Indexed Job are <job>-<index> and must fit in 63 characters.
-    return f"{_trunc(name, 36)}-{uid[:8]}-{phase}"
+    # Pod hostnames of an Indexed Job are <job>-<index>: a DNS label, so no dots (a backfill
+    # name may have them) and at most 63 characters. The uid part keeps names distinct.
+    return f"{_trunc(name.replace('.', '-'), 36)}-{uid[:8]}-{phase}"
 
 
 def staging_uri(config: OperatorConfig, namespace: str, uid: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from beam_contract.worker import DEFAULT_CONNECT_TIMEOUT_S, StageStrategy
@@ -48,6 +48,11 @@ class OperatorConfig(BaseSettings):
     # Secret in each backfill's namespace (not the operator's) with the Snowflake connection, so
     # every organization brings its own warehouse credentials.
     snowflake_secret: str = "beam-snowflake"
+    # A destination's `secret` or `hash_key` may only name a Secret whose name starts with this:
+    # Secrets an administrator made for destinations (docs/security.md). The Snowflake Secret
+    # can never carry it (checked at start), so no destination can send the warehouse's
+    # credentials anywhere.
+    destination_secret_prefix: str = Field(default="beam-destination-", min_length=1)
     managed_kafka_bootstrap: str | None = None
     # One retry of a chunk, then the index fails: a bad chunk must not loop for hours.
     backoff_limit_per_index: int = 1
@@ -91,6 +96,19 @@ class OperatorConfig(BaseSettings):
     @classmethod
     def _comma_separated(cls, v: Any) -> Any:
         return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _snowflake_secret_is_never_a_destination_secret(self) -> OperatorConfig:
+        if self.snowflake_secret.startswith(self.destination_secret_prefix):
+            raise ValueError(
+                f"snowflake_secret {self.snowflake_secret!r} starts with destination_secret_prefix "
+                f"{self.destination_secret_prefix!r}: any destination could then send the warehouse credentials "
+                "to a host of its choice; rename the Secret or change the prefix"
+            )
+        return self
+
+    def destination_secret_allowed(self, name: str) -> bool:
+        return name.startswith(self.destination_secret_prefix)
 
     def table_allowed(self, table: str) -> bool:
         return not self.allowed_tables or table.lower() in {t.lower() for t in self.allowed_tables}

@@ -37,6 +37,7 @@ from beam_contract.model import TERMINAL, BackfillStatus, Phase
 
 from . import child_jobs, metrics, staged_files
 from .config import OperatorConfig
+from .kubeclient import ApiError
 from .reconcile import (
     Action,
     CreateJob,
@@ -56,6 +57,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("beam_operator.controller")
 
 Key = tuple[str, str]  # namespace, name
+
+# What a Job create answers when asking again cannot help: a bad or invalid manifest, a
+# ResourceQuota or an admission policy that forbids it, a namespace that is gone.
+PERMANENT_REFUSALS = frozenset({400, 403, 404, 422})
+# A reconcile that raised (the apiserver unreachable, 429, 5xx) is retried after 5 s, doubling
+# on each failure in a row up to 5 minutes.
+RETRY_FIRST_S, RETRY_MAX_S = 5.0, 300.0
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
@@ -124,6 +132,10 @@ class Controller:
         self._again: set[Key] = set()
         self._wake = asyncio.Event()
         self._last_write: dict[Key, float] = {}
+        # Job creates the apiserver refused for good, by backfill uid and Job kind: the next
+        # reconcile ends the backfill `failed` with the apiserver's reason.
+        self._refused: dict[str, dict[str, str]] = {}
+        self._errors: dict[Key, int] = {}  # consecutive failed reconciles: the retry backoff
         self._tasks: list[asyncio.Task] = []
         # One consumer per lane and one lane per key: a backfill's Events keep their order. The
         # queues exist from here on (no loop needed), their consumers from start().
@@ -143,6 +155,8 @@ class Controller:
             self.caches.jobs.pop(meta["uid"], None)
             self.caches.pods.pop(meta["uid"], None)
             self._last_write.pop(key, None)
+            self._refused.pop(meta["uid"], None)
+            self._errors.pop(key, None)
             return
         cached = self.caches.backfills.get(key)
         if cached is not None and _older(meta.get("resourceVersion"), cached["metadata"].get("resourceVersion")):
@@ -294,8 +308,12 @@ class Controller:
                 raise
             except Exception as e:  # one bad object must not stop the others
                 metrics.RECONCILE_ERRORS.inc()
-                log.exception("reconcile of %s/%s failed: %s; retrying in 5s", *key, e)
-                self.enqueue(key, 5.0)
+                n = self._errors[key] = self._errors.get(key, 0) + 1
+                delay = min(RETRY_FIRST_S * 2 ** (n - 1), RETRY_MAX_S)
+                log.exception("reconcile of %s/%s failed (%d in a row): %s; retrying in %.0fs", *key, n, e, delay)
+                self.enqueue(key, delay)
+            else:
+                self._errors.pop(key, None)
             finally:
                 self._busy.discard(key)
                 if key in self._again:
@@ -317,6 +335,7 @@ class Controller:
             status=BackfillStatus.model_validate(body.get("status") or {}),
             jobs=tuple(self.caches.jobs.get(uid, {}).values()),
             pods=tuple(self.caches.pods.get(uid, {}).values()),
+            refused=dict(self._refused.get(uid, {})),
             now=now or datetime.now(UTC),
         )
 
@@ -376,11 +395,21 @@ class Controller:
         ns = body["metadata"]["namespace"]
         match action:
             case CreateJob(manifest=manifest):
-                created = await self.api.create_job(ns, manifest)
-                # Expect the Job before its watch event arrives: a reconcile in between must not
-                # ask for it again (a 409 each time, as controller-runtime's expectations avoid).
                 meta = manifest["metadata"]
                 uid = meta["labels"][child_jobs.LABEL_JOB_ID]
+                try:
+                    created = await self.api.create_job(ns, manifest)
+                except ApiError as e:
+                    if e.status not in PERMANENT_REFUSALS:
+                        raise  # 429, 5xx, a timeout: retried with backoff
+                    # Asking again would be refused again, every few seconds, forever.
+                    kind = meta["labels"].get(child_jobs.LABEL_PHASE, "")
+                    self._refused.setdefault(uid, {})[kind] = f"HTTP {e.status} {e.reason}: {e.api_message}"
+                    log.warning("%s/%s: the %s Job was refused: %s", ns, body["metadata"]["name"], kind, e)
+                    self.enqueue((ns, body["metadata"]["name"]))
+                    return
+                # Expect the Job before its watch event arrives: a reconcile in between must not
+                # ask for it again (a 409 each time, as controller-runtime's expectations avoid).
                 expected = JobObs(name=meta["name"], phase=meta["labels"].get(child_jobs.LABEL_PHASE, ""))
                 self.caches.jobs.setdefault(uid, {}).setdefault(meta["name"], expected)
                 log.info(

@@ -118,6 +118,8 @@ class Observed:
     status: BackfillStatus
     jobs: tuple[JobObs, ...] = ()
     pods: tuple[PodObs, ...] = ()
+    # Job creates refused for good (400, 403, 404, 422), by Job kind: the apiserver's answer.
+    refused: dict[str, str] = field(default_factory=dict)
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -265,6 +267,27 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
         )
     if spec.cancel:
         return finish(Phase.CANCELLED, "Cancelled", "cancelled by request (spec.cancel)", cleanup_jobs=True)
+    for dest in spec.destinations:
+        for field_name in ("secret", "hash_key"):
+            secret = getattr(dest, field_name, None)
+            if secret and not config.destination_secret_allowed(secret):
+                return finish(
+                    Phase.FAILED,
+                    "SecretNotAllowed",
+                    f"{dest.type} destination '{dest.name}': {field_name} {secret!r} is not a destination Secret; "
+                    f"destinations may only name Secrets whose name starts with {config.destination_secret_prefix!r}, "
+                    "which an administrator provisions for them (docs/security.md)",
+                    warning=True,
+                    cleanup_jobs=True,
+                )
+    for kind, why in obs.refused.items():
+        return finish(
+            Phase.FAILED,
+            "JobRefused",
+            f"the cluster refused the {kind} Job: {why}",
+            warning=True,
+            cleanup_jobs=True,
+        )
     if not config.table_allowed(spec.table):
         allowed = ", ".join(config.allowed_tables)
         return finish(

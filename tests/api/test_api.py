@@ -4,6 +4,7 @@ ServiceAccount, against the local control plane, with keys an administrator crea
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -301,6 +302,35 @@ def test_admin_cli_creates_lists_and_revokes_keys(api, namespace, k8s):
         time.sleep(0.6)  # the API's key cache lasts 0.5 s in this test service (5 s by default)
         assert c.get("/backfills").status_code == 401
     assert beam_api(k8s, "keys", "revoke", key_id).returncode == 1
+
+
+def test_admin_cli_errors_are_one_clear_line(api, k8s, tmp_path):
+    bad_org = beam_api(k8s, "keys", "create", "--org", "orgB")
+    assert bad_org.returncode == 2
+    assert bad_org.stderr == (
+        "beam-api: error: organization 'orgB' must be a namespace name (lowercase letters, digits, '-')\n"
+    )
+    # No such namespace for the keys: the apiserver's own words, on one line.
+    refused = subprocess.run(
+        [str(Path(sys.executable).parent / "beam-api"), "--kubeconfig", str(k8s.kubeconfig)]
+        + ["--keys-namespace", "no-such-namespace", "keys", "create", "--org", "org-b"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("beam-api: error: the apiserver answered HTTP 404: "), refused.stderr
+    assert refused.stderr.count("\n") == 1
+    missing = tmp_path / "absent.kubeconfig"
+    unconfigured = subprocess.run(
+        [str(Path(sys.executable).parent / "beam-api"), "--kubeconfig", str(missing), "keys", "list"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "KUBECONFIG": str(missing), "HOME": str(tmp_path)},
+    )
+    assert unconfigured.returncode == 1 and "Traceback" not in unconfigured.stderr, unconfigured.stderr
+    assert unconfigured.stderr.startswith("beam-api: error: ") and unconfigured.stderr.count("\n") == 1
 
 
 def test_rate_limit_per_key_answers_429_with_retry_after(api_kubeconfig, org, other_org, tmp_path):

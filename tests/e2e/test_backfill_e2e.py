@@ -162,11 +162,11 @@ def test_one_backfill_delivers_over_sasl_ssl_kafka_and_a_signed_https_webhook(
     server.socket = tls.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        _secret(k8s, org, "hook-key", hash_key=_Receiver.key.decode(), ssl_ca_pem=ca.read_text())
+        _secret(k8s, org, "beam-destination-hook-key", hash_key=_Receiver.key.decode(), ssl_ca_pem=ca.read_text())
         _secret(
             k8s,
             org,
-            "kafka-creds",
+            "beam-destination-kafka-creds",
             sasl_username=kafka.sasl_user,
             sasl_password=kafka.sasl_password,
             ssl_ca_pem=kafka.ca_pem,
@@ -178,13 +178,13 @@ def test_one_backfill_delivers_over_sasl_ssl_kafka_and_a_signed_https_webhook(
                 "type": "kafka",
                 "name": "e2e-sasl",
                 "bootstrap_servers": kafka.sasl_ssl_bootstrap,
-                "secret": "kafka-creds",
+                "secret": "beam-destination-kafka-creds",
             },
             {
                 "type": "webhook",
                 "name": "hook",
                 "url": f"https://{NODE['node_ip']}:{server.server_port}/beam",
-                "hash_key": "hook-key",
+                "hash_key": "beam-destination-hook-key",
             },
         ]
         apply(k8s, org, obj)
@@ -313,6 +313,48 @@ def test_bad_spec_is_refused_and_nothing_is_created(k8s, operator, org):
     assert "backfill_window.start must be before end" in out.stderr
     assert k8s.api("GET", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills")["items"] == []
     assert k8s.api("GET", f"/apis/batch/v1/namespaces/{org}/jobs")["items"] == []
+
+
+def test_a_dotted_name_runs_and_a_job_the_cluster_refuses_fails_the_backfill(k8s, operator, kafka, seeded, org):
+    # Pod hostnames of an Indexed Job are DNS labels: the Job names must be, for any valid name.
+    window = {**WINDOW, "end": "2026-03-02T00:00:00"}
+    apply(k8s, org, backfill("usdc.2026-03", "e2e-dotted", window=window))
+    wait_status(k8s, org, "usdc.2026-03", "completed")
+    assert_exactly(read_topic(kafka.bootstrap, "e2e-dotted"), expected_ids(seeded, window))
+
+    # A ResourceQuota that allows no Jobs: asking again cannot help, so the backfill fails with
+    # the apiserver's own reason instead of retrying forever.
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-jobs"}}
+    k8s.api("POST", f"/api/v1/namespaces/{org}/resourcequotas", {**quota, "spec": {"hard": {"count/jobs.batch": "0"}}})
+    wait_until(
+        lambda: (
+            "count/jobs.batch"
+            in (k8s.api("GET", f"/api/v1/namespaces/{org}/resourcequotas/no-jobs").get("status") or {}).get("hard", {})
+        ),
+        30,
+        "the quota in force",
+    )
+    uid = apply(k8s, org, backfill("over-quota", "e2e-quota", window=window))["metadata"]["uid"]
+    st = wait_status(k8s, org, "over-quota", "failed", timeout=60)
+    assert st["error_message"].startswith("the cluster refused the staging Job: HTTP 403 Forbidden: "), st
+    assert "exceeded quota: no-jobs" in st["error_message"], st
+    assert jobs(k8s, org, uid) == []
+
+
+def test_a_destination_naming_the_snowflake_secret_is_refused_before_any_job(k8s, operator, org):
+    # The attack of issue 14: the warehouse's credentials mapped into a NATS client's env, sent to
+    # a server of the user's choice (here the node's own address; nothing may leave the machine).
+    obj = backfill("exfiltrate", "unused")
+    obj["spec"]["destinations"] = [
+        {"type": "nats", "name": "x", "url": f"nats://{NODE['node_ip']}:4222", "secret": "beam-snowflake"}
+    ]
+    uid = apply(k8s, org, obj)["metadata"]["uid"]
+    st = wait_status(k8s, org, "exfiltrate", "failed", timeout=60)
+    assert st["error_message"].startswith(
+        "nats destination 'x': secret 'beam-snowflake' is not a destination Secret; destinations may only name "
+        "Secrets whose name starts with 'beam-destination-'"
+    ), st
+    assert jobs(k8s, org, uid) == [] and pods_of(k8s, org, uid) == []
 
 
 def test_staging_failure_is_actionable_and_leaves_nothing_running(k8s, operator, org):

@@ -122,6 +122,49 @@ def test_a_killed_container_and_a_deleted_pod_are_retried_without_loss_or_duplic
     assert set(got) == expected_ids(node_servers["snowflake"])
 
 
+def test_an_evicted_worker_and_an_apiserver_restart_mid_transport_lose_nothing(
+    node_cluster, node_operator, node_servers, org
+):
+    """An eviction (the Eviction API, as a node drain sends it) of the transport worker held at
+    its commit, then a kube-apiserver restart once a later chunk is delivered: the evicted index
+    is retried without counting as a failure, and every row arrives exactly once."""
+    plane, _ = node_cluster
+    kafka = node_servers["kafka"]
+    topic = "node-evict"
+    name = "evicted"
+    with kafka.proxy.holding(END_TXN):
+        obj = plane.api(
+            "POST",
+            f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills",
+            backfill(name, topic, parallelism=1),
+        )
+        uid = obj["metadata"]["uid"]
+        assert kafka.proxy.wait_held(1, timeout=180), story(plane, org)
+        [pod] = wait_for(lambda: running_containers(transport_pods(plane, org, uid), 1), 60, "the worker running")
+        pod_name = pod["metadata"]["name"]
+        eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod_name, "namespace": org}}
+        plane.api("POST", f"/api/v1/namespaces/{org}/pods/{pod_name}/eviction", eviction)
+        wait_for(lambda: pod_phase(plane, org, pod) in ("Failed", None), 60, "the evicted worker's end")
+
+    def delivered_one_more():
+        path = f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills/{name}"
+        st = plane.api("GET", path).get("status") or {}
+        return st.get("num_chunks") and st["chunks_left"] <= st["num_chunks"] - 2
+
+    wait_for(delivered_one_more, 180, "two chunks delivered after the eviction")
+    plane.restart_apiserver()
+    st = wait_for(lambda: ended(plane, org, name), 240, "the backfill's end")
+    assert st["status"] == "completed", story(plane, org)
+    [job] = plane.api(
+        "GET", f"/apis/batch/v1/namespaces/{org}/jobs?labelSelector=beam-backfill.dev%2Fphase%3Dtransport"
+    )["items"]
+    # The Job's podFailurePolicy ignores a DisruptionTarget: the eviction did not count as a failure.
+    assert not job["status"].get("failed") and not job["status"].get("failedIndexes"), job["status"]
+    got = read_keys(kafka.bootstrap, topic)
+    assert len(got) == len(set(got)), "duplicates after the eviction"
+    assert set(got) == expected_ids(node_servers["snowflake"])
+
+
 def test_a_pod_whose_image_is_missing_shows_the_real_reason(node_operator, org):
     plane = node_operator
     pod = {

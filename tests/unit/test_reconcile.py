@@ -45,7 +45,7 @@ STAGE = child_jobs.child_job_name("usdc", UID, child_jobs.STAGING)
 XPORT = child_jobs.child_job_name("usdc", UID, child_jobs.TRANSPORT)
 
 
-def obs(status=None, jobs_=(), pods=(), spec=None, now=NOW, generation=1):
+def obs(status=None, jobs_=(), pods=(), spec=None, now=NOW, generation=1, refused=None):
     return Observed(
         name="usdc",
         namespace="org123",
@@ -56,6 +56,7 @@ def obs(status=None, jobs_=(), pods=(), spec=None, now=NOW, generation=1):
         status=status if isinstance(status, BackfillStatus) else BackfillStatus.model_validate(status or {}),
         jobs=tuple(jobs_),
         pods=tuple(pods),
+        refused=refused or {},
         now=now,
     )
 
@@ -377,12 +378,71 @@ def test_job_names_are_deterministic_and_fit_pod_hostnames():
     assert len(name) + len("-99999") <= 63
 
 
+def test_job_names_are_dns_labels_for_every_valid_backfill_name():
+    import re
+
+    for backfill in ("usdc.2024", "a." + "b" * 250, "x-.y", "a" * 253):
+        for kind in (child_jobs.STAGING, child_jobs.TRANSPORT):
+            name = child_jobs.child_job_name(backfill, UID, kind)
+            assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name + "-99999"), name
+            assert len(name) + len("-99999") <= 63
+
+
+@pytest.mark.parametrize("phase", ["staging", "transporting"])
+def test_a_job_create_refused_for_good_fails_with_the_apiservers_reason(phase):
+    st = run(obs()).status if phase == "staging" else transporting_status()
+    kind = child_jobs.STAGING if phase == "staging" else child_jobs.TRANSPORT
+    jobs_ = [] if phase == "staging" else [JobObs(STAGE, child_jobs.STAGING, complete=True)]
+    why = 'HTTP 403 Forbidden: jobs.batch "x" is forbidden: exceeded quota: jobs, requested: count/jobs.batch=1'
+    d = run(obs(status=st, jobs_=jobs_, refused={kind: why}))
+    assert d.status.status == "failed"
+    assert d.status.error_message == f"the cluster refused the {kind} Job: {why}"
+    assert created(d) == [] and [e.reason for e in d.events] == ["Failed"]
+    # A cancel still wins: the user asked for it, whatever the cluster refused.
+    c = run(obs(status=st, jobs_=jobs_, refused={kind: why}, spec={**SPEC, "cancel": True}))
+    assert c.status.status == "cancelled"
+
+
+@pytest.mark.parametrize(
+    "dest",
+    [
+        {"type": "nats", "name": "x", "url": "nats://attacker.example:4222", "secret": "beam-snowflake"},
+        {"type": "kafka", "name": "t", "bootstrap_servers": "attacker.example:9092", "secret": "beam-snowflake"},
+        {"type": "webhook", "name": "h", "url": "https://attacker.example/", "hash_key": "some-other-secret"},
+    ],
+)
+def test_a_destination_may_only_name_destination_secrets(dest):
+    d = run(obs(spec={**SPEC, "destinations": [dest]}))
+    assert d.status.status == "failed" and created(d) == []
+    field = "hash_key" if dest["type"] == "webhook" else "secret"
+    assert d.status.error_message.startswith(
+        f"{dest['type']} destination '{dest['name']}': {field} '{dest[field]}' is not a destination Secret; "
+        "destinations may only name Secrets whose name starts with 'beam-destination-'"
+    )
+
+
+def test_the_snowflake_secret_can_never_be_a_destination_secret():
+    with pytest.raises(
+        ValueError, match="snowflake_secret 'beam-destination-sf' starts with destination_secret_prefix"
+    ):
+        OperatorConfig(snowflake_secret="beam-destination-sf")
+    with pytest.raises(ValueError, match="starts with destination_secret_prefix 'beam-'"):
+        OperatorConfig(destination_secret_prefix="beam-")
+    with pytest.raises(ValueError):
+        OperatorConfig(destination_secret_prefix="")
+
+
 def test_secrets_reach_workers_only_as_secret_refs():
     spec = {
         **SPEC,
         "destinations": [
-            {"type": "kafka", "name": "t", "bootstrap_servers": "k:9092", "secret": "kafka-creds"},
-            {"type": "webhook", "name": "h", "url": "https://example.test/hook", "hash_key": "hook-key"},
+            {"type": "kafka", "name": "t", "bootstrap_servers": "k:9092", "secret": "beam-destination-kafka-creds"},
+            {
+                "type": "webhook",
+                "name": "h",
+                "url": "https://example.test/hook",
+                "hash_key": "beam-destination-hook-key",
+            },
         ],
     }
     from beam_contract.model import BackfillSpec
@@ -390,12 +450,14 @@ def test_secrets_reach_workers_only_as_secret_refs():
     m = child_jobs.transport_job("usdc", "org123", UID, BackfillSpec.model_validate(spec), CONFIG, 2)
     env = {e["name"]: e for e in m["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["BEAM_DEST_0_SASL_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
-        "name": "kafka-creds",
+        "name": "beam-destination-kafka-creds",
         "key": "sasl_password",
         "optional": True,
     }
-    assert env["BEAM_DEST_1_HASH_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "hook-key"
-    assert json.loads(env["BEAM_SPEC"]["value"])["destinations"][1]["hash_key"] == "hook-key"  # a name, not a value
+    assert env["BEAM_DEST_1_HASH_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "beam-destination-hook-key"
+    assert (
+        json.loads(env["BEAM_SPEC"]["value"])["destinations"][1]["hash_key"] == "beam-destination-hook-key"
+    )  # a name, not a value
     assert all("value" not in e for k, e in env.items() if k.startswith("BEAM_DEST_"))
 
 

@@ -21,6 +21,32 @@ from kubernetes.client import CoreV1Api
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Every error an administrator can cause (a bad organization id, no kubeconfig, an
+    unreachable or refusing apiserver) is one line on stderr and a non-zero exit, never a
+    traceback."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # the one place that turns any error into the one line
+        print(f"beam-api: error: {_one_line(e)}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 1
+
+
+def _one_line(e: Exception) -> str:
+    from kubernetes.client.exceptions import ApiException
+
+    if isinstance(e, ApiException):
+        try:
+            message = json.loads(e.body or "{}").get("message") or e.reason
+        except ValueError:
+            message = e.reason
+        return f"the apiserver answered HTTP {e.status}: {message}"
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if isinstance(e, ValueError) else f"{type(e).__name__}: {text}"
+
+
+def _main(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(
         prog="beam-api", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
