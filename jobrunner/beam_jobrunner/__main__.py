@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="beam-jobrunner", description=__doc__.splitlines()[0])
     parser.add_argument("command", type=Command, choices=list(Command))
     args = parser.parse_args(argv)
+    from beam_jobrunner import termination
+
+    termination.install(_terminate)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every request's full URL at INFO, query string included: webhook URLs may
     # carry tokens there. Our own log lines name endpoints through sinks.redact_url().

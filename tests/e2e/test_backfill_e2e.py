@@ -244,6 +244,32 @@ def test_cancel_mid_transport_stops_delivery(k8s, operator, kafka, seeded, org):
     assert 0 < after < len(expected_ids(seeded))
 
 
+def test_a_cancel_inside_a_transaction_does_not_stall_consumers_of_the_topic(k8s, operator, kafka, org):
+    # The worker is held at its commit by the stack's Kafka proxy: its chunk's rows are in an open
+    # transaction when the cancel deletes its Pod. Its SIGTERM aborts that transaction, so a
+    # message another producer writes afterwards reaches a read_committed consumer within 10 s
+    # instead of after the broker's transaction timeout (15 minutes).
+    from confluent_kafka import Producer
+
+    from beam_devstack.kafka import consume_all
+
+    topic = "e2e-cancel-txn"
+    with kafka.proxy.holding(END_TXN):
+        uid = apply(k8s, org, backfill("cancel-txn", topic, parallelism=1))["metadata"]["uid"]
+        assert kafka.proxy.wait_held(1, timeout=180), "the transport worker never reached its commit"
+        assert consume_all(kafka.bootstrap, topic, "read_uncommitted"), "the chunk's rows are in the log"
+        k8s.api("PATCH", API.format(ns=org, name="cancel-txn"), {"spec": {"cancel": True}})
+        wait_status(k8s, org, "cancel-txn", "cancelled", timeout=30)
+        wait_until(lambda: not pods_of(k8s, org, uid), 30, "the worker's Pod gone")
+        other = Producer({"bootstrap.servers": kafka.bootstrap})
+        other.produce(topic, key=b"after-cancel", value=b"{}")
+        assert other.flush(10) == 0
+        deadline = time.monotonic() + 10
+        while [m.key() for m in consume_all(kafka.bootstrap, topic)] != [b"after-cancel"]:
+            assert time.monotonic() < deadline, "read_committed consumers of the topic are stalled"
+            time.sleep(0.5)
+
+
 def test_delete_mid_transport_leaves_no_jobs_and_no_staged_files(k8s, operator, bucket, org):
     obj = apply(k8s, org, backfill("deleted", "e2e-delete", parallelism=1))
     uid = obj["metadata"]["uid"]

@@ -7,6 +7,7 @@ import signal
 import uuid
 from datetime import datetime
 
+from confluent_kafka import Producer
 from jr_helpers import TOKENS, Job, expected_ids
 
 from beam_devstack.kafka import consume_all
@@ -138,6 +139,40 @@ def test_killed_inside_its_transaction_then_rerun_delivers_exactly_once(tmp_path
     assert len(consume_all(kafka.bootstrap, topic, "read_uncommitted")) > len(want), (
         "the killed attempt really produced"
     )
+
+
+def test_sigterm_inside_a_transaction_aborts_it_so_consumers_of_the_topic_go_on(
+    tmp_path, source, bucket, gcs, kafka, rows
+):
+    """SIGTERM, as the kubelet sends when a Pod is deleted (cancel, eviction), while the chunk's
+    rows sit in an open transaction: the worker aborts it and exits 143, so a message another
+    producer writes afterwards is visible to read_committed at once, not after the broker's
+    transaction timeout (15 minutes)."""
+    topic = f"sigterm-{uuid.uuid4().hex[:8]}"
+    job = Job(
+        tmp_path,
+        spec(topic, {"partition_key": "block", "start": 1000, "end": 2000}),
+        snowflake=source,
+        gcs=gcs,
+        kafka=kafka,
+    )
+    job.stage()
+    with kafka.proxy.holding(END_TXN):
+        worker = job.start("transport", JOB_COMPLETION_INDEX=0, BEAM_KAFKA_BOOTSTRAP=kafka.proxy.bootstrap)
+        if not kafka.proxy.wait_held(1, timeout=60):
+            worker.kill()
+            raise AssertionError(f"the worker never tried to commit: {worker.communicate()[1][-2000:]}")
+        assert len(consume_all(kafka.bootstrap, topic, "read_uncommitted")) > 0, "the rows are in the log"
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(20) == 143, worker.communicate()[1][-2000:]
+        stderr = worker.communicate()[1]
+        assert "aborted the open transaction of chunk 0" in stderr, stderr[-2000:]
+        # Still inside the hold: the commit can never have gone through.
+        other = Producer({"bootstrap.servers": kafka.bootstrap})
+        other.produce(topic, key=b"after", value=b"produced after the SIGTERM")
+        assert other.flush(10) == 0
+        seen = consume_all(kafka.bootstrap, topic)  # read_committed, up to the last stable offset
+        assert [m.key() for m in seen] == [b"after"], "the aborted rows are hidden, the new message is not"
 
 
 def test_unreachable_broker_and_missing_secret(tmp_path, source, bucket, gcs, kafka):

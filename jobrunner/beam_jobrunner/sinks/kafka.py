@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from beam_contract.worker import Env
+from beam_jobrunner import termination
 from beam_jobrunner.errors import PermanentError, TransientError
 from beam_jobrunner.sinks import Batch, Context, Sink
 
@@ -196,7 +197,25 @@ class KafkaSink(Sink):
     # tightest loop as the raw produce ceiling in bench/transport.py.
     takes_bytes = True
 
+    def fence(self, timeout: float) -> None:
+        """Abort this chunk's open transaction from outside the producing thread: a second
+        producer with the same transactional.id makes the coordinator abort it (termination.py)."""
+        conf = {
+            **self._client_conf(),
+            "transactional.id": transactional_id(self.ctx.job_id, self.ctx.dest_index, self.ctx.chunk),
+        }
+        conf.pop("error_cb", None)
+        Producer(conf).init_transactions(timeout)
+
     def deliver(self, batches: Iterable[Batch]) -> int:
+        if not self.transactions:
+            return self._deliver(batches)
+        with termination.on_termination(
+            f"{self.label}: aborted the open transaction of chunk {self.ctx.chunk}", self.fence
+        ):
+            return self._deliver(batches)
+
+    def _deliver(self, batches: Iterable[Batch]) -> int:
         p = self.producer
         produce, poll, topic, headers = p.produce, p.poll, self.topic, self.headers
         nbytes = rows = 0
