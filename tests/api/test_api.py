@@ -414,14 +414,82 @@ def test_apiserver_refusals_are_passed_on_with_their_message(api, org, k8s):
         k8s.api("DELETE", f"/apis/admissionregistration.k8s.io/v1/validatingadmissionpolicies/{name}")
 
 
-def test_guessing_keys_is_rate_limited_per_client(api_kubeconfig, org, tmp_path):
+def test_guessing_keys_is_rate_limited_per_client(k8s, api_kubeconfig, org, tmp_path):
     limited = ApiProcess(tmp_path, kubeconfig=api_kubeconfig, rate=0.2, burst=3).start()
     try:
         with limited.client("bbk_0123456789ab_" + "A" * 43) as guess, limited.client(org[1]) as good:
+            assert good.get("/backfills").status_code == 200  # its key is now in the cache
             assert [guess.get("/backfills").status_code for _ in range(3)] == [401, 401, 401]
             r = guess.get("/backfills")
             assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+            # Once the limit is reached, further guesses (each a new key id, which no cache
+            # knows) cost the apiserver nothing: the limit is checked before the lookup.
+            before = _secret_gets(k8s)
+            for i in range(20):
+                guessed = f"bbk_{i:012x}_" + "B" * 43
+                assert guess.get("/backfills", headers={"X-API-Key": guessed}).status_code == 429
+            assert _secret_gets(k8s) == before
             # A valid key is never held back by someone else's failures.
             assert good.get("/backfills").status_code == 200
     finally:
         limited.stop()
+
+
+def _raw_post(port: int, headers: dict[str, str], body: bytes = b"", timeout: float = 10) -> tuple[int, bytes]:
+    """A POST written by hand: the headers (and the start of a body, if any) go out, and the
+    answer is read while the rest of the announced body is never sent."""
+    import socket
+
+    head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": "api", **headers}.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(f"POST /api/v1/beam/backfills HTTP/1.1\r\n{head}\r\n".encode() + body)
+        answer = b""
+        while not _complete(answer):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer
+
+
+def _complete(answer: bytes) -> bool:
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    if not sep:
+        return False
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return False
+
+
+def test_a_body_is_neither_read_before_the_key_is_checked_nor_taken_over_the_limit(api, org):
+    # 50 MB announced, nothing sent: the answer comes at once, so nothing waited for the body.
+    announced = {"Content-Type": "application/json", "Content-Length": str(50_000_000)}
+    status, _ = _raw_post(api.port, {**announced, "X-API-Key": "bbk_0123456789ab_" + "A" * 43})
+    assert status == 401
+    status, answer = _raw_post(api.port, {**announced, "X-API-Key": org[1]})
+    assert status == 413 and b"request body over 1048576 bytes" in answer
+    # Without a Content-Length (chunked), the body is counted as it arrives and cut at the limit.
+    import httpx
+
+    def chunks():
+        yield b'{"job_name": "'
+        for _ in range(300):
+            yield b"x" * 8192
+        yield b'"}'
+
+    with httpx.Client(base_url=api.url + "/api/v1/beam", headers={"X-API-Key": org[1]}, timeout=30) as c:
+        r = c.post("/backfills", content=chunks(), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and "request body over" in r.json()["detail"]
+        assert c.post("/backfills", json=SEED_CREATE).status_code == 200  # the limit leaves real specs alone
+
+
+def _secret_gets(k8s) -> float:
+    """kube-apiserver's own count of the GETs of Secrets it answered (its /metrics)."""
+    text = k8s.kubectl("get", "--raw", "/metrics").stdout
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("apiserver_request_total{") and 'resource="secrets"' in line and 'verb="GET"' in line
+    )

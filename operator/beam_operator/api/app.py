@@ -37,6 +37,64 @@ from beam_operator.api.public_job import (
 from beam_operator.api.ratelimit import TokenBuckets, retry_after_header
 
 PREFIX = "/api/v1/beam"
+IDENTIFIED = "beam.caller"  # the scope key under which BodyGuard leaves the caller's ApiKey
+
+
+class BodyGuard:
+    """ASGI middleware in front of every request with a body: the caller is identified (key,
+    limits) before a byte of the body is read, and a body over max_body_bytes is refused with
+    413 before it is parsed, by its Content-Length or, without one, as it arrives. One large
+    POST, with or without a key, can then not fill the API Pod's memory."""
+
+    def __init__(self, app, *, identify, max_body_bytes: int) -> None:
+        self.app, self.identify, self.max = app, identify, max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            return await self.app(scope, receive, send)
+        if not scope["path"].startswith(PREFIX):
+            return await self.app(scope, receive, send)
+        from starlette.concurrency import run_in_threadpool
+
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        client = scope["client"][0] if scope.get("client") else ""
+        try:
+            scope[IDENTIFIED] = await run_in_threadpool(self.identify, client, headers.get("x-api-key"))
+        except HTTPException as e:
+            return await _send_json(send, e.status_code, {"detail": e.detail}, e.headers or {})
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max):
+            return await _send_json(send, 413, {"detail": self._too_large()}, {"Connection": "close"})
+        seen, refused = 0, False
+
+        async def counted():
+            nonlocal seen, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max and not refused:
+                    # Answered here; the app then sees the client gone and stops reading.
+                    refused = True
+                    await _send_json(send, 413, {"detail": self._too_large()}, {"Connection": "close"})
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def unless_refused(message) -> None:
+            if not refused:  # the app's own answer to a body it never got in full
+                await send(message)
+
+        await self.app(scope, counted, unless_refused)
+
+    def _too_large(self) -> str:
+        return f"request body over {self.max} bytes; a backfill's spec is far smaller (at most 10,000 filter values)"
+
+
+async def _send_json(send, status: int, content: Any, headers: dict[str, str]) -> None:
+    body = orjson.dumps(content)
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
 
 
 @dataclass
@@ -45,6 +103,8 @@ class Settings:
     rate_per_second: float = 10.0
     rate_burst: int = 20
     key_cache_seconds: float = 5.0
+    # A create's body: 10,000 filter values of 42-character addresses are about 470 KB.
+    max_body_bytes: int = 1024 * 1024
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -54,6 +114,7 @@ class Settings:
             rate_per_second=float(env.get("BEAM_API_RATE_LIMIT_PER_SECOND") or cls.rate_per_second),
             rate_burst=int(env.get("BEAM_API_RATE_LIMIT_BURST") or cls.rate_burst),
             key_cache_seconds=float(env.get("BEAM_API_KEY_CACHE_SECONDS") or cls.key_cache_seconds),
+            max_body_bytes=int(env.get("BEAM_API_MAX_BODY_BYTES") or cls.max_body_bytes),
         )
 
 
@@ -153,18 +214,22 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
 
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The organization's API key.")
 
-    def caller(request: Request, key: Annotated[str | None, Depends(api_key_header)]) -> ApiKey:
-        found = keys.authenticate(key)
-        if found is None:
-            # Each made-up key id costs one GET of a Secret: failed attempts share a bucket per
-            # client address, so guessing cannot turn into a flood on the apiserver.
-            wait = failures.take(request.client.host if request.client else "")
+    def identify(client: str, key: str | None) -> ApiKey:
+        """The caller's organization, or an HTTPException (401, 429). The failure limit is
+        checked before anything costs the apiserver a request: a key id that was not found
+        valid recently is looked up only while this client has failures left."""
+        found = keys.authenticate(key, fetch=False)
+        if found is None and not keys.known(key):
+            wait = failures.peek(client)
             if wait:
                 raise HTTPException(
                     429,
                     "too many requests with a missing or invalid X-API-Key",
                     headers={"Retry-After": retry_after_header(wait)},
                 )
+        found = found or keys.authenticate(key)
+        if found is None:
+            failures.take(client)
             raise HTTPException(401, "missing or invalid X-API-Key" if key else "missing X-API-Key header")
         wait = buckets.take(found.key_id)
         if wait:
@@ -175,7 +240,14 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
             )
         return found
 
+    def caller(request: Request, key: Annotated[str | None, Depends(api_key_header)]) -> ApiKey:
+        # A request with a body was identified by the body guard before its body was read.
+        early = request.scope.get(IDENTIFIED)
+        return early if early is not None else identify(request.client.host if request.client else "", key)
+
     Caller = Annotated[ApiKey, Depends(caller)]
+
+    app.add_middleware(BodyGuard, identify=identify, max_body_bytes=settings.max_body_bytes)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

@@ -96,12 +96,16 @@ def list_keys(core: CoreV1Api, namespace: str) -> list[dict[str, str]]:
     )
 
 
+KNOWN_SECONDS = 3600.0
+
+
 class KeyStore:
     """Resolves a presented key to its organization.
 
     Lookups are cached for `ttl` seconds (hits and misses alike), so a revoked key stops working
     within `ttl` on every replica and a flood of bad keys costs the apiserver at most one GET per
-    key id and ttl.
+    key id and ttl. Hits and misses are kept apart: made-up key ids fill only the miss cache, so
+    they can never push a valid key out (and make it cost a GET again).
     """
 
     def __init__(self, core: CoreV1Api, namespace: str, *, ttl: float = 5.0, max_entries: int = 10000) -> None:
@@ -109,17 +113,24 @@ class KeyStore:
         self.namespace = namespace
         self.ttl = ttl
         self.max_entries = max_entries
-        self._cache: dict[str, tuple[float, tuple[str, str] | None]] = {}
+        self._hits: dict[str, tuple[float, tuple[str, str]]] = {}
+        self._misses: dict[str, float] = {}
+        # Key ids found valid in the last KNOWN_SECONDS: their lookups skip the failure limit, so
+        # a valid key whose cache entry expired is never held back by others' guesses from the
+        # same address (all clients behind one ingress share it).
+        self._known: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def authenticate(self, presented: str | None) -> ApiKey | None:
+    def authenticate(self, presented: str | None, *, fetch: bool = True) -> ApiKey | None:
+        """The key's identity, or None. fetch=False answers from the cache only (no apiserver
+        request): what a caller asks before it has checked the failure limit."""
         if not presented:
             return None
         m = KEY_RE.match(presented)
         if not m:
             return None
         key_id = m.group(1)
-        stored = self._stored(key_id)
+        stored = self._stored(key_id, fetch)
         if stored is None:
             return None
         want, organization = stored
@@ -127,19 +138,36 @@ class KeyStore:
             return None
         return ApiKey(key_id, organization)
 
-    def _stored(self, key_id: str) -> tuple[str, str] | None:
+    def known(self, presented: str | None) -> bool:
+        """Whether the key's id was found valid recently (not whether this key is valid)."""
+        m = KEY_RE.match(presented or "")
+        with self._lock:
+            return bool(m) and self._known.get(m.group(1), 0.0) > time.monotonic()
+
+    def _stored(self, key_id: str, fetch: bool) -> tuple[str, str] | None:
         now = time.monotonic()
         with self._lock:
-            hit = self._cache.get(key_id)
+            hit = self._hits.get(key_id)
             if hit and hit[0] > now:
                 return hit[1]
+            if self._misses.get(key_id, 0.0) > now or not fetch:
+                return None
         value = self._fetch(key_id)
         with self._lock:
-            if len(self._cache) >= self.max_entries:
-                self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
-                if len(self._cache) >= self.max_entries:
-                    self._cache.clear()
-            self._cache[key_id] = (now + self.ttl, value)
+            cache = self._hits if value is not None else self._misses
+            if len(cache) >= self.max_entries:
+                live = {k: v for k, v in cache.items() if (v[0] if isinstance(v, tuple) else v) > now}
+                cache.clear()
+                if len(live) < self.max_entries:
+                    cache.update(live)
+            if value is not None:
+                self._hits[key_id] = (now + self.ttl, value)
+                if len(self._known) >= self.max_entries:
+                    self._known = {k: t for k, t in self._known.items() if t > now}
+                if len(self._known) < self.max_entries:
+                    self._known[key_id] = now + KNOWN_SECONDS
+            else:
+                self._misses[key_id] = now + self.ttl
         return value
 
     def _fetch(self, key_id: str) -> tuple[str, str] | None:
