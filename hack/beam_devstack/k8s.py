@@ -55,6 +55,9 @@ CONTROLLERS = [
     "serviceaccount-token-controller",
     # Pods admitted with a ServiceAccount mount kube-root-ca.crt; real clusters publish it.
     "root-ca-certificate-publisher-controller",
+    # A ResourceQuota per organization is how shared clusters cap tenants; the operator must
+    # turn a refusal by one into a failed backfill (tests/e2e).
+    "resourcequota-controller",
 ]
 # With a real node (node.py): its heartbeat and Pod garbage collection, the EndpointSlices
 # kube-proxy reads for Services, and Deployments for the chart's operator and API.

@@ -53,6 +53,10 @@ class OperatorConfig(BaseSettings):
     # can never carry it (checked at start), so no destination can send the warehouse's
     # credentials anywhere.
     destination_secret_prefix: str = Field(default="beam-destination-", min_length=1)
+    # Organizations (namespaces) whose SNS destinations may go without a Secret, on the workers'
+    # ambient cloud identity (IRSA, instance role). That identity is the same in every namespace,
+    # so it is off for all unless an administrator names the organization here.
+    ambient_identity_namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
     managed_kafka_bootstrap: str | None = None
     # One retry of a chunk, then the index fails: a bad chunk must not loop for hours.
     backoff_limit_per_index: int = 1
@@ -92,7 +96,7 @@ class OperatorConfig(BaseSettings):
     # How long kopf keeps an idle object's worker (and its last body); 5 s by default.
     kopf_idle_seconds: float = 0.5
 
-    @field_validator("allowed_tables", mode="before")
+    @field_validator("allowed_tables", "ambient_identity_namespaces", mode="before")
     @classmethod
     def _comma_separated(cls, v: Any) -> Any:
         return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v

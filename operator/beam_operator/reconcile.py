@@ -280,6 +280,18 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
                     warning=True,
                     cleanup_jobs=True,
                 )
+    for dest in spec.destinations:
+        if dest.type == "sns" and not dest.secret and obs.namespace not in config.ambient_identity_namespaces:
+            return finish(
+                Phase.FAILED,
+                "AmbientIdentityOff",
+                f"sns destination '{dest.name}' has no secret, and the workers' own cloud identity is not enabled "
+                f"for organization {obs.namespace}; name a destination Secret with aws_access_key_id and "
+                "aws_secret_access_key, or ask your administrator to add the organization to "
+                "config.ambient_identity_namespaces",
+                warning=True,
+                cleanup_jobs=True,
+            )
     for kind, why in obs.refused.items():
         return finish(
             Phase.FAILED,

@@ -421,6 +421,17 @@ def test_a_destination_may_only_name_destination_secrets(dest):
     )
 
 
+def test_sns_without_a_secret_needs_the_organization_named_for_ambient_identity():
+    sns = {"type": "sns", "name": "s", "topic_arn": "arn:aws:sns:us-east-1:123456789012:beam"}
+    d = run(obs(spec={**SPEC, "destinations": [sns]}))
+    assert d.status.status == "failed" and created(d) == []
+    assert "the workers' own cloud identity is not enabled for organization org123" in d.status.error_message
+    allowed = OperatorConfig(allowed_tables=CONFIG.allowed_tables, ambient_identity_namespaces="org123,org9")
+    assert [m["kind"] for m in created(run(obs(spec={**SPEC, "destinations": [sns]}), allowed))] == ["Job"]
+    with_secret = {**sns, "secret": "beam-destination-aws"}
+    assert created(run(obs(spec={**SPEC, "destinations": [with_secret]})))
+
+
 def test_the_snowflake_secret_can_never_be_a_destination_secret():
     with pytest.raises(
         ValueError, match="snowflake_secret 'beam-destination-sf' starts with destination_secret_prefix"
