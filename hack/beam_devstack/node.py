@@ -315,6 +315,13 @@ class Node:
             self.stop()
             raise
         self.timings["start"] = time.monotonic() - t0
+        if self.s.detach and self._lock_fd is not None:
+            # A detached node outlives this process: its owner record (node.json, whose live
+            # processes _owner_alive finds) keeps other nodes off from now on. Holding the flock
+            # too would make this very process's `beam-dev down` (hack/demo --down) take its
+            # own node for another one, and leave it running.
+            os.close(self._lock_fd)
+            self._lock_fd = None
         progress(
             "node",
             f"node {self.s.node_name} Ready in {self.timings['start']:.1f}s "
