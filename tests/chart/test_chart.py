@@ -199,10 +199,10 @@ def test_api_identity_is_off_by_default_and_confined_when_on(render):
     docs = render("--set", "api.enabled=true")
     sa = docs.one("ServiceAccount", "beam-beam-backfill-api")
     api_role = docs.one("ClusterRole", "beam-beam-backfill-api")
-    assert _grants(api_role) == {("beam-backfill.dev", "beambackfills"): {"get", "list", "watch", "create", "patch"}}
+    assert _grants(api_role) == {("beam-backfill.dev", "beambackfills"): {"list", "create", "patch"}}
     keys = docs.one("Role", "beam-beam-backfill-api-keys")
     assert keys["metadata"]["namespace"] == "beam-system"
-    assert _grants(keys) == {("", "secrets"): {"get", "list"}}
+    assert _grants(keys) == {("", "secrets"): {"get"}}
     for binding in (docs.one("ClusterRoleBinding", "beam-beam-backfill-api"), docs.one("RoleBinding")):
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "beam-system"}
