@@ -53,7 +53,7 @@ def _temp_prefix(tag: str) -> str:
 
 def remove_stale_downloads(tag: str) -> None:
     """Delete what an earlier attempt of this job's chunk left in TMPDIR when it was killed
-    (a Pod's restarted container may share its filesystem; the dev stack's node agent does)."""
+    (a Pod's restarted container keeps its emptyDir volumes, TMPDIR among them)."""
     for stale in glob.glob(os.path.join(tempfile.gettempdir(), glob.escape(_temp_prefix(tag)) + "*.parquet")):
         try:
             os.unlink(stale)

@@ -165,6 +165,44 @@ def test_an_evicted_worker_and_an_apiserver_restart_mid_transport_lose_nothing(
     assert set(got) == expected_ids(node_servers["snowflake"])
 
 
+def test_a_finished_job_expires_after_its_ttl(node_operator, org):
+    """The TTL-after-finished controller deletes a Job the real kubelet ran to completion (the
+    operator's Jobs rely on it: config.job_ttl_seconds)."""
+    plane = node_operator
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "short-lived"},
+        "spec": {
+            "ttlSecondsAfterFinished": 0,
+            "backoffLimit": 0,
+            "template": {
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": f"{JOBRUNNER.repository}:{JOBRUNNER.tag()}",
+                            "imagePullPolicy": "Never",
+                            "command": ["true"],
+                        }
+                    ],
+                }
+            },
+        },
+    }
+    plane.api("POST", f"/apis/batch/v1/namespaces/{org}/jobs", job)
+
+    def gone() -> bool:
+        items = plane.api("GET", f"/apis/batch/v1/namespaces/{org}/jobs?fieldSelector=metadata.name%3Dshort-lived")
+        return not items["items"]
+
+    wait_for(gone, 120, "the finished Job deleted by the TTL-after-finished controller")
+    events = plane.kubectl("get", "events", "-n", org, "-o", "json").stdout
+    assert '"reason": "Completed"' in events, "the Job ran to completion before it was deleted"
+
+
 def test_a_pod_whose_image_is_missing_shows_the_real_reason(node_operator, org):
     plane = node_operator
     pod = {
