@@ -231,9 +231,7 @@ def main() -> None:
     try:
         node.prepare_network()
         plane.start()
-        settings.apiserver_url = plane.server
-        settings.ca_cert, settings.ca_key = plane.pki / "ca.crt", plane.pki / "ca.key"
-        node.start()
+        node.join(plane)
         gcs.start()
         install_crd(plane)
         kubeconfig = install_chart_rbac(plane, helm_binary())

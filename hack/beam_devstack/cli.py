@@ -111,9 +111,7 @@ def up(components: list[str] | None = None) -> dict:
             state["start_seconds"][name] = round(time.monotonic() - t, 2)
             if name == "k8s":
                 t = time.monotonic()
-                node.s.apiserver_url = server.server
-                node.s.ca_cert, node.s.ca_key = server.pki / "ca.crt", server.pki / "ca.key"
-                node.start()
+                node.join(server)
                 state["components"]["node"] = node.endpoints()
                 state["start_seconds"]["node"] = round(time.monotonic() - t, 2)
             STATE.write_text(json.dumps(state, indent=2))

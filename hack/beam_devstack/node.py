@@ -286,6 +286,13 @@ class Node:
         progress("node", f"bridge {self.s.bridge} {self.s.node_ip}/{prefix} up, guard chain mangle/{self.s.chain}")
         return self
 
+    def join(self, plane) -> Node:
+        """start() as a node of `plane` (a k8s.ControlPlane with this node's node_ip): its
+        apiserver, and its CA, which signs the node's certificates."""
+        self.s.apiserver_url = plane.server
+        self.s.ca_cert, self.s.ca_key = plane.pki / "ca.crt", plane.pki / "ca.key"
+        return self.start()
+
     def start(self) -> Node:
         """containerd, images, kube-scheduler, kubelet (until the Node is Ready), kube-proxy
         (until the `kubernetes` Service is written). On failure everything is stopped again."""

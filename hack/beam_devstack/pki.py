@@ -33,34 +33,49 @@ def _key_pem(key) -> bytes:
     )
 
 
+def _write_pair(prefix: Path, cert, key) -> tuple[Path, Path]:
+    from cryptography.hazmat.primitives import serialization
+
+    crt, key_path = prefix.with_name(prefix.name + ".crt"), prefix.with_name(prefix.name + ".key")
+    _write(crt, cert.public_bytes(serialization.Encoding.PEM))
+    _write(key_path, _key_pem(key))
+    return crt, key_path
+
+
+def _certificate(subject, issuer, public_key):
+    """A CertificateBuilder with what every certificate here has: serial and validity."""
+    from cryptography import x509
+
+    now = _now()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+    )
+
+
 def make_ca(prefix: Path, cn: str) -> tuple[Path, Path]:
     """A self-signed CA at prefix.crt and prefix.key; returns both paths."""
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-    now = _now()
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        _certificate(name, name, key.public_key())
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    crt, key_path = prefix.with_name(prefix.name + ".crt"), prefix.with_name(prefix.name + ".key")
-    _write(crt, cert.public_bytes(serialization.Encoding.PEM))
-    _write(key_path, _key_pem(key))
-    return crt, key_path
+    return _write_pair(prefix, cert, key)
 
 
 def issue_cert(
@@ -90,15 +105,8 @@ def issue_cert(
     sans = [x509.IPAddress(ipaddress.ip_address(i)) for i in ips] + [x509.DNSName(n) for n in dns]
     usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
     key = ec.generate_private_key(ec.SECP256R1())
-    now = _now()
     builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name(attrs))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=VALID_DAYS))
+        _certificate(x509.Name(attrs), ca_cert.subject, key.public_key())
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -106,8 +114,4 @@ def issue_cert(
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    cert = builder.sign(signer, hashes.SHA256())
-    crt, key_path = prefix.with_name(prefix.name + ".crt"), prefix.with_name(prefix.name + ".key")
-    _write(crt, cert.public_bytes(serialization.Encoding.PEM))
-    _write(key_path, _key_pem(key))
-    return crt, key_path
+    return _write_pair(prefix, builder.sign(signer, hashes.SHA256()), key)

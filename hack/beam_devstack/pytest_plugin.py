@@ -115,9 +115,7 @@ def node_cluster():
     try:
         node.prepare_network()
         plane.start()
-        settings.apiserver_url = plane.server
-        settings.ca_cert, settings.ca_key = plane.pki / "ca.crt", plane.pki / "ca.key"
-        node.start()
+        node.join(plane)
         yield plane, node
     finally:
         node.stop_workloads()

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from kubernetes.client import ApiException, CoreV1Api
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
@@ -54,8 +55,6 @@ class BodyGuard:
             return await self.app(scope, receive, send)
         if not scope["path"].startswith(PREFIX):
             return await self.app(scope, receive, send)
-        from starlette.concurrency import run_in_threadpool
-
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         client = scope["client"][0] if scope.get("client") else ""
         try:

@@ -99,6 +99,17 @@ def list_keys(core: CoreV1Api, namespace: str) -> list[dict[str, str]]:
 KNOWN_SECONDS = 3600.0
 
 
+def _bounded_put(cache: dict, key: str, value, now: float, max_entries: int) -> None:
+    """cache[key] = value; a full cache first drops its expired entries, then everything.
+    Values are an expiry time or a tuple that starts with one."""
+    if len(cache) >= max_entries:
+        live = {k: v for k, v in cache.items() if (v[0] if isinstance(v, tuple) else v) > now}
+        cache.clear()
+        if len(live) < max_entries:
+            cache.update(live)
+    cache[key] = value
+
+
 class KeyStore:
     """Resolves a presented key to its organization.
 
@@ -154,20 +165,11 @@ class KeyStore:
                 return None
         value = self._fetch(key_id)
         with self._lock:
-            cache = self._hits if value is not None else self._misses
-            if len(cache) >= self.max_entries:
-                live = {k: v for k, v in cache.items() if (v[0] if isinstance(v, tuple) else v) > now}
-                cache.clear()
-                if len(live) < self.max_entries:
-                    cache.update(live)
             if value is not None:
-                self._hits[key_id] = (now + self.ttl, value)
-                if len(self._known) >= self.max_entries:
-                    self._known = {k: t for k, t in self._known.items() if t > now}
-                if len(self._known) < self.max_entries:
-                    self._known[key_id] = now + KNOWN_SECONDS
+                _bounded_put(self._hits, key_id, (now + self.ttl, value), now, self.max_entries)
+                _bounded_put(self._known, key_id, now + KNOWN_SECONDS, now, self.max_entries)
             else:
-                self._misses[key_id] = now + self.ttl
+                _bounded_put(self._misses, key_id, now + self.ttl, now, self.max_entries)
         return value
 
     def _fetch(self, key_id: str) -> tuple[str, str] | None:
