@@ -428,14 +428,23 @@ class Controller:
                 log.info("%s/%s: deleted %d staged objects under %s", ns, body["metadata"]["name"], n, uri)
 
     async def finalize(self, body: dict[str, Any]) -> bool:
-        """Clean up a deleted backfill; True once nothing of it is left."""
-        obs = self.observe(body)
-        for action in finalize_actions(obs, self.config):
-            if isinstance(action, DeleteStaged) and obs.jobs:
-                continue  # a running worker could still write there: wait for the Jobs to go
+        """Clean up a deleted backfill; True once nothing of it is left.
+
+        Decided from live reads, never the watch cache: a cache that has not seen a Job yet (a
+        restarted operator) or has seen the last one go before the apiserver has (or the other
+        way round) would delete staged files under a running worker, or release the finalizer
+        with the files still there.
+        """
+        meta = body["metadata"]
+        ns, uid = meta["namespace"], meta["uid"]
+        jobs, pods_left = await self.api.live_children(ns, uid)
+        actions = finalize_actions(ns, uid, jobs, pods_left, self.config)
+        for action in actions:
             await self._apply(body, action)
-        left = await self.api.list_job_names(obs.namespace, obs.uid)
-        return not left
+        if any(isinstance(a, DeleteStaged) for a in actions):
+            return True
+        log.info("%s/%s: deleting: waiting for %d Jobs and %d Pods to go", ns, meta["name"], len(jobs), pods_left)
+        return False
 
     def count_by_status(self) -> dict[str, int]:
         """For the beam_backfills gauge, computed when scraped rather than on every event."""

@@ -36,7 +36,7 @@ from beam_contract.model import GROUP, KIND, PLURAL, VERSION
 
 from . import child_jobs, metrics
 from .config import OperatorConfig
-from .reconcile import Event, PodObs
+from .reconcile import Event, JobObs, PodObs
 
 log = logging.getLogger("beam_operator.kubeclient")
 
@@ -223,13 +223,15 @@ class KubeApi:
             ok=(404,),
         )
 
-    async def list_job_names(self, namespace: str, uid: str) -> list[str]:
-        _, doc = await self.request(
-            "GET",
-            f"/apis/batch/v1/namespaces/{namespace}/jobs",
-            params={"labelSelector": f"{child_jobs.LABEL_JOB_ID}={uid}"},
+    async def live_children(self, namespace: str, uid: str) -> tuple[list[JobObs], int]:
+        """A backfill's Jobs and how many Pods it still has, read from the apiserver, not a cache:
+        what decides whether its staged files may be deleted (docs/security.md)."""
+        selector = {"labelSelector": f"{child_jobs.LABEL_JOB_ID}={uid}"}
+        (_, jobs), (_, pods) = await asyncio.gather(
+            self.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs", params=selector),
+            self.request("GET", f"/api/v1/namespaces/{namespace}/pods", params=selector),
         )
-        return [j["metadata"]["name"] for j in doc["items"]]
+        return [JobObs.from_job(j) for j in jobs["items"]], len(pods["items"])
 
     async def finished_pods(self, namespace: str, job_name: str) -> dict[str, PodObs]:
         """The finished Pods of one Job, by name: what their workers said."""

@@ -8,6 +8,7 @@ decision again, and deterministic Job names turn a repeated create into AlreadyE
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -437,8 +438,14 @@ def _staging_result(pods: tuple[PodObs, ...], job: str) -> StagingResult | None:
     return None
 
 
-def finalize_actions(obs: Observed, config: OperatorConfig) -> list[Action]:
-    """What deleting a BeamBackfill must clean up before its finalizer is removed."""
-    acts: list[Action] = [DeleteJob(j.name) for j in obs.jobs if not j.deleting]
-    acts.append(DeleteStaged(child_jobs.staging_uri(config, obs.namespace, obs.uid)))
-    return acts
+def finalize_actions(
+    namespace: str, uid: str, jobs: Iterable[JobObs], pods_left: int, config: OperatorConfig
+) -> list[Action]:
+    """What deleting a BeamBackfill must clean up before its finalizer is removed, from live
+    reads of its Jobs and Pods: Jobs are deleted first, and the staged prefix only once no Job
+    and no Pod is left, since a worker still running (or one a restarted operator has not seen
+    yet) could write there after the deletion. No DeleteStaged: not finished, ask again."""
+    jobs = list(jobs)
+    if jobs or pods_left:
+        return [DeleteJob(j.name) for j in jobs if not j.deleting]
+    return [DeleteStaged(child_jobs.staging_uri(config, namespace, uid))]

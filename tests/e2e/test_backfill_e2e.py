@@ -270,12 +270,56 @@ def test_a_cancel_inside_a_transaction_does_not_stall_consumers_of_the_topic(k8s
             time.sleep(0.5)
 
 
-def test_delete_mid_transport_leaves_no_jobs_and_no_staged_files(k8s, operator, bucket, org):
-    obj = apply(k8s, org, backfill("deleted", "e2e-delete", parallelism=1))
-    uid = obj["metadata"]["uid"]
-    wait_status(k8s, org, "deleted", "transporting")
+def _delete_and_assert_nothing_left(k8s, org, bucket, name, uid):
+    k8s.kubectl("delete", "bbf", name, "-n", org, "--wait=true", "--timeout=90s")
+    assert jobs(k8s, org, uid) == []
+    assert pods_of(k8s, org, uid) == []
+    assert staged_objects(bucket, org, uid) == []
+
+
+def test_delete_in_each_phase_leaves_no_jobs_pods_or_staged_files(k8s, operator, bucket, org):
+    # staging: while its worker runs (and may be writing chunks)
+    uid = apply(k8s, org, backfill("del-staging", "e2e-del-staging"))["metadata"]["uid"]
+    wait_until(lambda: pods_of(k8s, org, uid), 60, "the staging Pod")
+    _delete_and_assert_nothing_left(k8s, org, bucket, "del-staging", uid)
+    # transporting
+    uid = apply(k8s, org, backfill("del-transport", "e2e-del-transport", parallelism=1))["metadata"]["uid"]
+    wait_status(k8s, org, "del-transport", "transporting")
     assert staged_objects(bucket, org, uid), "nothing was staged"
-    k8s.kubectl("delete", "bbf", "deleted", "-n", org, "--wait=true", "--timeout=90s")
+    _delete_and_assert_nothing_left(k8s, org, bucket, "del-transport", uid)
+    # failed: a failed backfill keeps its staged files for debugging, until it is deleted
+    server = ThreadingHTTPServer((NODE["node_ip"], 0), _Refuser)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        obj = backfill("del-failed", "e2e-del-failed", window={**WINDOW, "end": "2026-03-02T00:00:00"})
+        url = f"http://{NODE['node_ip']}:{server.server_port}/beam"
+        obj["spec"]["destinations"] = [{"type": "webhook", "name": "refuser", "url": url}]
+        uid = apply(k8s, org, obj)["metadata"]["uid"]
+        wait_status(k8s, org, "del-failed", "failed")
+    finally:
+        server.shutdown()
+    assert staged_objects(bucket, org, uid), "a failed backfill keeps its staged files"
+    _delete_and_assert_nothing_left(k8s, org, bucket, "del-failed", uid)
+
+
+def test_a_delete_right_after_an_operator_restart_waits_for_the_workers_then_empties_the_prefix(
+    k8s, operator, kafka, bucket, org
+):
+    # The restarted operator has empty caches when it sees the deletion: it must read the Jobs and
+    # Pods from the apiserver, not conclude from its cache that none are left. The worker is held
+    # inside its transaction (the stack's Kafka proxy), so it is observably running throughout.
+    with kafka.proxy.holding(END_TXN):
+        uid = apply(k8s, org, backfill("del-restart", "e2e-del-restart", parallelism=1))["metadata"]["uid"]
+        assert kafka.proxy.wait_held(1, timeout=180), "the transport worker never reached its commit"
+        assert staged_objects(bucket, org, uid), "nothing was staged"
+        operator.kill()
+        k8s.kubectl("delete", "bbf", "del-restart", "-n", org, "--wait=false")
+        operator.start()
+        wait_until(
+            lambda: not k8s.api("GET", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills")["items"],
+            90,
+            "the backfill gone",
+        )
     assert jobs(k8s, org, uid) == []
     assert pods_of(k8s, org, uid) == []
     assert staged_objects(bucket, org, uid) == []

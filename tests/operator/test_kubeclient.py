@@ -56,14 +56,14 @@ def test_create_twice_is_found_existing_and_deletes_of_missing_objects_are_quiet
     async def scenario(api):
         first = await api.create_job(namespace, _job("stage-1"))
         second = await api.create_job(namespace, _job("stage-1"))
-        names = await api.list_job_names(namespace, "no-such-uid")
+        names = await api.live_children(namespace, "no-such-uid")
         await api.delete_job(namespace, "stage-1")
         gone = await api.delete_job(namespace, "never-was")
         return first, second, names, gone
 
     first, second, names, gone = _run(operator_kubeconfig, scenario)
     assert (first, second) == (True, False)
-    assert names == [] and gone is None
+    assert names == ([], 0) and gone is None
     job = k8s.api("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs/stage-1")
     # Foreground deletion: the Job stays (with a deletionTimestamp) until its Pods are gone.
     assert job["metadata"].get("deletionTimestamp") and "foregroundDeletion" in job["metadata"]["finalizers"]
@@ -121,9 +121,9 @@ def test_a_refused_token_logs_in_again_once(operator_kubeconfig, namespace):
         return _connection_info(operator_kubeconfig, token="stale" if len(logins) == 1 else None)
 
     async def scenario(api):
-        return await api.list_job_names(namespace, "x")
+        return await api.live_children(namespace, "x")
 
-    assert _run(operator_kubeconfig, scenario, login=rotating) == []
+    assert _run(operator_kubeconfig, scenario, login=rotating) == ([], 0)
     assert len(logins) == 2
 
     logins.clear()

@@ -357,13 +357,15 @@ def test_reconcile_is_idempotent_on_its_own_output():
     assert a.status == b.status and b.actions == [] and b.events == []
 
 
-def test_finalize_deletes_jobs_and_staged_prefix():
-    acts = finalize_actions(
-        obs(jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True), JobObs(XPORT, child_jobs.TRANSPORT, active=1)]),
-        CONFIG,
-    )
-    assert DeleteJob(STAGE) in acts and DeleteJob(XPORT) in acts
-    assert DeleteStaged(f"gs://b/p/org123/{UID}/") in acts
+def test_finalize_deletes_jobs_first_and_the_staged_prefix_only_once_no_job_or_pod_is_left():
+    jobs_ = [JobObs(STAGE, child_jobs.STAGING, complete=True), JobObs(XPORT, child_jobs.TRANSPORT, active=1)]
+    assert finalize_actions("org123", UID, jobs_, 1, CONFIG) == [DeleteJob(STAGE), DeleteJob(XPORT)]
+    # A Job already going is not asked again; its Pods still run: nothing to delete yet.
+    going = [JobObs(XPORT, child_jobs.TRANSPORT, deleting=True)]
+    assert finalize_actions("org123", UID, going, 1, CONFIG) == []
+    # The Jobs are gone but a Pod is still terminating: its worker may still write.
+    assert finalize_actions("org123", UID, [], 1, CONFIG) == []
+    assert finalize_actions("org123", UID, [], 0, CONFIG) == [DeleteStaged(f"gs://b/p/org123/{UID}/")]
 
 
 def test_count_indexes():
