@@ -36,6 +36,11 @@ class Env(StrEnum):
     COMPLETION_INDEX = "JOB_COMPLETION_INDEX"  # set by the Indexed Job: the chunk
     MANIFEST_URI = "BEAM_MANIFEST_URI"
     KAFKA_BOOTSTRAP = "BEAM_KAFKA_BOOTSTRAP"  # the managed Kafka
+    # What a destination may reach (docs/security.md): comma-separated host names ("*.x.y" for
+    # a suffix) and CIDRs that are allowed although inward, and the cluster's pod and service
+    # CIDRs, refused like private ranges even where they are public addresses.
+    DESTINATION_ALLOW = "BEAM_DESTINATION_ALLOW"
+    CLUSTER_CIDRS = "BEAM_CLUSTER_CIDRS"
     # Kubernetes' default; a test runs the worker outside a Pod with its own path.
     TERMINATION_MESSAGE_PATH = "TERMINATION_MESSAGE_PATH"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from beam_devstack import cli, dataset
+from beam_devstack import cli, dataset, k8s
 from beam_devstack.proc import progress
 
 NAMESPACE = "org123"
@@ -152,6 +152,9 @@ def chart_values(state: dict) -> dict:
             "gcs_endpoint": c["gcs"]["url"],
             "staging_bucket": BUCKET,
             "managed_kafka_bootstrap": c["kafka"]["bootstrap"],
+            # The stack's servers listen on the node's bridge address (docs/security.md).
+            "destination_allow": [f"{cli.NODE['node_ip']}/32"],
+            "cluster_cidrs": [cli.NODE["pod_cidr"], k8s.SERVICE_CIDR],
             "allowed_tables": [dataset.TABLE],
             "snowflake_secret": SNOWFLAKE_SECRET,
             # Small chunks (production default: 64 MiB) so that the demo's month makes a dozen

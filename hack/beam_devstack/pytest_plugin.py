@@ -163,7 +163,7 @@ def node_operator(node_cluster, node_servers):
 
     import yaml
 
-    from beam_devstack import dataset, images
+    from beam_devstack import dataset, images, k8s
     from beam_devstack.operator_proc import CHART, helm_binary, install_crd
 
     plane, _ = node_cluster
@@ -183,6 +183,10 @@ def node_operator(node_cluster, node_servers):
             "gcs_endpoint": node_servers["gcs"].url,
             # Through the stack's Kafka proxy, which fault tests use to hold commits.
             "managed_kafka_bootstrap": node_servers["kafka"].proxy.bootstrap,
+            # The stack's servers (webhook receivers, NATS, moto, the SASL_SSL Kafka) listen on
+            # the node's bridge address: the one inward address destinations may reach here.
+            "destination_allow": [f"{NODE['node_ip']}/32"],
+            "cluster_cidrs": [NODE["pod_cidr"], k8s.SERVICE_CIDR],
             "allowed_tables": [dataset.TABLE, dataset.TABLE + MISSING_TABLE_SUFFIX],
             "chunk_target_bytes": 1048576,
             "connect_timeout_seconds": 15,

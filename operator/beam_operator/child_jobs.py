@@ -181,6 +181,10 @@ def transport_job(
     env.append({"name": Env.MANIFEST_URI, "value": staging.manifest_uri(staging_uri(config, namespace, uid))})
     if config.managed_kafka_bootstrap:
         env.append({"name": Env.KAFKA_BOOTSTRAP, "value": config.managed_kafka_bootstrap})
+    if config.destination_allow:
+        env.append({"name": Env.DESTINATION_ALLOW, "value": ",".join(config.destination_allow)})
+    if config.cluster_cidrs:
+        env.append({"name": Env.CLUSTER_CIDRS, "value": ",".join(config.cluster_cidrs)})
     for i, dest in enumerate(spec.destinations):
         secret = getattr(dest, "secret", None) or getattr(dest, "hash_key", None)
         if secret:

@@ -7,6 +7,7 @@ docs/operations.md explains the tuning fields and the figures behind their defau
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator, model_validator
@@ -58,6 +59,12 @@ class OperatorConfig(BaseSettings):
     # so it is off for all unless an administrator names the organization here.
     ambient_identity_namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
     managed_kafka_bootstrap: str | None = None
+    # What destinations may reach (docs/security.md, "What a destination may reach"): workers
+    # refuse loopback, link-local, private, multicast and these cluster CIDRs (the pod and service
+    # ranges, which may be public addresses) unless a host name, "*.suffix" or CIDR is allowed
+    # here. The managed Kafka and the staging store are the platform's, never refused.
+    destination_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    cluster_cidrs: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # One retry of a chunk, then the index fails: a bad chunk must not loop for hours.
     backoff_limit_per_index: int = 1
     staging_backoff_limit: int = 1
@@ -96,7 +103,9 @@ class OperatorConfig(BaseSettings):
     # How long kopf keeps an idle object's worker (and its last body); 5 s by default.
     kopf_idle_seconds: float = 0.5
 
-    @field_validator("allowed_tables", "ambient_identity_namespaces", mode="before")
+    @field_validator(
+        "allowed_tables", "ambient_identity_namespaces", "destination_allow", "cluster_cidrs", mode="before"
+    )
     @classmethod
     def _comma_separated(cls, v: Any) -> Any:
         return [t.strip() for t in v.split(",") if t.strip()] if isinstance(v, str) else v
@@ -110,6 +119,16 @@ class OperatorConfig(BaseSettings):
                 "to a host of its choice; rename the Secret or change the prefix"
             )
         return self
+
+    @field_validator("cluster_cidrs")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        for c in v:
+            try:
+                ipaddress.ip_network(c, strict=False)
+            except ValueError:
+                raise ValueError(f"cluster_cidrs: {c!r} is not a CIDR such as 10.0.0.0/8") from None
+        return v
 
     def destination_secret_allowed(self, name: str) -> bool:
         return name.startswith(self.destination_secret_prefix)
