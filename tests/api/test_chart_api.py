@@ -30,6 +30,42 @@ def test_api_deployment_is_off_by_default(helm):
     assert not [d for d in render(helm) if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "api"]
 
 
+def test_api_keys_have_a_namespace_of_their_own_by_default_and_never_the_release_namespace(helm):
+    docs = render(helm, "--set", "api.enabled=true")
+    env = {
+        e["name"]: e.get("value")
+        for e in one(docs, "Deployment", "beam-beam-backfill-api")["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["BEAM_API_KEYS_NAMESPACE"] == "beam-system-api-keys"
+    assert one(docs, "Role", "beam-beam-backfill-api-keys")["metadata"]["namespace"] == "beam-system-api-keys"
+    ns = one(docs, "Namespace", "beam-system-api-keys")
+    assert ns["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"  # the keys outlive an uninstall
+    assert not [
+        d
+        for d in render(helm, "--set", "api.enabled=true", "--set", "api.createApiKeysNamespace=false")
+        if d["kind"] == "Namespace"
+    ]
+    out = subprocess.run(
+        [
+            helm,
+            "template",
+            "beam",
+            str(CHART),
+            "--namespace",
+            "beam-system",
+            "--set",
+            "api.enabled=true",
+            "--set",
+            "api.apiKeysNamespace=beam-system",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert 'api.apiKeysNamespace must not be the release namespace "beam-system"' in out.stderr
+
+
 def test_api_deployment_runs_under_the_api_identity(helm):
     docs = render(
         helm,

@@ -201,7 +201,7 @@ def test_api_identity_is_off_by_default_and_confined_when_on(render):
     api_role = docs.one("ClusterRole", "beam-beam-backfill-api")
     assert _grants(api_role) == {("beam-backfill.dev", "beambackfills"): {"list", "create", "patch"}}
     keys = docs.one("Role", "beam-beam-backfill-api-keys")
-    assert keys["metadata"]["namespace"] == "beam-system"
+    assert keys["metadata"]["namespace"] == "beam-system-api-keys"  # never the release namespace
     assert _grants(keys) == {("", "secrets"): {"get"}}
     for binding in (docs.one("ClusterRoleBinding", "beam-beam-backfill-api"), docs.one("RoleBinding")):
         assert binding["subjects"] == [
@@ -228,6 +228,8 @@ def test_rbac_and_service_accounts_can_be_left_to_the_cluster_admin(render, helm
         "api.serviceAccount.create=false",
         "--set",
         "api.serviceAccount.name=api",
+        "--set",
+        "api.createApiKeysNamespace=false",
     )
     # The operator's Deployment and metrics Service, and the API's Deployment and Service.
     assert sorted(d["kind"] for d in docs) == [

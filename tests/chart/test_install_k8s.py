@@ -27,7 +27,8 @@ def _helm(helm, k8s, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def installed(helm, k8s):
-    for ns in (OPERATOR_NS, KEYS_NS, ORG):
+    # Not KEYS_NS: the chart creates the API keys' namespace (api.createApiKeysNamespace).
+    for ns in (OPERATOR_NS, ORG):
         k8s.create_namespace(ns, wait_service_account=False)
     _helm(
         helm,
@@ -114,6 +115,8 @@ def test_api_reads_keys_only_in_its_namespace(installed, k8s):
     # Only a lookup by name: the API cannot list what else its keys namespace holds.
     assert not can_i(k8s, API, "list", "secrets", KEYS_NS)
     assert not can_i(k8s, API, "get", "secrets", ORG)
+    # Nor the release namespace, where Helm keeps its release Secrets (sh.helm.release.v1.*).
+    assert not can_i(k8s, API, "get", "secrets", OPERATOR_NS)
     assert not can_i(k8s, API, "create", "jobs.batch", ORG)
 
 

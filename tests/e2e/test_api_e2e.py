@@ -19,6 +19,7 @@ from beam_devstack import dataset
 from beam_devstack.kafka_proxy import END_TXN
 
 RELEASE_NS = "beam-system"
+KEYS_NS = "beam-system-api-keys"  # the chart's default: <release namespace>-api-keys
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def key(k8s, org):
     """A key for `org`, made the way docs/api.md tells an administrator to."""
     beam_api = Path(sys.executable).parent / "beam-api"
     done = subprocess.run(
-        [str(beam_api), "--keys-namespace", RELEASE_NS, "keys", "create", "--org", org, "--description", "e2e"],
+        [str(beam_api), "--keys-namespace", KEYS_NS, "keys", "create", "--org", org, "--description", "e2e"],
         env={**os.environ, "KUBECONFIG": str(k8s.kubeconfig)},
         capture_output=True,
         text=True,

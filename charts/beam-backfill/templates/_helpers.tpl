@@ -54,6 +54,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- end }}
 
+{{/* The API keys' namespace: never the release namespace, whose Helm release Secrets have
+predictable names that the API's Role (get secrets) could then read. */}}
+{{- define "beam-backfill.apiKeysNamespace" -}}
+{{- $ns := default (printf "%s-api-keys" .Release.Namespace | trunc 63 | trimSuffix "-") .Values.api.apiKeysNamespace }}
+{{- if eq $ns .Release.Namespace }}
+{{- fail (printf "api.apiKeysNamespace must not be the release namespace %q: the API may read every Secret of its keys namespace, and Helm keeps its release Secrets here; name a namespace that holds only API keys" .Release.Namespace) }}
+{{- end }}
+{{- $ns }}
+{{- end }}
+
 {{- define "beam-backfill.image" -}}
 {{- printf "%s:%s" .image.repository (default .chart.AppVersion .image.tag) }}
 {{- end }}

@@ -54,7 +54,7 @@ def _main(argv: list[str] | None) -> int:
     p.add_argument(
         "--keys-namespace",
         default=None,
-        help="namespace of the API key Secrets (default $BEAM_API_KEYS_NAMESPACE or beam-system)",
+        help="namespace of the API key Secrets (default $BEAM_API_KEYS_NAMESPACE or beam-system-api-keys, the chart's default)",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     serve = sub.add_parser("serve", help="run the HTTP server")

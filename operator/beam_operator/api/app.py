@@ -98,7 +98,7 @@ async def _send_json(send, status: int, content: Any, headers: dict[str, str]) -
 
 @dataclass
 class Settings:
-    keys_namespace: str = "beam-system"
+    keys_namespace: str = "beam-system-api-keys"  # the chart's default for release namespace beam-system
     rate_per_second: float = 10.0
     rate_burst: int = 20
     key_cache_seconds: float = 5.0
