@@ -41,7 +41,15 @@ SF_OBJECT_MISSING = 2003
 def snowflake_connect(timeout: float):
     import snowflake.connector
 
-    params = {"paramstyle": "qmark", "login_timeout": timeout, "network_timeout": max(timeout, 60)}
+    params = {
+        "paramstyle": "qmark",
+        "login_timeout": timeout,
+        "network_timeout": max(timeout, 60),
+        # The window's bounds are naive UTC timestamps (the model's contract). Compared with a
+        # TIMESTAMP_LTZ or _TZ column they are read in the session's time zone, which is the
+        # account's (often America/Los_Angeles): the window would shift by hours.
+        "session_parameters": {"TIMEZONE": "UTC"},
+    }
     for key in SNOWFLAKE_SECRET_KEYS:
         value = env(snowflake_env(key))
         if value is not None:
