@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 GROUP = "beam-backfill.dev"
 VERSION = "v1alpha1"
@@ -30,6 +30,8 @@ SHORT_NAMES = ["bbf"]
 # Snowflake unquoted identifiers: what a column or a table part may be. Stricter than Snowflake
 # itself (no quoted identifiers), which keeps every name safe to splice into SQL.
 IDENT_RE = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$"
+# Longer than any address, hash or signature a chain has; bounds the CRD's size and CEL cost.
+FILTER_VALUE_MAX_LENGTH = 1024
 TABLE_RE = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}(\.[A-Za-z_][A-Za-z0-9_$]{0,254}){0,2}$"
 # ISO 8601 date-time with seconds; a missing offset means UTC (the seed's examples have none).
 TIMESTAMP_RE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})?$"
@@ -160,11 +162,13 @@ class Filter(_Model):
     column: str = Field(
         pattern=IDENT_RE, max_length=255, description="Column to filter on; a plain identifier such as token_address."
     )
-    values: list[str | int] = Field(
+    values: list[Annotated[str, StringConstraints(max_length=FILTER_VALUE_MAX_LENGTH)] | int] = Field(
         min_length=1,
         max_length=10000,
-        description="Values to keep; at least one. Sent to Snowflake as bound parameters, never spliced into SQL.",
-        json_schema_extra={"x-beam-item-max-length": 1024},
+        description=f"Values to keep: 1 to 10,000, each an integer or a string of at most "
+        f"{FILTER_VALUE_MAX_LENGTH} characters. Never spliced into SQL as written: stage_strategy fetch "
+        "sends them to Snowflake as bound parameters; unload (COPY INTO, which takes no binds) renders "
+        "each as an escaped string literal.",
     )
 
 

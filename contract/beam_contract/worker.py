@@ -22,7 +22,8 @@ class Command(StrEnum):
 class Env(StrEnum):
     """Environment variables the operator sets on every worker, or on one kind of worker."""
 
-    SPEC = "BEAM_SPEC"  # the BackfillSpec as JSON
+    SPEC = "BEAM_SPEC"  # the BackfillSpec as JSON, when it is small (SPEC_INLINE_MAX_BYTES)
+    SPEC_FILE = "BEAM_SPEC_FILE"  # otherwise: a gzip'd JSON file, mounted from the spec ConfigMap
     JOB_ID = "BEAM_JOB_ID"  # the resource's uid, the public job_id
     NAMESPACE = "BEAM_NAMESPACE"  # the organization
     STAGING_URI = "BEAM_STAGING_URI"  # staging.job_staging_uri()
@@ -58,6 +59,14 @@ class ExitCode(IntEnum):
     PERMANENT = 2  # bad input, 4xx, missing table: the index (or staging) fails at once
     TRANSIENT = 3  # a broker or endpoint stayed unreachable through the worker's own retries
 
+
+# Linux caps one env string at 128 KiB (MAX_ARG_STRLEN) and all of them with argv at a few
+# MiB: a spec above this goes in a ConfigMap of the backfill's, gzip'd, mounted as a file.
+SPEC_INLINE_MAX_BYTES = 32 * 1024
+SPEC_CONFIGMAP_KEY = "spec.json.gz"
+SPEC_MOUNT_DIR = "/etc/beam-spec"
+# What a ConfigMap may hold (the apiserver refuses more), less room for its metadata.
+SPEC_CONFIGMAP_MAX_BYTES = 1024 * 1024 - 4096
 
 DEFAULT_CONNECT_TIMEOUT_S = 30
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"

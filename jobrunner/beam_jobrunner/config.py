@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from dataclasses import dataclass
@@ -25,6 +26,18 @@ def require(name: str) -> str:
     return value
 
 
+def _spec_document() -> tuple[str | bytes, str]:
+    """The spec's JSON, from the env or, for a large spec, the mounted ConfigMap's file."""
+    path = env(Env.SPEC_FILE)
+    if path is None:
+        return require(Env.SPEC), Env.SPEC
+    try:
+        with open(path, "rb") as f:
+            return gzip.decompress(f.read()), path
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise PermanentError(f"configuration: cannot read the spec from {path} ({Env.SPEC_FILE}): {e}") from None
+
+
 @dataclass
 class Common:
     spec: BackfillSpec
@@ -35,11 +48,11 @@ class Common:
 
     @classmethod
     def from_env(cls) -> Common:
-        raw = require(Env.SPEC)
+        raw, where = _spec_document()
         try:
             spec = BackfillSpec.model_validate(json.loads(raw))
         except Exception as e:  # pydantic's message lists every bad field: the user needs it
-            raise PermanentError(f"configuration: {Env.SPEC} is not a valid BeamBackfill spec: {e}") from None
+            raise PermanentError(f"configuration: {where} is not a valid BeamBackfill spec: {e}") from None
         staging = require(Env.STAGING_URI)
         if not staging.startswith("gs://"):
             raise PermanentError(f"configuration: {Env.STAGING_URI} must be a gs:// URI, got {staging!r}")

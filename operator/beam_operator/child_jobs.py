@@ -7,13 +7,25 @@ carries a controller ownerReference, so deleting the BeamBackfill garbage-collec
 
 from __future__ import annotations
 
+import base64
+import gzip
 import json
 from enum import StrEnum
 from typing import Any
 
 from beam_contract import staging
 from beam_contract.model import GROUP, KIND, VERSION, BackfillSpec
-from beam_contract.worker import SNOWFLAKE_SECRET_KEYS, Command, Env, ExitCode, destination_env, snowflake_env
+from beam_contract.worker import (
+    SNOWFLAKE_SECRET_KEYS,
+    SPEC_CONFIGMAP_KEY,
+    SPEC_INLINE_MAX_BYTES,
+    SPEC_MOUNT_DIR,
+    Command,
+    Env,
+    ExitCode,
+    destination_env,
+    snowflake_env,
+)
 
 from .config import OperatorConfig
 
@@ -65,9 +77,67 @@ def _secret_env(var: str, secret: str, key: str) -> dict[str, Any]:
     return {"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": True}}}
 
 
+def spec_document(spec: BackfillSpec) -> bytes:
+    return json.dumps(spec.model_dump(mode="json", exclude_none=True), separators=(",", ":")).encode()
+
+
+def spec_travels_inline(spec: BackfillSpec) -> bool:
+    """Small specs go in the env; larger ones (a filter of thousands of addresses) in a ConfigMap."""
+    return len(spec_document(spec)) <= SPEC_INLINE_MAX_BYTES
+
+
+def compressed_spec(spec: BackfillSpec) -> bytes:
+    return gzip.compress(spec_document(spec), mtime=0)  # mtime 0: the same spec, the same bytes
+
+
+def spec_config_map_name(name: str, uid: str) -> str:
+    return f"{_trunc(name.replace('.', '-'), 36)}-{uid[:8]}-spec"
+
+
+def spec_config_map(name: str, namespace: str, uid: str, spec: BackfillSpec) -> dict[str, Any]:
+    """The ConfigMap a large spec reaches its workers in: immutable, owned by the backfill (the
+    garbage collector deletes it with the backfill), gzip'd to fit the 1 MiB a ConfigMap holds."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": spec_config_map_name(name, uid),
+            "namespace": namespace,
+            "labels": {k: v for k, v in labels(name, uid, JobKind.STAGING).items() if k != LABEL_PHASE},
+            "ownerReferences": [_owner(name, uid)],
+        },
+        "immutable": True,
+        "binaryData": {SPEC_CONFIGMAP_KEY: base64.b64encode(compressed_spec(spec)).decode()},
+    }
+
+
+def _owner(name: str, uid: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _spec_env(spec: BackfillSpec) -> dict[str, Any]:
+    if spec_travels_inline(spec):
+        return {"name": Env.SPEC, "value": spec_document(spec).decode()}
+    return {"name": Env.SPEC_FILE, "value": f"{SPEC_MOUNT_DIR}/{SPEC_CONFIGMAP_KEY}"}
+
+
+def _spec_volume(name: str, uid: str, spec: BackfillSpec) -> dict[str, Any]:
+    """Pod spec entries mounting the spec ConfigMap, for a spec that is not inline."""
+    if spec_travels_inline(spec):
+        return {}
+    return {"volumes": [{"name": "spec", "configMap": {"name": spec_config_map_name(name, uid)}}]}
+
+
 def _common_env(spec: BackfillSpec, namespace: str, uid: str, config: OperatorConfig) -> list[dict[str, Any]]:
     env = [
-        {"name": Env.SPEC, "value": json.dumps(spec.model_dump(mode="json", exclude_none=True), separators=(",", ":"))},
+        _spec_env(spec),
         {"name": Env.JOB_ID, "value": uid},
         {"name": Env.NAMESPACE, "value": namespace},
         {"name": Env.STAGING_URI, "value": staging_uri(config, namespace, uid)},
@@ -111,16 +181,7 @@ def _job(
             "name": jname,
             "namespace": namespace,
             "labels": lab,
-            "ownerReferences": [
-                {
-                    "apiVersion": f"{GROUP}/{VERSION}",
-                    "kind": KIND,
-                    "name": name,
-                    "uid": uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
+            "ownerReferences": [_owner(name, uid)],
         },
         "spec": {
             "ttlSecondsAfterFinished": config.job_ttl_seconds,
@@ -143,6 +204,8 @@ def _container(command: Command, env: list[dict[str, Any]], config: OperatorConf
     }
     if config.worker_resources:
         c["resources"] = config.worker_resources
+    if any(e["name"] == Env.SPEC_FILE for e in env):
+        c["volumeMounts"] = [{"name": "spec", "mountPath": SPEC_MOUNT_DIR, "readOnly": True}]
     return c
 
 
@@ -162,6 +225,7 @@ def staging_job(name: str, namespace: str, uid: str, spec: BackfillSpec, config:
         phase=STAGING,
         config=config,
         container=_container(Command.STAGE, env, config),
+        pod_extra=_spec_volume(name, uid, spec),
         extra_spec={
             "backoffLimit": config.staging_backoff_limit,
             "podFailurePolicy": {
@@ -190,7 +254,7 @@ def transport_job(
         if secret:
             env += [_secret_env(destination_env(i, k), secret, k) for k in dest.secret_keys]
     pod_meta: dict[str, Any] = {}
-    pod_extra: dict[str, Any] = {}
+    pod_extra: dict[str, Any] = _spec_volume(name, uid, spec)
     if spec.static_egress_ip:
         pod_meta["labels"] = dict(config.egress.pod_labels)
         if config.egress.node_selector:

@@ -394,10 +394,13 @@ class Controller:
     async def _apply(self, body: dict[str, Any], action: Action) -> None:
         ns = body["metadata"]["namespace"]
         match action:
-            case CreateJob(manifest=manifest):
+            case CreateJob(manifest=manifest, config_map=config_map):
                 meta = manifest["metadata"]
                 uid = meta["labels"][child_jobs.LABEL_JOB_ID]
                 try:
+                    if config_map is not None:
+                        # Before the Job: its Pods mount it, and would wait in ContainerCreating.
+                        await self.api.create_config_map(ns, config_map)
                     created = await self.api.create_job(ns, manifest)
                 except ApiError as e:
                     if e.status not in PERMANENT_REFUSALS:

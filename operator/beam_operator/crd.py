@@ -174,6 +174,10 @@ def _convert(node: dict[str, Any], where: str) -> dict[str, Any]:
             out = {"x-kubernetes-int-or-string": True}
             if "description" in node:
                 out["description"] = node["description"]
+            # The string form's bound (the apiserver applies it to strings only).
+            lengths = [o["maxLength"] for o in options if o.get("type") == "string" and "maxLength" in o]
+            if lengths:
+                out["maxLength"] = lengths[0]
         elif len(options) > 1 and "discriminator" in options[0]:
             out = _convert(options[0], where)
         else:

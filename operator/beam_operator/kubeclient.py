@@ -212,6 +212,12 @@ class KubeApi:
         status, _ = await self.request("POST", f"/apis/batch/v1/namespaces/{namespace}/jobs", body=manifest, ok=(409,))
         return status != 409
 
+    async def create_config_map(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        """True if created, False if it exists (immutable, and named for its backfill: the same)."""
+        metrics.API_WRITES.labels(kind="create_config_map").inc()
+        status, _ = await self.request("POST", f"/api/v1/namespaces/{namespace}/configmaps", body=manifest, ok=(409,))
+        return status != 409
+
     async def delete_job(self, namespace: str, name: str) -> None:
         metrics.API_WRITES.labels(kind="delete_job").inc()
         # Foreground: the Job disappears only after its Pods, so "no Jobs left" also means no

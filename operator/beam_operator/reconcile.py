@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from beam_contract.model import BackfillSpec, BackfillStatus, Condition, Phase, parse_timestamp, utc_iso, workflow_id
-from beam_contract.worker import StagingResult
+from beam_contract.worker import SPEC_CONFIGMAP_MAX_BYTES, StagingResult
 
 from . import child_jobs
 from .config import OperatorConfig
@@ -127,6 +127,8 @@ class Observed:
 @dataclass(frozen=True)
 class CreateJob:
     manifest: dict[str, Any]
+    # The spec's ConfigMap, for a spec too large for the env: created (or found) before the Job.
+    config_map: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -320,10 +322,26 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             cleanup_jobs=True,
         )
 
+    def create(manifest: dict[str, Any]) -> CreateJob:
+        if child_jobs.spec_travels_inline(spec):
+            return CreateJob(manifest)
+        return CreateJob(manifest, child_jobs.spec_config_map(obs.name, obs.namespace, obs.uid, spec))
+
     if st.status == Phase.STAGING:
         job = by_phase.get(child_jobs.STAGING)
         if job is None:
-            actions.append(CreateJob(child_jobs.staging_job(obs.name, obs.namespace, obs.uid, spec, config)))
+            if not child_jobs.spec_travels_inline(spec):
+                size = len(child_jobs.compressed_spec(spec))
+                if size > SPEC_CONFIGMAP_MAX_BYTES:
+                    return finish(
+                        Phase.FAILED,
+                        "SpecTooLarge",
+                        f"the spec is {size} bytes even gzip'd, more than the {SPEC_CONFIGMAP_MAX_BYTES} a ConfigMap "
+                        "can carry to the workers; split filter.values over several backfills",
+                        warning=True,
+                        cleanup_jobs=True,
+                    )
+            actions.append(create(child_jobs.staging_job(obs.name, obs.namespace, obs.uid, spec, config)))
             return Decision(st, actions, events)
         if job.failed:
             why = _worker_message(obs.pods, job.name)
@@ -366,7 +384,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             )
         )
         actions.append(
-            CreateJob(child_jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, result.num_chunks))
+            create(child_jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, result.num_chunks))
         )
         return Decision(st, actions, events)
 
@@ -374,7 +392,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
     num_chunks = st.num_chunks or 0
     job = by_phase.get(child_jobs.TRANSPORT)
     if job is None:
-        actions.append(CreateJob(child_jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, num_chunks)))
+        actions.append(create(child_jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, num_chunks)))
         return Decision(st, actions, events)
     done = count_indexes(job.completed_indexes)
     st.chunks_left = max(num_chunks - done, 0)

@@ -155,6 +155,7 @@ OPERATOR_RULES = {
     ("beam-backfill.dev", "beambackfills/finalizers"): {"update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
     ("", "pods"): {"get", "list", "watch"},
+    ("", "configmaps"): {"create"},
     ("", "events"): {"create", "patch"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("", "namespaces"): {"list", "watch"},

@@ -77,6 +77,7 @@ WORKER = f"system:serviceaccount:{ORG}:{RELEASE}-beam-backfill-worker"
         ("create", "jobs.batch"),
         ("delete", "jobs.batch"),
         ("get", "pods"),
+        ("create", "configmaps"),
         ("create", "events"),
         ("create", "events.events.k8s.io"),
         ("watch", "namespaces"),

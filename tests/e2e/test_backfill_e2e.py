@@ -437,3 +437,44 @@ def test_staging_failure_is_actionable_and_leaves_nothing_running(k8s, operator,
     )
     assert all(not (j.get("status") or {}).get("active") for j in jobs(k8s, org, uid))
     assert [j for j in jobs(k8s, org, uid) if j["metadata"]["labels"]["beam-backfill.dev/phase"] == "transport"] == []
+
+
+def test_a_filter_of_10000_addresses_completes_with_exactly_the_filtered_rows(k8s, operator, kafka, seeded, org):
+    # As one env variable this spec (~450 KB) failed at exec with E2BIG (Linux caps one env string
+    # at 128 KiB). It now reaches the workers in a ConfigMap owned by the backfill.
+    import hashlib
+
+    from beam_devstack import dataset
+
+    dai = dataset.TOKENS[3][0]
+    absent = ["0x" + hashlib.sha256(f"absent-{i}".encode()).hexdigest()[:40] for i in range(9_998)]
+    window = {**WINDOW, "end": "2026-03-03T00:00:00"}
+    obj = backfill("many-addresses", "e2e-many-addresses", window=window, parallelism=2)
+    obj["spec"]["filter"]["values"] = [dataset.USDC, *absent, dai]
+    assert len(obj["spec"]["filter"]["values"]) == 10_000
+    # Server-side: a client-side apply would copy the spec into the last-applied annotation,
+    # which may hold 256 KiB at most (docs/operations.md, "Large filters").
+    k8s.kubectl("apply", "--server-side", "-n", org, "-f", "-", input=json.dumps(obj))
+    uid = k8s.api("GET", API.format(ns=org, name="many-addresses"))["metadata"]["uid"]
+    st = wait_status(k8s, org, "many-addresses", "completed", timeout=300)
+    want = expected_ids(seeded, window) | expected_ids(seeded, window, token=dai)
+    assert st["chunks_left"] == 0 and want
+    assert_exactly(read_topic(kafka.bootstrap, "e2e-many-addresses"), want)
+    [cm] = [
+        c
+        for c in k8s.api("GET", f"/api/v1/namespaces/{org}/configmaps")["items"]
+        if c["metadata"]["name"].endswith("-spec")
+    ]
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == uid
+    k8s.kubectl("delete", "bbf", "many-addresses", "-n", org, "--wait=true", "--timeout=90s")
+    wait_until(
+        lambda: (
+            not [
+                c
+                for c in k8s.api("GET", f"/api/v1/namespaces/{org}/configmaps")["items"]
+                if c["metadata"]["name"] == cm["metadata"]["name"]
+            ]
+        ),
+        60,
+        "the spec ConfigMap garbage-collected with its backfill",
+    )

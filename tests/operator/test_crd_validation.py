@@ -194,6 +194,11 @@ BAD = [
         "url of a nats destination must match",
     ),
     (
+        "filter value over 1024 characters",
+        with_spec(filter={"column": "token_address", "values": ["0x" + "a" * 1023]}),
+        "spec.filter.values[0]: Too long: may not be more than 1024",
+    ),
+    (
         "sns arn malformed",
         with_spec(destinations=[{"type": "sns", "name": "s", "topic_arn": "arn:aws:sqs:x"}]),
         "spec.destinations[0].topic_arn",

@@ -79,6 +79,7 @@ def test_seed_examples_are_valid():
         ({"destinations": []}, "at least 1"),
         ({"filter": {"column": "token_address", "values": []}}, "at least 1"),
         ({"filter": {"column": "token_address; drop table x", "values": ["a"]}}, "pattern"),
+        ({"filter": {"column": "token_address", "values": ["a" * 1025]}}, "at most 1024 characters"),
         ({"table": "base.assets.x; drop table y"}, "pattern"),
         ({"destinations": [{"type": "kafka", "name": "t"}, {"type": "kafka", "name": "t"}]}, "listed twice"),
         ({"destinations": [{"type": "webhook", "name": "h"}]}, "url"),

@@ -484,3 +484,59 @@ def test_worker_env_reaches_workers_but_cannot_override_the_contract(monkeypatch
     assert env["BEAM_JOB_ID"] == UID
     monkeypatch.setenv("BEAM_WORKER_ENV", '{"A": "1"}')
     assert OperatorConfig().worker_env == {"A": "1"}
+
+
+def _addresses(n: int, seed: int = 0) -> list[str]:
+    import hashlib
+
+    return ["0x" + hashlib.sha256(f"{seed}-{i}".encode()).hexdigest()[:40] for i in range(n)]
+
+
+def test_a_large_spec_reaches_both_jobs_through_one_owned_configmap_not_the_env():
+    import base64
+    import gzip
+
+    from beam_contract.worker import SPEC_CONFIGMAP_KEY, SPEC_MOUNT_DIR
+
+    big = {**SPEC, "filter": {"column": "token_address", "values": _addresses(10_000)}}
+    first = run(obs(spec=big))
+    [create] = [a for a in first.actions if isinstance(a, CreateJob)]
+    cm = create.config_map
+    assert cm["metadata"]["name"] == child_jobs.spec_config_map_name("usdc", UID)
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == UID and cm["immutable"] is True
+    doc = json.loads(gzip.decompress(base64.b64decode(cm["binaryData"][SPEC_CONFIGMAP_KEY])))
+    assert doc["filter"]["values"] == big["filter"]["values"]
+    staged = run(
+        obs(
+            status=first.status, spec=big, jobs_=[JobObs(STAGE, child_jobs.STAGING, complete=True)], pods=[staged_pod()]
+        )
+    )
+    [xport] = [a for a in staged.actions if isinstance(a, CreateJob)]
+    assert xport.config_map == cm  # the same one, found existing (409) at the second create
+    for job in (create.manifest, xport.manifest):
+        pod = job["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+        assert "BEAM_SPEC" not in env and env["BEAM_SPEC_FILE"] == f"{SPEC_MOUNT_DIR}/{SPEC_CONFIGMAP_KEY}"
+        assert pod["volumes"] == [{"name": "spec", "configMap": {"name": cm["metadata"]["name"]}}]
+        assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == SPEC_MOUNT_DIR
+        # Linux's limit for one env string is 128 KiB: every value must stay far below it.
+        assert max(len(e.get("value") or "") for e in pod["containers"][0]["env"]) < 32 * 1024
+    # A small spec stays in the env, with no ConfigMap (one API call fewer per backfill).
+    [small] = [a for a in run(obs()).actions if isinstance(a, CreateJob)]
+    assert small.config_map is None and "volumes" not in small.manifest["spec"]["template"]["spec"]
+
+
+def test_a_spec_no_configmap_can_carry_fails_before_any_job_with_what_to_do():
+    import random
+
+    rnd = random.Random(7)  # hardly compressible: 1,500 values of 1,024 random characters
+    values = [
+        "".join(rnd.choice("abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(1024))
+        for _ in range(1500)
+    ]
+    d = run(obs(spec={**SPEC, "filter": {"column": "token_address", "values": values}}))
+    assert d.status.status == "failed" and not created(d)
+    assert (
+        "more than the" in d.status.error_message
+        and "split filter.values over several backfills" in d.status.error_message
+    )
