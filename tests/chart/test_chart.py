@@ -269,3 +269,18 @@ def test_schema_rejects_bad_values(helm, args, complaint):
     assert proc.returncode != 0, f"helm accepted {args}"
     assert "values don't meet the specifications of the schema" in proc.stderr
     assert complaint in proc.stderr, proc.stderr
+
+
+def test_the_workers_network_policy_is_off_by_default_and_covers_every_worker_namespace(render):
+    assert not render().of("NetworkPolicy")
+    docs = render(
+        "--set", "worker.networkPolicy.enabled=true", "--set-json", 'worker.serviceAccount.namespaces=["org-a","org-b"]'
+    )
+    policies = docs.of("NetworkPolicy")
+    assert sorted(p["metadata"]["namespace"] for p in policies) == ["beam-system", "org-a", "org-b"]
+    for p in policies:
+        assert p["spec"]["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in p["spec"]
+        dns, public = p["spec"]["egress"]
+        assert {x["port"] for x in dns["ports"]} == {53}
+        v4 = public["to"][0]["ipBlock"]
+        assert v4["cidr"] == "0.0.0.0/0" and "169.254.0.0/16" in v4["except"]

@@ -44,6 +44,10 @@ def installed(helm, k8s):
         f"api.apiKeysNamespace={KEYS_NS}",
         "--set-json",
         f'worker.serviceAccount.namespaces=["{ORG}"]',
+        "--set",
+        "worker.networkPolicy.enabled=true",
+        "--set-json",
+        'worker.networkPolicy.allowedCIDRs=["10.213.0.1/32"]',
     )
     k8s.kubectl("wait", "--for=condition=Established", "crd/beambackfills.beam-backfill.dev", "--timeout=60s")
     yield
@@ -158,3 +162,14 @@ def test_installed_objects(installed, k8s):
     assert "BEAM_JOBRUNNER_IMAGE" in names
     svc = k8s.api("GET", f"/api/v1/namespaces/{OPERATOR_NS}/services/{RELEASE}-beam-backfill-metrics")
     assert svc["spec"]["ports"][0]["port"] == 8080
+
+
+def test_the_workers_network_policy_is_accepted_by_the_apiserver_and_selects_only_workers(installed, k8s):
+    # Accepted as valid by kube-apiserver (the except ranges inside their CIDRs, the selectors);
+    # enforcing it needs a CNI with NetworkPolicy, which the local node's bridge plugin is not.
+    [policy] = k8s.api("GET", f"/apis/networking.k8s.io/v1/namespaces/{ORG}/networkpolicies")["items"]
+    assert policy["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/managed-by"] == "beam-backfill-operator"
+    blocks = [p["ipBlock"] for rule in policy["spec"]["egress"] for p in rule["to"] if "ipBlock" in p]
+    public = next(b for b in blocks if b["cidr"] == "0.0.0.0/0")
+    assert {"10.0.0.0/8", "169.254.0.0/16", "127.0.0.0/8"} <= set(public["except"])
+    assert {"cidr": "10.213.0.1/32"} in blocks
