@@ -29,3 +29,21 @@ class TransientError(JobError):
     """A broker or endpoint stayed unreachable through our own retries (exit 3)."""
 
     exit_code = ExitCode.TRANSIENT
+
+
+EXCERPT_CHARS = 200
+
+
+def excerpt(text: str | bytes | None, limit: int = EXCERPT_CHARS) -> str:
+    """A remote answer as an error message may quote it: control characters and newlines
+    collapsed to single spaces, at most `limit` characters, and marked when cut. An endpoint's
+    answer is not ours to copy whole into a status others read (it may be an internal service's
+    page, or carry secrets), nor long enough to crowd out the reason."""
+    if text is None:
+        return ""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    clean = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    if len(clean) <= limit:
+        return clean
+    return f"{clean[:limit]}... [truncated to {limit} characters]"

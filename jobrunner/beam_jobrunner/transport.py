@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from beam_contract import staging
 from beam_contract.worker import Env
-from beam_jobrunner import serialize, storage
+from beam_jobrunner import reach, serialize, storage
 from beam_jobrunner.config import Common, env, require
 from beam_jobrunner.errors import PermanentError, TransientError
 from beam_jobrunner.sinks import Batch, Context, make_sink
@@ -219,6 +219,8 @@ def run(common: Common) -> dict:
     chunk = chunks[index]
     batch_rows = int(env("BEAM_TRANSPORT_BATCH_ROWS", str(DEFAULT_BATCH_ROWS)))
     metrics = _metrics()
+    # From here on no Python socket of this process connects inward unless allowed (reach.py).
+    reach.install(reach.Policy.from_env())
     tag = f"{common.job_id}-{index}"
     remove_stale_downloads(tag)
     download = ChunkDownload(chunk["uri"], tag)
@@ -234,10 +236,19 @@ def run(common: Common) -> dict:
             )
             sink = make_sink(dest, ctx)
             t0 = time.monotonic()
-            try:
-                nbytes = deliver_chunk(sink, download, batch_rows)
-            finally:
-                sink.close()
+            with reach.destination(sink.label):
+                try:
+                    nbytes = deliver_chunk(sink, download, batch_rows)
+                except reach.Refused as r:
+                    raise r.error from None
+                except Exception:
+                    # A library that wrapped or swallowed the refusal still failed because of it.
+                    refused = reach.refused()
+                    if refused is not None:
+                        raise refused from None
+                    raise
+                finally:
+                    sink.close()
             if nbytes is None:
                 log.info("%s: already delivered, skipped", sink.label)
                 results.append({"destination": dest.name, "type": dest.type, "rows": 0, "skipped": True})

@@ -114,6 +114,9 @@ class Job:
             "BEAM_SNOWFLAKE_PROTOCOL": sf["protocol"],
             "BEAM_SNOWFLAKE_DATABASE": "base",
             "BEAM_SNOWFLAKE_SCHEMA": "assets",
+            # The test servers listen on loopback, where destinations may not go unless allowed
+            # (docs/security.md, "What a destination may reach"); test_jobrunner_reach.py unsets it.
+            "BEAM_DESTINATION_ALLOW": "127.0.0.0/8,::1/128",
         }
         if kafka is not None:
             self.env["BEAM_KAFKA_BOOTSTRAP"] = kafka.bootstrap

@@ -25,8 +25,8 @@ from collections.abc import Iterable
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from beam_contract.worker import Env
-from beam_jobrunner import termination
-from beam_jobrunner.errors import PermanentError, TransientError
+from beam_jobrunner import reach, termination
+from beam_jobrunner.errors import PermanentError, TransientError, excerpt
 from beam_jobrunner.sinks import Batch, Context, Sink
 
 log = logging.getLogger("beam_jobrunner.kafka")
@@ -70,6 +70,7 @@ class KafkaSink(Sink):
         self._group: Consumer | None = None
         self._errors: list[KafkaError] = []
         self._delivery_errors: list[KafkaError] = []
+        self._check_brokers = False  # set by open(): a tenant's own cluster
 
     # --- configuration -----------------------------------------------------------------------
     def _client_conf(self) -> dict:
@@ -107,6 +108,7 @@ class KafkaSink(Sink):
 
     def _unreachable(self, what: str, e: BaseException | None = None) -> TransientError:
         last = next((str(x.str()) for x in reversed(self._errors)), None) or (str(e) if e else "no answer")
+        last = excerpt(last)
         return TransientError(
             f"{self.label}: {what}: broker {self.bootstrap} unreachable after {self.ctx.connect_timeout:.0f}s ({last})"
         )
@@ -114,6 +116,12 @@ class KafkaSink(Sink):
     # --- lifecycle -----------------------------------------------------------------------------
     def open(self) -> None:
         conf = self._client_conf()
+        # librdkafka connects in C, out of reach of the socket guard (reach.py): the tenant's
+        # bootstrap servers are resolved and checked here, before any connection, and the brokers
+        # the cluster advertises after the metadata request below, before anything is produced.
+        # The managed Kafka (no bootstrap_servers, or exactly its endpoints) is the platform's.
+        if self.dest.bootstrap_servers:
+            self._check_brokers = not reach.check_kafka_bootstrap(self.label, self.dest.bootstrap_servers)
         conf.update(PRODUCER_TUNING)
         conf["enable.idempotence"] = True
         conf["on_delivery"] = self._on_delivery
@@ -134,9 +142,11 @@ class KafkaSink(Sink):
 
     def _metadata(self) -> None:
         try:
-            self.producer.list_topics(self.topic, timeout=self.ctx.connect_timeout)
+            md = self.producer.list_topics(self.topic, timeout=self.ctx.connect_timeout)
         except KafkaException as e:
             raise self._unreachable("metadata", e) from None
+        if self._check_brokers:
+            reach.check_kafka_brokers(self.label, md.brokers.values())
 
     def _fail(self, what: str, e: KafkaException) -> Exception:
         err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
@@ -154,8 +164,8 @@ class KafkaSink(Sink):
             KafkaError._AUTHENTICATION,
             KafkaError.TOPIC_EXCEPTION,
         ):
-            return PermanentError(f"{self.label}: {what}: {err.str()}")
-        return TransientError(f"{self.label}: {what}: {err.str() if err else e}")
+            return PermanentError(f"{self.label}: {what}: {excerpt(err.str())}")
+        return TransientError(f"{self.label}: {what}: {excerpt(err.str() if err else str(e))}")
 
     def already_delivered(self) -> bool:
         if not self.transactions:
@@ -254,7 +264,7 @@ class KafkaSink(Sink):
                 raise self._unreachable(f"{remaining} messages undelivered")
         failed = self._delivery_errors + [e for e in self._errors if e.fatal()]
         if failed:
-            raise TransientError(f"{self.label}: {failed[0].str()}")
+            raise TransientError(f"{self.label}: {excerpt(failed[0].str())}")
         return nbytes
 
     def close(self) -> None:

@@ -13,7 +13,8 @@ import logging
 import os
 from collections.abc import Iterable
 
-from beam_jobrunner.errors import PermanentError, TransientError
+from beam_jobrunner import reach
+from beam_jobrunner.errors import PermanentError, TransientError, excerpt
 from beam_jobrunner.sinks import Batch, Sink, markers, redact_url
 
 log = logging.getLogger("beam_jobrunner.nats")
@@ -41,7 +42,10 @@ class NatsSink(Sink):
         from nats.errors import NoServersError
 
         async def quiet(e):  # nats-py logs every reconnect error; the termination message says it once
-            pass
+            # Refused is a BaseException nats-py does not catch; should one ever reach this callback,
+            # end the connect here rather than let nats-py retry the server until the timeout.
+            if isinstance(e, reach.Refused):
+                raise e
 
         t = self.ctx.connect_timeout
         try:
@@ -62,8 +66,8 @@ class NatsSink(Sink):
             ) from None
         except Exception as e:
             if "authorization" in str(e).lower():
-                raise PermanentError(f"{self.label}: {self.where} refused the credentials: {e}") from None
-            raise TransientError(f"{self.label}: cannot connect to {self.where}: {e}") from None
+                raise PermanentError(f"{self.label}: {self.where} refused the credentials: {excerpt(str(e))}") from None
+            raise TransientError(f"{self.label}: cannot connect to {self.where}: {excerpt(str(e))}") from None
         self.js = self.nc.jetstream(timeout=max(t, 10), publish_async_max_pending=WINDOW)
 
     def already_delivered(self) -> bool:
@@ -95,10 +99,11 @@ class NatsSink(Sink):
                 and first.code < 500
                 and first.code != 408
             ):
-                raise PermanentError(f"{self.label}: {first}")
+                raise PermanentError(f"{self.label}: {excerpt(str(first))}")
             if attempt == ATTEMPTS:
                 raise TransientError(
-                    f"{self.label}: {len(failed)} messages not acknowledged after {ATTEMPTS} attempts ({type(first).__name__} {first})"
+                    f"{self.label}: {len(failed)} messages not acknowledged after {ATTEMPTS} attempts "
+                    f"({type(first).__name__} {excerpt(str(first))})"
                 )
             log.warning("%s: %d unacknowledged, retrying", self.label, len(failed))
             await asyncio.sleep(0.5 * attempt)

@@ -15,7 +15,8 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
-from beam_jobrunner.errors import PermanentError, TransientError
+from beam_jobrunner import reach
+from beam_jobrunner.errors import PermanentError, TransientError, excerpt
 from beam_jobrunner.sinks import Batch, Sink, markers
 
 log = logging.getLogger("beam_jobrunner.sns")
@@ -42,6 +43,8 @@ class SnsSink(Sink):
             token = self.secret("aws_session_token")
             if token:
                 creds["aws_session_token"] = token
+        else:
+            creds = self._ambient_credentials()
         t = self.ctx.connect_timeout
         cfg = Config(
             connect_timeout=t,
@@ -59,6 +62,28 @@ class SnsSink(Sink):
         except Exception as e:
             raise self._error("topic check", e) from None
 
+    def _ambient_credentials(self) -> dict:
+        """The worker's own identity (IRSA, an instance role; the operator allows it per
+        organization). Its credential endpoints (the metadata service, an STS VPC endpoint) are
+        the platform's, not the tenant's: they are resolved outside the destination guard
+        (reach.unguarded), once, and frozen for the chunk, since a refresh would run inside the
+        guard. botocore hands out credentials with at least 15 minutes left."""
+        import boto3
+        from botocore.exceptions import NoCredentialsError
+
+        try:
+            with reach.unguarded():
+                found = boto3.Session().get_credentials()
+                if found is None:
+                    raise NoCredentialsError()
+                frozen = found.get_frozen_credentials()
+        except Exception as e:
+            raise self._error("credentials", e) from None
+        creds = {"aws_access_key_id": frozen.access_key, "aws_secret_access_key": frozen.secret_key}
+        if frozen.token:
+            creds["aws_session_token"] = frozen.token
+        return creds
+
     def _error(self, what: str, e: Exception) -> Exception:
         from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
@@ -69,13 +94,13 @@ class SnsSink(Sink):
         if isinstance(e, ClientError):
             code = e.response.get("Error", {}).get("Code", "")
             status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            msg = e.response.get("Error", {}).get("Message", "")
+            msg = excerpt(e.response.get("Error", {}).get("Message", ""))
             if 400 <= status < 500 and code not in ("Throttling", "ThrottlingException", "ThrottledException"):
-                return PermanentError(f"{self.label}: {what}: {code}: {msg}")
-            return TransientError(f"{self.label}: {what}: {code}: {msg}")
+                return PermanentError(f"{self.label}: {what}: {excerpt(code)}: {msg}")
+            return TransientError(f"{self.label}: {what}: {excerpt(code)}: {msg}")
         if isinstance(e, EndpointConnectionError):
             return TransientError(f"{self.label}: {what}: endpoint unreachable after {self.ctx.connect_timeout:.0f}s")
-        return TransientError(f"{self.label}: {what}: {type(e).__name__}: {e}")
+        return TransientError(f"{self.label}: {what}: {type(e).__name__}: {excerpt(str(e))}")
 
     def already_delivered(self) -> bool:
         return markers.is_delivered(self.ctx)
@@ -108,11 +133,13 @@ class SnsSink(Sink):
             sender = [f for f in failed if f.get("SenderFault")]
             if sender:
                 f = sender[0]
-                raise PermanentError(f"{self.label}: SNS refused a message: {f.get('Code')}: {f.get('Message')}")
+                raise PermanentError(
+                    f"{self.label}: SNS refused a message: {excerpt(f.get('Code'))}: {excerpt(f.get('Message'))}"
+                )
             if attempt == ATTEMPTS:
                 f = failed[0]
                 raise TransientError(
-                    f"{self.label}: {len(failed)} messages failed after {ATTEMPTS} attempts: {f.get('Code')}"
+                    f"{self.label}: {len(failed)} messages failed after {ATTEMPTS} attempts: {excerpt(f.get('Code'))}"
                 )
             ids = {f["Id"] for f in failed}
             todo = [e for e in todo if e["Id"] in ids]

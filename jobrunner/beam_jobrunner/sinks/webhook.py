@@ -22,7 +22,7 @@ from collections.abc import Iterable
 
 import httpx
 
-from beam_jobrunner.errors import PermanentError, TransientError
+from beam_jobrunner.errors import PermanentError, TransientError, excerpt
 from beam_jobrunner.sinks import Batch, Sink, markers, redact_url
 
 log = logging.getLogger("beam_jobrunner.webhook")
@@ -30,6 +30,7 @@ log = logging.getLogger("beam_jobrunner.webhook")
 BATCH_ROWS = int(os.environ.get("BEAM_WEBHOOK_BATCH_ROWS", "500"))
 ATTEMPTS = int(os.environ.get("BEAM_WEBHOOK_ATTEMPTS", "6"))
 RETRY_STATUSES = {408, 425, 429}
+ERROR_BODY_BYTES = 4096  # of an error answer, read to quote its start
 
 
 def sign(key: bytes, nonce: str, timestamp: str, body: bytes) -> str:
@@ -74,18 +75,15 @@ class WebhookSink(Sink):
                     }
                 )
             try:
-                r = self.client.post(self.url, content=body, headers=headers)
+                status, text = self._send(body, headers)
             except httpx.TransportError as e:
-                why = f"{type(e).__name__} {e}".strip()
+                why = f"{type(e).__name__} {excerpt(str(e))}".strip()
             else:
-                if r.status_code < 300:
+                if status < 300:
                     return
-                text = " ".join(r.text.split())[:300]
-                if 400 <= r.status_code < 500 and r.status_code not in RETRY_STATUSES:
-                    raise PermanentError(
-                        f"{self.label} batch {batch_no}: {self.where} answered HTTP {r.status_code}: {text}"
-                    )
-                why = f"HTTP {r.status_code}: {text}"
+                if 400 <= status < 500 and status not in RETRY_STATUSES:
+                    raise PermanentError(f"{self.label} batch {batch_no}: {self.where} answered HTTP {status}: {text}")
+                why = f"HTTP {status}: {text}"
             if attempt == ATTEMPTS:
                 raise TransientError(
                     f"{self.label} batch {batch_no}: {self.where} failed after {ATTEMPTS} attempts: {why}"
@@ -93,6 +91,24 @@ class WebhookSink(Sink):
             log.warning("%s batch %d attempt %d: %s; retrying in %.1fs", self.label, batch_no, attempt, why, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10)
+
+    def _send(self, body: bytes, headers: dict) -> tuple[int, str]:
+        """POST once: the status, and for an error a short excerpt of the answer (errors.excerpt);
+        an error answer is read no further than ERROR_BODY_BYTES."""
+        with self.client.stream("POST", self.url, content=body, headers=headers) as r:
+            if r.status_code < 300:
+                r.read()  # drained, so the connection is kept for the next batch
+                return r.status_code, ""
+            head = b""
+            for part in r.iter_bytes():
+                head += part
+                if len(head) >= ERROR_BODY_BYTES:
+                    break
+            try:
+                text = head[:ERROR_BODY_BYTES].decode(r.charset_encoding or "utf-8", "replace")
+            except LookupError:
+                text = head[:ERROR_BODY_BYTES].decode("utf-8", "replace")
+            return r.status_code, excerpt(text)
 
     def deliver(self, batches: Iterable[Batch]) -> int:
         # Batches are cut at fixed row offsets (batch n = rows n*B .. n*B+B-1 of the chunk), so a

@@ -1,0 +1,397 @@
+"""What a destination may reach (docs/security.md): the real `beam-jobrunner transport` refuses
+to connect a destination inward unless an administrator allows it, and quotes a remote answer
+only as a short excerpt.
+
+Every server here listens on loopback. Addresses outside loopback appear only in the pure
+classification tests at the top, which make no connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import threading
+import uuid
+from collections import namedtuple
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from jr_helpers import Job, expected_ids
+
+from beam_jobrunner import reach
+from beam_jobrunner.errors import PermanentError, excerpt
+
+WINDOW = {"partition_key": "block", "start": 2000, "end": 2300}
+HINT = "unless an administrator allows the host or CIDR (config.destination_allow, docs/security.md)"
+NOBODY = {"BEAM_DESTINATION_ALLOW": ""}  # the default: nothing inward allowed
+
+
+def spec(dest: dict) -> dict:
+    return {
+        "job_name": "t",
+        "table": "base.assets.erc20_token_transfers",
+        "backfill_window": WINDOW,
+        "destinations": [dest],
+    }
+
+
+# --- the address classification (no connection is made) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address, why",
+    [
+        ("127.0.0.1", "a loopback address"),
+        ("::1", "a loopback address"),
+        ("169.254.169.254", "a link-local address"),
+        ("fe80::1", "a link-local address"),
+        ("::ffff:127.0.0.1", "the IPv4-mapped IPv6 form of 127.0.0.1, a loopback address"),
+        ("::ffff:169.254.169.254", "the IPv4-mapped IPv6 form of 169.254.169.254, a link-local address"),
+        ("::127.0.0.1", "the IPv4-compatible IPv6 form of 127.0.0.1, a loopback address"),
+        ("64:ff9b::169.254.169.254", "the NAT64 IPv6 form of 169.254.169.254, a link-local address"),
+        ("2002:a00:1::", "the 6to4 IPv6 form of 10.0.0.1, a private address"),
+        ("100.64.0.1", "a shared (carrier-grade NAT) address"),
+        ("10.1.2.3", "a private address"),
+        ("172.16.0.1", "a private address"),
+        ("192.168.1.1", "a private address"),
+        ("fd12:3456::1", "a private (unique local) address"),
+        ("224.0.0.251", "a multicast address"),
+        ("ff02::1", "a multicast address"),
+        ("0.0.0.0", "an unspecified address"),
+        ("::", "an unspecified address"),
+        ("255.255.255.255", "a broadcast address"),
+        ("240.0.0.1", "a reserved address"),
+        ("192.0.2.10", "an address that is not globally routable"),
+    ],
+)
+def test_inward_addresses_are_refused_by_default(address, why):
+    assert reach.Policy.parse().refusal(ipaddress.ip_address(address), 443) == why
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "2001:4860:4860::8888", "::ffff:8.8.8.8", "151.101.1.69"])
+def test_public_addresses_are_allowed(address):
+    assert reach.Policy.parse().refusal(ipaddress.ip_address(address), 443) is None
+
+
+def test_cluster_cidrs_are_refused_even_where_public_and_allow_entries_win():
+    p = reach.Policy.parse("", "203.0.114.0/24, 2600:1f00::/32")
+    cluster = "an address of the cluster's own ranges (BEAM_CLUSTER_CIDRS)"
+    assert p.refusal(ipaddress.ip_address("203.0.114.7")) == cluster
+    assert p.refusal(ipaddress.ip_address("::ffff:203.0.114.7")) == cluster
+    assert p.refusal(ipaddress.ip_address("2600:1f00::5")) == cluster
+    assert p.refusal(ipaddress.ip_address("203.0.115.7")) is None
+
+    allowed = reach.Policy.parse("203.0.114.0/28,169.254.169.254/32,10.0.0.0/8", "203.0.114.0/24")
+    assert allowed.refusal(ipaddress.ip_address("203.0.114.7")) is None  # over the cluster CIDR
+    assert allowed.refusal(ipaddress.ip_address("203.0.114.99")) is not None
+    assert allowed.refusal(ipaddress.ip_address("169.254.169.254")) is None
+    assert allowed.refusal(ipaddress.ip_address("::ffff:10.9.9.9")) is None  # the mapped form too
+    assert allowed.refusal(ipaddress.ip_address("169.254.169.253")) == "a link-local address"
+
+
+def test_allow_entries_name_hosts_suffixes_and_cidrs():
+    p = reach.Policy.parse(" Hooks.Internal. , *.svc.example.internal,10.0.0.0/8,fd00::/8,192.168.7.7 ")
+    assert p.host_allowed("hooks.internal") and p.host_allowed("HOOKS.internal")
+    assert p.host_allowed("a.svc.example.internal") and p.host_allowed("b.a.svc.example.internal")
+    assert not p.host_allowed("svc.example.internal")  # a suffix pattern, not the name itself
+    assert not p.host_allowed("evilhooks.internal") and not p.host_allowed("hooks.internal.evil.com")
+    assert p.host_allowed("10.2.3.4") and p.host_allowed("192.168.7.7") and p.host_allowed("[fd00::1]")
+    assert not p.host_allowed("192.168.7.8")
+    for bad in ("http://x/", "a b", "*"):
+        with pytest.raises(PermanentError, match="BEAM_DESTINATION_ALLOW entry"):
+            reach.Policy.parse(bad)
+    with pytest.raises(PermanentError, match="BEAM_CLUSTER_CIDRS entry 'nope' is not a CIDR"):
+        reach.Policy.parse("", "nope")
+
+
+Broker = namedtuple("Broker", "id host port")
+
+
+def test_kafka_metadata_check_refuses_an_advertised_broker_inward():
+    """The check of a cluster's advertised brokers, on IP literals (resolving one sends nothing)."""
+    p = reach.Policy.parse("")
+    with pytest.raises(PermanentError) as e:
+        reach.check_kafka_brokers("kafka destination 't' chunk 0", [Broker(1, "169.254.169.254", 9092)], p)
+    assert str(e.value).startswith(
+        "kafka destination 't' chunk 0: refused to connect to advertised broker 1 169.254.169.254:9092: "
+        "a link-local address; destinations may not reach"
+    )
+    reach.check_kafka_brokers("k", [Broker(1, "8.8.8.8", 9092)], p)  # public: fine
+    allowed = reach.Policy.parse("169.254.169.254/32")
+    reach.check_kafka_brokers("k", [Broker(1, "169.254.169.254", 9092)], allowed)
+    # The managed Kafka's own endpoints are the platform's: its advertised brokers are not checked.
+    managed = reach.Policy.parse("", "", [("10.0.0.5", 9092)])
+    assert reach.check_kafka_bootstrap("k", "10.0.0.5:9092", managed) is True
+    with pytest.raises(PermanentError, match=r"bootstrap server 10.0.0.5:9093: a private address"):
+        reach.check_kafka_bootstrap("k", "10.0.0.5:9093", managed)
+    assert reach.kafka_bootstrap("SASL_SSL://a.b:9093, [::1]:19092,c") == [("a.b", 9093), ("::1", 19092), ("c", 9092)]
+
+
+def test_a_remote_answer_is_quoted_as_a_short_sanitized_excerpt():
+    assert excerpt("unknown tenant") == "unknown tenant"
+    assert excerpt(b"line one\r\n\tline\x00two\x1b[31m") == "line one line two [31m"
+    long = excerpt("x" * 10_000)
+    assert long == "x" * 200 + "... [truncated to 200 characters]"
+
+
+# --- the real worker against real servers on loopback -------------------------------------------
+
+
+class Receiver:
+    """An HTTP server on 127.0.0.1 that counts POSTs and answers `status` with `body`."""
+
+    def __init__(self, status: int = 200, body: bytes = b"{}") -> None:
+        self.requests = 0
+        self.rows: list[dict] = []
+        outer = self
+
+        class H(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                data = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.requests += 1
+                if status < 300:
+                    outer.rows.extend(json.loads(data)["rows"])
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.server.server_port
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.close()
+
+
+def _refused(r, label: str, where: str, why: str) -> None:
+    assert r.code == 2, (r.code, r.message, r.stderr[-2000:])
+    assert r.message == f"{label}: refused to connect to {where}: {why}; destinations may not reach loopback, " + (
+        f"link-local, private, multicast or cluster addresses {HINT}"
+    ), r.message
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+
+
+def test_a_webhook_on_loopback_is_refused_unless_allowed(tmp_path, source, bucket, gcs, rows, receiver):
+    url = f"http://127.0.0.1:{receiver.port}/hook?token=abc"
+    job = Job(tmp_path, spec({"type": "webhook", "name": "hooks", "url": url}), snowflake=source, gcs=gcs)
+    job.stage()
+    r = job.transport(0, **NOBODY)
+    _refused(r, "webhook destination 'hooks' chunk 0", f"127.0.0.1:{receiver.port}", "a loopback address")
+    assert receiver.requests == 0
+    assert "token=abc" not in r.message + r.stderr
+
+    ok = job.transport(0, BEAM_DESTINATION_ALLOW="127.0.0.0/8")
+    assert ok.code == 0, ok.message
+    assert receiver.requests > 0 and {x["unique_id"] for x in receiver.rows} <= set(expected_ids(rows))
+
+
+def test_a_webhook_named_localhost_is_refused_after_resolution_unless_the_name_is_allowed(
+    tmp_path, source, bucket, gcs, receiver
+):
+    url = f"http://localhost:{receiver.port}/hook"
+    job = Job(tmp_path, spec({"type": "webhook", "name": "hooks", "url": url}), snowflake=source, gcs=gcs)
+    job.stage()
+    r = job.transport(0, **NOBODY)
+    assert r.code == 2, r.message
+    assert r.message.startswith("webhook destination 'hooks' chunk 0: refused to connect to localhost:"), r.message
+    assert "a loopback address" in r.message and HINT in r.message
+    assert receiver.requests == 0
+
+    by_name = job.transport(0, BEAM_DESTINATION_ALLOW="LocalHost")
+    assert by_name.code == 0, by_name.message
+    assert receiver.requests > 0
+    # Another name of the same address is not that name.
+    other = Job(
+        tmp_path,
+        spec({"type": "webhook", "name": "hooks", "url": f"http://127.0.0.1:{receiver.port}/hook"}),
+        snowflake=source,
+        gcs=gcs,
+    )
+    other.stage()
+    before = receiver.requests
+    r = other.transport(0, BEAM_DESTINATION_ALLOW="localhost,*.localhost")
+    assert r.code == 2 and "refused to connect to 127.0.0.1:" in r.message, r.message
+    assert receiver.requests == before
+
+
+def test_a_nats_server_on_loopback_is_refused_unless_allowed(tmp_path, source, bucket, gcs, nats, rows):
+    import nats as nats_py
+
+    subject = f"reach.{uuid.uuid4().hex[:8]}"
+    url = nats.endpoints()["url"]
+    assert url.startswith("nats://127.0.0.1:")  # an IP literal: asyncio never calls getaddrinfo
+
+    async def make_stream():
+        nc = await nats_py.connect(url)
+        await nc.jetstream().add_stream(name=subject.replace(".", "_"), subjects=[subject])
+        await nc.close()
+
+    async def count():
+        nc = await nats_py.connect(url)
+        info = await nc.jetstream().stream_info(subject.replace(".", "_"))
+        await nc.close()
+        return info.state.messages
+
+    asyncio.run(make_stream())
+    job = Job(tmp_path, spec({"type": "nats", "name": subject, "url": url}), snowflake=source, gcs=gcs)
+    job.stage()
+    r = job.transport(0, **NOBODY)
+    _refused(r, f"nats destination {subject!r} chunk 0", url.removeprefix("nats://"), "a loopback address")
+    assert asyncio.run(count()) == 0
+
+    ok = job.transport(0, BEAM_DESTINATION_ALLOW="127.0.0.0/8")
+    assert ok.code == 0, ok.message
+    assert asyncio.run(count()) == ok.json["destinations"][0]["rows"] > 0
+
+
+def test_an_sns_endpoint_on_loopback_is_refused_unless_allowed(tmp_path, source, bucket, gcs, sns):
+    sns_c, sqs_c = sns.client("sns"), sns.client("sqs")
+    name = f"reach-{uuid.uuid4().hex[:8]}"
+    arn = sns_c.create_topic(Name=name)["TopicArn"]
+    q = sqs_c.create_queue(QueueName=name)["QueueUrl"]
+    qarn = sqs_c.get_queue_attributes(QueueUrl=q, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns_c.subscribe(TopicArn=arn, Protocol="sqs", Endpoint=qarn, Attributes={"RawMessageDelivery": "true"})
+    endpoint = sns.endpoints()["url"]
+    assert endpoint.startswith("http://127.0.0.1:")
+    job = Job(
+        tmp_path,
+        spec({"type": "sns", "name": "sns", "topic_arn": arn, "endpoint_url": endpoint, "secret": "aws"}),
+        snowflake=source,
+        gcs=gcs,
+        extra={"BEAM_DEST_0_AWS_ACCESS_KEY_ID": "testing", "BEAM_DEST_0_AWS_SECRET_ACCESS_KEY": "testing"},
+    )
+    job.stage()
+    r = job.transport(0, **NOBODY)
+    _refused(r, "sns destination 'sns' chunk 0", endpoint.removeprefix("http://").rstrip("/"), "a loopback address")
+    waiting = sqs_c.get_queue_attributes(QueueUrl=q, AttributeNames=["ApproximateNumberOfMessages"])
+    assert waiting["Attributes"]["ApproximateNumberOfMessages"] == "0"
+
+    ok = job.transport(0, BEAM_DESTINATION_ALLOW="127.0.0.1/32")
+    assert ok.code == 0, ok.message
+    waiting = sqs_c.get_queue_attributes(QueueUrl=q, AttributeNames=["ApproximateNumberOfMessages"])
+    assert int(waiting["Attributes"]["ApproximateNumberOfMessages"]) == ok.json["destinations"][0]["rows"] > 0
+
+
+def _topics(kafka) -> set[str]:
+    from confluent_kafka.admin import AdminClient
+
+    return set(AdminClient({"bootstrap.servers": kafka.bootstrap}).list_topics(timeout=10).topics)
+
+
+def test_a_kafka_bootstrap_on_loopback_is_refused_before_any_connection(tmp_path, source, bucket, gcs, kafka):
+    from beam_devstack.kafka import consume_all
+
+    topic = f"reach-{uuid.uuid4().hex[:8]}"
+    assert kafka.bootstrap.startswith("127.0.0.1:")
+    dest = {"type": "kafka", "name": topic, "bootstrap_servers": kafka.bootstrap}
+    # Not the managed Kafka (no BEAM_KAFKA_BOOTSTRAP): the tenant's own cluster.
+    job = Job(tmp_path, spec(dest), snowflake=source, gcs=gcs)
+    job.stage()
+    r = job.transport(0, **NOBODY)
+    _refused(r, f"kafka destination {topic!r} chunk 0", f"bootstrap server {kafka.bootstrap}", "a loopback address")
+    assert topic not in _topics(kafka)  # no metadata request made it there, let alone a produce
+
+    ok = job.transport(0, BEAM_DESTINATION_ALLOW="127.0.0.0/8")
+    assert ok.code == 0, ok.message
+    assert len(consume_all(kafka.bootstrap, topic)) == ok.json["destinations"][0]["rows"] > 0
+
+
+def test_a_kafka_cluster_advertising_a_broker_inward_is_refused_before_any_produce(
+    tmp_path, source, bucket, gcs, kafka
+):
+    """The bootstrap name is allowed (`localhost`), but the broker the cluster advertises,
+    127.0.0.1, is not: the real broker's metadata is checked before anything is produced."""
+    from beam_devstack.kafka import consume_all
+
+    topic = f"reach-{uuid.uuid4().hex[:8]}"
+    port = kafka.bootstrap.rsplit(":", 1)[1]
+    dest = {"type": "kafka", "name": topic, "bootstrap_servers": f"localhost:{port}"}
+    job = Job(tmp_path, spec(dest), snowflake=source, gcs=gcs)
+    job.stage()
+    r = job.transport(0, BEAM_DESTINATION_ALLOW="localhost")
+    assert r.code == 2, (r.message, r.stderr[-2000:])
+    assert r.message.startswith(
+        f"kafka destination {topic!r} chunk 0: refused to connect to advertised broker 1 127.0.0.1:{port}: "
+        "a loopback address; destinations may not reach"
+    ), r.message
+    if topic in _topics(kafka):  # the metadata request may have created it: empty, then
+        assert consume_all(kafka.bootstrap, topic) == []
+
+    ok = job.transport(0, BEAM_DESTINATION_ALLOW="localhost,127.0.0.1/32")
+    assert ok.code == 0, ok.message
+
+
+def test_the_platforms_own_endpoints_need_no_allow_entry(tmp_path, source, bucket, gcs, kafka):
+    """The managed Kafka (BEAM_KAFKA_BOOTSTRAP) and the staging emulator are on loopback here."""
+    from beam_devstack.kafka import consume_all
+
+    topic = f"reach-{uuid.uuid4().hex[:8]}"
+    job = Job(tmp_path, spec({"type": "kafka", "name": topic}), snowflake=source, gcs=gcs, kafka=kafka)
+    job.stage()
+    r = job.transport(0, **NOBODY)
+    assert r.code == 0, r.message
+    assert len(consume_all(kafka.bootstrap, topic)) == r.json["destinations"][0]["rows"] > 0
+    # A destination naming the managed Kafka's endpoints itself reaches the same platform Kafka.
+    named = f"reach-{uuid.uuid4().hex[:8]}"
+    dest = {"type": "kafka", "name": named, "bootstrap_servers": kafka.bootstrap}
+    job = Job(tmp_path, spec(dest), snowflake=source, gcs=gcs, kafka=kafka)
+    job.stage()
+    r = job.transport(0, **NOBODY)
+    assert r.code == 0, r.message
+    assert len(consume_all(kafka.bootstrap, named)) == r.json["destinations"][0]["rows"] > 0
+
+
+def test_an_error_answer_is_quoted_only_as_a_short_excerpt(tmp_path, source, bucket, gcs):
+    secret = "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    page = "Internal\r\nServer\x00Error\x1b[0m at db-primary.internal:5432 " + "stack frame; " * 30
+    body = (page + secret + "\n" + "x" * 10_000)[:10_240].encode()
+    recv = Receiver(500, body)
+    try:
+        url = f"http://127.0.0.1:{recv.port}/hook"
+        job = Job(
+            tmp_path,
+            spec({"type": "webhook", "name": "hooks", "url": url}),
+            snowflake=source,
+            gcs=gcs,
+            extra={"BEAM_WEBHOOK_ATTEMPTS": "2"},
+        )
+        job.stage()
+        r = job.transport(0)
+        assert r.code == 3, r.message
+        quoted = r.message.split("HTTP 500: ", 1)[1]
+        assert quoted == excerpt(page + secret)[:200] + "... [truncated to 200 characters]", quoted
+        assert quoted.startswith("Internal Server Error [0m at db-primary.internal:5432 stack frame;")
+        assert secret not in r.message + r.stderr and "wJalrXUtnFEMI" not in r.message + r.stderr
+        assert len(r.message) < 600 and not any(c in r.message for c in "\r\n\x00\x1b")
+    finally:
+        recv.close()
+
+
+def test_a_short_refusal_answer_is_quoted_whole(tmp_path, source, bucket, gcs):
+    recv = Receiver(400, b"unknown tenant")
+    try:
+        job = Job(
+            tmp_path,
+            spec({"type": "webhook", "name": "hooks", "url": f"http://127.0.0.1:{recv.port}/beam"}),
+            snowflake=source,
+            gcs=gcs,
+        )
+        job.stage()
+        r = job.transport(0)
+        assert r.code == 2
+        assert r.message.endswith(f"http://127.0.0.1:{recv.port}/beam answered HTTP 400: unknown tenant"), r.message
+        assert recv.requests == 1
+    finally:
+        recv.close()
