@@ -192,7 +192,11 @@ class KafkaDestination(_Destination):
         "ssl_ca_pem",
     )
     type: Literal["kafka"]
-    name: str = Field(pattern=r"^[A-Za-z0-9._-]{1,249}$", max_length=249, description="Topic to write to.")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9._-]{1,249}$",
+        max_length=249,
+        description="Topic to write to; on the operator's managed Kafka the topic is <namespace>.<name>.",
+    )
     bootstrap_servers: str | None = Field(
         default=None,
         max_length=2048,
@@ -205,6 +209,12 @@ class KafkaDestination(_Destination):
         description="Name of a Secret in this namespace with keys sasl_username, sasl_password and optionally "
         "sasl_mechanism (default PLAIN), security_protocol (default SASL_SSL) and ssl_ca_pem.",
     )
+
+    def topic_in(self, namespace: str) -> str:
+        """The topic written. The managed Kafka is shared by every organization, so there a
+        topic belongs to its organization: `<namespace>.<name>` (a namespace has no dots, so the
+        first dot ends it). An external Kafka is the organization's own: `name` as written."""
+        return self.name if self.bootstrap_servers else f"{namespace}.{self.name}"
 
 
 class WebhookDestination(_Destination):

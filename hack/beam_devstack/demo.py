@@ -281,7 +281,11 @@ def run_demo(rows: int, manifest: Path, teardown: bool = False) -> int:
 
     doc = yaml.safe_load(manifest.read_text())
     name, spec = doc["metadata"]["name"], doc["spec"]
-    topic = next(d["name"] for d in spec["destinations"] if d["type"] == "kafka")
+    from beam_contract.model import KafkaDestination
+
+    # On the managed Kafka, which organizations share, a destination's topic is <namespace>.<name>.
+    kafka_dest = next(d for d in spec["destinations"] if d["type"] == "kafka")
+    topic = KafkaDestination.model_validate(kafka_dest).topic_in(NAMESPACE)
     # A re-run starts from scratch: delete the previous backfill (its finalizer cleans up).
     kube.kubectl("delete", "bbf", name, "-n", NAMESPACE, "--ignore-not-found", "--wait=true", "--timeout=120s")
     before, _ = count_topic(state["components"]["kafka"]["bootstrap"], topic)

@@ -421,16 +421,20 @@ def kafka_bootstrap(bootstrap: str, label: str = "") -> list[tuple[str, int]]:
     return out
 
 
-def check_kafka_bootstrap(label: str, bootstrap: str, p: Policy | None = None) -> bool:
-    """Check a tenant's bootstrap servers; True if they are all the platform's managed Kafka (whose
-    advertised brokers are then the platform's too)."""
+def check_kafka_bootstrap(label: str, bootstrap: str, p: Policy | None = None) -> None:
+    """Check a tenant's bootstrap servers. Naming the platform's managed Kafka there is refused:
+    a topic written that way would be the bare name, not <namespace>.<name>, so one organization
+    could write into another's topics (docs/security.md); the managed Kafka is reached by omitting
+    bootstrap_servers."""
     p = p or policy()
     endpoints = kafka_bootstrap(bootstrap, label)
-    if endpoints and all(p.is_platform(h, port) for h, port in endpoints):
-        return True
     for host, port in endpoints:
+        if p.is_platform(host, port):
+            raise PermanentError(
+                f"{label}: bootstrap_servers names the operator's managed Kafka ({host}:{port}); omit "
+                "bootstrap_servers to write to it, where the topic is <namespace>.<name>"
+            )
         check_endpoint(label, "bootstrap server", host, port, p)
-    return False
 
 
 def check_kafka_brokers(label: str, brokers, p: Policy | None = None) -> None:

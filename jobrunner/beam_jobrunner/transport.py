@@ -233,6 +233,7 @@ def run(common: Common) -> dict:
                 dest_index=dest_index,
                 staging_uri=common.staging_uri,
                 connect_timeout=common.connect_timeout,
+                namespace=common.namespace,
             )
             sink = make_sink(dest, ctx)
             t0 = time.monotonic()

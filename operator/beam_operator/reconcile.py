@@ -21,6 +21,8 @@ from beam_contract.worker import SPEC_CONFIGMAP_MAX_BYTES, StagingResult
 from . import child_jobs
 from .config import OperatorConfig
 
+KAFKA_TOPIC_MAX_LENGTH = 249
+
 MAX_ERROR = 1024
 # Job and Pod watches are separate streams: a Job can be seen finished before its Pod's
 # termination message arrives. Wait this long for the message before deciding without it.
@@ -292,6 +294,18 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
                 f"for organization {obs.namespace}; name a destination Secret with aws_access_key_id and "
                 "aws_secret_access_key, or ask your administrator to add the organization to "
                 "config.ambient_identity_namespaces",
+                warning=True,
+                cleanup_jobs=True,
+            )
+    for dest in spec.destinations:
+        if dest.type == "kafka" and len(topic := dest.topic_in(obs.namespace)) > KAFKA_TOPIC_MAX_LENGTH:
+            room = KAFKA_TOPIC_MAX_LENGTH - len(obs.namespace) - 1
+            return finish(
+                Phase.FAILED,
+                "TopicTooLong",
+                f"kafka destination '{dest.name}': on the managed Kafka its topic is {topic[:40]}... "
+                f"(<namespace>.<name>), {len(topic)} characters, more than Kafka's {KAFKA_TOPIC_MAX_LENGTH}; "
+                f"in this namespace a name may have at most {room}",
                 warning=True,
                 cleanup_jobs=True,
             )

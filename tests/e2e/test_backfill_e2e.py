@@ -77,7 +77,7 @@ def test_seed_example_completes_with_exactly_the_window_in_kafka(k8s, operator, 
     st = wait_status(k8s, org, "usdc", "completed")
     assert st["num_rows"] == len(ids)
     assert st["num_chunks"] >= 5 and st["chunks_left"] == 0
-    msgs = read_topic(kafka.bootstrap, "e2e-seed")
+    msgs = read_topic(kafka.bootstrap, f"{org}.e2e-seed")
     assert_exactly(msgs, ids)
     sample = msgs[0][1]
     assert sample["token_address"] == "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"
@@ -95,12 +95,15 @@ def test_two_organizations_at_once_see_only_their_own_data_and_jobs(
     other = namespace_factory()
     march_1 = {**WINDOW, "end": "2026-03-16T00:00:00"}
     march_2 = {**WINDOW, "start": "2026-03-16T00:00:00"}
-    a = apply(k8s, org, backfill("first-half", "e2e-org-a", window=march_1))
-    b = apply(k8s, other, backfill("second-half", "e2e-org-b", window=march_2))
+    # The same destination name in both: on the managed Kafka each organization's topic is its
+    # own (<namespace>.<name>), so neither writes into the other's.
+    a = apply(k8s, org, backfill("first-half", "e2e-shared", window=march_1))
+    b = apply(k8s, other, backfill("second-half", "e2e-shared", window=march_2))
     wait_status(k8s, org, "first-half", "completed")
     wait_status(k8s, other, "second-half", "completed")
-    assert_exactly(read_topic(kafka.bootstrap, "e2e-org-a"), expected_ids(seeded, march_1))
-    assert_exactly(read_topic(kafka.bootstrap, "e2e-org-b"), expected_ids(seeded, march_2))
+    assert_exactly(read_topic(kafka.bootstrap, f"{org}.e2e-shared"), expected_ids(seeded, march_1))
+    assert_exactly(read_topic(kafka.bootstrap, f"{other}.e2e-shared"), expected_ids(seeded, march_2))
+    assert read_topic(kafka.bootstrap, "e2e-shared", idle=0.5) == []
     # Each organization's Jobs live in its own namespace and belong to its own backfill.
     assert {j["metadata"]["namespace"] for j in jobs(k8s, org, a["metadata"]["uid"])} == {org}
     assert jobs(k8s, other, a["metadata"]["uid"]) == [] and jobs(k8s, org, b["metadata"]["uid"]) == []
@@ -238,9 +241,9 @@ def test_cancel_mid_transport_stops_delivery(k8s, operator, kafka, seeded, org):
     st = wait_status(k8s, org, "cancelled", "cancelled", timeout=15)
     assert st["time_completed"] and st["chunks_left"] > 0
     wait_until(lambda: not jobs(k8s, org, uid) and not pods_of(k8s, org, uid), 60, "Jobs and Pods gone")
-    after = len(read_topic(kafka.bootstrap, "e2e-cancel"))
+    after = len(read_topic(kafka.bootstrap, f"{org}.e2e-cancel"))
     time.sleep(3)
-    assert len(read_topic(kafka.bootstrap, "e2e-cancel")) == after, "messages kept arriving after cancel"
+    assert len(read_topic(kafka.bootstrap, f"{org}.e2e-cancel")) == after, "messages kept arriving after cancel"
     assert 0 < after < len(expected_ids(seeded))
 
 
@@ -253,9 +256,9 @@ def test_a_cancel_inside_a_transaction_does_not_stall_consumers_of_the_topic(k8s
 
     from beam_devstack.kafka import consume_all
 
-    topic = "e2e-cancel-txn"
+    topic = f"{org}.e2e-cancel-txn"  # the managed Kafka's topic of destination e2e-cancel-txn
     with kafka.proxy.holding(END_TXN):
-        uid = apply(k8s, org, backfill("cancel-txn", topic, parallelism=1))["metadata"]["uid"]
+        uid = apply(k8s, org, backfill("cancel-txn", "e2e-cancel-txn", parallelism=1))["metadata"]["uid"]
         assert kafka.proxy.wait_held(1, timeout=180), "the transport worker never reached its commit"
         assert consume_all(kafka.bootstrap, topic, "read_uncommitted"), "the chunk's rows are in the log"
         k8s.api("PATCH", API.format(ns=org, name="cancel-txn"), {"spec": {"cancel": True}})
@@ -361,7 +364,7 @@ def test_killed_transport_containers_are_retried_without_loss_or_duplicates(k8s,
     assert st["chunks_left"] == 0
     failed = [p for p in pods_of(k8s, org, uid) if p["status"]["phase"] == "Failed"]
     assert {p["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] for p in failed} == {137}
-    assert_exactly(read_topic(kafka.bootstrap, "e2e-kill"), expected_ids(seeded))
+    assert_exactly(read_topic(kafka.bootstrap, f"{org}.e2e-kill"), expected_ids(seeded))
 
 
 def test_operator_killed_mid_transport_still_completes_with_one_transport_job(k8s, operator, kafka, seeded, org):
@@ -373,7 +376,7 @@ def test_operator_killed_mid_transport_still_completes_with_one_transport_job(k8
     wait_status(k8s, org, "resilient", "completed")
     transport = [j for j in jobs(k8s, org, uid) if j["metadata"]["labels"]["beam-backfill.dev/phase"] == "transport"]
     assert len(transport) == 1
-    assert_exactly(read_topic(kafka.bootstrap, "e2e-operator-kill"), expected_ids(seeded))
+    assert_exactly(read_topic(kafka.bootstrap, f"{org}.e2e-operator-kill"), expected_ids(seeded))
 
 
 def test_bad_spec_is_refused_and_nothing_is_created(k8s, operator, org):
@@ -390,7 +393,7 @@ def test_a_dotted_name_runs_and_a_job_the_cluster_refuses_fails_the_backfill(k8s
     window = {**WINDOW, "end": "2026-03-02T00:00:00"}
     apply(k8s, org, backfill("usdc.2026-03", "e2e-dotted", window=window))
     wait_status(k8s, org, "usdc.2026-03", "completed")
-    assert_exactly(read_topic(kafka.bootstrap, "e2e-dotted"), expected_ids(seeded, window))
+    assert_exactly(read_topic(kafka.bootstrap, f"{org}.e2e-dotted"), expected_ids(seeded, window))
 
     # A ResourceQuota that allows no Jobs: asking again cannot help, so the backfill fails with
     # the apiserver's own reason instead of retrying forever.
@@ -459,7 +462,7 @@ def test_a_filter_of_10000_addresses_completes_with_exactly_the_filtered_rows(k8
     st = wait_status(k8s, org, "many-addresses", "completed", timeout=300)
     want = expected_ids(seeded, window) | expected_ids(seeded, window, token=dai)
     assert st["chunks_left"] == 0 and want
-    assert_exactly(read_topic(kafka.bootstrap, "e2e-many-addresses"), want)
+    assert_exactly(read_topic(kafka.bootstrap, f"{org}.e2e-many-addresses"), want)
     [cm] = [
         c
         for c in k8s.api("GET", f"/api/v1/namespaces/{org}/configmaps")["items"]

@@ -85,6 +85,14 @@ class Run:
         return json.loads(self.message)
 
 
+NAMESPACE = "test-ns"  # the organization of every Job here
+
+
+def managed(name: str) -> str:
+    """The managed Kafka's topic of a kafka destination `name` (beam_contract's topic_in)."""
+    return f"{NAMESPACE}.{name}"
+
+
 class Job:
     """One backfill's worker env, as the operator would set it (docs/worker-contract.md)."""
 
@@ -92,14 +100,14 @@ class Job:
         self.tmp = tmp
         self.spec = spec
         self.job_id = str(uuid.uuid4())
-        self.staging = f"gs://{BUCKET}/backfills/test-ns/{self.job_id}/"
+        self.staging = f"gs://{BUCKET}/backfills/{NAMESPACE}/{self.job_id}/"
         sf = snowflake.endpoints()
         self.env = {
             "PATH": os.environ.get("PATH", ""),
             "HOME": os.environ.get("HOME", "/root"),
             "BEAM_SPEC": json.dumps(spec),
             "BEAM_JOB_ID": self.job_id,
-            "BEAM_NAMESPACE": "test-ns",
+            "BEAM_NAMESPACE": NAMESPACE,
             "BEAM_STAGING_URI": self.staging,
             "STORAGE_EMULATOR_HOST": gcs.endpoints()["url"],
             "BEAM_CONNECT_TIMEOUT_S": "10",

@@ -8,7 +8,7 @@ import uuid
 from datetime import datetime
 
 from confluent_kafka import Producer
-from jr_helpers import TOKENS, Job, expected_ids
+from jr_helpers import TOKENS, Job, expected_ids, managed
 
 from beam_devstack.kafka import consume_all
 from beam_devstack.kafka_proxy import END_TXN
@@ -46,7 +46,7 @@ def test_timestamp_window_with_filter_exactly_once(tmp_path, source, bucket, gcs
     assert staged["manifest"] == job.staging + "manifest.json"
 
     job.transport_all(staged["num_chunks"])
-    msgs = consume_all(kafka.bootstrap, topic)
+    msgs = consume_all(kafka.bootstrap, managed(topic))
     got = [m.key().decode() for m in msgs]
     assert len(got) == len(set(got)), "duplicates"
     assert set(got) == set(want)
@@ -83,7 +83,7 @@ def test_block_window_with_projection(tmp_path, source, bucket, gcs, kafka, rows
     )
     staged = job.stage().json
     job.transport_all(staged["num_chunks"])
-    msgs = consume_all(kafka.bootstrap, topic)
+    msgs = consume_all(kafka.bootstrap, managed(topic))
     got = [m.key().decode() for m in msgs]
     want = expected_ids(rows, blocks=(1500, 2100))
     assert len(got) == len(set(got)) == len(want) == 600
@@ -115,11 +115,13 @@ def test_killed_inside_its_transaction_then_rerun_delivers_exactly_once(tmp_path
         if not kafka.proxy.wait_held(1, timeout=60):
             worker.kill()
             raise AssertionError(f"the worker never tried to commit: {worker.communicate()[1][-2000:]}")
-        assert len(consume_all(kafka.bootstrap, topic, "read_uncommitted")) > 0, "the rows are in the log"
-        assert consume_all(kafka.bootstrap, topic) == [], "read_committed must not see an open transaction"
+        assert len(consume_all(kafka.bootstrap, managed(topic), "read_uncommitted")) > 0, "the rows are in the log"
+        assert consume_all(kafka.bootstrap, managed(topic)) == [], "read_committed must not see an open transaction"
         worker.send_signal(signal.SIGKILL)
         assert worker.wait(30) == -signal.SIGKILL
-    assert consume_all(kafka.bootstrap, topic) == [], "the killed attempt's rows stay invisible to read_committed"
+    assert consume_all(kafka.bootstrap, managed(topic)) == [], (
+        "the killed attempt's rows stay invisible to read_committed"
+    )
 
     # The rerun fences the killed attempt (same transactional id), which aborts its transaction.
     rerun = job.transport(0)
@@ -132,11 +134,11 @@ def test_killed_inside_its_transaction_then_rerun_delivers_exactly_once(tmp_path
     assert again.code == 0, again.stderr[-2000:]
     assert again.json["destinations"][0]["skipped"] is True
 
-    got = [m.key().decode() for m in consume_all(kafka.bootstrap, topic)]
+    got = [m.key().decode() for m in consume_all(kafka.bootstrap, managed(topic))]
     want = expected_ids(rows, blocks=(1000, 2000))
     assert len(got) == len(set(got)), "duplicates after the kill and the reruns"
     assert set(got) == set(want)
-    assert len(consume_all(kafka.bootstrap, topic, "read_uncommitted")) > len(want), (
+    assert len(consume_all(kafka.bootstrap, managed(topic), "read_uncommitted")) > len(want), (
         "the killed attempt really produced"
     )
 
@@ -162,16 +164,16 @@ def test_sigterm_inside_a_transaction_aborts_it_so_consumers_of_the_topic_go_on(
         if not kafka.proxy.wait_held(1, timeout=60):
             worker.kill()
             raise AssertionError(f"the worker never tried to commit: {worker.communicate()[1][-2000:]}")
-        assert len(consume_all(kafka.bootstrap, topic, "read_uncommitted")) > 0, "the rows are in the log"
+        assert len(consume_all(kafka.bootstrap, managed(topic), "read_uncommitted")) > 0, "the rows are in the log"
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(20) == 143, worker.communicate()[1][-2000:]
         stderr = worker.communicate()[1]
         assert "aborted the open transaction of chunk 0" in stderr, stderr[-2000:]
         # Still inside the hold: the commit can never have gone through.
         other = Producer({"bootstrap.servers": kafka.bootstrap})
-        other.produce(topic, key=b"after", value=b"produced after the SIGTERM")
+        other.produce(managed(topic), key=b"after", value=b"produced after the SIGTERM")
         assert other.flush(10) == 0
-        seen = consume_all(kafka.bootstrap, topic)  # read_committed, up to the last stable offset
+        seen = consume_all(kafka.bootstrap, managed(topic))  # read_committed, up to the last stable offset
         assert [m.key() for m in seen] == [b"after"], "the aborted rows are hidden, the new message is not"
 
 

@@ -17,7 +17,7 @@ from collections import namedtuple
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from jr_helpers import Job, expected_ids
+from jr_helpers import Job, expected_ids, managed
 
 from beam_jobrunner import reach
 from beam_jobrunner.errors import PermanentError, excerpt
@@ -120,11 +120,13 @@ def test_kafka_metadata_check_refuses_an_advertised_broker_inward():
     reach.check_kafka_brokers("k", [Broker(1, "8.8.8.8", 9092)], p)  # public: fine
     allowed = reach.Policy.parse("169.254.169.254/32")
     reach.check_kafka_brokers("k", [Broker(1, "169.254.169.254", 9092)], allowed)
-    # The managed Kafka's own endpoints are the platform's: its advertised brokers are not checked.
-    managed = reach.Policy.parse("", "", [("10.0.0.5", 9092)])
-    assert reach.check_kafka_bootstrap("k", "10.0.0.5:9092", managed) is True
+    # A tenant may not name the managed Kafka's endpoints (its topics are <namespace>.<name>, which
+    # a bare name would bypass); another port of that host is just a private address.
+    platform = reach.Policy.parse("", "", [("10.0.0.5", 9092)])
+    with pytest.raises(PermanentError, match=r"bootstrap_servers names the operator's managed Kafka"):
+        reach.check_kafka_bootstrap("k", "10.0.0.5:9092", platform)
     with pytest.raises(PermanentError, match=r"bootstrap server 10.0.0.5:9093: a private address"):
-        reach.check_kafka_bootstrap("k", "10.0.0.5:9093", managed)
+        reach.check_kafka_bootstrap("k", "10.0.0.5:9093", platform)
     assert reach.kafka_bootstrap("SASL_SSL://a.b:9093, [::1]:19092,c") == [("a.b", 9093), ("::1", 19092), ("c", 9092)]
 
 
@@ -342,15 +344,17 @@ def test_the_platforms_own_endpoints_need_no_allow_entry(tmp_path, source, bucke
     job.stage()
     r = job.transport(0, **NOBODY)
     assert r.code == 0, r.message
-    assert len(consume_all(kafka.bootstrap, topic)) == r.json["destinations"][0]["rows"] > 0
-    # A destination naming the managed Kafka's endpoints itself reaches the same platform Kafka.
-    named = f"reach-{uuid.uuid4().hex[:8]}"
-    dest = {"type": "kafka", "name": named, "bootstrap_servers": kafka.bootstrap}
+    assert len(consume_all(kafka.bootstrap, managed(topic))) == r.json["destinations"][0]["rows"] > 0
+    # Naming the managed Kafka as a bootstrap server would write the bare topic name, into any
+    # organization's <namespace>.<name>: refused, before any connection.
+    other_orgs = f"other-org.{topic}"
+    dest = {"type": "kafka", "name": other_orgs, "bootstrap_servers": kafka.bootstrap}
     job = Job(tmp_path, spec(dest), snowflake=source, gcs=gcs, kafka=kafka)
     job.stage()
     r = job.transport(0, **NOBODY)
-    assert r.code == 0, r.message
-    assert len(consume_all(kafka.bootstrap, named)) == r.json["destinations"][0]["rows"] > 0
+    assert r.code == 2, r.message
+    assert "bootstrap_servers names the operator's managed Kafka" in r.message, r.message
+    assert other_orgs not in _topics(kafka)
 
 
 def test_an_error_answer_is_quoted_only_as_a_short_excerpt(tmp_path, source, bucket, gcs):

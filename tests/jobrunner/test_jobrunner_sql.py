@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 import sqlglot
-from jr_helpers import Job
+from jr_helpers import Job, managed
 from sqlglot import exp
 
 from beam_contract.model import BackfillSpec
@@ -128,7 +128,7 @@ def test_hostile_filter_values_end_to_end(tmp_path, source, bucket, gcs, kafka, 
     # Only the genuine value (which itself has a quote) matches: every 4th row.
     assert staged["num_rows"] == 25
     job.transport_all(staged["num_chunks"])
-    assert len(consume_all(kafka.bootstrap, topic)) == 25
+    assert len(consume_all(kafka.bootstrap, managed(topic))) == 25
     with source.connect("base", "assets") as conn:
         assert conn.cursor().execute("SELECT COUNT(*) FROM base.assets.erc20_token_transfers").fetchone()[0] == len(
             rows

@@ -63,7 +63,7 @@ def test_seed_backfill_completes_in_real_containers_with_exactly_the_window(node
     assert st["num_chunks"] >= 2 and st["chunks_left"] == 0
 
     want = expected_ids(node_servers["snowflake"])
-    got = read_keys(kafka.bootstrap, topic)
+    got = read_keys(kafka.bootstrap, f"{org}.{topic}")  # the managed Kafka: <namespace>.<name>
     assert len(got) == len(set(got)), "duplicates"
     assert set(got) == want
 
@@ -117,7 +117,7 @@ def test_a_killed_container_and_a_deleted_pod_are_retried_without_loss_or_duplic
     assert st["status"] == "completed", story(plane, org)
     [term] = [p for p in transport_pods(plane, org, uid) if p["metadata"]["name"] == killed["metadata"]["name"]]
     assert term["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
-    got = read_keys(kafka.bootstrap, topic)
+    got = read_keys(kafka.bootstrap, f"{org}.{topic}")  # the managed Kafka: <namespace>.<name>
     assert len(got) == len(set(got)), "duplicates after the faults"
     assert set(got) == expected_ids(node_servers["snowflake"])
 
@@ -160,7 +160,7 @@ def test_an_evicted_worker_and_an_apiserver_restart_mid_transport_lose_nothing(
     )["items"]
     # The Job's podFailurePolicy ignores a DisruptionTarget: the eviction did not count as a failure.
     assert not job["status"].get("failed") and not job["status"].get("failedIndexes"), job["status"]
-    got = read_keys(kafka.bootstrap, topic)
+    got = read_keys(kafka.bootstrap, f"{org}.{topic}")  # the managed Kafka: <namespace>.<name>
     assert len(got) == len(set(got)), "duplicates after the eviction"
     assert set(got) == expected_ids(node_servers["snowflake"])
 

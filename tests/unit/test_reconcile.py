@@ -540,3 +540,15 @@ def test_a_spec_no_configmap_can_carry_fails_before_any_job_with_what_to_do():
         "more than the" in d.status.error_message
         and "split filter.values over several backfills" in d.status.error_message
     )
+
+
+def test_a_managed_kafka_topic_longer_than_kafka_allows_fails_before_any_job():
+    # <namespace>.<name> on the managed Kafka: org123 (6) + "." + 243 characters is 250.
+    long = {**SPEC, "destinations": [{"type": "kafka", "name": "t" * 243}]}
+    d = run(obs(spec=long))
+    assert d.status.status == "failed" and not created(d)
+    assert "more than Kafka's 249; in this namespace a name may have at most 242" in d.status.error_message
+    assert run(obs(spec={**SPEC, "destinations": [{"type": "kafka", "name": "t" * 242}]})).status.status == "staging"
+    # An external Kafka is the organization's own: the name is the topic, up to 249.
+    ext = {"type": "kafka", "name": "t" * 249, "bootstrap_servers": "kafka.example.com:9092"}
+    assert run(obs(spec={**SPEC, "destinations": [ext]})).status.status == "staging"

@@ -33,6 +33,7 @@ class Context:
     dest_index: int
     staging_uri: str
     connect_timeout: float
+    namespace: str = "default"  # the organization: its managed-Kafka topics are <namespace>.<name>
 
 
 class Sink:

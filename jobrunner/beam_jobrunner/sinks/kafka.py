@@ -58,7 +58,7 @@ def marker_group(job_id: str, dest_index: int, chunk: int) -> str:
 class KafkaSink(Sink):
     def __init__(self, dest, ctx: Context, *, transactions: bool | None = None) -> None:
         super().__init__(dest, ctx)
-        self.topic = dest.name
+        self.topic = dest.topic_in(ctx.namespace)
         self.bootstrap = dest.bootstrap_servers or os.environ.get(Env.KAFKA_BOOTSTRAP)
         if transactions is None:
             transactions = os.environ.get("BEAM_KAFKA_TRANSACTIONS", "true").lower() not in ("0", "false", "no")
@@ -119,9 +119,10 @@ class KafkaSink(Sink):
         # librdkafka connects in C, out of reach of the socket guard (reach.py): the tenant's
         # bootstrap servers are resolved and checked here, before any connection, and the brokers
         # the cluster advertises after the metadata request below, before anything is produced.
-        # The managed Kafka (no bootstrap_servers, or exactly its endpoints) is the platform's.
+        # The managed Kafka (no bootstrap_servers) is the platform's.
         if self.dest.bootstrap_servers:
-            self._check_brokers = not reach.check_kafka_bootstrap(self.label, self.dest.bootstrap_servers)
+            reach.check_kafka_bootstrap(self.label, self.dest.bootstrap_servers)
+            self._check_brokers = True
         conf.update(PRODUCER_TUNING)
         conf["enable.idempotence"] = True
         conf["on_delivery"] = self._on_delivery
