@@ -481,3 +481,16 @@ def test_a_filter_of_10000_addresses_completes_with_exactly_the_filtered_rows(k8
         60,
         "the spec ConfigMap garbage-collected with its backfill",
     )
+
+
+def test_a_destination_aimed_at_the_clusters_own_api_is_refused_with_a_clear_error(k8s, operator, org):
+    # The classic request forgery: the in-cluster kubernetes Service (the service CIDR's first
+    # address). The worker refuses it before connecting: the CIDR is in config.cluster_cidrs.
+    svc = k8s.api("GET", "/api/v1/namespaces/default/services/kubernetes")["spec"]["clusterIP"]
+    obj = backfill("ssrf", "e2e-ssrf", window={**WINDOW, "end": "2026-03-02T00:00:00"})
+    obj["spec"]["destinations"] = [{"type": "webhook", "name": "inward", "url": f"https://{svc}/api/v1/secrets"}]
+    apply(k8s, org, obj)
+    st = wait_status(k8s, org, "ssrf", "failed")
+    assert st["error_message"].startswith("transport failed on chunk 0 of 1: "), st
+    assert f"webhook destination 'inward' chunk 0: refused to connect to {svc}:443: " in st["error_message"], st
+    assert "unless an administrator allows the host or CIDR (config.destination_allow" in st["error_message"], st
