@@ -299,7 +299,7 @@ class BackfillSpec(_Model):
     """What to backfill: a window of a Snowflake table, optionally filtered, to one or more destinations."""
 
     # Fields a user may change after creation; everything else is immutable (see crd.py).
-    mutable_fields: ClassVar[tuple[str, ...]] = ("cancel",)
+    mutable_fields: ClassVar[tuple[str, ...]] = ("cancel", "suspend")
 
     job_name: str = Field(min_length=1, max_length=256, description="Display name of the backfill.")
     table: str = Field(
@@ -330,7 +330,13 @@ class BackfillSpec(_Model):
     )
     cancel: bool = Field(
         default=False,
-        description="Set to true to cancel: running Jobs are deleted and status becomes cancelled. The only field that may change after creation.",
+        description="Set to true to cancel: running Jobs are deleted and status becomes cancelled. May change after creation, as suspend may.",
+    )
+    suspend: bool = Field(
+        default=False,
+        description="Set to true to pause: the running Job is suspended and its Pods end, finished chunks stay "
+        "delivered, and condition Suspended is True; false resumes with the chunks not yet delivered. Created "
+        "true, the backfill starts nothing until resumed. May change after creation.",
     )
 
     @model_validator(mode="after")

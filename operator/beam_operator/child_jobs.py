@@ -32,6 +32,8 @@ from .config import OperatorConfig
 LABEL_JOB_ID = f"{GROUP}/job-id"
 LABEL_PHASE = f"{GROUP}/phase"
 LABEL_BACKFILL = f"{GROUP}/backfill"
+# Kueue's: a BeamBackfill carrying it has its Jobs queued (created suspended, admitted by Kueue).
+QUEUE_NAME_LABEL = "kueue.x-k8s.io/queue-name"
 MANAGED_BY = "beam-backfill-operator"
 
 
@@ -161,9 +163,12 @@ def _job(
     extra_spec: dict[str, Any],
     pod_meta: dict[str, Any] | None = None,
     pod_extra: dict[str, Any] | None = None,
+    suspend: bool = False,
+    queue_name: str = "",
 ) -> dict[str, Any]:
     jname = child_job_name(name, uid, phase)
     lab = labels(name, uid, phase)
+    job_labels = {**lab, QUEUE_NAME_LABEL: queue_name} if queue_name else lab
     pod_labels = {**lab, **((pod_meta or {}).get("labels", {}))}
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
@@ -180,10 +185,12 @@ def _job(
         "metadata": {
             "name": jname,
             "namespace": namespace,
-            "labels": lab,
+            "labels": job_labels,
             "ownerReferences": [_owner(name, uid)],
         },
         "spec": {
+            # Kueue admits a queued Job by unsuspending it; a suspended backfill's Job starts so.
+            "suspend": suspend or bool(queue_name),
             "ttlSecondsAfterFinished": config.job_ttl_seconds,
             **extra_spec,
             "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
@@ -209,7 +216,9 @@ def _container(command: Command, env: list[dict[str, Any]], config: OperatorConf
     return c
 
 
-def staging_job(name: str, namespace: str, uid: str, spec: BackfillSpec, config: OperatorConfig) -> dict[str, Any]:
+def staging_job(
+    name: str, namespace: str, uid: str, spec: BackfillSpec, config: OperatorConfig, queue_name: str = ""
+) -> dict[str, Any]:
     env = _common_env(spec, namespace, uid, config)
     env += [
         {"name": Env.STAGE_STRATEGY, "value": config.stage_strategy},
@@ -226,6 +235,8 @@ def staging_job(name: str, namespace: str, uid: str, spec: BackfillSpec, config:
         config=config,
         container=_container(Command.STAGE, env, config),
         pod_extra=_spec_volume(name, uid, spec),
+        suspend=spec.suspend,
+        queue_name=queue_name,
         extra_spec={
             "backoffLimit": config.staging_backoff_limit,
             "podFailurePolicy": {
@@ -239,7 +250,13 @@ def staging_job(name: str, namespace: str, uid: str, spec: BackfillSpec, config:
 
 
 def transport_job(
-    name: str, namespace: str, uid: str, spec: BackfillSpec, config: OperatorConfig, num_chunks: int
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: BackfillSpec,
+    config: OperatorConfig,
+    num_chunks: int,
+    queue_name: str = "",
 ) -> dict[str, Any]:
     env = _common_env(spec, namespace, uid, config)
     env.append({"name": Env.MANIFEST_URI, "value": staging.manifest_uri(staging_uri(config, namespace, uid))})
@@ -271,6 +288,8 @@ def transport_job(
         container=_container(Command.TRANSPORT, env, config),
         pod_meta=pod_meta,
         pod_extra=pod_extra,
+        suspend=spec.suspend,
+        queue_name=queue_name,
         extra_spec={
             "completionMode": "Indexed",
             "completions": num_chunks,

@@ -47,6 +47,7 @@ from .reconcile import (
     JobObs,
     Observed,
     PodObs,
+    SuspendJob,
     finalize_actions,
     reconcile,
 )
@@ -73,6 +74,7 @@ def _clean(d: dict[str, Any]) -> dict[str, Any]:
 
 
 _KEPT_METADATA = ("name", "namespace", "uid", "generation", "creationTimestamp", "deletionTimestamp", "resourceVersion")
+_KEPT_LABELS = (child_jobs.QUEUE_NAME_LABEL,)
 
 
 def _slim(body: dict[str, Any]) -> dict[str, Any]:
@@ -82,8 +84,11 @@ def _slim(body: dict[str, Any]) -> dict[str, Any]:
     the spec): kilobytes of JSON, ten times that as Python objects, times every backfill.
     """
     meta = body["metadata"]
+    kept = {k: meta[k] for k in _KEPT_METADATA if k in meta}
+    if labels := {k: v for k, v in (meta.get("labels") or {}).items() if k in _KEPT_LABELS}:
+        kept["labels"] = labels
     return {
-        "metadata": {k: meta[k] for k in _KEPT_METADATA if k in meta},
+        "metadata": kept,
         "spec": body.get("spec") or {},
         "status": body.get("status") or {},
     }
@@ -337,6 +342,7 @@ class Controller:
             pods=tuple(self.caches.pods.get(uid, {}).values()),
             refused=dict(self._refused.get(uid, {})),
             now=now or datetime.now(UTC),
+            queue_name=(meta.get("labels") or {}).get(child_jobs.QUEUE_NAME_LABEL, ""),
         )
 
     async def process(self, key: Key) -> None:
@@ -424,6 +430,9 @@ class Controller:
                 )
             case DeleteJob(name=name):
                 await self.api.delete_job(ns, name)
+            case SuspendJob(name=name, suspend=suspend):
+                await self.api.suspend_job(ns, name, suspend)
+                log.info("%s/%s: %s job %s", ns, body["metadata"]["name"], "suspended" if suspend else "resumed", name)
             case DeleteStaged(uri=uri):
                 # Blocking (google-cloud-storage), once per finished backfill: rare enough for a
                 # thread of the loop's default executor rather than a pool of our own.

@@ -220,7 +220,9 @@ def _immutability_rule(spec_schema: dict[str, Any]) -> dict[str, Any]:
             )
     return {
         "rule": " && ".join(parts),
-        "message": "spec is immutable after creation, except cancel: to change a backfill, create a new BeamBackfill",
+        "message": "spec is immutable after creation, except "
+        + " and ".join(model.BackfillSpec.mutable_fields)
+        + ": to change a backfill, create a new BeamBackfill",
     }
 
 
@@ -275,6 +277,11 @@ def crd() -> dict[str, Any]:
                         {"name": "Status", "type": "string", "jsonPath": ".status.status"},
                         {"name": "Chunks", "type": "integer", "jsonPath": ".status.num_chunks"},
                         {"name": "Left", "type": "integer", "jsonPath": ".status.chunks_left"},
+                        {
+                            "name": "Suspended",
+                            "type": "string",
+                            "jsonPath": '.status.conditions[?(@.type=="Suspended")].status',
+                        },
                         {"name": "Table", "type": "string", "jsonPath": ".spec.table"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                         {"name": "Error", "type": "string", "jsonPath": ".status.error_message", "priority": 1},

@@ -218,6 +218,17 @@ class KubeApi:
         status, _ = await self.request("POST", f"/api/v1/namespaces/{namespace}/configmaps", body=manifest, ok=(409,))
         return status != 409
 
+    async def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
+        """spec.suspend of a Job (merge patch); 404: gone, nothing to pause or resume."""
+        metrics.API_WRITES.labels(kind="suspend_job").inc()
+        await self.request(
+            "PATCH",
+            f"/apis/batch/v1/namespaces/{namespace}/jobs/{quote(name)}",
+            body={"spec": {"suspend": suspend}},
+            content_type="application/merge-patch+json",
+            ok=(404,),
+        )
+
     async def delete_job(self, namespace: str, name: str) -> None:
         metrics.API_WRITES.labels(kind="delete_job").inc()
         # Foreground: the Job disappears only after its Pods, so "no Jobs left" also means no

@@ -47,6 +47,8 @@ class JobObs:
     active: int = 0
     deleting: bool = False
     finished_at: str = ""
+    suspended: bool = False  # the Job's spec.suspend
+    queued: bool = False  # it has Kueue's queue-name label: Kueue, not the operator, unsuspends it
 
     @classmethod
     def from_job(cls, job: dict[str, Any]) -> JobObs:
@@ -66,6 +68,8 @@ class JobObs:
             failed_indexes=status.get("failedIndexes") or "",
             active=status.get("active") or 0,
             deleting=bool(meta.get("deletionTimestamp")),
+            suspended=bool((job.get("spec") or {}).get("suspend")),
+            queued=child_jobs.QUEUE_NAME_LABEL in (meta.get("labels") or {}),
             finished_at=status.get("completionTime")
             or next(
                 (
@@ -124,6 +128,8 @@ class Observed:
     # Job creates refused for good (400, 403, 404, 422), by Job kind: the apiserver's answer.
     refused: dict[str, str] = field(default_factory=dict)
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
+    # Kueue's queue-name label of the backfill, copied to its Jobs (docs/operations.md, "Kueue").
+    queue_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -139,11 +145,19 @@ class DeleteJob:
 
 
 @dataclass(frozen=True)
+class SuspendJob:
+    """Set a Job's spec.suspend: true ends its Pods, false lets it go on where it stopped."""
+
+    name: str
+    suspend: bool
+
+
+@dataclass(frozen=True)
 class DeleteStaged:
     uri: str
 
 
-Action = CreateJob | DeleteJob | DeleteStaged
+Action = CreateJob | DeleteJob | DeleteStaged | SuspendJob
 
 
 @dataclass(frozen=True)
@@ -341,6 +355,10 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             return CreateJob(manifest)
         return CreateJob(manifest, child_jobs.spec_config_map(obs.name, obs.namespace, obs.uid, spec))
 
+    paused = _suspension(obs, st, spec, by_phase, actions, events, now)
+    if paused is not None:
+        return paused
+
     if st.status == Phase.STAGING:
         job = by_phase.get(child_jobs.STAGING)
         if job is None:
@@ -355,7 +373,9 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
                         warning=True,
                         cleanup_jobs=True,
                     )
-            actions.append(create(child_jobs.staging_job(obs.name, obs.namespace, obs.uid, spec, config)))
+            actions.append(
+                create(child_jobs.staging_job(obs.name, obs.namespace, obs.uid, spec, config, obs.queue_name))
+            )
             return Decision(st, actions, events)
         if job.failed:
             why = _worker_message(obs.pods, job.name)
@@ -398,7 +418,11 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             )
         )
         actions.append(
-            create(child_jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, result.num_chunks))
+            create(
+                child_jobs.transport_job(
+                    obs.name, obs.namespace, obs.uid, spec, config, result.num_chunks, obs.queue_name
+                )
+            )
         )
         return Decision(st, actions, events)
 
@@ -406,7 +430,9 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
     num_chunks = st.num_chunks or 0
     job = by_phase.get(child_jobs.TRANSPORT)
     if job is None:
-        actions.append(create(child_jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, num_chunks)))
+        actions.append(
+            create(child_jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, num_chunks, obs.queue_name))
+        )
         return Decision(st, actions, events)
     done = count_indexes(job.completed_indexes)
     st.chunks_left = max(num_chunks - done, 0)
@@ -429,6 +455,45 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
         return finish(
             Phase.COMPLETED, "Completed", f"delivered {num_chunks} chunks to {len(spec.destinations)} destination(s)"
         )
+    return Decision(st, actions, events)
+
+
+def _suspension(
+    obs: Observed,
+    st: BackfillStatus,
+    spec: BackfillSpec,
+    by_phase: dict[str, JobObs],
+    actions: list[Action],
+    events: list[Event],
+    now: str,
+) -> Decision | None:
+    """spec.suspend: a Decision while the backfill stays paused, None to go on as usual.
+
+    Only the Job of the current phase is suspended: Kubernetes ends its Pods (without counting
+    them as failures) and keeps its completed indexes, so resuming it delivers only what is
+    left. A Job that finished meanwhile is not held back: its end is handled as usual.
+    """
+    job = by_phase.get(child_jobs.TRANSPORT if st.status == Phase.TRANSPORTING else child_jobs.STAGING)
+    was = any(c.type == "Suspended" and c.status == "True" for c in st.conditions)
+    if not spec.suspend:
+        if job is not None and job.suspended and not job.queued and not job.deleting:
+            actions.append(SuspendJob(job.name, False))
+        if was:
+            msg = "resumed (spec.suspend false): delivering the chunks not yet delivered"
+            _set_condition(st, "Suspended", False, "Resumed", msg, now, obs.generation)
+            events.append(Event("Normal", "Resumed", msg))
+        return None
+    if job is not None and not _running(job):
+        return None
+    if job is not None and not job.suspended and not job.deleting:
+        actions.append(SuspendJob(job.name, True))
+    if job is not None and st.status == Phase.TRANSPORTING:
+        st.chunks_left = max((st.num_chunks or 0) - count_indexes(job.completed_indexes), 0)
+    if not was:
+        where = f"{st.chunks_left} of {st.num_chunks} chunks left" if st.status == Phase.TRANSPORTING else "staging"
+        msg = f"suspended by request (spec.suspend) while {where}: its Pods end; set suspend to false to resume"
+        _set_condition(st, "Suspended", True, "Suspended", msg, now, obs.generation)
+        events.append(Event("Normal", "Suspended", msg))
     return Decision(st, actions, events)
 
 

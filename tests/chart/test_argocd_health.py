@@ -132,6 +132,22 @@ def test_cancel_requested_but_not_yet_done(health):
     assert health(backfill({"status": "completed"}, cancel=True))["status"] == "Healthy"
 
 
+def test_a_suspended_backfill_is_suspended_and_a_resumed_one_progressing(health):
+    cond = {"type": "Suspended", "status": "True", "reason": "Suspended", "message": "suspended by request"}
+    hs = health(backfill({"status": "transporting", "num_chunks": 4, "chunks_left": 2, "conditions": [cond]}))
+    assert (
+        hs["status"] == "Suspended" and hs["message"] == "Suspended by spec.suspend (Transporting: 2 of 4 chunks left)"
+    )
+    resumed = {**cond, "status": "False", "reason": "Resumed"}
+    hs = health(backfill({"status": "transporting", "num_chunks": 4, "chunks_left": 2, "conditions": [resumed]}))
+    assert hs["status"] == "Progressing"
+    # A finished backfill is what it ended as, whatever its last Suspended condition said.
+    assert (
+        health(backfill({"status": "completed", "num_chunks": 4, "num_rows": 9, "conditions": [cond]}))["status"]
+        == "Healthy"
+    )
+
+
 def test_unknown_status_is_unknown(health):
     assert health(backfill({"status": "paused"})) == {"status": "Unknown", "message": "Unknown backfill status: paused"}
 

@@ -153,7 +153,7 @@ OPERATOR_RULES = {
     ("beam-backfill.dev", "beambackfills"): {"get", "list", "watch", "patch"},
     ("beam-backfill.dev", "beambackfills/status"): {"get", "patch"},
     ("beam-backfill.dev", "beambackfills/finalizers"): {"update"},
-    ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "delete", "patch"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "configmaps"): {"create"},
     ("", "events"): {"create", "patch"},

@@ -80,6 +80,7 @@ WORKER = f"system:serviceaccount:{ORG}:{RELEASE}-beam-backfill-worker"
         ("update", "beambackfills.beam-backfill.dev/finalizers"),
         ("create", "jobs.batch"),
         ("delete", "jobs.batch"),
+        ("patch", "jobs.batch"),
         ("get", "pods"),
         ("create", "configmaps"),
         ("create", "events"),

@@ -21,7 +21,7 @@ def test_crd_has_status_subresource_and_printer_columns():
     v = yaml.safe_load(crd.render())["spec"]["versions"][0]
     assert v["subresources"] == {"status": {}}
     cols = {c["name"]: c for c in v["additionalPrinterColumns"]}
-    assert list(cols) == ["Status", "Chunks", "Left", "Table", "Age", "Error"]
+    assert list(cols) == ["Status", "Chunks", "Left", "Suspended", "Table", "Age", "Error"]
     assert cols["Error"]["priority"] == 1
 
 

@@ -552,3 +552,55 @@ def test_a_managed_kafka_topic_longer_than_kafka_allows_fails_before_any_job():
     # An external Kafka is the organization's own: the name is the topic, up to 249.
     ext = {"type": "kafka", "name": "t" * 249, "bootstrap_servers": "kafka.example.com:9092"}
     assert run(obs(spec={**SPEC, "destinations": [ext]})).status.status == "staging"
+
+
+def _suspended(d) -> str | None:
+    return next((c.status for c in d.status.conditions if c.type == "Suspended"), None)
+
+
+def test_a_backfill_created_suspended_starts_nothing_until_resumed():
+    d = run(obs(spec={**SPEC, "suspend": True}))
+    assert d.status.status == "staging" and not created(d) and _suspended(d) == "True"
+    assert [e.reason for e in d.events] == ["Staging", "Suspended"]
+    again = run(obs(status=d.status, spec={**SPEC, "suspend": True}))
+    assert again.actions == [] and again.events == [] and again.status == d.status
+    resumed = run(obs(status=d.status, spec={**SPEC, "suspend": False}))
+    assert created(resumed) and created(resumed)[0]["spec"]["suspend"] is False
+    assert _suspended(resumed) == "False" and [e.reason for e in resumed.events] == ["Resumed"]
+
+
+def test_suspend_mid_transport_suspends_the_job_and_resume_lets_it_go_on():
+    from beam_operator.reconcile import SuspendJob
+
+    st = transporting_status(4)
+    running = JobObs(XPORT, child_jobs.TRANSPORT, completed_indexes="0-1", active=1)
+    d = run(obs(status=st, jobs_=[running], spec={**SPEC, "suspend": True}))
+    assert d.actions == [SuspendJob(XPORT, True)] and d.status.status == "transporting"
+    assert d.status.chunks_left == 2 and _suspended(d) == "True"
+    assert "while 2 of 4 chunks left" in next(c.message for c in d.status.conditions if c.type == "Suspended")
+    # The Job is suspended now: nothing more to ask, and the status stays as it is.
+    paused = JobObs(XPORT, child_jobs.TRANSPORT, completed_indexes="0-1", suspended=True)
+    again = run(obs(status=d.status, jobs_=[paused], spec={**SPEC, "suspend": True}))
+    assert again.actions == [] and again.events == []
+    resumed = run(obs(status=d.status, jobs_=[paused], spec={**SPEC, "suspend": False}))
+    assert resumed.actions == [SuspendJob(XPORT, False)] and _suspended(resumed) == "False"
+    # A Job that finished as it was being suspended ends the backfill as usual.
+    done = JobObs(XPORT, child_jobs.TRANSPORT, completed_indexes="0-3", complete=True, suspended=True)
+    assert run(obs(status=d.status, jobs_=[done], spec={**SPEC, "suspend": True})).status.status == "completed"
+
+
+def test_a_queued_backfill_leaves_unsuspending_its_jobs_to_kueue():
+    from dataclasses import replace
+
+    d = run(replace(obs(), queue_name="team-a"))
+    [job] = created(d)
+    assert job["metadata"]["labels"][child_jobs.QUEUE_NAME_LABEL] == "team-a" and job["spec"]["suspend"] is True
+    waiting = JobObs(STAGE, child_jobs.STAGING, suspended=True, queued=True)
+    assert run(replace(obs(status=d.status, jobs_=[waiting]), queue_name="team-a")).actions == []
+
+
+def test_cancel_wins_over_suspend():
+    st = transporting_status(4)
+    paused = JobObs(XPORT, child_jobs.TRANSPORT, completed_indexes="0-1", suspended=True)
+    d = run(obs(status=st, jobs_=[paused], spec={**SPEC, "suspend": True, "cancel": True}))
+    assert d.status.status == "cancelled" and DeleteJob(XPORT) in d.actions

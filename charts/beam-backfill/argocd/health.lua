@@ -8,6 +8,8 @@
 --   completed                   Healthy
 --   failed                      Degraded, message = status.error_message
 --   cancelled                   Suspended: an intentional stop by spec.cancel, not a fault
+--   staging, transporting with  Suspended: paused by spec.suspend (condition Suspended True)
+--     condition Suspended True
 --   anything else               Unknown (a newer operator than this check)
 local hs = {}
 
@@ -58,6 +60,20 @@ elseif phase == "cancelled" then
 else
   hs.status = "Unknown"
   hs.message = "Unknown backfill status: " .. tostring(phase)
+end
+
+-- Paused by spec.suspend: the condition says so once the operator has acted on it.
+local suspended = false
+if st ~= nil and type(st.conditions) == "table" then
+  for _, c in ipairs(st.conditions) do
+    if c.type == "Suspended" and c.status == "True" then
+      suspended = true
+    end
+  end
+end
+if suspended and (phase == "staging" or phase == "transporting") then
+  hs.status = "Suspended"
+  hs.message = "Suspended by spec.suspend (" .. hs.message .. ")"
 end
 
 -- Cancellation takes a moment (Jobs are deleted first); say so rather than show progress.
