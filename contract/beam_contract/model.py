@@ -172,6 +172,24 @@ class Filter(_Model):
     )
 
 
+# A Kubernetes quantity as people write them for CPU and memory: 500m, 2, 1.5, 512Mi, 4G.
+QUANTITY_RE = r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|Ki|Mi|Gi|Ti|Pi)?$"
+
+
+class ResourceAmounts(_Model):
+    """CPU and memory of each worker container, as in a Pod's resources."""
+
+    cpu: str | None = Field(default=None, pattern=QUANTITY_RE, max_length=20, description="e.g. 500m or 2.")
+    memory: str | None = Field(default=None, pattern=QUANTITY_RE, max_length=20, description="e.g. 512Mi or 4Gi.")
+
+
+class WorkerResources(_Model):
+    """Requests and limits of the worker Pods, within the operator's max_worker_resources."""
+
+    requests: ResourceAmounts | None = Field(default=None, description="What the scheduler reserves.")
+    limits: ResourceAmounts | None = Field(default=None, description="The most a worker may use.")
+
+
 class _Destination(_Model):
     # Secret keys this destination reads, if it names a Secret: documented contract between the
     # operator (which maps them into the worker's env) and the jobrunner (which reads them).
@@ -327,6 +345,18 @@ class BackfillSpec(_Model):
     )
     parallelism: int | None = Field(
         default=None, ge=1, le=256, description="Transport Pods running at once; defaults to the operator's setting."
+    )
+    resources: WorkerResources | None = Field(
+        default=None,
+        description="CPU and memory requests and limits of every worker Pod, over the operator's defaults "
+        "(worker_resources) and within its max_worker_resources.",
+    )
+    backoff_limit_per_index: int | None = Field(
+        default=None,
+        ge=0,
+        le=100,
+        description="Retries of one chunk before it fails the backfill; defaults to the operator's setting and "
+        "may not exceed its max_backoff_limit_per_index.",
     )
     cancel: bool = Field(
         default=False,

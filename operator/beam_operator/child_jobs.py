@@ -198,7 +198,20 @@ def _job(
     }
 
 
-def _container(command: Command, env: list[dict[str, Any]], config: OperatorConfig) -> dict[str, Any]:
+def worker_resources(spec: BackfillSpec, config: OperatorConfig) -> dict[str, Any]:
+    """The operator's worker_resources, with what the backfill's spec.resources sets over them."""
+    out = {k: dict(v) for k, v in config.worker_resources.items() if isinstance(v, dict)}
+    if spec.resources is not None:
+        for kind in ("requests", "limits"):
+            amounts = getattr(spec.resources, kind)
+            if amounts is not None:
+                out.setdefault(kind, {}).update(amounts.model_dump(exclude_none=True))
+    return {k: v for k, v in out.items() if v}
+
+
+def _container(
+    command: Command, env: list[dict[str, Any]], config: OperatorConfig, spec: BackfillSpec
+) -> dict[str, Any]:
     c: dict[str, Any] = {
         "name": "jobrunner",
         "image": config.jobrunner_image,
@@ -209,8 +222,8 @@ def _container(command: Command, env: list[dict[str, Any]], config: OperatorConf
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
     }
-    if config.worker_resources:
-        c["resources"] = config.worker_resources
+    if resources := worker_resources(spec, config):
+        c["resources"] = resources
     if any(e["name"] == Env.SPEC_FILE for e in env):
         c["volumeMounts"] = [{"name": "spec", "mountPath": SPEC_MOUNT_DIR, "readOnly": True}]
     return c
@@ -233,7 +246,7 @@ def staging_job(
         uid=uid,
         phase=STAGING,
         config=config,
-        container=_container(Command.STAGE, env, config),
+        container=_container(Command.STAGE, env, config, spec),
         pod_extra=_spec_volume(name, uid, spec),
         suspend=spec.suspend,
         queue_name=queue_name,
@@ -285,7 +298,7 @@ def transport_job(
         uid=uid,
         phase=TRANSPORT,
         config=config,
-        container=_container(Command.TRANSPORT, env, config),
+        container=_container(Command.TRANSPORT, env, config, spec),
         pod_meta=pod_meta,
         pod_extra=pod_extra,
         suspend=spec.suspend,
@@ -294,7 +307,9 @@ def transport_job(
             "completionMode": "Indexed",
             "completions": num_chunks,
             "parallelism": parallelism,
-            "backoffLimitPerIndex": config.backoff_limit_per_index,
+            "backoffLimitPerIndex": (
+                config.backoff_limit_per_index if spec.backoff_limit_per_index is None else spec.backoff_limit_per_index
+            ),
             # One chunk that cannot be delivered fails the backfill: the user must hear about it
             # now, not after every other chunk has been sent.
             "maxFailedIndexes": 0,

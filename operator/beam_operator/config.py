@@ -75,6 +75,11 @@ class OperatorConfig(BaseSettings):
     status_interval_seconds: float = 1.0
     connect_timeout_seconds: int = DEFAULT_CONNECT_TIMEOUT_S
     worker_resources: dict[str, Any] = Field(default_factory=dict)
+    # The most a backfill's spec.resources may ask for, per request and limit: one organization
+    # must not reserve a node's worth of CPU per chunk. Keys cpu and memory; an absent key is unbounded.
+    max_worker_resources: dict[str, str] = Field(default_factory=lambda: {"cpu": "4", "memory": "16Gi"})
+    # The most spec.backoff_limit_per_index may be: every retry re-reads and re-sends a chunk.
+    max_backoff_limit_per_index: int = Field(default=5, ge=0)
     # Extra env for every worker (tuning such as BEAM_CHUNK_ROW_GROUP_ROWS, log levels); never
     # secrets, which reach workers only as secretKeyRef.
     worker_env: dict[str, str] = Field(default_factory=dict)

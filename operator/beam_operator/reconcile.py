@@ -311,6 +311,8 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
                 warning=True,
                 cleanup_jobs=True,
             )
+    if why := _beyond_bounds(spec, config):
+        return finish(Phase.FAILED, "ResourcesNotAllowed", why, warning=True, cleanup_jobs=True)
     for dest in spec.destinations:
         if dest.type == "kafka" and len(topic := dest.topic_in(obs.namespace)) > KAFKA_TOPIC_MAX_LENGTH:
             room = KAFKA_TOPIC_MAX_LENGTH - len(obs.namespace) - 1
@@ -456,6 +458,34 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             Phase.COMPLETED, "Completed", f"delivered {num_chunks} chunks to {len(spec.destinations)} destination(s)"
         )
     return Decision(st, actions, events)
+
+
+def _beyond_bounds(spec: BackfillSpec, config: OperatorConfig) -> str:
+    """Why spec.resources or spec.backoff_limit_per_index exceed what this operator allows, or ""."""
+    from kubernetes.utils.quantity import parse_quantity
+
+    limit = config.max_backoff_limit_per_index
+    if spec.backoff_limit_per_index is not None and spec.backoff_limit_per_index > limit:
+        return (
+            f"spec.backoff_limit_per_index {spec.backoff_limit_per_index} is more than this operator allows "
+            f"({limit}, config.max_backoff_limit_per_index)"
+        )
+    if spec.resources is None:
+        return ""
+    asked = child_jobs.worker_resources(spec, config)
+    for kind in ("requests", "limits"):
+        for key, value in (asked.get(kind) or {}).items():
+            most = config.max_worker_resources.get(key)
+            if most is not None and parse_quantity(value) > parse_quantity(most):
+                return (
+                    f"spec.resources.{kind}.{key} {value} is more than this operator allows ({most}, "
+                    "config.max_worker_resources); ask for less or ask your administrator"
+                )
+    for key, value in (asked.get("requests") or {}).items():
+        cap = (asked.get("limits") or {}).get(key)
+        if cap is not None and parse_quantity(value) > parse_quantity(cap):
+            return f"spec.resources.requests.{key} {value} is more than its limit {cap}"
+    return ""
 
 
 def _suspension(

@@ -551,3 +551,26 @@ def test_a_backfill_created_suspended_starts_nothing_until_resumed(k8s, operator
     k8s.api("PATCH", API.format(ns=org, name="born-paused"), {"spec": {"suspend": False}})
     wait_status(k8s, org, "born-paused", "completed")
     assert_exactly(read_topic(kafka.bootstrap, f"{org}.e2e-born-paused"), expected_ids(seeded, window))
+
+
+def test_a_backfill_sets_its_workers_resources_and_retries_within_the_operators_bounds(
+    k8s, operator, kafka, seeded, org
+):
+    window = {**WINDOW, "end": "2026-03-02T00:00:00"}
+    resources = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
+    obj = backfill("sized", "e2e-sized", window=window, resources=resources, backoff_limit_per_index=2)
+    uid = apply(k8s, org, obj)["metadata"]["uid"]
+    wait_status(k8s, org, "sized", "completed")
+    assert_exactly(read_topic(kafka.bootstrap, f"{org}.e2e-sized"), expected_ids(seeded, window))
+    pods = pods_of(k8s, org, uid)
+    assert pods and all(p["spec"]["containers"][0]["resources"] == resources for p in pods)
+    [transport] = [j for j in jobs(k8s, org, uid) if j["metadata"]["labels"]["beam-backfill.dev/phase"] == "transport"]
+    assert transport["spec"]["backoffLimitPerIndex"] == 2
+    # Beyond the operator's max_worker_resources (the chart's default: 16Gi): refused before any Job.
+    greedy = backfill("greedy", "e2e-greedy", window=window, resources={"limits": {"memory": "64Gi"}})
+    uid = apply(k8s, org, greedy)["metadata"]["uid"]
+    st = wait_status(k8s, org, "greedy", "failed")
+    assert st["error_message"].startswith(
+        "spec.resources.limits.memory 64Gi is more than this operator allows (16Gi"
+    ), st
+    assert jobs(k8s, org, uid) == []

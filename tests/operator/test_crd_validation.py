@@ -199,6 +199,16 @@ BAD = [
         "spec.filter.values[0]: Too long: may not be more than 1024",
     ),
     (
+        "resources not a quantity",
+        with_spec(resources={"limits": {"memory": "lots"}}),
+        "spec.resources.limits.memory in body should match",
+    ),
+    (
+        "backoff_limit_per_index negative",
+        with_spec(backoff_limit_per_index=-1),
+        "spec.backoff_limit_per_index in body should be greater than or equal to 0",
+    ),
+    (
         "sns arn malformed",
         with_spec(destinations=[{"type": "sns", "name": "s", "topic_arn": "arn:aws:sqs:x"}]),
         "spec.destinations[0].topic_arn",

@@ -604,3 +604,38 @@ def test_cancel_wins_over_suspend():
     paused = JobObs(XPORT, child_jobs.TRANSPORT, completed_indexes="0-1", suspended=True)
     d = run(obs(status=st, jobs_=[paused], spec={**SPEC, "suspend": True, "cancel": True}))
     assert d.status.status == "cancelled" and DeleteJob(XPORT) in d.actions
+
+
+def test_spec_resources_go_over_the_operators_defaults_and_stay_within_its_bounds():
+    config = OperatorConfig(
+        staging_bucket="b",
+        staging_prefix="p",
+        worker_resources={"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "2Gi"}},
+        max_worker_resources={"cpu": "2", "memory": "8Gi"},
+        max_backoff_limit_per_index=3,
+    )
+    asked = {**SPEC, "resources": {"requests": {"memory": "3Gi"}, "limits": {"memory": "4Gi", "cpu": "2"}}}
+    [job] = created(run(obs(spec={**asked, "backoff_limit_per_index": 3}), config))
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "500m", "memory": "3Gi"},
+        "limits": {"memory": "4Gi", "cpu": "2"},
+    }
+    st = transporting_status(4)
+    staged = run(obs(status=st, spec={**asked, "backoff_limit_per_index": 3}), config)
+    assert created(staged)[0]["spec"]["backoffLimitPerIndex"] == 3
+    assert created(run(obs(status=st), config))[0]["spec"]["backoffLimitPerIndex"] == config.backoff_limit_per_index
+    for spec, why in [
+        (
+            {**SPEC, "resources": {"limits": {"cpu": "2500m"}}},
+            "spec.resources.limits.cpu 2500m is more than this operator allows (2, config.max_worker_resources)",
+        ),
+        ({**SPEC, "resources": {"requests": {"memory": "9Gi"}}}, "spec.resources.requests.memory 9Gi is more than"),
+        (
+            {**SPEC, "resources": {"requests": {"memory": "3Gi"}}},
+            "spec.resources.requests.memory 3Gi is more than its limit 2Gi",
+        ),
+        ({**SPEC, "backoff_limit_per_index": 4}, "spec.backoff_limit_per_index 4 is more than this operator allows (3"),
+    ]:
+        d = run(obs(spec=spec), config)
+        assert d.status.status == "failed" and not created(d), spec
+        assert why in d.status.error_message, d.status.error_message
