@@ -317,7 +317,7 @@ class BackfillSpec(_Model):
     """What to backfill: a window of a Snowflake table, optionally filtered, to one or more destinations."""
 
     # Fields a user may change after creation; everything else is immutable (see crd.py).
-    mutable_fields: ClassVar[tuple[str, ...]] = ("cancel", "suspend")
+    mutable_fields: ClassVar[tuple[str, ...]] = ("cancel", "suspend", "ttl_seconds_after_finished")
 
     job_name: str = Field(min_length=1, max_length=256, description="Display name of the backfill.")
     table: str = Field(
@@ -357,6 +357,14 @@ class BackfillSpec(_Model):
         le=100,
         description="Retries of one chunk before it fails the backfill; defaults to the operator's setting and "
         "may not exceed its max_backoff_limit_per_index.",
+    )
+    ttl_seconds_after_finished: int | None = Field(
+        default=None,
+        ge=0,
+        le=366 * 86400,
+        description="Seconds after the backfill ends (completed, failed or cancelled) when the operator deletes it, "
+        "its Jobs and its staged files; defaults to the operator's backfill_ttl_seconds (off unless set). "
+        "May change after creation.",
     )
     cancel: bool = Field(
         default=False,

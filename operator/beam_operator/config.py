@@ -69,6 +69,10 @@ class OperatorConfig(BaseSettings):
     backoff_limit_per_index: int = 1
     staging_backoff_limit: int = 1
     job_ttl_seconds: int = 3600
+    # Seconds after a backfill ends when the operator deletes the BeamBackfill itself (and so
+    # its Jobs and staged files), unless its spec.ttl_seconds_after_finished says otherwise.
+    # None keeps finished backfills until someone deletes them, as Kubernetes keeps Jobs.
+    backfill_ttl_seconds: int | None = Field(default=None, ge=0)
     # How long staged parquet stays after completion; 0 deletes at once. Failed and cancelled
     # backfills keep theirs until the resource is deleted, for debugging.
     staged_retention_seconds: int = 0

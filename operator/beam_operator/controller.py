@@ -41,6 +41,7 @@ from .kubeclient import ApiError
 from .reconcile import (
     Action,
     CreateJob,
+    DeleteBackfill,
     DeleteJob,
     DeleteStaged,
     Event,
@@ -430,6 +431,9 @@ class Controller:
                 )
             case DeleteJob(name=name):
                 await self.api.delete_job(ns, name)
+            case DeleteBackfill():
+                await self.api.delete_backfill(ns, body["metadata"]["name"])
+                log.info("%s/%s: deleted: its ttl_seconds_after_finished has passed", ns, body["metadata"]["name"])
             case SuspendJob(name=name, suspend=suspend):
                 await self.api.suspend_job(ns, name, suspend)
                 log.info("%s/%s: %s job %s", ns, body["metadata"]["name"], "suspended" if suspend else "resumed", name)

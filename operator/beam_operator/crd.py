@@ -206,6 +206,10 @@ def _convert(node: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+def _listed(names: tuple[str, ...]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def _immutability_rule(spec_schema: dict[str, Any]) -> dict[str, Any]:
     parts = []
     required = set(spec_schema.get("required", []))
@@ -220,9 +224,8 @@ def _immutability_rule(spec_schema: dict[str, Any]) -> dict[str, Any]:
             )
     return {
         "rule": " && ".join(parts),
-        "message": "spec is immutable after creation, except "
-        + " and ".join(model.BackfillSpec.mutable_fields)
-        + ": to change a backfill, create a new BeamBackfill",
+        "message": f"spec is immutable after creation, except {_listed(model.BackfillSpec.mutable_fields)}: "
+        "to change a backfill, create a new BeamBackfill",
     }
 
 

@@ -218,6 +218,13 @@ class KubeApi:
         status, _ = await self.request("POST", f"/api/v1/namespaces/{namespace}/configmaps", body=manifest, ok=(409,))
         return status != 409
 
+    async def delete_backfill(self, namespace: str, name: str) -> None:
+        """A backfill whose ttl_seconds_after_finished has passed; 404: gone already."""
+        metrics.API_WRITES.labels(kind="delete_backfill").inc()
+        await self.request(
+            "DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{quote(name)}", ok=(404,)
+        )
+
     async def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
         """spec.suspend of a Job (merge patch); 404: gone, nothing to pause or resume."""
         metrics.API_WRITES.labels(kind="suspend_job").inc()

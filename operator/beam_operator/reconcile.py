@@ -145,6 +145,11 @@ class DeleteJob:
 
 
 @dataclass(frozen=True)
+class DeleteBackfill:
+    """The backfill's time to live after it ended has passed: delete it (the finalizer cleans up)."""
+
+
+@dataclass(frozen=True)
 class SuspendJob:
     """Set a Job's spec.suspend: true ends its Pods, false lets it go on where it stopped."""
 
@@ -157,7 +162,7 @@ class DeleteStaged:
     uri: str
 
 
-Action = CreateJob | DeleteJob | DeleteStaged | SuspendJob
+Action = CreateJob | DeleteJob | DeleteStaged | SuspendJob | DeleteBackfill
 
 
 @dataclass(frozen=True)
@@ -535,15 +540,29 @@ def _terminal(
     actions.extend(
         DeleteJob(j.name) for j in obs.jobs if not j.deleting and (st.status == Phase.CANCELLED or _running(j))
     )
+    done_at = parse_timestamp(st.time_completed) if st.time_completed else obs.now
+    wake: list[float] = []
     if st.status == Phase.COMPLETED and st.num_chunks and not st.staged_files_deleted:
-        done_at = parse_timestamp(st.time_completed) if st.time_completed else obs.now
         due = done_at + timedelta(seconds=config.staged_retention_seconds)
         if obs.now >= due:
             actions.append(DeleteStaged(child_jobs.staging_uri(config, obs.namespace, obs.uid)))
             st.staged_files_deleted = True
         else:
-            return Decision(st, actions, events, requeue_after=(due - obs.now).total_seconds())
-    return Decision(st, actions, events)
+            wake.append((due - obs.now).total_seconds())
+    ttl = (obs.spec or {}).get("ttl_seconds_after_finished")
+    ttl = config.backfill_ttl_seconds if ttl is None else ttl
+    if ttl is not None:
+        due = done_at + timedelta(seconds=ttl)
+        if obs.now >= due:
+            actions.append(DeleteBackfill())
+            events.append(
+                Event(
+                    "Normal", "Expired", f"{st.status} {ttl}s ago (ttl_seconds_after_finished): deleting the backfill"
+                )
+            )
+        else:
+            wake.append((due - obs.now).total_seconds())
+    return Decision(st, actions, events, requeue_after=min(wake) if wake else None)
 
 
 def _running(job: JobObs) -> bool:

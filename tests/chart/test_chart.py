@@ -150,7 +150,7 @@ def test_full_values_reach_the_operator(render, monkeypatch):
 # Exactly the operator's rules (see the comments in templates/rbac.yaml): a new permission must
 # be a deliberate change to this list.
 OPERATOR_RULES = {
-    ("beam-backfill.dev", "beambackfills"): {"get", "list", "watch", "patch"},
+    ("beam-backfill.dev", "beambackfills"): {"get", "list", "watch", "patch", "delete"},
     ("beam-backfill.dev", "beambackfills/status"): {"get", "patch"},
     ("beam-backfill.dev", "beambackfills/finalizers"): {"update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete", "patch"},

@@ -574,3 +574,19 @@ def test_a_backfill_sets_its_workers_resources_and_retries_within_the_operators_
         "spec.resources.limits.memory 64Gi is more than this operator allows (16Gi"
     ), st
     assert jobs(k8s, org, uid) == []
+
+
+def test_a_finished_backfill_with_a_ttl_is_deleted_with_its_jobs_and_staged_files(k8s, operator, bucket, org):
+    obj = backfill(
+        "short-lived", "e2e-ttl", window={**WINDOW, "end": "2026-03-02T00:00:00"}, ttl_seconds_after_finished=3
+    )
+    uid = apply(k8s, org, obj)["metadata"]["uid"]
+    wait_until(
+        lambda: not k8s.api("GET", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills")["items"],
+        120,
+        "the finished backfill deleted after its ttl",
+    )
+    assert jobs(k8s, org, uid) == [] and pods_of(k8s, org, uid) == [] and staged_objects(bucket, org, uid) == []
+    events = k8s.api("GET", f"/api/v1/namespaces/{org}/events?fieldSelector=involvedObject.uid%3D{uid}")["items"]
+    reasons = [e["reason"] for e in events]
+    assert "Completed" in reasons and "Expired" in reasons, reasons

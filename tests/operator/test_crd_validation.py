@@ -232,7 +232,7 @@ def test_unknown_fields_are_refused_by_kubectl(k8s, crd_installed, namespace):
     assert 'unknown field "spec.surprise"' in out.stderr
 
 
-def test_spec_is_immutable_except_cancel_and_suspend(k8s, crd_installed, namespace):
+def test_spec_is_immutable_except_cancel_suspend_and_ttl(k8s, crd_installed, namespace):
     create(k8s, namespace, BASE)
     path = f"/apis/beam-backfill.dev/v1alpha1/namespaces/{namespace}/beambackfills/usdc"
     for patch in (
@@ -244,9 +244,12 @@ def test_spec_is_immutable_except_cancel_and_suspend(k8s, crd_installed, namespa
     ):
         with pytest.raises(ApiError) as e:
             k8s.api("PATCH", path, {"spec": patch})
-        assert "spec is immutable after creation, except cancel and suspend" in e.value.body, patch
+        assert (
+            "spec is immutable after creation, except cancel, suspend and ttl_seconds_after_finished" in e.value.body
+        ), patch
     k8s.api("PATCH", path, {"spec": {"suspend": True}})
     k8s.api("PATCH", path, {"spec": {"suspend": False}})
+    k8s.api("PATCH", path, {"spec": {"ttl_seconds_after_finished": 600}})
     k8s.api("PATCH", path, {"spec": {"cancel": True}})
     got = k8s.api("GET", path)["spec"]
     assert got["cancel"] is True and got["suspend"] is False

@@ -639,3 +639,31 @@ def test_spec_resources_go_over_the_operators_defaults_and_stay_within_its_bound
         d = run(obs(spec=spec), config)
         assert d.status.status == "failed" and not created(d), spec
         assert why in d.status.error_message, d.status.error_message
+
+
+def test_a_finished_backfill_is_deleted_once_its_ttl_has_passed():
+    from beam_operator.reconcile import DeleteBackfill
+
+    done = BackfillStatus.model_validate(
+        {
+            **transporting_status(3).document(),
+            "status": "completed",
+            "chunks_left": 0,
+            "time_completed": "2026-03-01T11:00:00Z",
+        }
+    )
+    done.staged_files_deleted = True
+    # Off by default: kept, with nothing to wake up for.
+    kept = run(obs(status=done))
+    assert kept.actions == [] and kept.requeue_after is None
+    spec = {**SPEC, "ttl_seconds_after_finished": 7200}  # ended 11:00, now 12:00: one hour to go
+    waiting = run(obs(status=done, spec=spec))
+    assert waiting.actions == [] and waiting.requeue_after == 3600
+    later = run(obs(status=done, spec=spec, now=NOW + timedelta(hours=1)))
+    assert later.actions == [DeleteBackfill()] and [e.reason for e in later.events] == ["Expired"]
+    # The operator's default applies when the spec says nothing, and the spec wins over it.
+    config = OperatorConfig(staging_bucket="b", staging_prefix="p", backfill_ttl_seconds=60)
+    assert run(obs(status=done), config).actions == [DeleteBackfill()]
+    assert run(obs(status=done, spec={**SPEC, "ttl_seconds_after_finished": 7200}), config).actions == []
+    failed = BackfillStatus.model_validate({**done.document(), "status": "failed", "error_message": "x"})
+    assert run(obs(status=failed, spec={**SPEC, "ttl_seconds_after_finished": 0})).actions == [DeleteBackfill()]
