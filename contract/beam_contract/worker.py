@@ -68,6 +68,12 @@ SPEC_MOUNT_DIR = "/etc/beam-spec"
 # What a ConfigMap may hold (the apiserver refuses more), less room for its metadata.
 SPEC_CONFIGMAP_MAX_BYTES = 1024 * 1024 - 4096
 
+# A failed worker's termination message: its one-line error, then this line, then its last log
+# lines (secret values masked), for when the Pod and its logs are gone (the Jobs' TTL). The
+# kubelet keeps 4096 bytes of a termination message.
+LOG_TAIL_MARK = "--- last log lines ---"
+TERMINATION_MESSAGE_MAX_BYTES = 4096
+
 DEFAULT_CONNECT_TIMEOUT_S = 30
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 

@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="beam-jobrunner", description=__doc__.splitlines()[0])
     parser.add_argument("command", type=Command, choices=list(Command))
     args = parser.parse_args(argv)
-    from beam_jobrunner import termination
+    from beam_jobrunner import log_tail, termination
 
     termination.install(_terminate)
+    log_tail.install()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # httpx logs every request's full URL at INFO, query string included: webhook URLs may
     # carry tokens there. Our own log lines name endpoints through sinks.redact_url().
@@ -54,12 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = _run(args.command)
     except JobError as e:
-        log.error("%s", e.message)
-        _terminate(e.message)
+        log.error("%s", log_tail.mask(e.message))
+        _terminate(log_tail.termination_message(e.message))
         return e.exit_code
     except Exception as e:
         log.exception("%s failed unexpectedly", args.command)
-        _terminate(" ".join(f"{args.command}: unexpected error: {type(e).__name__}: {e}".split())[:1000])
+        error = " ".join(f"{args.command}: unexpected error: {type(e).__name__}: {e}".split())[:1000]
+        _terminate(log_tail.termination_message(error))
         return ExitCode.BUG
     line = json.dumps(result, separators=(",", ":"))
     print(line, flush=True)

@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from beam_contract.model import BackfillSpec, BackfillStatus, Condition, Phase, parse_timestamp, utc_iso, workflow_id
-from beam_contract.worker import SPEC_CONFIGMAP_MAX_BYTES, StagingResult
+from beam_contract.worker import LOG_TAIL_MARK, SPEC_CONFIGMAP_MAX_BYTES, StagingResult
 
 from . import child_jobs
 from .config import OperatorConfig
@@ -24,6 +24,8 @@ from .config import OperatorConfig
 KAFKA_TOPIC_MAX_LENGTH = 249
 
 MAX_ERROR = 1024
+# What a WorkerLog Event quotes of a failed worker's last lines.
+MAX_WORKER_LOG = 2000
 # Job and Pod watches are separate streams: a Job can be seen finished before its Pod's
 # termination message arrives. Wait this long for the message before deciding without it.
 POD_MESSAGE_GRACE_S = 15.0
@@ -92,6 +94,7 @@ class PodObs:
     exit_code: int | None
     message: str
     finished_at: str = ""
+    name: str = ""
 
     @classmethod
     def from_pod(cls, pod: dict[str, Any]) -> PodObs | None:
@@ -111,6 +114,7 @@ class PodObs:
             exit_code=term.get("exitCode"),
             message=(term.get("message") or status.get("message") or "").strip(),
             finished_at=term.get("finishedAt") or "",
+            name=meta.get("name", ""),
         )
 
 
@@ -221,16 +225,33 @@ def _set_condition(st: BackfillStatus, type_: str, status: bool, reason: str, me
     st.conditions = sorted([c for c in st.conditions if c.type != type_] + [new], key=lambda c: c.type)
 
 
-def _worker_message(pods: tuple[PodObs, ...], job: str, index: int | None = None) -> str:
-    """The most recent termination message of a failed Pod of `job` (and index)."""
+def _failed_pods(pods: tuple[PodObs, ...], job: str, index: int | None) -> list[PodObs]:
     failed = [p for p in pods if p.job == job and not p.succeeded and (index is None or p.index == index)]
-    failed.sort(key=lambda p: p.finished_at)
+    return sorted(failed, key=lambda p: p.finished_at)
+
+
+def _worker_message(pods: tuple[PodObs, ...], job: str, index: int | None = None) -> str:
+    """The error of the most recent termination message of a failed Pod of `job` (and index)."""
+    failed = _failed_pods(pods, job, index)
     for p in reversed(failed):
         if p.message:
-            return p.message
+            return p.message.partition(LOG_TAIL_MARK)[0].strip()
     if failed and failed[-1].exit_code is not None:
         return f"worker exited with code {failed[-1].exit_code} and no message"
     return ""
+
+
+def _worker_log(pods: tuple[PodObs, ...], job: str, index: int | None, where: str) -> list[Event]:
+    """An Event with the failed worker's last log lines (its termination message after the
+    mark), which outlives the Pod and its logs; none if it sent no lines."""
+    for p in reversed(_failed_pods(pods, job, index)):
+        _, mark, tail = p.message.partition(LOG_TAIL_MARK)
+        if mark and (lines := [line.strip() for line in tail.splitlines() if line.strip()]):
+            text = " | ".join(lines)
+            if len(text) > MAX_WORKER_LOG:
+                text = "…" + text[-(MAX_WORKER_LOG - 1) :]  # the newest lines matter most
+            return [Event("Warning", "WorkerLog", f"{where}, pod {p.name}, last log lines: {text}")]
+    return []
 
 
 def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
@@ -389,6 +410,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             if not why and _within_grace(job, obs.now):
                 return Decision(st, actions, events, requeue_after=1.0)
             why = why or job.failure_message or job.failure_reason
+            events.extend(_worker_log(obs.pods, job.name, None, "staging"))
             return finish(Phase.FAILED, "StagingFailed", f"staging failed: {why}", warning=True, cleanup_jobs=True)
         if not job.complete:
             return Decision(st, actions, events)
@@ -450,6 +472,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             return Decision(st, actions, events, requeue_after=1.0)
         why = why or job.failure_message or job.failure_reason
         where = f"chunk {idx}" if idx is not None else "a chunk"
+        events.extend(_worker_log(obs.pods, job.name, idx, f"transport {where}"))
         return finish(
             Phase.FAILED,
             "TransportFailed",

@@ -215,6 +215,13 @@ def test_a_chunk_the_destination_refuses_fails_the_backfill_with_its_answer(k8s,
     assert "answered HTTP 400: unknown tenant" in st["error_message"], st
     assert _Refuser.calls == 1  # a 400 is permanent: not retried
     assert all(not (j.get("status") or {}).get("active") for j in jobs(k8s, org, uid))
+    # What the worker logged last outlives its Pod (the Jobs' TTL deletes it) in an Event.
+    events = k8s.api("GET", f"/api/v1/namespaces/{org}/events?fieldSelector=involvedObject.uid%3D{uid}")["items"]
+    [log] = [e for e in events if e["reason"] == "WorkerLog"]
+    assert log["type"] == "Warning" and log["message"].startswith("transport chunk 0, pod "), log["message"]
+    assert "last log lines: " in log["message"] and "beam_jobrunner" in log["message"], log["message"]
+    described = k8s.kubectl("describe", "bbf", "refused", "-n", org).stdout
+    assert "WorkerLog" in described
 
 
 class _Refuser(BaseHTTPRequestHandler):

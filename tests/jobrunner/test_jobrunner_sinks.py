@@ -253,3 +253,44 @@ def test_sns_via_sqs(tmp_path, source, bucket, gcs, sns, rows, fifo):
         )
     assert len(got) == len(set(got))
     assert set(got) == set(expected_ids(rows, blocks=(2000, 2300)))
+
+
+def test_a_failed_worker_leaves_its_last_log_lines_with_every_secret_masked(tmp_path, source, bucket, gcs):
+    # A receiver that echoes the signing key in its refusal: the key must not reach the
+    # termination message (the error or the log lines the operator copies into an Event).
+    from beam_contract.worker import LOG_TAIL_MARK
+
+    class Echo(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = f"unknown key {KEY}".encode()
+            self.send_response(403)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        job = Job(
+            tmp_path,
+            spec({"type": "webhook", "name": "hook", "url": url, "hash_key": "beam-destination-hook"}),
+            snowflake=source,
+            gcs=gcs,
+            extra={"BEAM_DEST_0_HASH_KEY": KEY},
+        )
+        job.stage()
+        r = job.transport(0)
+    finally:
+        server.shutdown()
+    assert r.code == 2
+    error, mark, tail = r.message.partition(LOG_TAIL_MARK)
+    assert mark and "answered HTTP 403: unknown key ***" in error, r.message
+    lines = tail.strip().splitlines()
+    assert 1 <= len(lines) <= 20 and any("beam_jobrunner" in line for line in lines), lines
+    assert KEY not in r.message and KEY not in r.stderr
+    assert len(r.message.encode()) <= 4096

@@ -667,3 +667,24 @@ def test_a_finished_backfill_is_deleted_once_its_ttl_has_passed():
     assert run(obs(status=done, spec={**SPEC, "ttl_seconds_after_finished": 7200}), config).actions == []
     failed = BackfillStatus.model_validate({**done.document(), "status": "failed", "error_message": "x"})
     assert run(obs(status=failed, spec={**SPEC, "ttl_seconds_after_finished": 0})).actions == [DeleteBackfill()]
+
+
+def test_a_failed_workers_last_log_lines_outlive_its_pod_in_an_event():
+    from beam_contract.worker import LOG_TAIL_MARK
+
+    st = transporting_status(5)
+    said = f"webhook destination 'hook' chunk 3: answered HTTP 500: boom\n{LOG_TAIL_MARK}\nfirst line\n\nlast line"
+    pod = PodObs(XPORT, 3, False, 2, said, "2026-03-01T11:59:50Z", name="usdc-xport-3-abcde")
+    job = JobObs(XPORT, child_jobs.TRANSPORT, failed=True, failure_reason="FailedIndexes", failed_indexes="3")
+    d = run(obs(status=st, jobs_=[job], pods=[pod]))
+    assert (
+        d.status.error_message
+        == "transport failed on chunk 3 of 5: webhook destination 'hook' chunk 3: answered HTTP 500: boom"
+    )
+    [log] = [e for e in d.events if e.reason == "WorkerLog"]
+    assert log.type == "Warning"
+    assert log.message == "transport chunk 3, pod usdc-xport-3-abcde, last log lines: first line | last line"
+    # Bounded: the newest lines are kept.
+    long = PodObs(XPORT, 3, False, 2, said + "\n" + "x" * 5000 + "\nthe end", "2026-03-01T11:59:51Z", name="p")
+    [log] = [e for e in run(obs(status=st, jobs_=[job], pods=[long])).events if e.reason == "WorkerLog"]
+    assert log.message.endswith(" | the end") and len(log.message) < 2100
