@@ -317,7 +317,7 @@ class BackfillSpec(_Model):
     """What to backfill: a window of a Snowflake table, optionally filtered, to one or more destinations."""
 
     # Fields a user may change after creation; everything else is immutable (see crd.py).
-    mutable_fields: ClassVar[tuple[str, ...]] = ("cancel", "suspend", "ttl_seconds_after_finished")
+    mutable_fields: ClassVar[tuple[str, ...]] = ("cancel", "suspend", "retry", "ttl_seconds_after_finished")
 
     job_name: str = Field(min_length=1, max_length=256, description="Display name of the backfill.")
     table: str = Field(
@@ -357,6 +357,14 @@ class BackfillSpec(_Model):
         le=100,
         description="Retries of one chunk before it fails the backfill; defaults to the operator's setting and "
         "may not exceed its max_backoff_limit_per_index.",
+    )
+    retry: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="Increment to retry a failed backfill: attempt retry+1 delivers only the chunks not yet "
+        "delivered, reusing the staged files if they are still there and staging again if not. Raised while the "
+        "backfill runs, it is used if it fails. May change after creation.",
     )
     ttl_seconds_after_finished: int | None = Field(
         default=None,
@@ -446,6 +454,9 @@ class BackfillStatus(BaseModel):
     time_completed: str | None = Field(default=None, description="ISO 8601 UTC; null until the backfill ends.")
     staged_files_deleted: bool | None = Field(
         default=None, description="True once the staged chunks were removed (retention)."
+    )
+    attempt: int | None = Field(
+        default=None, description="The attempt under way or last made: 1, and one more for each retry (spec.retry)."
     )
     observedGeneration: int | None = None
     conditions: list[Condition] = Field(default_factory=list)

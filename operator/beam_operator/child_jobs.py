@@ -32,6 +32,7 @@ from .config import OperatorConfig
 LABEL_JOB_ID = f"{GROUP}/job-id"
 LABEL_PHASE = f"{GROUP}/phase"
 LABEL_BACKFILL = f"{GROUP}/backfill"
+LABEL_ATTEMPT = f"{GROUP}/attempt"
 # Kueue's: a BeamBackfill carrying it has its Jobs queued (created suspended, admitted by Kueue).
 QUEUE_NAME_LABEL = "kueue.x-k8s.io/queue-name"
 MANAGED_BY = "beam-backfill-operator"
@@ -52,11 +53,16 @@ def _trunc(name: str, n: int) -> str:
     return name[:n].rstrip("-.")
 
 
-def child_job_name(name: str, uid: str, phase: JobKind) -> str:
+def child_job_name(name: str, uid: str, phase: JobKind, attempt: int = 1) -> str:
     """The Kubernetes name of a backfill's Job (not the spec's job_name, a display name)."""
     # Pod hostnames of an Indexed Job are <job>-<index>: a DNS label, so no dots (a backfill
-    # name may have them) and at most 63 characters. The uid part keeps names distinct.
-    return f"{_trunc(name.replace('.', '-'), 36)}-{uid[:8]}-{phase}"
+    # name may have them) and at most 63 characters. The uid part keeps names distinct. A
+    # retry's Jobs are named apart from the first attempt's, which may still exist (their TTL);
+    # the first attempt's names are the ones Jobs have had since the first release.
+    base = name.replace(".", "-")
+    if attempt == 1:
+        return f"{_trunc(base, 36)}-{uid[:8]}-{phase}"
+    return f"{_trunc(base, 32)}-{uid[:8]}-{phase}-{attempt}"
 
 
 def staging_uri(config: OperatorConfig, namespace: str, uid: str) -> str:
@@ -165,9 +171,10 @@ def _job(
     pod_extra: dict[str, Any] | None = None,
     suspend: bool = False,
     queue_name: str = "",
+    attempt: int = 1,
 ) -> dict[str, Any]:
-    jname = child_job_name(name, uid, phase)
-    lab = labels(name, uid, phase)
+    jname = child_job_name(name, uid, phase, attempt)
+    lab = {**labels(name, uid, phase), LABEL_ATTEMPT: str(attempt)}
     job_labels = {**lab, QUEUE_NAME_LABEL: queue_name} if queue_name else lab
     pod_labels = {**lab, **((pod_meta or {}).get("labels", {}))}
     pod_spec: dict[str, Any] = {
@@ -230,7 +237,13 @@ def _container(
 
 
 def staging_job(
-    name: str, namespace: str, uid: str, spec: BackfillSpec, config: OperatorConfig, queue_name: str = ""
+    name: str,
+    namespace: str,
+    uid: str,
+    spec: BackfillSpec,
+    config: OperatorConfig,
+    queue_name: str = "",
+    attempt: int = 1,
 ) -> dict[str, Any]:
     env = _common_env(spec, namespace, uid, config)
     env += [
@@ -250,6 +263,7 @@ def staging_job(
         pod_extra=_spec_volume(name, uid, spec),
         suspend=spec.suspend,
         queue_name=queue_name,
+        attempt=attempt,
         extra_spec={
             "backoffLimit": config.staging_backoff_limit,
             "podFailurePolicy": {
@@ -270,6 +284,7 @@ def transport_job(
     config: OperatorConfig,
     num_chunks: int,
     queue_name: str = "",
+    attempt: int = 1,
 ) -> dict[str, Any]:
     env = _common_env(spec, namespace, uid, config)
     env.append({"name": Env.MANIFEST_URI, "value": staging.manifest_uri(staging_uri(config, namespace, uid))})
@@ -303,6 +318,7 @@ def transport_job(
         pod_extra=pod_extra,
         suspend=spec.suspend,
         queue_name=queue_name,
+        attempt=attempt,
         extra_spec={
             "completionMode": "Indexed",
             "completions": num_chunks,

@@ -50,6 +50,7 @@ class JobObs:
     deleting: bool = False
     finished_at: str = ""
     suspended: bool = False  # the Job's spec.suspend
+    attempt: int = 1  # label LABEL_ATTEMPT; Jobs from before retries existed have none
     queued: bool = False  # it has Kueue's queue-name label: Kueue, not the operator, unsuspends it
 
     @classmethod
@@ -72,6 +73,7 @@ class JobObs:
             deleting=bool(meta.get("deletionTimestamp")),
             suspended=bool((job.get("spec") or {}).get("suspend")),
             queued=child_jobs.QUEUE_NAME_LABEL in (meta.get("labels") or {}),
+            attempt=_attempt_label((meta.get("labels") or {}).get(child_jobs.LABEL_ATTEMPT)),
             finished_at=status.get("completionTime")
             or next(
                 (
@@ -82,6 +84,10 @@ class JobObs:
                 "",
             ),
         )
+
+
+def _attempt_label(value: str | None) -> int:
+    return int(value) if value and value.isdigit() and int(value) > 0 else 1
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,9 @@ class Observed:
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
     # Kueue's queue-name label of the backfill, copied to its Jobs (docs/operations.md, "Kueue").
     queue_name: str = ""
+    # Whether the staged manifest is still in the bucket; read only when a retry is asked for
+    # (wants_retry), None otherwise.
+    staged: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -193,7 +202,7 @@ def _reason(phase: Phase) -> str:
     return phase.value.capitalize()
 
 
-_TRANSITION_REASONS = {_reason(p) for p in Phase}
+_TRANSITION_REASONS = {_reason(p) for p in Phase} | {"Retrying"}
 
 
 def count_indexes(ranges: str) -> int:
@@ -259,7 +268,10 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
     now = utc_iso(obs.now)
     events: list[Event] = []
     actions: list[Action] = []
-    by_phase = {j.phase: j for j in obs.jobs}
+    retrying = _retry(obs, st, events, now)
+    attempt = st.attempt or 1
+    # A retry's Jobs are the current attempt's; earlier attempts' finished Jobs stay until their TTL.
+    by_phase = {j.phase: j for j in obs.jobs if j.attempt == attempt}
 
     def finish(
         phase: Phase, reason: str, message: str, *, warning: bool = False, cleanup_jobs: bool = False
@@ -351,7 +363,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
                 warning=True,
                 cleanup_jobs=True,
             )
-    for kind, why in obs.refused.items():
+    for kind, why in ({} if retrying else obs.refused).items():
         return finish(
             Phase.FAILED,
             "JobRefused",
@@ -402,7 +414,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
                         cleanup_jobs=True,
                     )
             actions.append(
-                create(child_jobs.staging_job(obs.name, obs.namespace, obs.uid, spec, config, obs.queue_name))
+                create(child_jobs.staging_job(obs.name, obs.namespace, obs.uid, spec, config, obs.queue_name, attempt))
             )
             return Decision(st, actions, events)
         if job.failed:
@@ -449,7 +461,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
         actions.append(
             create(
                 child_jobs.transport_job(
-                    obs.name, obs.namespace, obs.uid, spec, config, result.num_chunks, obs.queue_name
+                    obs.name, obs.namespace, obs.uid, spec, config, result.num_chunks, obs.queue_name, attempt
                 )
             )
         )
@@ -460,7 +472,11 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
     job = by_phase.get(child_jobs.TRANSPORT)
     if job is None:
         actions.append(
-            create(child_jobs.transport_job(obs.name, obs.namespace, obs.uid, spec, config, num_chunks, obs.queue_name))
+            create(
+                child_jobs.transport_job(
+                    obs.name, obs.namespace, obs.uid, spec, config, num_chunks, obs.queue_name, attempt
+                )
+            )
         )
         return Decision(st, actions, events)
     done = count_indexes(job.completed_indexes)
@@ -486,6 +502,43 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             Phase.COMPLETED, "Completed", f"delivered {num_chunks} chunks to {len(spec.destinations)} destination(s)"
         )
     return Decision(st, actions, events)
+
+
+def wants_retry(spec: dict[str, Any], status: BackfillStatus) -> bool:
+    """A failed backfill whose spec.retry asks for an attempt beyond the last one made."""
+    retry = spec.get("retry") or 0
+    return status.status == Phase.FAILED and isinstance(retry, int) and retry >= (status.attempt or 1)
+
+
+def _retry(obs: Observed, st: BackfillStatus, events: list[Event], now: str) -> bool:
+    """Start attempt spec.retry+1 of a failed backfill, in place: True if one starts now.
+
+    Staged files that are still there are reused, and the new transport Job's workers skip the
+    chunks whose delivery markers the earlier attempts wrote, so only what did not complete is
+    sent again; without staged files (failed in staging, or deleted) it stages again.
+    """
+    if not wants_retry(obs.spec, st):
+        return False
+    previous = st.attempt or 1
+    st.attempt = obs.spec["retry"] + 1
+    reuse = st.num_chunks is not None and obs.staged is not False
+    if reuse:
+        last = next((j for j in obs.jobs if j.phase == child_jobs.TRANSPORT and j.attempt == previous), None)
+        done = count_indexes(last.completed_indexes) if last else 0
+        what = f"delivering the chunks not delivered yet ({st.num_chunks - done} of {st.num_chunks} did not complete in attempt {previous}); staged files reused"
+        st.status, st.chunks_left = Phase.TRANSPORTING, st.num_chunks
+    else:
+        why = "no staged files to reuse" if st.num_chunks is None else "the staged files are gone"
+        what = f"staging again ({why})"
+        st.status, st.num_chunks, st.chunks_left, st.num_rows = Phase.STAGING, None, None, None
+        _set_condition(st, "Staged", False, "Staging", "exporting the window from Snowflake", now, obs.generation)
+    st.error_message = None
+    st.time_completed = None
+    st.staged_files_deleted = None
+    msg = f"attempt {st.attempt} (spec.retry {obs.spec['retry']}): {what}"
+    _set_condition(st, "Failed", False, "Retrying", "", now, obs.generation)
+    events.append(Event("Normal", "Retrying", msg))
+    return True
 
 
 def _beyond_bounds(spec: BackfillSpec, config: OperatorConfig) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from beam_contract.staging import deletable_prefix
+from beam_contract.staging import MANIFEST, deletable_prefix
 from beam_contract.worker import Env
 
 
@@ -52,3 +52,14 @@ def delete_staged(staging_uri: str, timeout: float = 30.0) -> int:
     except (exceptions.GoogleAPICallError, OSError) as e:
         raise StagedFilesError(f"cannot delete staged files under {staging_uri}: {e}") from None
     return n
+
+
+def manifest_exists(staging_uri: str, timeout: float = 30.0) -> bool:
+    """Whether a job's staged manifest is still there: a retry reuses the staged chunks then."""
+    from google.api_core import exceptions
+
+    bucket, prefix = deletable_prefix(staging_uri)
+    try:
+        return _client().bucket(bucket).blob(prefix + MANIFEST).exists(timeout=timeout)
+    except (exceptions.GoogleAPICallError, OSError) as e:
+        raise StagedFilesError(f"cannot look for the staged manifest under {staging_uri}: {e}") from None

@@ -597,3 +597,69 @@ def test_a_finished_backfill_with_a_ttl_is_deleted_with_its_jobs_and_staged_file
     events = k8s.api("GET", f"/api/v1/namespaces/{org}/events?fieldSelector=involvedObject.uid%3D{uid}")["items"]
     reasons = [e["reason"] for e in events]
     assert "Completed" in reasons and "Expired" in reasons, reasons
+
+
+def _indexes(ranges: str) -> set[int]:
+    """A Job's completedIndexes ("0-3,5") as a set."""
+    out: set[int] = set()
+    for part in filter(None, ranges.split(",")):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    """A receiver that answers 500 for chunk 1 until it is fixed; dedupes by Idempotency-Key."""
+
+    broken = True
+    batches: dict = {}  # Idempotency-Key -> unique_ids
+    posts: list = []  # (attempt label, chunk) of every POST
+
+    def do_POST(self):
+        doc = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        cls = type(self)
+        cls.posts.append(("broken" if cls.broken else "fixed", doc["chunk"]))
+        if cls.broken and doc["chunk"] == 1:
+            self.send_response(500)
+            self.send_header("Content-Length", "11")
+            self.end_headers()
+            self.wfile.write(b"disk full\n\n")
+            return
+        cls.batches.setdefault(self.headers["Idempotency-Key"], [r["unique_id"] for r in doc["rows"]])
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *a):
+        pass
+
+
+def test_a_failed_backfill_retried_delivers_only_what_did_not_complete(k8s, operator, seeded, org):
+    _Flaky.broken, _Flaky.batches, _Flaky.posts = True, {}, []
+    server = ThreadingHTTPServer((NODE["node_ip"], 0), _Flaky)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        obj = backfill("retried", "unused", parallelism=1, backoff_limit_per_index=0)
+        url = f"http://{NODE['node_ip']}:{server.server_port}/beam"
+        obj["spec"]["destinations"] = [{"type": "webhook", "name": "flaky", "url": url}]
+        uid = apply(k8s, org, obj)["metadata"]["uid"]
+        st = wait_status(k8s, org, "retried", "failed", timeout=240)
+        assert st["error_message"].startswith("transport failed on chunk 1 of "), st
+        assert "HTTP 500: disk full" in st["error_message"], st
+        [first] = [j for j in jobs(k8s, org, uid) if j["metadata"]["name"].endswith("-transport")]
+        completed_first = _indexes((first.get("status") or {}).get("completedIndexes") or "")
+        assert 0 in completed_first
+        _Flaky.broken = False
+        k8s.api("PATCH", API.format(ns=org, name="retried"), {"spec": {"retry": 1}})
+        st = wait_status(k8s, org, "retried", "completed", timeout=240)
+    finally:
+        server.shutdown()
+    assert st["attempt"] == 2 and st["chunks_left"] == 0 and "error_message" not in st, st
+    delivered = Counter(i for ids in _Flaky.batches.values() for i in ids)
+    assert set(delivered) == expected_ids(seeded), "rows missing or unexpected"
+    assert max(delivered.values()) == 1, "a row arrived under two idempotency keys"
+    again = {chunk for when, chunk in _Flaky.posts if when == "fixed"}
+    assert not again & completed_first, f"chunks delivered in attempt 1 were sent again: {again & completed_first}"
+    events = k8s.api("GET", f"/api/v1/namespaces/{org}/events?fieldSelector=involvedObject.uid%3D{uid}")["items"]
+    [retrying] = [e for e in events if e["reason"] == "Retrying"]
+    assert retrying["message"].startswith("attempt 2 (spec.retry 1): delivering the chunks not delivered yet"), retrying

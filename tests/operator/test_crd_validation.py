@@ -245,7 +245,8 @@ def test_spec_is_immutable_except_cancel_suspend_and_ttl(k8s, crd_installed, nam
         with pytest.raises(ApiError) as e:
             k8s.api("PATCH", path, {"spec": patch})
         assert (
-            "spec is immutable after creation, except cancel, suspend and ttl_seconds_after_finished" in e.value.body
+            "spec is immutable after creation, except cancel, suspend, retry and ttl_seconds_after_finished"
+            in e.value.body
         ), patch
     k8s.api("PATCH", path, {"spec": {"suspend": True}})
     k8s.api("PATCH", path, {"spec": {"suspend": False}})

@@ -688,3 +688,74 @@ def test_a_failed_workers_last_log_lines_outlive_its_pod_in_an_event():
     long = PodObs(XPORT, 3, False, 2, said + "\n" + "x" * 5000 + "\nthe end", "2026-03-01T11:59:51Z", name="p")
     [log] = [e for e in run(obs(status=st, jobs_=[job], pods=[long])).events if e.reason == "WorkerLog"]
     assert log.message.endswith(" | the end") and len(log.message) < 2100
+
+
+def _failed_in_transport(n=4, done="0-1,3"):
+    st = BackfillStatus.model_validate(
+        {
+            **transporting_status(n).document(),
+            "status": "failed",
+            "chunks_left": 1,
+            "error_message": "transport failed on chunk 2 of 4: answered HTTP 500",
+            "time_completed": "2026-03-01T11:59:00Z",
+        }
+    )
+    job = JobObs(XPORT, child_jobs.TRANSPORT, failed=True, completed_indexes=done, failed_indexes="2")
+    return st, job
+
+
+def test_a_retry_delivers_only_what_did_not_complete_with_the_staged_files_reused():
+    st, failed = _failed_in_transport()
+    assert run(obs(status=st, jobs_=[failed])).actions == []  # no retry asked: stays failed
+    d = run(obs(status=st, jobs_=[failed], spec={**SPEC, "retry": 1}))
+    assert d.status.status == "transporting" and d.status.attempt == 2
+    assert d.status.error_message is None and d.status.time_completed is None
+    [ev] = [e for e in d.events if e.reason == "Retrying"]
+    assert ev.message == (
+        "attempt 2 (spec.retry 1): delivering the chunks not delivered yet (1 of 4 did not complete in attempt 1); "
+        "staged files reused"
+    )
+    [job] = created(d)
+    assert job["metadata"]["name"] == child_jobs.child_job_name("usdc", UID, child_jobs.TRANSPORT, 2) != XPORT
+    assert job["metadata"]["labels"][child_jobs.LABEL_ATTEMPT] == "2" and job["spec"]["completions"] == 4
+    # The next reconcile sees attempt 1's failed Job and attempt 2's running one: only the latter counts.
+    running = JobObs(job["metadata"]["name"], child_jobs.TRANSPORT, completed_indexes="0-1", active=1, attempt=2)
+    again = run(obs(status=d.status, jobs_=[failed, running], spec={**SPEC, "retry": 1}))
+    assert again.status.status == "transporting" and again.status.chunks_left == 2 and not created(again)
+    # Failed again: retry 1 is spent; retry 2 makes attempt 3.
+    failed2 = JobObs(job["metadata"]["name"], child_jobs.TRANSPORT, failed=True, failed_indexes="2", attempt=2)
+    pod = PodObs(job["metadata"]["name"], 2, False, 2, "webhook: answered HTTP 500", "2026-03-01T12:00:10Z")
+    end = run(obs(status=again.status, jobs_=[failed, failed2], pods=[pod], spec={**SPEC, "retry": 1}))
+    assert end.status.status == "failed" and end.status.attempt == 2
+    assert run(obs(status=end.status, jobs_=[failed, failed2], spec={**SPEC, "retry": 1})).actions == []
+    third = run(obs(status=end.status, jobs_=[failed, failed2], spec={**SPEC, "retry": 2}))
+    assert third.status.attempt == 3 and created(third)[0]["metadata"]["name"].endswith("-transport-3")
+
+
+def test_a_retry_stages_again_when_nothing_staged_is_left():
+    from dataclasses import replace
+
+    st, failed = _failed_in_transport()
+    d = run(replace(obs(status=st, jobs_=[failed], spec={**SPEC, "retry": 1}), staged=False))
+    assert d.status.status == "staging" and d.status.num_chunks is None and d.status.attempt == 2
+    assert "staging again (the staged files are gone)" in d.events[0].message
+    [job] = created(d)
+    assert job["metadata"]["name"] == child_jobs.child_job_name("usdc", UID, child_jobs.STAGING, 2)
+    # Failed in staging: nothing staged to reuse.
+    failed_staging = BackfillStatus.model_validate(
+        {
+            "status": "failed",
+            "job_id": UID,
+            "error_message": "staging failed: x",
+            "time_completed": "2026-03-01T11:59:00Z",
+        }
+    )
+    d = run(obs(status=failed_staging, spec={**SPEC, "retry": 1}))
+    assert d.status.status == "staging" and "staging again (no staged files to reuse)" in d.events[0].message
+
+
+def test_retry_job_names_fit_pod_hostnames():
+    for attempt in (2, 999):
+        name = child_jobs.child_job_name("x" * 200, UID, child_jobs.TRANSPORT, attempt)
+        assert len(name) + len("-99999") <= 63 and name.endswith(f"-transport-{attempt}")
+    assert child_jobs.child_job_name("usdc", UID, child_jobs.TRANSPORT, 1) == XPORT  # unchanged since 0.1
