@@ -358,6 +358,14 @@ class BackfillSpec(_Model):
         description="Retries of one chunk before it fails the backfill; defaults to the operator's setting and "
         "may not exceed its max_backoff_limit_per_index.",
     )
+    active_deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=30 * 86400,
+        description="Seconds an attempt may run, from its start (creation, or the retry), suspended time "
+        "included; past it the backfill fails and its Jobs are deleted. Defaults to the operator's "
+        "default_active_deadline_seconds (none unless set).",
+    )
     retry: int = Field(
         default=0,
         ge=0,

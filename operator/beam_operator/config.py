@@ -68,6 +68,12 @@ class OperatorConfig(BaseSettings):
     # One retry of a chunk, then the index fails: a bad chunk must not loop for hours.
     backoff_limit_per_index: int = 1
     staging_backoff_limit: int = 1
+    # spec.active_deadline_seconds of a backfill that sets none; None: no deadline.
+    default_active_deadline_seconds: int | None = Field(default=None, ge=1)
+    # A worker Pod waiting this long for a reason that does not pass by itself (an image that
+    # cannot be pulled, no node that fits, a Pod the cluster refuses to create) fails the
+    # backfill with the reason, instead of leaving it in staging or transporting forever.
+    stuck_pod_seconds: float = Field(default=300.0, gt=0)
     job_ttl_seconds: int = 3600
     # Seconds after a backfill ends when the operator deletes the BeamBackfill itself (and so
     # its Jobs and staged files), unless its spec.ttl_seconds_after_finished says otherwise.

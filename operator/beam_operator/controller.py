@@ -33,12 +33,13 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from beam_contract.model import TERMINAL, BackfillStatus, Phase
+from beam_contract.model import TERMINAL, BackfillStatus, Phase, parse_timestamp
 
 from . import child_jobs, metrics, staged_files
 from .config import OperatorConfig
 from .kubeclient import ApiError
 from .reconcile import (
+    STUCK_RECHECK_S,
     Action,
     CreateJob,
     DeleteBackfill,
@@ -49,8 +50,11 @@ from .reconcile import (
     Observed,
     PodObs,
     SuspendJob,
+    WaitingPod,
+    current_jobs,
     finalize_actions,
     reconcile,
+    running,
     wants_retry,
 )
 
@@ -119,6 +123,8 @@ class Caches:
     jobs: dict[str, dict[str, JobObs]] = field(default_factory=dict)  # by owner uid, then Job name
     pods: dict[str, dict[str, PodObs]] = field(default_factory=dict)  # by owner uid, then Pod name
     keys_by_uid: dict[str, Key] = field(default_factory=dict)
+    # Stuck Pods of running Jobs, and when they were last looked for, by owner uid.
+    waiting: dict[str, tuple[float, tuple[WaitingPod, ...]]] = field(default_factory=dict)
 
 
 def api_connections(workers: int) -> int:
@@ -167,6 +173,7 @@ class Controller:
             self.caches.keys_by_uid.pop(meta["uid"], None)
             self.caches.jobs.pop(meta["uid"], None)
             self.caches.pods.pop(meta["uid"], None)
+            self.caches.waiting.pop(meta["uid"], None)
             self._last_write.pop(key, None)
             self._refused.pop(meta["uid"], None)
             self._errors.pop(key, None)
@@ -217,6 +224,37 @@ class Controller:
         for job_name in self._needs_pods(meta["uid"], status):
             found = await self.api.finished_pods(meta["namespace"], job_name)
             self.caches.pods.setdefault(meta["uid"], {}).update(found)
+
+    async def _read_waiting(self, body: dict[str, Any]) -> None:
+        """Look for stuck Pods of a backfill whose current Jobs have Pods not running, once those
+        Jobs are stuck_pod_seconds old, and then every STUCK_RECHECK_S: no watch of Pods, and no
+        list at all for the common case of Jobs whose Pods all run."""
+        meta = body["metadata"]
+        uid = meta["uid"]
+        status = BackfillStatus.model_validate(body.get("status") or {})
+        if status.status not in (Phase.STAGING, Phase.TRANSPORTING):
+            self.caches.waiting.pop(uid, None)
+            return
+        now, wall = time.monotonic(), datetime.now(UTC)
+        candidates = [
+            j
+            for j in current_jobs(self.observe(body), status)
+            if running(j)
+            and not j.suspended
+            and j.ready < max(j.active, 1)
+            and j.created_at
+            and (wall - parse_timestamp(j.created_at)).total_seconds() >= self.config.stuck_pod_seconds
+        ]
+        if not candidates:
+            self.caches.waiting.pop(uid, None)
+            return
+        last = self.caches.waiting.get(uid)
+        if last is not None and now - last[0] < STUCK_RECHECK_S - 1:
+            return
+        found: list[WaitingPod] = []
+        for job in candidates:
+            found += await self.api.waiting_pods(meta["namespace"], job)
+        self.caches.waiting[uid] = (now, tuple(found))
 
     def _enqueue_uid(self, uid: str) -> None:
         key = self.caches.keys_by_uid.get(uid)
@@ -349,6 +387,7 @@ class Controller:
             jobs=tuple(self.caches.jobs.get(uid, {}).values()),
             pods=tuple(self.caches.pods.get(uid, {}).values()),
             refused=dict(self._refused.get(uid, {})),
+            waiting=self.caches.waiting.get(uid, (0.0, ()))[1],
             now=now or datetime.now(UTC),
             queue_name=(meta.get("labels") or {}).get(child_jobs.QUEUE_NAME_LABEL, ""),
         )
@@ -358,6 +397,7 @@ class Controller:
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
         await self._read_pods(body)
+        await self._read_waiting(body)
         old = body.get("status") or {}
         observed = self.observe(body)
         if wants_retry(observed.spec, observed.status) and observed.status.num_chunks is not None:

@@ -36,7 +36,7 @@ from beam_contract.model import GROUP, KIND, PLURAL, VERSION
 
 from . import child_jobs, metrics
 from .config import OperatorConfig
-from .reconcile import Event, JobObs, PodObs
+from .reconcile import STUCK_HINTS, Event, JobObs, PodObs, WaitingPod
 
 log = logging.getLogger("beam_operator.kubeclient")
 
@@ -274,6 +274,30 @@ class KubeApi:
                 found[pod["metadata"]["name"]] = obs
         return found
 
+    async def waiting_pods(self, namespace: str, job: JobObs) -> list[WaitingPod]:
+        """Pods of a running Job that wait for a reason that will not pass by itself; for a Job
+        with no Pod at all, the cluster's refusal to create them (its latest FailedCreate Event)."""
+        _, doc = await self.request(
+            "GET",
+            f"/api/v1/namespaces/{namespace}/pods",
+            params={
+                "labelSelector": f"batch.kubernetes.io/job-name={job.name}",
+                "fieldSelector": "status.phase=Pending",
+            },
+        )
+        found = [w for pod in doc["items"] if (w := waiting_of(job.name, pod)) is not None]
+        if found or job.active:
+            return found
+        _, events = await self.request(
+            "GET",
+            f"/api/v1/namespaces/{namespace}/events",
+            params={"fieldSelector": f"involvedObject.kind=Job,involvedObject.name={job.name},reason=FailedCreate"},
+        )
+        latest = max(events["items"], key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", default=None)
+        if latest is None:
+            return []
+        return [WaitingPod(job.name, "", "FailedCreate", latest.get("message") or "", job.created_at)]
+
     async def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> dict[str, Any] | None:
         """The backfill as stored after the patch, or None if it was deleted meanwhile."""
         code, doc = await self.request(
@@ -316,3 +340,23 @@ class KubeApi:
             )
         except (TimeoutError, ApiError, aiohttp.ClientError) as e:
             log.warning("could not record event %s on %s/%s: %s", ev.reason, meta["namespace"], meta["name"], e)
+
+
+def waiting_of(job: str, pod: dict[str, Any]) -> WaitingPod | None:
+    """Why a Pending Pod does not start, if it is a reason of STUCK_HINTS."""
+    meta, status = pod.get("metadata", {}), pod.get("status") or {}
+    for cs in status.get("containerStatuses") or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STUCK_HINTS:
+            return WaitingPod(
+                job,
+                meta.get("name", ""),
+                waiting["reason"],
+                waiting.get("message") or "",
+                meta.get("creationTimestamp") or "",
+            )
+    for c in status.get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
+            since = c.get("lastTransitionTime") or meta.get("creationTimestamp") or ""
+            return WaitingPod(job, meta.get("name", ""), "Unschedulable", c.get("message") or "", since)
+    return None

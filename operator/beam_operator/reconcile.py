@@ -49,6 +49,8 @@ class JobObs:
     active: int = 0
     deleting: bool = False
     finished_at: str = ""
+    ready: int = 0  # Pods whose container runs (workers have no readiness probe)
+    created_at: str = ""
     suspended: bool = False  # the Job's spec.suspend
     attempt: int = 1  # label LABEL_ATTEMPT; Jobs from before retries existed have none
     queued: bool = False  # it has Kueue's queue-name label: Kueue, not the operator, unsuspends it
@@ -70,6 +72,8 @@ class JobObs:
             completed_indexes=status.get("completedIndexes") or "",
             failed_indexes=status.get("failedIndexes") or "",
             active=status.get("active") or 0,
+            ready=status.get("ready") or 0,
+            created_at=meta.get("creationTimestamp") or "",
             deleting=bool(meta.get("deletionTimestamp")),
             suspended=bool((job.get("spec") or {}).get("suspend")),
             queued=child_jobs.QUEUE_NAME_LABEL in (meta.get("labels") or {}),
@@ -84,6 +88,37 @@ class JobObs:
                 "",
             ),
         )
+
+
+@dataclass(frozen=True)
+class WaitingPod:
+    """A worker Pod that does not start, for a reason that does not pass by itself; or, with
+    pod "", a Job whose Pods the cluster refuses to create (its FailedCreate Event)."""
+
+    job: str
+    pod: str
+    reason: str
+    message: str
+    since: str  # ISO 8601: waiting since
+
+
+# Why a Pod waits, and what the user can do about it.
+STUCK_HINTS = {
+    "ErrImagePull": "the worker image cannot be pulled: check jobrunner.image in the operator's values and "
+    "that the nodes can reach its registry",
+    "ImagePullBackOff": "the worker image cannot be pulled: check jobrunner.image in the operator's values and "
+    "that the nodes can reach its registry",
+    "ErrImageNeverPull": "the worker image is not on the node and its pull policy is Never: load the image or "
+    "change jobrunner.image.pullPolicy",
+    "InvalidImageName": "the worker image name is invalid: check jobrunner.image in the operator's values",
+    "CreateContainerConfigError": "a Secret or ConfigMap the Pod needs is missing or lacks a key",
+    "Unschedulable": "no node can run it: ask for less in spec.resources, or check the nodes' capacity, "
+    "taints and the static egress node selector",
+    "FailedCreate": "the cluster refuses to create its Pods: check the namespace's ResourceQuotas, "
+    "LimitRanges and admission policies",
+}
+# How often a backfill whose Pods are not all running is looked at again for stuck Pods.
+STUCK_RECHECK_S = 15.0
 
 
 def _attempt_label(value: str | None) -> int:
@@ -143,6 +178,9 @@ class Observed:
     # Whether the staged manifest is still in the bucket; read only when a retry is asked for
     # (wants_retry), None otherwise.
     staged: bool | None = None
+    # Pods of the current Jobs that wait for a reason in STUCK_HINTS (read when a Job's Pods are
+    # not all running after stuck_pod_seconds).
+    waiting: tuple[WaitingPod, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -264,6 +302,49 @@ def _worker_log(pods: tuple[PodObs, ...], job: str, index: int | None, where: st
 
 
 def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
+    d = _reconcile(obs, config)
+    if d.status.status in (Phase.STAGING, Phase.TRANSPORTING) and (wake := _next_look(obs, d.status, config)):
+        d.requeue_after = wake if d.requeue_after is None else min(d.requeue_after, wake)
+    return d
+
+
+def current_jobs(obs: Observed, st: BackfillStatus) -> list[JobObs]:
+    attempt = st.attempt or 1
+    return [j for j in obs.jobs if j.attempt == attempt and not j.deleting]
+
+
+def _next_look(obs: Observed, st: BackfillStatus, config: OperatorConfig) -> float | None:
+    """When to look again without a watch event: at the deadline, and while Pods do not run."""
+    wake = []
+    if (deadline := _deadline(obs, st, config)) is not None:
+        wake.append(max((deadline - obs.now).total_seconds(), 0.0))
+    if any(running(j) and not j.suspended and j.ready < max(j.active, 1) for j in current_jobs(obs, st)):
+        wake.append(STUCK_RECHECK_S)
+    return min(wake) if wake else None
+
+
+def _deadline(obs: Observed, st: BackfillStatus, config: OperatorConfig) -> datetime | None:
+    seconds = (obs.spec or {}).get("active_deadline_seconds") or config.default_active_deadline_seconds
+    if not isinstance(seconds, int):
+        return None
+    started = st.time_created or obs.creation_timestamp
+    if (st.attempt or 1) > 1:  # from the retry: the Failed condition turned False then
+        started = next((c.lastTransitionTime for c in st.conditions if c.type == "Failed"), None) or started
+    return parse_timestamp(started) + timedelta(seconds=seconds) if started else None
+
+
+def stuck_pods(obs: Observed, config: OperatorConfig) -> str:
+    """Why a current Pod is stuck for longer than stuck_pod_seconds, and what to do, or ""."""
+    for w in obs.waiting:
+        waited = (obs.now - parse_timestamp(w.since)).total_seconds() if w.since else 0.0
+        if waited >= config.stuck_pod_seconds and w.reason in STUCK_HINTS:
+            what = f"Pod {w.pod}" if w.pod else f"Job {w.job}"
+            detail = f": {_clip(w.message)[:300]}" if w.message else ""
+            return f"{what} has been waiting {waited:.0f}s: {w.reason}{detail}; {STUCK_HINTS[w.reason]}"
+    return ""
+
+
+def _reconcile(obs: Observed, config: OperatorConfig) -> Decision:
     st = obs.status.model_copy(deep=True)
     now = utc_iso(obs.now)
     events: list[Event] = []
@@ -287,7 +368,7 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             _set_condition(st, "Cancelled", True, reason, message, now, obs.generation)
         if cleanup_jobs:
             actions.extend(
-                DeleteJob(j.name) for j in obs.jobs if not j.deleting and (phase == Phase.CANCELLED or _running(j))
+                DeleteJob(j.name) for j in obs.jobs if not j.deleting and (phase == Phase.CANCELLED or running(j))
             )
         events.append(Event("Warning" if warning else "Normal", _reason(phase), message))
         if completed and config.staged_retention_seconds == 0 and st.num_chunks is not None:
@@ -395,6 +476,23 @@ def reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             return CreateJob(manifest)
         return CreateJob(manifest, child_jobs.spec_config_map(obs.name, obs.namespace, obs.uid, spec))
 
+    deadline = _deadline(obs, st, config)
+    if deadline is not None and obs.now >= deadline:
+        seconds = (obs.spec or {}).get("active_deadline_seconds") or config.default_active_deadline_seconds
+        if st.status == Phase.TRANSPORTING:
+            xport = by_phase.get(child_jobs.TRANSPORT)
+            st.chunks_left = (st.num_chunks or 0) - (count_indexes(xport.completed_indexes) if xport else 0)
+        where = f"{st.chunks_left} of {st.num_chunks} chunks left" if st.status == Phase.TRANSPORTING else "staging"
+        return finish(
+            Phase.FAILED,
+            "DeadlineExceeded",
+            f"the backfill ran past its active_deadline_seconds ({seconds}s) with {where}; raise "
+            "spec.active_deadline_seconds and retry (spec.retry) to go on from where it stopped",
+            warning=True,
+            cleanup_jobs=True,
+        )
+    if stuck := stuck_pods(obs, config):
+        return finish(Phase.FAILED, "PodStuck", stuck, warning=True, cleanup_jobs=True)
     paused = _suspension(obs, st, spec, by_phase, actions, events, now)
     if paused is not None:
         return paused
@@ -594,7 +692,7 @@ def _suspension(
             _set_condition(st, "Suspended", False, "Resumed", msg, now, obs.generation)
             events.append(Event("Normal", "Resumed", msg))
         return None
-    if job is not None and not _running(job):
+    if job is not None and not running(job):
         return None
     if job is not None and not job.suspended and not job.deleting:
         actions.append(SuspendJob(job.name, True))
@@ -614,7 +712,7 @@ def _terminal(
     # Jobs left after a terminal status (the operator died between status and delete): a
     # cancelled backfill keeps none, a failed or completed one keeps finished Jobs until their TTL.
     actions.extend(
-        DeleteJob(j.name) for j in obs.jobs if not j.deleting and (st.status == Phase.CANCELLED or _running(j))
+        DeleteJob(j.name) for j in obs.jobs if not j.deleting and (st.status == Phase.CANCELLED or running(j))
     )
     done_at = parse_timestamp(st.time_completed) if st.time_completed else obs.now
     wake: list[float] = []
@@ -641,7 +739,7 @@ def _terminal(
     return Decision(st, actions, events, requeue_after=min(wake) if wake else None)
 
 
-def _running(job: JobObs) -> bool:
+def running(job: JobObs) -> bool:
     return bool(job.active) or not (job.complete or job.failed)
 
 

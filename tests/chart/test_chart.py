@@ -156,7 +156,7 @@ OPERATOR_RULES = {
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete", "patch"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "configmaps"): {"create"},
-    ("", "events"): {"create", "patch"},
+    ("", "events"): {"create", "patch", "list"},
     ("events.k8s.io", "events"): {"create", "patch"},
     ("", "namespaces"): {"list", "watch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},

@@ -534,7 +534,7 @@ def test_suspend_mid_transport_ends_every_pod_and_resume_delivers_exactly_the_re
         'custom-columns=S:.status.status,SUSPENDED:.status.conditions[?(@.type=="Suspended")].status',
     ).stdout.split()
     assert columns == ["transporting", "True"], columns
-    assert "Suspended" in k8s.kubectl("get", "bbf", "paused", "-n", org).stdout.splitlines()[0]
+    assert "SUSPENDED" in k8s.kubectl("get", "bbf", "paused", "-n", org).stdout.splitlines()[0]
     delivered = len(read_topic(kafka.bootstrap, topic))
     assert delivered > 0 and st["chunks_left"] <= first["chunks_left"]
     time.sleep(10)  # the promise is about a span of time: nothing runs and nothing arrives in it
@@ -663,3 +663,40 @@ def test_a_failed_backfill_retried_delivers_only_what_did_not_complete(k8s, oper
     events = k8s.api("GET", f"/api/v1/namespaces/{org}/events?fieldSelector=involvedObject.uid%3D{uid}")["items"]
     [retrying] = [e for e in events if e["reason"] == "Retrying"]
     assert retrying["message"].startswith("attempt 2 (spec.retry 1): delivering the chunks not delivered yet"), retrying
+
+
+def test_a_worker_no_node_can_fit_fails_the_backfill_naming_the_pod_and_what_to_do(k8s, operator, org):
+    # 3 CPUs: allowed by the operator (max 4) but more than the node has. The chart's test values
+    # set stuck_pod_seconds to 10.
+    obj = backfill("too-big", "e2e-too-big", window={**WINDOW, "end": "2026-03-02T00:00:00"})
+    obj["spec"]["resources"] = {"requests": {"cpu": "3"}}
+    uid = apply(k8s, org, obj)["metadata"]["uid"]
+    st = wait_status(k8s, org, "too-big", "failed", timeout=120)
+    assert st["error_message"].startswith("Pod too-big-"), st
+    assert (
+        ": Unschedulable: 0/1 nodes are available" in st["error_message"] and "Insufficient cpu" in st["error_message"]
+    )
+    assert "ask for less in spec.resources" in st["error_message"]
+    wait_until(lambda: not pods_of(k8s, org, uid), 60, "the stuck Pod deleted with its Job")
+
+
+def test_pods_the_cluster_refuses_to_create_fail_the_backfill_with_the_quota(k8s, operator, org):
+    quota = {
+        "apiVersion": "v1",
+        "kind": "ResourceQuota",
+        "metadata": {"name": "no-pods"},
+        "spec": {"hard": {"pods": "0"}},
+    }
+    k8s.api("POST", f"/api/v1/namespaces/{org}/resourcequotas", quota)
+    apply(k8s, org, backfill("no-pods", "e2e-no-pods", window={**WINDOW, "end": "2026-03-02T00:00:00"}))
+    st = wait_status(k8s, org, "no-pods", "failed", timeout=120)
+    assert st["error_message"].startswith("Job no-pods-") and ": FailedCreate: " in st["error_message"], st
+    assert "exceeded quota: no-pods" in st["error_message"], st
+    assert "check the namespace's ResourceQuotas" in st["error_message"]
+
+
+def test_a_backfill_past_its_deadline_fails_even_while_suspended(k8s, operator, org):
+    obj = backfill("late", "e2e-late", suspend=True, active_deadline_seconds=5)
+    apply(k8s, org, obj)
+    st = wait_status(k8s, org, "late", "failed", timeout=60)
+    assert st["error_message"].startswith("the backfill ran past its active_deadline_seconds (5s) with staging"), st

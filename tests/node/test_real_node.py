@@ -227,6 +227,22 @@ def test_a_pod_whose_image_is_missing_shows_the_real_reason(node_operator, org):
     assert wait_for(waiting, 60, "a waiting reason") == "ErrImageNeverPull"
     described = plane.kubectl("describe", "pod", "-n", org, "no-image").stdout
     assert "ErrImageNeverPull" in described and "not present with pull policy of Never" in described, described
+    # What the operator makes of that Pod (the kubelet's own status): stuck, with the remedy.
+    from dataclasses import replace
+    from datetime import timedelta
+
+    from beam_contract.model import BackfillStatus, parse_timestamp
+    from beam_operator.config import OperatorConfig
+    from beam_operator.kubeclient import waiting_of
+    from beam_operator.reconcile import Observed, stuck_pods
+
+    live = plane.api("GET", f"/api/v1/namespaces/{org}/pods/no-image")
+    seen = waiting_of("a-job", live)
+    assert seen is not None and seen.reason == "ErrImageNeverPull" and seen.pod == "no-image"
+    later = parse_timestamp(live["metadata"]["creationTimestamp"]) + timedelta(seconds=301)
+    obs = Observed("b", org, "uid", 1, "", {}, BackfillStatus(), now=later)
+    why = stuck_pods(replace(obs, waiting=(seen,)), OperatorConfig())
+    assert why.startswith("Pod no-image has been waiting 301s: ErrImageNeverPull: ") and "load the image" in why, why
 
 
 def backfill(name: str, topic: str, **extra) -> dict:

@@ -759,3 +759,51 @@ def test_retry_job_names_fit_pod_hostnames():
         name = child_jobs.child_job_name("x" * 200, UID, child_jobs.TRANSPORT, attempt)
         assert len(name) + len("-99999") <= 63 and name.endswith(f"-transport-{attempt}")
     assert child_jobs.child_job_name("usdc", UID, child_jobs.TRANSPORT, 1) == XPORT  # unchanged since 0.1
+
+
+def test_a_backfill_past_its_deadline_fails_and_its_jobs_are_deleted():
+    st = transporting_status(4)
+    st.time_created = "2026-03-01T11:00:00Z"  # an hour before NOW
+    running = JobObs(XPORT, child_jobs.TRANSPORT, completed_indexes="0", active=1, ready=1)
+    before = run(obs(status=st, jobs_=[running], spec={**SPEC, "active_deadline_seconds": 7200}))
+    assert before.status.status == "transporting" and before.requeue_after == 3600
+    d = run(obs(status=st, jobs_=[running], spec={**SPEC, "active_deadline_seconds": 3600}))
+    assert d.status.status == "failed" and DeleteJob(XPORT) in d.actions
+    assert d.status.error_message.startswith(
+        "the backfill ran past its active_deadline_seconds (3600s) with 3 of 4 chunks left; raise"
+    )
+    config = OperatorConfig(staging_bucket="b", staging_prefix="p", default_active_deadline_seconds=60)
+    assert run(obs(status=st, jobs_=[running]), config).status.status == "failed"
+    assert run(obs(status=st, jobs_=[running])).status.status == "transporting"  # none by default
+
+
+def test_a_pod_stuck_longer_than_allowed_fails_the_backfill_naming_pod_reason_and_remedy():
+    from dataclasses import replace
+
+    from beam_operator.reconcile import WaitingPod
+
+    st = transporting_status(4)
+    waiting = JobObs(XPORT, child_jobs.TRANSPORT, active=1, ready=0, created_at="2026-03-01T11:50:00Z")
+    pod = WaitingPod(
+        XPORT,
+        "usdc-xport-0-abcde",
+        "Unschedulable",
+        "0/1 nodes are available: 1 Insufficient cpu.",
+        "2026-03-01T11:50:00Z",
+    )
+    d = run(replace(obs(status=st, jobs_=[waiting]), waiting=(pod,)))  # 600 s, over the default 300
+    assert d.status.status == "failed" and DeleteJob(XPORT) in d.actions
+    assert d.status.error_message == (
+        "Pod usdc-xport-0-abcde has been waiting 600s: Unschedulable: 0/1 nodes are available: 1 Insufficient cpu.; "
+        "no node can run it: ask for less in spec.resources, or check the nodes' capacity, taints and the static "
+        "egress node selector"
+    )
+    recent = replace(pod, since="2026-03-01T11:58:00Z")
+    d = run(replace(obs(status=st, jobs_=[waiting]), waiting=(recent,)))
+    assert d.status.status == "transporting" and d.requeue_after == 15.0  # looked at again soon
+    refused = WaitingPod(
+        XPORT, "", "FailedCreate", 'pods "x" is forbidden: exceeded quota: no-pods', "2026-03-01T11:50:00Z"
+    )
+    d = run(replace(obs(status=st, jobs_=[waiting]), waiting=(refused,)))
+    assert d.status.error_message.startswith(f"Job {XPORT} has been waiting 600s: FailedCreate: pods")
+    assert "check the namespace's ResourceQuotas" in d.status.error_message
