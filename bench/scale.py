@@ -123,7 +123,8 @@ def pct(values: list[float], p: float) -> float:
     return v[min(len(v) - 1, max(0, int(round(p / 100 * len(v) + 0.5)) - 1))]
 
 
-def manifest(name: str, chunks: int, parallelism: int) -> dict:
+def manifest(name: str, chunks: int, parallelism: int, ttl: int | None = None) -> dict:
+    extra = {} if ttl is None else {"ttl_seconds_after_finished": ttl}
     return {
         "apiVersion": "beam-backfill.dev/v1alpha1",
         "kind": "BeamBackfill",
@@ -134,6 +135,7 @@ def manifest(name: str, chunks: int, parallelism: int) -> dict:
             "backfill_window": {"partition_key": "block", "start": 0, "end": chunks},
             "destinations": [{"type": "kafka", "name": "scale-bench"}],
             "parallelism": parallelism,
+            **extra,
         },
     }
 
@@ -197,6 +199,12 @@ def main() -> None:
         "--restart-operator-at",
         type=float,
         help="SIGKILL and restart the operator when this fraction of all chunks is delivered",
+    )
+    ap.add_argument(
+        "--ttl",
+        type=int,
+        help="spec.ttl_seconds_after_finished of every backfill: then wait until the operator has deleted them "
+        "all and report its RSS before the creates, with all completed, and after they expired",
     )
     ap.add_argument("--job-syncs", type=int, default=50, help="kube-controller-manager --concurrent-job-syncs")
     ap.add_argument("--operator-env", action="append", default=[], metavar="BEAM_X=V", help="extra operator setting")
@@ -294,6 +302,7 @@ def run(
     wait_watching(plane, operator.started_at)
     watcher.ready.wait(30)
     names = [(namespaces[i % len(namespaces)], f"bf-{i:05d}") for i in range(args.backfills)]
+    rss_baseline = operator.usage()["rss_mb"]  # started and watching, no backfill yet
     sent: dict[tuple[str, str], float] = {}
     local = threading.local()
     errors: Counter = Counter()
@@ -310,7 +319,7 @@ def run(
                 code, body = local.client.request(
                     "POST",
                     f"/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills",
-                    manifest(name, args.chunks, args.parallelism),
+                    manifest(name, args.chunks, args.parallelism, args.ttl),
                 )
             except OSError as e:  # the apiserver restarting: try again
                 errors[type(e).__name__] += 1
@@ -387,6 +396,9 @@ def run(
     t_end = time.time()
     pool.shutdown(wait=False, cancel_futures=True)
     usage = operator.usage()
+    expiry = None
+    if args.ttl is not None:
+        expiry = wait_expired(args, watcher, operator, names, rss_baseline, usage["rss_mb"], deadline)
     # The rest of the machine's CPU, to read the operator's figures against (2 cores shared).
     cpu_others = {}
     for what, p in others.items():
@@ -406,7 +418,38 @@ def run(
         args, plane, watcher, sent, names, t0, t_end, usage, metrics_text, restarts, errors, operator
     )
     figures["cpu_s_of_other_processes"] = cpu_others
+    figures["expiry"] = expiry
     return figures
+
+
+def wait_expired(args, watcher, operator, names, rss_baseline, rss_completed, deadline) -> dict:
+    """--ttl: until every backfill is deleted; the operator's RSS then, once kopf's idle workers
+    are gone, against its RSS before any backfill existed and with all of them completed."""
+    say(f"all ended; waiting for the operator to delete them after their ttl ({args.ttl}s)")
+    t0, last_progress = time.time(), 0.0
+    while True:
+        with watcher.lock:
+            gone = sum(1 for k in names if (b := watcher.backfills.get(k)) is not None and b.deleted)
+        now = time.time()
+        if now - last_progress >= args.progress_every:
+            last_progress = now
+            say(f"{now - t0:7.1f}s expired {gone}/{len(names)} | operator rss {operator.usage()['rss_mb']:.0f} MB")
+        if gone == len(names) or now > deadline:
+            break
+        time.sleep(0.5)
+    t_gone = time.time()
+    time.sleep(15)  # kopf's idle workers (kopf_idle_seconds) and the Event lanes wind down
+    rss_after = operator.usage()["rss_mb"]
+    return {
+        "ttl_s": args.ttl,
+        "expired": gone,
+        "expiry_s": round(t_gone - t0, 1),
+        "rss_baseline_mb": round(rss_baseline, 1),
+        "rss_all_completed_mb": round(rss_completed, 1),
+        "rss_after_expiry_mb": round(rss_after, 1),
+        "after_over_baseline": round(rss_after / rss_baseline, 2) if rss_baseline else None,
+        "after_over_completed": round(rss_after / rss_completed, 2) if rss_completed else None,
+    }
 
 
 def figures_from(args, plane, watcher, sent, names, t0, t_end, usage, metrics_text, restarts, errors, operator) -> dict:
@@ -568,6 +611,13 @@ restarts: {f["restarts"]} recovery: {f["recovery"]}
 by kind: {json.dumps(api["by_kind"])}""",
         flush=True,
     )
+    if e := f.get("expiry"):
+        print(
+            f"expiry (ttl {e['ttl_s']} s): {e['expired']}/{f['backfills']} deleted in {e['expiry_s']} s; operator RSS "
+            f"before any backfill {e['rss_baseline_mb']} MB, all completed {e['rss_all_completed_mb']} MB, after expiry "
+            f"{e['rss_after_expiry_mb']} MB ({e['after_over_baseline']}x the baseline, {e['after_over_completed']}x completed)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ class BackfillSeen:
     status_at: dict[str, float] = field(default_factory=dict)  # status -> first sighting
     status: str = ""
     chunks_left: int | None = None
+    deleted: float = 0.0  # when its DELETED event came (--ttl: the operator expired it)
 
 
 class Watcher:
@@ -142,6 +143,9 @@ class Watcher:
         st = obj.get("status") or {}
         with self.lock:
             seen = self.backfills.setdefault(key, BackfillSeen(uid=meta["uid"]))
+            if kind == "DELETED":
+                seen.deleted = seen.deleted or now
+                return
             s = st.get("status") or ""
             seen.status = s
             seen.chunks_left = st.get("chunks_left")
