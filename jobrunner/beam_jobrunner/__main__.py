@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     from beam_jobrunner import log_tail, termination
 
     termination.install(_terminate)
-    log_tail.install()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_tail.install()  # after basicConfig, which does nothing once the root logger has a handler
     # httpx logs every request's full URL at INFO, query string included: webhook URLs may
     # carry tokens there. Our own log lines name endpoints through sinks.redact_url().
     for noisy in ("httpx", "httpcore", "botocore", "urllib3"):

@@ -651,6 +651,8 @@ def test_a_failed_backfill_retried_delivers_only_what_did_not_complete(k8s, oper
         assert 0 in completed_first
         _Flaky.broken = False
         k8s.api("PATCH", API.format(ns=org, name="retried"), {"spec": {"retry": 1}})
+        # Still `failed` until the operator has started attempt 2.
+        wait_until(lambda: status(k8s, org, "retried").get("attempt") == 2, 60, "attempt 2 started")
         st = wait_status(k8s, org, "retried", "completed", timeout=240)
     finally:
         server.shutdown()
