@@ -294,3 +294,5 @@ def test_a_failed_worker_leaves_its_last_log_lines_with_every_secret_masked(tmp_
     assert 1 <= len(lines) <= 20 and any("beam_jobrunner" in line for line in lines), lines
     assert KEY not in r.message and KEY not in r.stderr
     assert len(r.message.encode()) <= 4096
+    # The same lines still reach stderr, which `kubectl logs` shows while the Pod exists.
+    assert lines[-1].split(" ", 2)[-1] in r.stderr, (lines[-1], r.stderr[-2000:])
