@@ -259,6 +259,7 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
         operation_id="create_backfill",
         responses={
             **ERRORS,
+            413: {"model": ErrorBody, "description": "The body is larger than the API's limit (api.maxBodyBytes)."},
             200: {
                 "links": {
                     "CancelBackfill": {
