@@ -37,7 +37,9 @@ def install_crd(k8s) -> None:
     k8s.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/beambackfills.beam-backfill.dev")
 
 
-def install_chart_rbac(k8s, helm: str, namespace: str = OPERATOR_NS, release: str = "beam") -> Path:
+def install_chart_rbac(
+    k8s, helm: str, namespace: str = OPERATOR_NS, release: str = "beam", values: tuple[str, ...] = ()
+) -> Path:
     """Apply the chart's ServiceAccount and RBAC; return a kubeconfig for that ServiceAccount.
 
     Tests pass their own namespace and release, so their cluster-scoped ClusterRoles never
@@ -48,7 +50,10 @@ def install_chart_rbac(k8s, helm: str, namespace: str = OPERATOR_NS, release: st
         if "409" not in str(e) and "AlreadyExists" not in str(e):
             raise
     rendered = subprocess.run(
-        [helm, "template", release, str(CHART), "--namespace", namespace], capture_output=True, text=True, check=True
+        [helm, "template", release, str(CHART), "--namespace", namespace, *values],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     docs = [d for d in yaml.safe_load_all(rendered) if d]
     deployment = next(d for d in docs if d["kind"] == "Deployment")

@@ -1,4 +1,4 @@
-"""`beam-operator`: run the operator for all namespaces (each namespace is an organization)."""
+"""`beam-operator`: run the operator for all namespaces (each one an organization), or the watched ones."""
 
 from __future__ import annotations
 
@@ -31,7 +31,10 @@ def main() -> None:
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     liveness = config.liveness_endpoint or None
     # standalone: one replica (Deployment strategy Recreate) and no peering objects to manage.
-    kopf.run(clusterwide=True, standalone=True, liveness_endpoint=liveness)
+    if config.watch_namespaces:
+        kopf.run(namespaces=config.watch_namespaces, standalone=True, liveness_endpoint=liveness)
+    else:
+        kopf.run(clusterwide=True, standalone=True, liveness_endpoint=liveness)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,10 @@ class OperatorConfig(BaseSettings):
     egress: EgressConfig = Field(default_factory=EgressConfig)
 
     # --- the operator process ------------------------------------------------------------
+    # Namespaces to serve; empty: every namespace (the default, each one an organization). With
+    # a list, the operator watches only those and needs no cluster-scoped permission (the chart's
+    # watchNamespaces renders Roles there instead of ClusterRoles).
+    watch_namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
     metrics_port: int = 8080
     log_level: str = "INFO"
     # kopf's /healthz; empty in the environment keeps the default, so the chart always sets it.
@@ -119,7 +123,12 @@ class OperatorConfig(BaseSettings):
     kopf_idle_seconds: float = 0.5
 
     @field_validator(
-        "allowed_tables", "ambient_identity_namespaces", "destination_allow", "cluster_cidrs", mode="before"
+        "allowed_tables",
+        "ambient_identity_namespaces",
+        "destination_allow",
+        "cluster_cidrs",
+        "watch_namespaces",
+        mode="before",
     )
     @classmethod
     def _comma_separated(cls, v: Any) -> Any:

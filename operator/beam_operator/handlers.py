@@ -63,6 +63,10 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = NoDiffBase()
     settings.persistence.finalizer = FINALIZER
+    if config.watch_namespaces:
+        # Named namespaces, no cluster-wide watch: kopf needs neither the namespaces it would
+        # discover nor the CRDs it would scan, so the operator has no cluster-scoped permission.
+        settings.scanning.disabled = True
     settings.watching.server_timeout = config.watch_server_timeout
     settings.watching.client_timeout = config.watch_client_timeout
     settings.watching.connect_timeout = 10

@@ -12,7 +12,15 @@ from chartlib import CHART, FULL_VALUES, REPO, container_env, run_template
 from beam_operator.config import OperatorConfig
 
 # Settings the chart derives from other values rather than from `config`.
-DERIVED = {"jobrunner_image", "image_pull_policy", "worker_service_account", "metrics_port", "liveness_endpoint"}
+# Set by the chart from other values: jobrunner, worker, metrics, the health port, watchNamespaces.
+DERIVED = {
+    "jobrunner_image",
+    "image_pull_policy",
+    "worker_service_account",
+    "metrics_port",
+    "liveness_endpoint",
+    "watch_namespaces",
+}
 ALL_ENV = {f"BEAM_{name.upper()}" for name in OperatorConfig.model_fields}
 
 
@@ -284,3 +292,25 @@ def test_the_workers_network_policy_is_off_by_default_and_covers_every_worker_na
         assert {x["port"] for x in dns["ports"]} == {53}
         v4 = public["to"][0]["ipBlock"]
         assert v4["cidr"] == "0.0.0.0/0" and "169.254.0.0/16" in v4["except"]
+
+
+def test_watched_namespaces_get_roles_and_the_operator_nothing_cluster_scoped(render):
+    docs = render("--set-json", 'watchNamespaces=["org-a","org-b"]')
+    roles = docs.of("Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles if r["metadata"]["name"].endswith("-operator")) == [
+        "org-a",
+        "org-b",
+    ]
+    operator_roles = [r for r in roles if r["metadata"]["name"].endswith("-operator")]
+    cluster_scoped = {("", "namespaces"), ("apiextensions.k8s.io", "customresourcedefinitions")}
+    namespaced = {k: v for k, v in OPERATOR_RULES.items() if k not in cluster_scoped}
+    assert all(_grants(r) == namespaced for r in operator_roles)
+    assert not [r for r in docs.of("ClusterRole") if r["metadata"]["name"].endswith("-operator")]
+    assert not [b for b in docs.of("ClusterRoleBinding") if b["metadata"]["name"].endswith("-operator")]
+    bindings = [b for b in docs.of("RoleBinding") if b["metadata"]["name"].endswith("-operator")]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["org-a", "org-b"]
+    assert container_env(docs.one("Deployment", "beam-beam-backfill"))["BEAM_WATCH_NAMESPACES"] == "org-a,org-b"
+    # By default: the ClusterRole with exactly the same rules plus the cluster-scoped ones.
+    default = render()
+    assert _grants(default.one("ClusterRole", "beam-beam-backfill-operator")) == OPERATOR_RULES
+    assert container_env(default.one("Deployment", "beam-beam-backfill"))["BEAM_WATCH_NAMESPACES"] == ""

@@ -88,3 +88,52 @@ operator reads as "keep the default".
 {{- toString $v }}
 {{- end }}
 {{- end }}
+
+{{/* The operator's rules on namespaced resources: in its ClusterRole, or with watchNamespaces in
+a Role per watched namespace. Each rule says why it is there. */}}
+{{- define "beam-backfill.operatorNamespacedRules" -}}
+# get/list/watch: kopf watches every BeamBackfill. patch: kopf adds and removes its finalizer
+# (a JSON patch that tests resourceVersion) and keeps its progress in annotations. delete: a
+# finished backfill whose ttl_seconds_after_finished has passed. Nothing writes a whole
+# object, so no update.
+- apiGroups: ["beam-backfill.dev"]
+  resources: ["beambackfills"]
+  verbs: ["get", "list", "watch", "patch", "delete"]
+# get/patch: the operator reports staging/transporting/completed, chunk counts and errors in
+# status with a merge patch.
+- apiGroups: ["beam-backfill.dev"]
+  resources: ["beambackfills/status"]
+  verbs: ["get", "patch"]
+# The Jobs carry an ownerReference to their BeamBackfill (deleting it deletes them); with
+# blockOwnerDeletion set, the OwnerReferencesPermissionEnforcement admission plugin demands
+# update on the owner's finalizers subresource.
+- apiGroups: ["beam-backfill.dev"]
+  resources: ["beambackfills/finalizers"]
+  verbs: ["update"]
+# create: one staging Job and one indexed transport Job per backfill. get/list/watch: follow
+# their progress. delete: cancel, fail or delete a backfill. patch: spec.suspend only
+# (spec.suspend of the backfill: pause and resume); nothing else of a Job is changed in place.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "delete", "patch"]
+# create: a spec too large for an env variable (a filter of thousands of values) reaches the
+# workers in an immutable ConfigMap owned by the backfill; the garbage collector deletes it.
+# Never read, changed or deleted by the operator.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["create"]
+# Read-only: a failed worker's termination message (why the backfill failed) is on its Pod.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+# kopf posts Kubernetes events about each handler on the BeamBackfill (kubectl describe);
+# patch lets it bump the count of a repeated event. Both API groups, for either client.
+# list (core): a Job without Pods long after its creation, to quote the cluster's
+# FailedCreate Event (a ResourceQuota that refuses Pods) when the backfill fails for it.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create", "patch", "list"]
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
