@@ -64,6 +64,12 @@ def fetch() -> dict[str, float]:
     progress("fetch", "helm: checking cache")
     helm_binary()
     times["helm"] = time.monotonic() - t
+    from beam_devstack.promtool import promtool_binary
+
+    t = time.monotonic()
+    progress("fetch", "promtool: checking cache (first time: built from the Go module proxy, about 5 minutes)")
+    promtool_binary()
+    times["promtool"] = time.monotonic() - t
     # The real node (tests/node): Debian's containerd, runc, CNI plugins and image builders, the
     # node's Kubernetes binaries, then the images, built from the Dockerfiles when they changed.
     from beam_devstack import images, node

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import json
 import logging
 import time
 from collections import deque
@@ -40,6 +41,7 @@ from .config import OperatorConfig
 from .kubeclient import ApiError
 from .reconcile import (
     STUCK_RECHECK_S,
+    TRANSITION_REASONS,
     Action,
     CreateJob,
     DeleteBackfill,
@@ -127,6 +129,18 @@ class Caches:
     waiting: dict[str, tuple[float, tuple[WaitingPod, ...]]] = field(default_factory=dict)
 
 
+DESTINATION_TYPES = ("kafka", "webhook", "nats", "sns")
+
+
+def _destination_types(body: dict[str, Any]) -> dict[str, int]:
+    """How many destinations of each type the backfill's spec names."""
+    out: dict[str, int] = {}
+    for d in (body.get("spec") or {}).get("destinations") or []:
+        if d.get("type") in DESTINATION_TYPES:
+            out[d["type"]] = out.get(d["type"], 0) + 1
+    return out
+
+
 def api_connections(workers: int) -> int:
     """The default bound of the API session: a reconcile sends its Job create and its status
     write together (two per worker), plus one per Event lane."""
@@ -151,6 +165,8 @@ class Controller:
         self._again: set[Key] = set()
         self._wake = asyncio.Event()
         self._last_write: dict[Key, float] = {}
+        # When each backfill last moved (a status change or a chunk delivered): the stall gauge.
+        self._progress_at: dict[Key, float] = {}
         # Job creates the apiserver refused for good, by backfill uid and Job kind: the next
         # reconcile ends the backfill `failed` with the apiserver's reason.
         self._refused: dict[str, dict[str, str]] = {}
@@ -175,6 +191,7 @@ class Controller:
             self.caches.pods.pop(meta["uid"], None)
             self.caches.waiting.pop(meta["uid"], None)
             self._last_write.pop(key, None)
+            self._progress_at.pop(key, None)
             self._refused.pop(meta["uid"], None)
             self._errors.pop(key, None)
             return
@@ -434,14 +451,75 @@ class Controller:
             for r in results:
                 if isinstance(r, BaseException):
                     raise r
+        self._count_progress(key, body, old, new, decision)
         for ev in decision.events:
-            metrics.TRANSITIONS.labels(to=ev.reason.lower()).inc()
+            if ev.reason in TRANSITION_REASONS:
+                metrics.TRANSITIONS.labels(to=ev.reason.lower()).inc()
             # Events are for people reading `kubectl describe`; nothing waits on them. Posting
             # them off the worker's path saved a third of a new backfill's reconcile time.
             self._queue_event(key, body, ev)
             log.info("%s/%s: %s: %s", key[0], key[1], ev.reason, ev.message)
         if decision.requeue_after is not None:
             self.enqueue(key, decision.requeue_after)
+
+    def _count_progress(
+        self, key: Key, body: dict[str, Any], old: dict[str, Any], new: dict[str, Any], decision: Any
+    ) -> None:
+        if key not in self._progress_at or old.get("status") != new.get("status"):
+            self._progress_at[key] = time.monotonic()
+        before, after = old.get("chunks_left"), new.get("chunks_left")
+        if isinstance(before, int) and isinstance(after, int) and after < before:
+            self._progress_at[key] = time.monotonic()
+            for kind, n in _destination_types(body).items():
+                metrics.CHUNKS_DELIVERED.labels(destination_type=kind).inc((before - after) * n)
+        if any(ev.reason == "Completed" for ev in decision.events) and new.get("num_chunks"):
+            # What the workers reported per destination: read once, off the reconcile's path.
+            task = asyncio.create_task(self._count_delivered(body))
+            self._tasks.append(task)
+            task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+
+    async def _count_delivered(self, body: dict[str, Any]) -> None:
+        meta = body["metadata"]
+        attempt = (body.get("status") or {}).get("attempt") or 1
+        job = child_jobs.child_job_name(meta["name"], meta["uid"], child_jobs.TRANSPORT, attempt)
+        try:
+            pods = await self.api.finished_pods(meta["namespace"], job)
+        except Exception as e:  # metrics must never fail a backfill
+            log.warning("%s/%s: cannot read the workers' delivery figures: %s", meta["namespace"], meta["name"], e)
+            return
+        for pod in pods.values():
+            if not pod.succeeded or not pod.message.startswith("{"):
+                continue
+            try:
+                reported = json.loads(pod.message).get("destinations") or []
+            except ValueError:
+                continue
+            for d in reported:
+                kind = d.get("type")
+                if kind not in DESTINATION_TYPES:
+                    continue
+                metrics.ROWS_DELIVERED.labels(destination_type=kind).inc(max(int(d.get("rows") or 0), 0))
+                metrics.BYTES_DELIVERED.labels(destination_type=kind).inc(max(int(d.get("bytes") or 0), 0))
+                if isinstance(d.get("seconds"), (int, float)):
+                    metrics.CHUNK_SECONDS.labels(destination_type=kind).observe(d["seconds"])
+
+    def controller_state(self) -> dict[str, float]:
+        """For the queue-depth, chunks-left and stall gauges, computed when scraped."""
+        now = time.monotonic()
+        stalled, left = 0.0, 0
+        for key, b in list(self.caches.backfills.items()):
+            st = b.get("status") or {}
+            if st.get("status") not in (Phase.STAGING, Phase.TRANSPORTING):
+                continue
+            left += st.get("chunks_left") or 0
+            if any(c.get("type") == "Suspended" and c.get("status") == "True" for c in st.get("conditions") or []):
+                continue
+            stalled = max(stalled, now - self._progress_at.get(key, now))
+        return {
+            "queue_depth": len(self._due) + len(self._ready) + len(self._ready_new),
+            "seconds_since_progress_max": stalled,
+            "chunks_left": left,
+        }
 
     async def _write_status(self, key: Key, new: dict[str, Any]) -> None:
         patched = await self.api.patch_status(key[0], key[1], new)

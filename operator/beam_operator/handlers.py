@@ -97,6 +97,7 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
     ctl = Controller(config, api, workers=config.workers, event_backlog=config.event_backlog)
     _state["controller"] = ctl
     metrics.BACKFILLS.source = ctl.count_by_status
+    metrics.CONTROLLER.source = ctl.controller_state
     ctl.start()
     if config.metrics_port:
         start_http_server(config.metrics_port)

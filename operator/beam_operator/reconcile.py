@@ -232,7 +232,7 @@ class Decision:
 
     @property
     def transition(self) -> bool:
-        return any(e.reason in _TRANSITION_REASONS for e in self.events)
+        return any(e.reason in TRANSITION_REASONS for e in self.events)
 
 
 def _reason(phase: Phase) -> str:
@@ -240,7 +240,7 @@ def _reason(phase: Phase) -> str:
     return phase.value.capitalize()
 
 
-_TRANSITION_REASONS = {_reason(p) for p in Phase} | {"Retrying"}
+TRANSITION_REASONS = frozenset({_reason(p) for p in Phase} | {"Retrying"})
 
 
 def count_indexes(ranges: str) -> int:

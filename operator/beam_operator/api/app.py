@@ -8,6 +8,7 @@ that generates the CRD, so the API refuses exactly what `kubectl apply` would.
 # No `from __future__ import annotations`: FastAPI resolves the endpoint annotations, which
 # refer to names local to create_app.
 import os
+import time
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -39,6 +40,34 @@ from beam_operator.api.ratelimit import TokenBuckets, retry_after_header
 
 PREFIX = "/api/v1/beam"
 IDENTIFIED = "beam.caller"  # the scope key under which BodyGuard leaves the caller's ApiKey
+
+
+class RequestTimer:
+    """beam_api_request_duration_seconds{route,method,code}: the route's template, never a job id,
+    so the label set stays bounded."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        from .metrics import REQUEST_SECONDS
+
+        t0, code = time.perf_counter(), [500]
+
+        async def sent(message) -> None:
+            if message["type"] == "http.response.start":
+                code[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sent)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            REQUEST_SECONDS.labels(route=route, method=scope["method"], code=str(code[0])).observe(
+                time.perf_counter() - t0
+            )
 
 
 class BodyGuard:
@@ -247,10 +276,18 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
     Caller = Annotated[ApiKey, Depends(caller)]
 
     app.add_middleware(BodyGuard, identify=identify, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestTimer)
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        # Without a key, as /healthz: request counts and latencies, no organization's data.
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post(
         f"{PREFIX}/backfills",
