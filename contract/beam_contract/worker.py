@@ -26,6 +26,7 @@ class Env(StrEnum):
     SPEC_FILE = "BEAM_SPEC_FILE"  # otherwise: a gzip'd JSON file, mounted from the spec ConfigMap
     JOB_ID = "BEAM_JOB_ID"  # the resource's uid, the public job_id
     NAMESPACE = "BEAM_NAMESPACE"  # the organization
+    BACKFILL = "BEAM_BACKFILL"  # the BeamBackfill's name: for the worker's log lines
     STAGING_URI = "BEAM_STAGING_URI"  # staging.job_staging_uri()
     CONNECT_TIMEOUT_S = "BEAM_CONNECT_TIMEOUT_S"
     STORAGE_EMULATOR_HOST = "STORAGE_EMULATOR_HOST"  # only with an emulator (dev stack, tests)

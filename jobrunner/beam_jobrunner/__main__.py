@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
-from beam_contract.worker import Command, ExitCode
+from beam_contract import logs
+from beam_contract.worker import Command, Env, ExitCode
 from beam_jobrunner.config import termination_path
 from beam_jobrunner.errors import JobError
 
@@ -46,8 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     from beam_jobrunner import log_tail, termination
 
     termination.install(_terminate)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log_tail.install()  # after basicConfig, which does nothing once the root logger has a handler
+    # One JSON object per line in a Pod, each with the backfill it works for (beam_contract.logs).
+    logs.configure(
+        os.environ.get("BEAM_LOG_LEVEL", "INFO"),
+        fixed={
+            "namespace": os.environ.get(Env.NAMESPACE),
+            "name": os.environ.get(Env.BACKFILL),
+            "job_id": os.environ.get(Env.JOB_ID),
+            "phase": args.command.value,
+            "chunk": os.environ.get(Env.COMPLETION_INDEX) if args.command == Command.TRANSPORT else None,
+        },
+    )
+    log_tail.install()  # after configure, which replaces the root logger's handlers
     # httpx logs every request's full URL at INFO, query string included: webhook URLs may
     # carry tokens there. Our own log lines name endpoints through sinks.redact_url().
     for noisy in ("httpx", "httpcore", "botocore", "urllib3"):

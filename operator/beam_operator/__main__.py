@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 
 
@@ -25,10 +24,12 @@ def main() -> None:
     limit_malloc_arenas()  # before any other thread exists
     import kopf
 
+    from beam_contract import logs
+
     from . import handlers  # registers the handlers, and reads the settings
 
     config = handlers.CONFIG
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(config.log_level)  # JSON in a Pod, text in a terminal (BEAM_LOG_FORMAT)
     liveness = config.liveness_endpoint or None
     # standalone: one replica (Deployment strategy Recreate) and no peering objects to manage.
     if config.watch_namespaces:

@@ -143,11 +143,14 @@ def _spec_volume(name: str, uid: str, spec: BackfillSpec) -> dict[str, Any]:
     return {"volumes": [{"name": "spec", "configMap": {"name": spec_config_map_name(name, uid)}}]}
 
 
-def _common_env(spec: BackfillSpec, namespace: str, uid: str, config: OperatorConfig) -> list[dict[str, Any]]:
+def _common_env(
+    spec: BackfillSpec, name: str, namespace: str, uid: str, config: OperatorConfig
+) -> list[dict[str, Any]]:
     env = [
         _spec_env(spec),
         {"name": Env.JOB_ID, "value": uid},
         {"name": Env.NAMESPACE, "value": namespace},
+        {"name": Env.BACKFILL, "value": name},
         {"name": Env.STAGING_URI, "value": staging_uri(config, namespace, uid)},
         {"name": Env.CONNECT_TIMEOUT_S, "value": str(config.connect_timeout_seconds)},
     ]
@@ -245,7 +248,7 @@ def staging_job(
     queue_name: str = "",
     attempt: int = 1,
 ) -> dict[str, Any]:
-    env = _common_env(spec, namespace, uid, config)
+    env = _common_env(spec, name, namespace, uid, config)
     env += [
         {"name": Env.STAGE_STRATEGY, "value": config.stage_strategy},
         {"name": Env.CHUNK_TARGET_BYTES, "value": str(config.chunk_target_bytes)},
@@ -286,7 +289,7 @@ def transport_job(
     queue_name: str = "",
     attempt: int = 1,
 ) -> dict[str, Any]:
-    env = _common_env(spec, namespace, uid, config)
+    env = _common_env(spec, name, namespace, uid, config)
     env.append({"name": Env.MANIFEST_URI, "value": staging.manifest_uri(staging_uri(config, namespace, uid))})
     if config.managed_kafka_bootstrap:
         env.append({"name": Env.KAFKA_BOOTSTRAP, "value": config.managed_kafka_bootstrap})

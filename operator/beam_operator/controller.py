@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+from beam_contract import logs
 from beam_contract.model import TERMINAL, BackfillStatus, Phase, parse_timestamp
 
 from . import child_jobs, metrics, staged_files
@@ -317,12 +318,18 @@ class Controller:
     async def _post_events(self, lane: asyncio.Queue[tuple[dict[str, Any], Event]]) -> None:
         while True:
             body, ev = await lane.get()
+            meta = body["metadata"]
             try:
-                await self.api.post_event(body, ev)  # logs the API's refusals: an Event is not retried
-            except Exception:  # anything else must not end the lane, or its Events pile up unposted
-                log.exception("could not record event %s", ev.reason)
+                with logs.backfill_context(namespace=meta["namespace"], name=meta["name"], job_id=meta.get("uid")):
+                    await self._post_one(body, ev)
             finally:
                 lane.task_done()
+
+    async def _post_one(self, body: dict[str, Any], ev: Event) -> None:
+        try:
+            await self.api.post_event(body, ev)  # logs the API's refusals: an Event is not retried
+        except Exception:  # anything else must not end the lane, or its Events pile up unposted
+            log.exception("could not record event %s", ev.reason)
 
     def _is_new(self, key: Key) -> bool:
         body = self.caches.backfills.get(key)
@@ -370,7 +377,7 @@ class Controller:
             key = await self._next()
             self._busy.add(key)
             try:
-                with metrics.RECONCILE_SECONDS.time():
+                with metrics.RECONCILE_SECONDS.time(), logs.backfill_context(**self._log_fields(key)):
                     await self.process(key)
             except asyncio.CancelledError:
                 raise
@@ -378,7 +385,8 @@ class Controller:
                 metrics.RECONCILE_ERRORS.inc()
                 n = self._errors[key] = self._errors.get(key, 0) + 1
                 delay = min(RETRY_FIRST_S * 2 ** (n - 1), RETRY_MAX_S)
-                log.exception("reconcile of %s/%s failed (%d in a row): %s; retrying in %.0fs", *key, n, e, delay)
+                with logs.backfill_context(**self._log_fields(key)):
+                    log.exception("reconcile of %s/%s failed (%d in a row): %s; retrying in %.0fs", *key, n, e, delay)
                 self.enqueue(key, delay)
             else:
                 self._errors.pop(key, None)
@@ -389,6 +397,16 @@ class Controller:
                     self.enqueue(key)
 
     # --- one reconcile --------------------------------------------------------------------
+
+    def _log_fields(self, key: Key) -> dict[str, Any]:
+        """What every log line about this backfill carries (beam_contract.logs)."""
+        body = self.caches.backfills.get(key) or {}
+        return {
+            "namespace": key[0],
+            "name": key[1],
+            "job_id": (body.get("metadata") or {}).get("uid"),
+            "phase": (body.get("status") or {}).get("status") or "pending",
+        }
 
     def observe(self, body: dict[str, Any], now: datetime | None = None) -> Observed:
         meta = body["metadata"]
@@ -576,6 +594,13 @@ class Controller:
                 log.info("%s/%s: deleted %d staged objects under %s", ns, body["metadata"]["name"], n, uri)
 
     async def finalize(self, body: dict[str, Any]) -> bool:
+        meta = body["metadata"]
+        with logs.backfill_context(
+            namespace=meta["namespace"], name=meta["name"], job_id=meta["uid"], phase="deleting"
+        ):
+            return await self._finalize(body)
+
+    async def _finalize(self, body: dict[str, Any]) -> bool:
         """Clean up a deleted backfill; True once nothing of it is left.
 
         Decided from live reads, never the watch cache: a cache that has not seen a Job yet (a

@@ -190,13 +190,42 @@ def test_one_backfill_delivers_over_sasl_ssl_kafka_and_a_signed_https_webhook(
                 "hash_key": "beam-destination-hook-key",
             },
         ]
-        apply(k8s, org, obj)
+        uid = apply(k8s, org, obj)["metadata"]["uid"]
         wait_status(k8s, org, "fanout", "completed")
         ids = expected_ids(seeded, window)
         assert_exactly(read_topic(kafka.bootstrap, "e2e-sasl"), ids)
         assert set(_Receiver.rows) == ids and _Receiver.bad == 0
     finally:
         server.shutdown()
+    _logs_are_json_with_the_backfill_and_carry_no_secret(
+        k8s, org, "fanout", uid, secrets=(kafka.sasl_password, _Receiver.key.decode())
+    )
+
+
+def _logs_are_json_with_the_backfill_and_carry_no_secret(k8s, org, name, uid, secrets):
+    """Every line of the operator's, the API's and this backfill's workers' logs: one JSON object,
+    the backfill's namespace, name, job_id and phase on each that concerns it, and none of the
+    secret values anywhere."""
+    logs = {}
+    for ns, sel in (("beam-system", "app.kubernetes.io/component"), (org, f"beam-backfill.dev/job-id={uid}")):
+        for pod in k8s.api("GET", f"/api/v1/namespaces/{ns}/pods?labelSelector={sel}")["items"]:
+            logs[f"{ns}/{pod['metadata']['name']}"] = k8s.kubectl("logs", "-n", ns, pod["metadata"]["name"]).stdout
+    workers = [p for p in logs if p.startswith(f"{org}/")]
+    assert workers and len(logs) > len(workers), list(logs)
+    about = 0
+    for pod, text in logs.items():
+        for value in secrets:
+            assert value not in text, f"a secret value in the log of {pod}"
+        for line in filter(None, text.splitlines()):
+            record = json.loads(line)  # fails on a line that is not one JSON object
+            if "level" not in record:
+                continue  # the worker's result on stdout, itself JSON
+            if pod in workers or f"{org}/{name}" in record["message"]:
+                about += 1
+                got = {k: record.get(k) for k in ("namespace", "name", "job_id", "phase")}
+                assert got["namespace"] == org and got["name"] == name and got["job_id"] == uid, (pod, record)
+                assert got["phase"], (pod, record)
+    assert about >= len(workers) + 2, about  # the workers' lines and the operator's about this backfill
 
 
 def test_a_chunk_the_destination_refuses_fails_the_backfill_with_its_answer(k8s, operator, org):

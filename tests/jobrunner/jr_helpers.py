@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
+from beam_contract.worker import LOG_TAIL_MARK
 from beam_devstack.dataset import COLUMNS  # the table's schema: one definition for tests and demo
 
 TABLE = "base.assets.erc20_token_transfers"
@@ -77,8 +78,14 @@ def seed(conn, rows: list[dict], table: str = TABLE) -> None:
 @dataclass
 class Run:
     code: int
-    message: str
+    message: str  # the termination message's error line (or result), without the log tail
     stderr: str
+    termination: str = ""  # the whole termination message: with a failure's last log lines
+
+    @property
+    def log_tail(self) -> list[str]:
+        _, mark, tail = self.termination.partition(LOG_TAIL_MARK)
+        return [line for line in tail.splitlines() if line.strip()] if mark else []
 
     @property
     def json(self) -> dict:
@@ -141,7 +148,7 @@ class Job:
         argv, e, term = self._argv_env(command, env)
         p = subprocess.run(argv, env=e, capture_output=True, text=True, timeout=300)
         message = term.read_text() if term.exists() else ""
-        return Run(p.returncode, message, p.stderr)
+        return Run(p.returncode, message.partition(LOG_TAIL_MARK)[0].rstrip("\n"), p.stderr, message)
 
     def start(self, command: str, **env) -> subprocess.Popen:
         """The worker as a running process, for tests that inject a fault from outside (a signal)."""

@@ -288,11 +288,14 @@ def test_a_failed_worker_leaves_its_last_log_lines_with_every_secret_masked(tmp_
     finally:
         server.shutdown()
     assert r.code == 2
-    error, mark, tail = r.message.partition(LOG_TAIL_MARK)
-    assert mark and "answered HTTP 403: unknown key ***" in error, r.message
-    lines = tail.strip().splitlines()
+    assert "answered HTTP 403: unknown key ***" in r.message, r.termination
+    assert r.termination.startswith(r.message + "\n" + LOG_TAIL_MARK + "\n"), r.termination
+    lines = r.log_tail
     assert 1 <= len(lines) <= 20 and any("beam_jobrunner" in line for line in lines), lines
-    assert KEY not in r.message and KEY not in r.stderr
-    assert len(r.message.encode()) <= 4096
-    # The same lines still reach stderr, which `kubectl logs` shows while the Pod exists.
-    assert lines[-1].split(" ", 2)[-1] in r.stderr, (lines[-1], r.stderr[-2000:])
+    assert KEY not in r.termination and KEY not in r.stderr
+    assert len(r.termination.encode()) <= 4096
+    # The same lines still reach stderr (one JSON object each), which `kubectl logs` shows
+    # while the Pod exists.
+    logged = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    assert lines[-1].split(": ", 1)[1] in [rec["message"] for rec in logged], (lines[-1], r.stderr[-2000:])
+    assert all(rec["job_id"] == job.job_id and rec["phase"] == "transport" for rec in logged if "level" in rec)

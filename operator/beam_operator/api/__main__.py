@@ -79,10 +79,16 @@ def _main(argv: list[str] | None) -> int:
     if args.cmd == "serve":
         import uvicorn
 
+        from beam_contract import logs
+
+        # uvicorn's own loggers propagate to the root, which writes JSON in a Pod (log_config=None:
+        # uvicorn configures nothing of its own).
+        logs.configure("INFO")
         uvicorn.run(
             create_app(settings, args.kubeconfig),
             host=args.host,
             port=args.port,
+            log_config=None,
             log_level="info",
             access_log=os.environ.get("BEAM_API_ACCESS_LOG", "1") != "0",
         )
