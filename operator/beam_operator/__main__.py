@@ -31,11 +31,23 @@ def main() -> None:
     config = handlers.CONFIG
     logs.configure(config.log_level)  # JSON in a Pod, text in a terminal (BEAM_LOG_FORMAT)
     liveness = config.liveness_endpoint or None
-    # standalone: one replica (Deployment strategy Recreate) and no peering objects to manage.
-    if config.watch_namespaces:
-        kopf.run(namespaces=config.watch_namespaces, standalone=True, liveness_endpoint=liveness)
-    else:
-        kopf.run(clusterwide=True, standalone=True, liveness_endpoint=liveness)
+    lease = None
+    if config.leader_election_lease:
+        from .leader import Lease
+
+        namespace = config.leader_election_namespace or os.environ.get("POD_NAMESPACE") or "default"
+        lease = Lease(namespace, config.leader_election_lease)
+        lease.acquire(liveness)  # standing by until then
+        lease.keep()
+    # standalone: no kopf peering objects; one active replica is the Lease's business.
+    try:
+        if config.watch_namespaces:
+            kopf.run(namespaces=config.watch_namespaces, standalone=True, liveness_endpoint=liveness)
+        else:
+            kopf.run(clusterwide=True, standalone=True, liveness_endpoint=liveness)
+    finally:
+        if lease is not None:
+            lease.release()
 
 
 if __name__ == "__main__":

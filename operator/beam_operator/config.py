@@ -100,6 +100,10 @@ class OperatorConfig(BaseSettings):
     # a list, the operator watches only those and needs no cluster-scoped permission (the chart's
     # watchNamespaces renders Roles there instead of ClusterRoles).
     watch_namespaces: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # One active replica among several (beam_operator.leader): the Lease's namespace and name.
+    # Off (None) for a lone operator process; the chart always sets it.
+    leader_election_lease: str | None = None
+    leader_election_namespace: str | None = None
     metrics_port: int = 8080
     log_level: str = "INFO"
     # kopf's /healthz; empty in the environment keeps the default, so the chart always sets it.

@@ -20,6 +20,8 @@ DERIVED = {
     "metrics_port",
     "liveness_endpoint",
     "watch_namespaces",
+    "leader_election_lease",
+    "leader_election_namespace",
 }
 ALL_ENV = {f"BEAM_{name.upper()}" for name in OperatorConfig.model_fields}
 
@@ -62,6 +64,8 @@ def test_default_render(render):
             "ClusterRole",
             "ClusterRole",
             "ClusterRoleBinding",
+            "Role",  # the Lease (leader election)
+            "RoleBinding",
         ]
     )
     assert docs.one("CustomResourceDefinition")["metadata"]["name"] == "beambackfills.beam-backfill.dev"
@@ -203,7 +207,12 @@ def test_no_cluster_role_reads_secrets(render):
 
 
 def test_api_identity_is_off_by_default_and_confined_when_on(render):
-    assert not [d for d in render() if d["metadata"]["name"].endswith("-api") or d["kind"] in ("Role", "RoleBinding")]
+    assert not [
+        d
+        for d in render()
+        if d["metadata"]["name"].endswith("-api")
+        or (d["kind"] in ("Role", "RoleBinding") and not d["metadata"]["name"].endswith("-leader"))
+    ]
 
     docs = render("--set", "api.enabled=true")
     sa = docs.one("ServiceAccount", "beam-beam-backfill-api")
@@ -212,7 +221,10 @@ def test_api_identity_is_off_by_default_and_confined_when_on(render):
     keys = docs.one("Role", "beam-beam-backfill-api-keys")
     assert keys["metadata"]["namespace"] == "beam-system-api-keys"  # never the release namespace
     assert _grants(keys) == {("", "secrets"): {"get"}}
-    for binding in (docs.one("ClusterRoleBinding", "beam-beam-backfill-api"), docs.one("RoleBinding")):
+    for binding in (
+        docs.one("ClusterRoleBinding", "beam-beam-backfill-api"),
+        docs.one("RoleBinding", "beam-beam-backfill-api-keys"),
+    ):
         assert binding["subjects"] == [
             {"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": "beam-system"}
         ]
@@ -314,3 +326,28 @@ def test_watched_namespaces_get_roles_and_the_operator_nothing_cluster_scoped(re
     default = render()
     assert _grants(default.one("ClusterRole", "beam-beam-backfill-operator")) == OPERATOR_RULES
     assert container_env(default.one("Deployment", "beam-beam-backfill"))["BEAM_WATCH_NAMESPACES"] == ""
+
+
+def test_replicas_stand_by_behind_one_lease_with_a_disruption_budget(render):
+    one = render()
+    dep = one.one("Deployment", "beam-beam-backfill")
+    env = container_env(dep)
+    assert (
+        env["BEAM_LEADER_ELECTION_LEASE"] == "beam-beam-backfill"
+        and env["BEAM_LEADER_ELECTION_NAMESPACE"] == "beam-system"
+    )
+    assert not one.of("PodDisruptionBudget")
+    lease = one.one("Role", "beam-beam-backfill-leader")
+    assert lease["metadata"]["namespace"] == "beam-system"
+    assert {tuple(r["verbs"]): r.get("resourceNames") for r in lease["rules"]} == {
+        ("create",): None,
+        ("get", "update"): ["beam-beam-backfill"],
+    }
+    two = render("--set", "operator.replicas=2")
+    spec = two.one("Deployment", "beam-beam-backfill")["spec"]
+    assert spec["replicas"] == 2 and spec["strategy"]["type"] == "RollingUpdate"
+    pdb = two.one("PodDisruptionBudget", "beam-beam-backfill")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert not render("--set", "operator.replicas=2", "--set", "operator.podDisruptionBudget.enabled=false").of(
+        "PodDisruptionBudget"
+    )

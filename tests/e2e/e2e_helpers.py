@@ -6,6 +6,7 @@ import json
 import time
 import urllib.parse
 import uuid
+from collections import Counter
 
 from beam_devstack import dataset
 
@@ -72,3 +73,54 @@ def staged_objects(bucket, namespace: str, uid: str) -> list[str]:
 def pods_of(k8s, namespace: str, uid: str) -> list[dict]:
     sel = urllib.parse.quote(f"beam-backfill.dev/job-id={uid}")
     return k8s.api("GET", f"/api/v1/namespaces/{namespace}/pods?labelSelector={sel}")["items"]
+
+
+API = "/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills/{name}"
+
+
+def apply(k8s, ns, obj):
+    k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(obj))
+    return k8s.api("GET", API.format(ns=ns, name=obj["metadata"]["name"]))
+
+
+def status(k8s, ns, name):
+    return k8s.api("GET", API.format(ns=ns, name=name)).get("status") or {}
+
+
+def wait_status(k8s, ns, name, wanted, timeout=180, until=None):
+    """Wait for one of the `wanted` statuses (and `until(status)` if given); a backfill that
+    ends otherwise fails the test at once with its error_message."""
+    wanted = {wanted} if isinstance(wanted, str) else set(wanted)
+    deadline = time.monotonic() + timeout
+    st = {}
+    while time.monotonic() < deadline:
+        st = status(k8s, ns, name)
+        if st.get("status") in wanted and (until is None or until(st)):
+            return st
+        if st.get("status") in {"completed", "failed", "cancelled"} - wanted:
+            raise AssertionError(f"{ns}/{name} ended {st['status']}: {st.get('error_message')}")
+        time.sleep(0.2)
+    raise AssertionError(f"{ns}/{name} not {wanted} after {timeout}s: {st}")
+
+
+def wait_until(fn, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = fn()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def jobs(k8s, ns, uid):
+    return k8s.api("GET", f"/apis/batch/v1/namespaces/{ns}/jobs?labelSelector=beam-backfill.dev%2Fjob-id%3D{uid}")[
+        "items"
+    ]
+
+
+def assert_exactly(messages, ids):
+    keys = Counter(k for k, _ in messages)
+    dupes = {k: n for k, n in keys.items() if n > 1}
+    assert not dupes, f"{len(dupes)} keys delivered more than once, e.g. {list(dupes.items())[:3]}"
+    assert set(keys) == ids, f"missing {len(ids - set(keys))}, unexpected {len(set(keys) - ids)}"

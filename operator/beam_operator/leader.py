@@ -1,0 +1,172 @@
+"""One active operator among replicas: a Lease (coordination.k8s.io), as controller-runtime elects.
+
+A replica waits here, standing by, until it holds the Lease; then kopf starts and a thread renews
+the Lease every RENEW_S. A replica that cannot renew for LEASE_S (the apiserver unreachable, or
+the Lease taken by another) exits at once: two operators must never act together, and the
+Deployment restarts it as a standby. On a clean stop (SIGTERM, a rollout) the Lease is released,
+so the standby takes over within RETRY_S; after a crash (SIGKILL, a lost node) within LEASE_S +
+RETRY_S (docs/operations.md, "A standby operator").
+
+Why not kopf's peering: it needs a CRD of its own, and replicas of equal priority both freeze.
+While standing by the replica answers its liveness probe itself, on the port kopf serves later.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+log = logging.getLogger("beam_operator.leader")
+
+LEASE_S = 15
+RENEW_S = 5
+RETRY_S = 2
+
+
+def identity() -> str:
+    """The Pod's name (the chart passes it), or the host's: unique among replicas."""
+    return os.environ.get("POD_NAME") or os.uname().nodename
+
+
+def _api():
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.CoordinationV1Api(), client
+
+
+@contextmanager
+def _standby_health(endpoint: str | None):
+    """/healthz while standing by, so the kubelet does not restart a healthy standby."""
+    if not endpoint:
+        yield
+        return
+    where = urlsplit(endpoint)
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == where.path else 404)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer((where.hostname or "0.0.0.0", where.port or 80), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()  # kopf binds the same port next
+
+
+def _expired(spec, now: datetime) -> bool:
+    if not spec.holder_identity or spec.renew_time is None:
+        return True
+    return now > spec.renew_time + timedelta(seconds=spec.lease_duration_seconds or LEASE_S)
+
+
+class Lease:
+    def __init__(self, namespace: str, name: str, me: str | None = None) -> None:
+        self.namespace, self.name, self.me = namespace, name, me or identity()
+        self.api, self.client = _api()
+        self._stop = threading.Event()
+
+    def acquire(self, liveness_endpoint: str | None = None) -> None:
+        """Block until this replica holds the Lease."""
+        waited_for = None
+        with _standby_health(liveness_endpoint):
+            while not self._try():
+                holder = self._holder()
+                if holder != waited_for:
+                    log.info("standing by: lease %s/%s is held by %s", self.namespace, self.name, holder)
+                    waited_for = holder
+                time.sleep(RETRY_S)
+        log.info("acquired lease %s/%s as %s: this replica is the active operator", self.namespace, self.name, self.me)
+
+    def _holder(self) -> str | None:
+        try:
+            return self.api.read_namespaced_lease(self.name, self.namespace).spec.holder_identity
+        except Exception:
+            return None
+
+    def _try(self) -> bool:
+        from kubernetes.client.rest import ApiException
+
+        now = datetime.now(UTC)
+        c = self.client
+        try:
+            lease = self.api.read_namespaced_lease(self.name, self.namespace)
+        except ApiException as e:
+            if e.status != 404:
+                log.warning("cannot read lease %s/%s: %s %s", self.namespace, self.name, e.status, e.reason)
+                return False
+            body = c.V1Lease(
+                metadata=c.V1ObjectMeta(name=self.name, namespace=self.namespace),
+                spec=c.V1LeaseSpec(
+                    holder_identity=self.me,
+                    lease_duration_seconds=LEASE_S,
+                    acquire_time=now,
+                    renew_time=now,
+                    lease_transitions=0,
+                ),
+            )
+            try:
+                self.api.create_namespaced_lease(self.namespace, body)
+                return True
+            except ApiException:
+                return False  # another replica created it first
+        spec = lease.spec
+        if spec.holder_identity != self.me and not _expired(spec, now):
+            return False
+        if spec.holder_identity != self.me:
+            spec.lease_transitions = (spec.lease_transitions or 0) + 1
+            spec.acquire_time = now
+        spec.holder_identity, spec.renew_time, spec.lease_duration_seconds = self.me, now, LEASE_S
+        try:  # resourceVersion in the body: a replica that raced us gets 409, not the lease
+            self.api.replace_namespaced_lease(self.name, self.namespace, lease)
+            return True
+        except ApiException:
+            return False
+
+    def keep(self) -> None:
+        """Renew in a thread; exit the process when leadership cannot be proven any more."""
+        threading.Thread(target=self._renew, name="lease-renewal", daemon=True).start()
+
+    def _renew(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(RENEW_S):
+            if self._try():
+                last = time.monotonic()
+                continue
+            if self._holder() not in (None, self.me) or time.monotonic() - last > LEASE_S - RENEW_S:
+                log.error(
+                    "lost lease %s/%s (held by %s): exiting so that only one operator acts",
+                    self.namespace,
+                    self.name,
+                    self._holder(),
+                )
+                logging.shutdown()
+                os._exit(1)
+
+    def release(self) -> None:
+        """On a clean stop: let the standby take over now rather than after LEASE_S."""
+        self._stop.set()
+        try:
+            lease = self.api.read_namespaced_lease(self.name, self.namespace)
+            if lease.spec.holder_identity == self.me:
+                lease.spec.holder_identity = None
+                lease.spec.renew_time = None
+                self.api.replace_namespaced_lease(self.name, self.namespace, lease)
+                log.info("released lease %s/%s", self.namespace, self.name)
+        except Exception as e:  # the standby takes over after LEASE_S anyway
+            log.warning("could not release lease %s/%s: %s", self.namespace, self.name, e)

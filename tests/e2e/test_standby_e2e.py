@@ -1,0 +1,67 @@
+"""A standby operator: two replicas of the chart's Deployment, one active behind the Lease; the
+active one is killed mid-transport and the standby finishes the backfill (issue 16)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from e2e_helpers import API, apply, assert_exactly, backfill, expected_ids, jobs, read_topic, wait_status, wait_until
+
+from beam_devstack.kafka_proxy import END_TXN
+
+NS, DEPLOYMENT = "beam-system", "beam-beam-backfill"
+LEASE = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/{DEPLOYMENT}"
+SEL = "app.kubernetes.io%2Fcomponent%3Doperator"
+
+
+def _operator_pods(k8s) -> list[dict]:
+    pods = k8s.api("GET", f"/api/v1/namespaces/{NS}/pods?labelSelector={SEL}")["items"]
+    return [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+
+
+def _running(k8s) -> set[str]:
+    return {
+        p["metadata"]["name"]
+        for p in _operator_pods(k8s)
+        if all(cs.get("ready") for cs in p["status"].get("containerStatuses") or [{}])
+    }
+
+
+def _holder(k8s) -> str | None:
+    return (k8s.api("GET", LEASE).get("spec") or {}).get("holderIdentity")
+
+
+def _scale(k8s, n: int) -> None:
+    k8s.kubectl("-n", NS, "scale", f"deployment/{DEPLOYMENT}", f"--replicas={n}")
+    wait_until(lambda: len(_operator_pods(k8s)) == n and len(_running(k8s)) == n, 180, f"{n} operator Pods ready")
+    wait_until(lambda: _holder(k8s) in _running(k8s), 60, "one of them holding the lease")
+
+
+def test_a_standby_operator_takes_over_when_the_active_one_is_killed_mid_transport(k8s, operator, kafka, seeded, org):
+    _scale(k8s, 2)
+    try:
+        active = _holder(k8s)
+        [standby] = _running(k8s) - {active}
+        log = k8s.kubectl("logs", "-n", NS, standby).stdout
+        assert "standing by: lease beam-system/beam-beam-backfill is held by " + active in log, log[-2000:]
+        with kafka.proxy.holding(END_TXN):
+            uid = apply(k8s, org, backfill("failover", "e2e-failover", parallelism=1))["metadata"]["uid"]
+            assert kafka.proxy.wait_held(1, timeout=180), "the transport worker never reached its commit"
+            # As a crash or a lost node: no SIGTERM, so the lease is not released but expires.
+            k8s.kubectl("-n", NS, "delete", "pod", active, "--grace-period=0", "--force", "--wait=false")
+            killed = time.monotonic()
+            wait_until(lambda: _holder(k8s) not in (None, active), 60, "another replica holding the lease")
+            took = time.monotonic() - killed
+        print(f"standby took over {took:.1f}s after the active operator was killed")  # docs/operations.md
+        st = wait_status(k8s, org, "failover", "completed")
+        assert st["chunks_left"] == 0
+    finally:
+        _scale(k8s, 1)
+    transport = [j for j in jobs(k8s, org, uid) if j["metadata"]["labels"]["beam-backfill.dev/phase"] == "transport"]
+    assert len(transport) == 1, [j["metadata"]["name"] for j in transport]
+    assert_exactly(read_topic(kafka.bootstrap, f"{org}.e2e-failover"), expected_ids(seeded))
+    events = k8s.api("GET", f"/api/v1/namespaces/{org}/events?fieldSelector=involvedObject.uid%3D{uid}")["items"]
+    reasons = Counter(e["reason"] for e in events for _ in range(e.get("count") or 1))
+    assert reasons["Transporting"] == 1 and reasons["Completed"] == 1, reasons  # no duplicate Event storm
+    assert k8s.api("GET", API.format(ns=org, name="failover"))["status"]["status"] == "completed"
