@@ -180,8 +180,16 @@ def _logs_are_json_with_the_backfill_and_carry_no_secret(k8s, org, name, uid, se
     for pod, text in logs.items():
         for value in secrets:
             assert value not in text, f"a secret value in the log of {pod}"
-        for line in filter(None, text.splitlines()):
-            record = json.loads(line)  # fails on a line that is not one JSON object
+        lines = text.splitlines()
+        for n, line in enumerate(lines):
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise AssertionError(
+                    f"not one JSON object, in the log of {pod}:\n" + "\n".join(lines[n : n + 30])
+                ) from None
             if "level" not in record:
                 continue  # the worker's result on stdout, itself JSON
             if pod in workers or f"{org}/{name}" in record["message"]:
