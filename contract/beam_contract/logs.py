@@ -42,6 +42,11 @@ class _BackfillFields(logging.Filter):
         self.fixed = {k: v for k, v in fixed.items() if v not in (None, "")}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        ref = getattr(record, "k8s_ref", None)  # kopf's per-object loggers name their object so
+        if isinstance(ref, dict) and ref.get("kind") == "BeamBackfill":
+            for k, v in (("namespace", ref.get("namespace")), ("name", ref.get("name")), ("job_id", ref.get("uid"))):
+                if v and not hasattr(record, _ATTR.get(k, k)):
+                    setattr(record, _ATTR.get(k, k), v)
         for k, v in {**self.fixed, **(_context.get() or {})}.items():
             attr = _ATTR.get(k, k)
             if not hasattr(record, attr):
@@ -60,12 +65,17 @@ def configure(level: str | int = "INFO", *, fmt: str | None = None, fixed: dict[
     """The root logger writes to stderr, as JSON or text, with the backfill's fields added."""
     handler = logging.StreamHandler(sys.stderr)
     if wants_json(fmt):
+        from pythonjsonlogger.core import RESERVED_ATTRS
         from pythonjsonlogger.json import JsonFormatter
 
         handler.setFormatter(
             JsonFormatter(
                 TEXT.replace(":", ""),
                 rename_fields={"levelname": "level", "asctime": "time", "name": "logger", "backfill_name": "name"},
+                # kopf's object loggers carry its whole settings object and a reference the
+                # filter has already turned into the fields above.
+                reserved_attrs=[*RESERVED_ATTRS, "settings", "k8s_skip", "k8s_ref"],
+                json_default=str,  # anything else a library attaches: its text, not a logging error
             )
         )
     else:
