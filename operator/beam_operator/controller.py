@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 from beam_contract import logs
 from beam_contract.model import TERMINAL, BackfillStatus, Phase, parse_timestamp
 
-from . import child_jobs, metrics, staged_files
+from . import child_jobs, leader, metrics, staged_files
 from .config import OperatorConfig
 from .kubeclient import ApiError
 from .reconcile import (
@@ -428,6 +428,8 @@ class Controller:
         )
 
     async def process(self, key: Key) -> None:
+        if not leader.still_leader():  # a replica frozen past its lease must not write anything
+            leader.step_down("the lease may be another replica's now")
         body = self.caches.backfills.get(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
@@ -601,6 +603,8 @@ class Controller:
             return await self._finalize(body)
 
     async def _finalize(self, body: dict[str, Any]) -> bool:
+        if not leader.still_leader():
+            leader.step_down("the lease may be another replica's now")
         """Clean up a deleted backfill; True once nothing of it is left.
 
         Decided from live reads, never the watch cache: a cache that has not seen a Job yet (a

@@ -75,17 +75,34 @@ def _expired(spec, now: datetime) -> bool:
     return now > spec.renew_time + timedelta(seconds=spec.lease_duration_seconds or LEASE_S)
 
 
+_held: Lease | None = None
+
+
+def still_leader() -> bool:
+    """False once this replica can no longer be sure it holds the Lease (its last renewal is
+    older than the lease minus one renewal period: e.g. the process was frozen). Checked before
+    the operator writes anything; True when there is no election (a lone operator)."""
+    return _held is None or time.monotonic() - _held.renewed < LEASE_S - RENEW_S
+
+
+def step_down(why: str) -> None:
+    log.error("%s: exiting so that only one operator acts", why)
+    logging.shutdown()
+    os._exit(1)
+
+
 class Lease:
     def __init__(self, namespace: str, name: str, me: str | None = None) -> None:
         self.namespace, self.name, self.me = namespace, name, me or identity()
         self.api, self.client = _api()
         self._stop = threading.Event()
+        self.renewed = 0.0  # time.monotonic() of the last successful acquire or renewal
 
     def acquire(self, liveness_endpoint: str | None = None) -> None:
         """Block until this replica holds the Lease."""
         waited_for = None
         with _standby_health(liveness_endpoint):
-            while not self._try():
+            while not self._try_acquire():
                 holder = self._holder()
                 if holder != waited_for:
                     log.info("standing by: lease %s/%s is held by %s", self.namespace, self.name, holder)
@@ -98,6 +115,12 @@ class Lease:
             return self.api.read_namespaced_lease(self.name, self.namespace).spec.holder_identity
         except Exception:
             return None
+
+    def _try_acquire(self) -> bool:
+        if self._try():
+            self.renewed = time.monotonic()
+            return True
+        return False
 
     def _try(self) -> bool:
         from kubernetes.client.rest import ApiException
@@ -140,23 +163,19 @@ class Lease:
 
     def keep(self) -> None:
         """Renew in a thread; exit the process when leadership cannot be proven any more."""
+        global _held
+        _held = self
         threading.Thread(target=self._renew, name="lease-renewal", daemon=True).start()
 
     def _renew(self) -> None:
-        last = time.monotonic()
         while not self._stop.wait(RENEW_S):
-            if self._try():
-                last = time.monotonic()
+            if not still_leader():  # frozen past the lease: another replica may be active now
+                step_down(f"lease {self.namespace}/{self.name} not renewed for {time.monotonic() - self.renewed:.0f}s")
+            if self._try_acquire():
                 continue
-            if self._holder() not in (None, self.me) or time.monotonic() - last > LEASE_S - RENEW_S:
-                log.error(
-                    "lost lease %s/%s (held by %s): exiting so that only one operator acts",
-                    self.namespace,
-                    self.name,
-                    self._holder(),
-                )
-                logging.shutdown()
-                os._exit(1)
+            holder = self._holder()
+            if holder not in (None, self.me) or not still_leader():
+                step_down(f"lost lease {self.namespace}/{self.name} (held by {holder})")
 
     def release(self) -> None:
         """On a clean stop: let the standby take over now rather than after LEASE_S."""
