@@ -50,8 +50,8 @@ def test_a_standby_takes_over_from_a_frozen_active_operator_which_then_steps_dow
     try:
         active = _holder(k8s)
         [standby] = _running(k8s) - {active}
-        log = k8s.kubectl("logs", "-n", NS, standby).stdout
-        assert "standing by: lease beam-system/beam-beam-backfill is held by " + active in log, log[-2000:]
+        waiting = "standing by: lease beam-system/beam-beam-backfill is held by " + active
+        wait_until(lambda: waiting in k8s.kubectl("logs", "-n", NS, standby).stdout, 60, "the standby standing by")
         [cs] = k8s.api("GET", f"/api/v1/namespaces/{NS}/pods/{active}")["status"]["containerStatuses"]
         container, restarts = cs["containerID"].removeprefix("containerd://"), cs["restartCount"]
         with kafka.proxy.holding(END_TXN):
