@@ -853,12 +853,15 @@ def _kill_cgroup(name: str) -> int:
         pids = set()
         for hier in _cgroup_hierarchies():
             root = hier / name
-            if root.is_dir():
-                for procs in root.rglob("cgroup.procs"):
-                    try:
-                        pids.update(int(x) for x in procs.read_text().split())
-                    except OSError:
-                        pass
+            # os.walk, not rglob: cgroups of containers that exit meanwhile vanish under the walk,
+            # and rglob raises on a directory gone between listing and entering it.
+            for parent, _, files in os.walk(root, onerror=lambda e: None):
+                if "cgroup.procs" not in files:
+                    continue
+                try:
+                    pids.update(int(x) for x in (Path(parent) / "cgroup.procs").read_text().split())
+                except OSError:
+                    pass
         if not pids:
             break
         for pid in pids:
@@ -877,12 +880,13 @@ def _remove_cgroup(name: str) -> int:
         root = hier / name
         if not root.is_dir():
             continue
-        for sub in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
-            try:
-                sub.rmdir()
-                n += 1
-            except OSError:
-                pass
+        for parent, dirs, _ in os.walk(root, topdown=False, onerror=lambda e: None):  # deepest first
+            for d in dirs:
+                try:
+                    (Path(parent) / d).rmdir()
+                    n += 1
+                except OSError:
+                    pass
         try:
             root.rmdir()
             n += 1
