@@ -201,10 +201,11 @@ def main() -> None:
         help="SIGKILL and restart the operator when this fraction of all chunks is delivered",
     )
     ap.add_argument(
-        "--ttl",
-        type=int,
-        help="spec.ttl_seconds_after_finished of every backfill: then wait until the operator has deleted them "
-        "all and report its RSS before the creates, with all completed, and after they expired",
+        "--expire",
+        action="store_true",
+        help="once every backfill has ended, set spec.ttl_seconds_after_finished to 0 on all of them, wait until "
+        "the operator has deleted them all, and report its RSS before any backfill, with all of them finished, "
+        "and after they expired",
     )
     ap.add_argument("--job-syncs", type=int, default=50, help="kube-controller-manager --concurrent-job-syncs")
     ap.add_argument("--operator-env", action="append", default=[], metavar="BEAM_X=V", help="extra operator setting")
@@ -319,7 +320,7 @@ def run(
                 code, body = local.client.request(
                     "POST",
                     f"/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills",
-                    manifest(name, args.chunks, args.parallelism, args.ttl),
+                    manifest(name, args.chunks, args.parallelism),
                 )
             except OSError as e:  # the apiserver restarting: try again
                 errors[type(e).__name__] += 1
@@ -397,8 +398,8 @@ def run(
     pool.shutdown(wait=False, cancel_futures=True)
     usage = operator.usage()
     expiry = None
-    if args.ttl is not None:
-        expiry = wait_expired(args, watcher, operator, names, rss_baseline, usage["rss_mb"], deadline)
+    if args.expire:
+        expiry = expire_all(args, plane, ctx, watcher, operator, names, rss_baseline, usage["rss_mb"], deadline)
     # The rest of the machine's CPU, to read the operator's figures against (2 cores shared).
     cpu_others = {}
     for what, p in others.items():
@@ -422,10 +423,27 @@ def run(
     return figures
 
 
-def wait_expired(args, watcher, operator, names, rss_baseline, rss_completed, deadline) -> dict:
-    """--ttl: until every backfill is deleted; the operator's RSS then, once kopf's idle workers
-    are gone, against its RSS before any backfill existed and with all of them completed."""
-    say(f"all ended; waiting for the operator to delete them after their ttl ({args.ttl}s)")
+def expire_all(args, plane, ctx, watcher, operator, names, rss_baseline, rss_completed, deadline) -> dict:
+    """--expire: every finished backfill's ttl set to 0 at once (the field may change), then until
+    the operator has deleted them all; its RSS then, once kopf's idle workers are gone, against its
+    RSS before any backfill existed and with all of them finished."""
+    say(f"all {len(names)} ended (operator rss {rss_completed:.0f} MB); setting ttl_seconds_after_finished 0 on each")
+    local = threading.local()
+
+    def expire(key: tuple[str, str]) -> None:
+        if not hasattr(local, "client"):
+            local.client = Client(plane.port, ctx, host=NODE["node_ip"])
+        ns, name = key
+        code, _ = local.client.request(
+            "PATCH",
+            f"/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills/{name}",
+            {"spec": {"ttl_seconds_after_finished": 0}},
+            content_type="application/merge-patch+json",
+        )
+        assert code == 200, (key, code)
+
+    with ThreadPoolExecutor(args.create_workers) as pool:
+        list(pool.map(expire, names))
     t0, last_progress = time.time(), 0.0
     while True:
         with watcher.lock:
@@ -441,7 +459,6 @@ def wait_expired(args, watcher, operator, names, rss_baseline, rss_completed, de
     time.sleep(15)  # kopf's idle workers (kopf_idle_seconds) and the Event lanes wind down
     rss_after = operator.usage()["rss_mb"]
     return {
-        "ttl_s": args.ttl,
         "expired": gone,
         "expiry_s": round(t_gone - t0, 1),
         "rss_baseline_mb": round(rss_baseline, 1),
@@ -613,7 +630,7 @@ by kind: {json.dumps(api["by_kind"])}""",
     )
     if e := f.get("expiry"):
         print(
-            f"expiry (ttl {e['ttl_s']} s): {e['expired']}/{f['backfills']} deleted in {e['expiry_s']} s; operator RSS "
+            f"expiry: {e['expired']}/{f['backfills']} deleted in {e['expiry_s']} s after their ttl was set to 0; operator RSS "
             f"before any backfill {e['rss_baseline_mb']} MB, all completed {e['rss_all_completed_mb']} MB, after expiry "
             f"{e['rss_after_expiry_mb']} MB ({e['after_over_baseline']}x the baseline, {e['after_over_completed']}x completed)",
             flush=True,

@@ -38,14 +38,16 @@ class Client:
         self.port, self.ctx, self.timeout = port, ctx, timeout
         self.conn: http.client.HTTPSConnection | None = None
 
-    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    def request(
+        self, method: str, path: str, body: Any = None, content_type: str = "application/json"
+    ) -> tuple[int, Any]:
         for attempt in (1, 2):
             if self.conn is None:
                 self.conn = http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=self.timeout)
             try:
                 data = orjson.dumps(body) if body is not None else None
                 self.conn.request(
-                    method, path, body=data, headers={"Content-Type": "application/json", "Accept": "application/json"}
+                    method, path, body=data, headers={"Content-Type": content_type, "Accept": "application/json"}
                 )
                 resp = self.conn.getresponse()
                 raw = resp.read()
