@@ -192,6 +192,7 @@ def node_operator(node_cluster, node_servers):
             "connect_timeout_seconds": 15,
             # Stuck Pods (unschedulable, Pods refused) fail a backfill after 10 s, not 5 minutes.
             "stuck_pod_seconds": 10,
+            "unschedulable_seconds": 10,
             "job_ttl_seconds": 600,
             # Chunks are cut between row groups: small ones, so that a March of USDC makes several.
             "worker_env": {"BEAM_CHUNK_ROW_GROUP_ROWS": "1000"},

@@ -74,6 +74,11 @@ class OperatorConfig(BaseSettings):
     # cannot be pulled, no node that fits, a Pod the cluster refuses to create) fails the
     # backfill with the reason, instead of leaving it in staging or transporting forever.
     stuck_pod_seconds: float = Field(default=300.0, gt=0)
+    # Unschedulable Pods wait longer: a burst beyond the cluster's capacity ("Too many pods",
+    # "Insufficient cpu") passes as Pods finish or an autoscaler adds nodes; a request no node
+    # can ever fit reads the same, and ends after this (bench/scale.py's 1,000 backfills on one
+    # node waited minutes for Pod slots). spec.active_deadline_seconds bounds the whole.
+    unschedulable_seconds: float = Field(default=3600.0, gt=0)
     job_ttl_seconds: int = 3600
     # Seconds after a backfill ends when the operator deletes the BeamBackfill itself (and so
     # its Jobs and staged files), unless its spec.ttl_seconds_after_finished says otherwise.

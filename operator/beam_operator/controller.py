@@ -261,7 +261,8 @@ class Controller:
             and not j.suspended
             and j.ready < max(j.active, 1)
             and j.created_at
-            and (wall - parse_timestamp(j.created_at)).total_seconds() >= self.config.stuck_pod_seconds
+            and (wall - parse_timestamp(j.created_at)).total_seconds()
+            >= min(self.config.stuck_pod_seconds, self.config.unschedulable_seconds)
         ]
         if not candidates:
             self.caches.waiting.pop(uid, None)

@@ -113,7 +113,7 @@ STUCK_HINTS = {
     "InvalidImageName": "the worker image name is invalid: check jobrunner.image in the operator's values",
     "CreateContainerConfigError": "a Secret or ConfigMap the Pod needs is missing or lacks a key",
     "Unschedulable": "no node can run it: ask for less in spec.resources, or check the nodes' capacity, "
-    "taints and the static egress node selector",
+    "taints and the static egress node selector (a full cluster: config.unschedulable_seconds)",
     "FailedCreate": "the cluster refuses to create its Pods: check the namespace's ResourceQuotas, "
     "LimitRanges and admission policies",
 }
@@ -337,7 +337,8 @@ def stuck_pods(obs: Observed, config: OperatorConfig) -> str:
     """Why a current Pod is stuck for longer than stuck_pod_seconds, and what to do, or ""."""
     for w in obs.waiting:
         waited = (obs.now - parse_timestamp(w.since)).total_seconds() if w.since else 0.0
-        if waited >= config.stuck_pod_seconds and w.reason in STUCK_HINTS:
+        limit = config.unschedulable_seconds if w.reason == "Unschedulable" else config.stuck_pod_seconds
+        if waited >= limit and w.reason in STUCK_HINTS:
             what = f"Pod {w.pod}" if w.pod else f"Job {w.job}"
             detail = f": {_clip(w.message)[:300]}" if w.message else ""
             return f"{what} has been waiting {waited:.0f}s: {w.reason}{detail}; {STUCK_HINTS[w.reason]}"

@@ -791,13 +791,19 @@ def test_a_pod_stuck_longer_than_allowed_fails_the_backfill_naming_pod_reason_an
         "0/1 nodes are available: 1 Insufficient cpu.",
         "2026-03-01T11:50:00Z",
     )
-    d = run(replace(obs(status=st, jobs_=[waiting]), waiting=(pod,)))  # 600 s, over the default 300
+    # Unschedulable for 600 s: a full cluster may still make room (default unschedulable_seconds 3600).
+    assert run(replace(obs(status=st, jobs_=[waiting]), waiting=(pod,))).status.status == "transporting"
+    config = OperatorConfig(staging_bucket="b", staging_prefix="p", unschedulable_seconds=300)
+    d = run(replace(obs(status=st, jobs_=[waiting]), waiting=(pod,)), config)
     assert d.status.status == "failed" and DeleteJob(XPORT) in d.actions
     assert d.status.error_message == (
         "Pod usdc-xport-0-abcde has been waiting 600s: Unschedulable: 0/1 nodes are available: 1 Insufficient cpu.; "
         "no node can run it: ask for less in spec.resources, or check the nodes' capacity, taints and the static "
-        "egress node selector"
+        "egress node selector (a full cluster: config.unschedulable_seconds)"
     )
+    pull = replace(pod, reason="ImagePullBackOff", message="Back-off pulling image")
+    d = run(replace(obs(status=st, jobs_=[waiting]), waiting=(pull,)))  # 600 s, over stuck_pod_seconds 300
+    assert d.status.error_message.startswith("Pod usdc-xport-0-abcde has been waiting 600s: ImagePullBackOff: ")
     recent = replace(pod, since="2026-03-01T11:58:00Z")
     d = run(replace(obs(status=st, jobs_=[waiting]), waiting=(recent,)))
     assert d.status.status == "transporting" and d.requeue_after == 15.0  # looked at again soon
