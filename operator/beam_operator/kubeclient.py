@@ -218,12 +218,20 @@ class KubeApi:
         status, _ = await self.request("POST", f"/api/v1/namespaces/{namespace}/configmaps", body=manifest, ok=(409,))
         return status != 409
 
-    async def delete_backfill(self, namespace: str, name: str) -> None:
-        """A backfill whose ttl_seconds_after_finished has passed; 404: gone already."""
+    async def delete_backfill(self, namespace: str, name: str, uid: str) -> dict[str, Any] | None:
+        """A backfill whose ttl_seconds_after_finished has passed. Returns the object as the
+        deletion left it (its finalizer holds it, now with a deletionTimestamp), None if it is
+        gone already (404) or is another backfill of the same name (409: the uid precondition)."""
         metrics.API_WRITES.labels(kind="delete_backfill").inc()
-        await self.request(
-            "DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{quote(name)}", ok=(404,)
+        status, doc = await self.request(
+            "DELETE",
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{quote(name)}",
+            body={"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": uid}},
+            ok=(404, 409),
         )
+        if status >= 300 or not isinstance(doc, dict) or doc.get("kind") != KIND:
+            return None
+        return doc
 
     async def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
         """spec.suspend of a Job (merge patch); 404: gone, nothing to pause or resume."""

@@ -100,6 +100,42 @@ def test_patch_status_of_a_missing_backfill_is_none_and_of_a_live_one_its_new_bo
     assert stored["status"]["status"] == "staging"
 
 
+def test_delete_backfill_deletes_only_the_backfill_of_that_uid_and_returns_it_as_the_finalizer_holds_it(
+    k8s, crd_installed, operator_kubeconfig, namespace
+):
+    path = f"/apis/beam-backfill.dev/v1alpha1/namespaces/{namespace}/beambackfills"
+    created = k8s.api(
+        "POST",
+        path,
+        {
+            "apiVersion": "beam-backfill.dev/v1alpha1",
+            "kind": "BeamBackfill",
+            "metadata": {"name": "expiring", "finalizers": ["beam-backfill.dev/cleanup"]},
+            "spec": {
+                "job_name": "seed",
+                "table": "base.assets.erc20_token_transfers",
+                "backfill_window": {"partition_key": "block", "start": 0, "end": 4},
+                "destinations": [{"type": "kafka", "name": "t"}],
+            },
+        },
+    )
+    uid = created["metadata"]["uid"]
+
+    async def scenario(api):
+        # An older backfill of the same name (another uid): the precondition refuses, 409.
+        other = await api.delete_backfill(namespace, "expiring", "uid-of-an-older-one")
+        still = k8s.api("GET", f"{path}/expiring")
+        deleting = await api.delete_backfill(namespace, "expiring", uid)
+        missing = await api.delete_backfill(namespace, "nobody", uid)
+        return other, still, deleting, missing
+
+    other, still, deleting, missing = _run(operator_kubeconfig, scenario)
+    assert other is None and not still["metadata"].get("deletionTimestamp")
+    assert deleting["metadata"]["uid"] == uid and deleting["metadata"]["deletionTimestamp"]
+    assert missing is None
+    k8s.api("PATCH", f"{path}/expiring", {"metadata": {"finalizers": None}})
+
+
 def test_a_bad_request_raises_with_the_request_and_the_apis_message(crd_installed, operator_kubeconfig, namespace):
     async def scenario(api):
         with pytest.raises(ApiError) as e:
