@@ -146,12 +146,13 @@ def start_ready(
     describe: str,
     detach: bool = False,
     pid_dir: Path | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> ManagedProcess:
     """Start a server and wait until each readiness check passes in turn; on any failure (or
     interrupt) stop it before raising, so a half-started server is never left behind. Prints
     `<describe> in <seconds>` when ready."""
     t0 = time.monotonic()
-    proc = ManagedProcess(name, argv, log_path=log_path, detach=detach, pid_dir=pid_dir).start()
+    proc = ManagedProcess(name, argv, log_path=log_path, env=env, detach=detach, pid_dir=pid_dir).start()
     try:
         for check, what in checks:
             proc.wait_ready(check, timeout, what)

@@ -8,6 +8,7 @@ is visible to a worker's own connection; a restart starts empty.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,10 @@ class FakeSnowflake:
         ensure_installed()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
+        # fakesnow makes a stage directory in TMPDIR at import and never removes it: in our run
+        # directory, it goes when the run does.
+        tmp = self.run_dir / "tmp"
+        tmp.mkdir(exist_ok=True)
         self.proc = start_ready(
             "fakesnow",
             [sys.executable, "-m", "fakesnow", "-s", "-p", self.port, "--host", self.host],
@@ -89,6 +94,7 @@ class FakeSnowflake:
             describe=f"fakesnow ready on {self.host}:{self.port}",
             detach=self.detach,
             pid_dir=self.pid_dir,
+            env={**os.environ, "TMPDIR": str(tmp)},
         )
         return self
 

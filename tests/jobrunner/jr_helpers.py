@@ -112,6 +112,9 @@ class Job:
         self.env = {
             "PATH": os.environ.get("PATH", ""),
             "HOME": os.environ.get("HOME", "/root"),
+            # Chunk downloads of workers the fault tests kill go with the test's tmp directory,
+            # as a Pod's go with its container, instead of piling up in /tmp.
+            "TMPDIR": str(tmp),
             "BEAM_SPEC": json.dumps(spec),
             "BEAM_JOB_ID": self.job_id,
             "BEAM_NAMESPACE": NAMESPACE,

@@ -140,8 +140,9 @@ def test_a_remote_answer_is_quoted_as_a_short_sanitized_excerpt():
 # --- the real worker against real servers on loopback -------------------------------------------
 
 
-class Receiver:
-    """An HTTP server on 127.0.0.1 that counts POSTs and answers `status` with `body`."""
+class CountingReceiver:
+    """An HTTP server on 127.0.0.1 that counts POSTs and answers `status` with `body`: no signature
+    check, unlike test_jobrunner_sinks.Receiver, since what is tested here is whether it is reached."""
 
     def __init__(self, status: int = 200, body: bytes = b"{}") -> None:
         self.requests = 0
@@ -172,7 +173,7 @@ class Receiver:
 
 @pytest.fixture
 def receiver():
-    r = Receiver()
+    r = CountingReceiver()
     yield r
     r.close()
 
@@ -361,7 +362,7 @@ def test_an_error_answer_is_quoted_only_as_a_short_excerpt(tmp_path, source, buc
     secret = "AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
     page = "Internal\r\nServer\x00Error\x1b[0m at db-primary.internal:5432 " + "stack frame; " * 30
     body = (page + secret + "\n" + "x" * 10_000)[:10_240].encode()
-    recv = Receiver(500, body)
+    recv = CountingReceiver(500, body)
     try:
         url = f"http://127.0.0.1:{recv.port}/hook"
         job = Job(
@@ -384,7 +385,7 @@ def test_an_error_answer_is_quoted_only_as_a_short_excerpt(tmp_path, source, buc
 
 
 def test_a_short_refusal_answer_is_quoted_whole(tmp_path, source, bucket, gcs):
-    recv = Receiver(400, b"unknown tenant")
+    recv = CountingReceiver(400, b"unknown tenant")
     try:
         job = Job(
             tmp_path,
