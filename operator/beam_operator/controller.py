@@ -176,11 +176,11 @@ class Controller:
         # reconcile ends the backfill `failed` with the apiserver's reason.
         self._refused: dict[str, dict[str, str]] = {}
         self._errors: dict[Key, int] = {}  # consecutive failed reconciles: the retry backoff
-        # Finalizers: what wakes one waiting for its Jobs to go (_finalize), and a bound on their
-        # live reads at once, so that a burst of deletions neither fills the connection pool
-        # (each connection holds 256 KiB of TLS buffers) nor starves the reconciles.
+        # Finalizers: what wakes one waiting for its Jobs to go (_finalize), and how many read and
+        # delete at once, so that a burst of deletions neither fills the connection pool (each
+        # connection holds 256 KiB of TLS buffers) nor starves the reconciles.
         self._jobs_gone: dict[str, asyncio.Event] = {}
-        self._finalize_reads = asyncio.Semaphore(max(1, workers // 4))
+        self._finalize_slots = asyncio.Semaphore(max(1, workers // 4))
         self._tasks: list[asyncio.Task] = []
         # One consumer per lane and one lane per key: a backfill's Events keep their order. The
         # queues exist from here on (no loop needed), their consumers from start().
@@ -337,6 +337,9 @@ class Controller:
                     await self._post_one(body, ev)
             finally:
                 lane.task_done()
+                # Not held while the lane waits for the next one: the last backfill it posted for
+                # would stay in memory after its deletion (scale_probe's census found 8, one per lane).
+                del body, ev, meta
 
     async def _post_one(self, body: dict[str, Any], ev: Event) -> None:
         try:
@@ -651,11 +654,11 @@ class Controller:
         while True:
             if not leader.still_leader():
                 leader.step_down("the lease may be another replica's now")
-            async with self._finalize_reads:
+            async with self._finalize_slots:
                 jobs, pods_left = await self.api.live_children(ns, uid)
-            actions = finalize_actions(ns, uid, jobs, pods_left, self.config)
-            for action in actions:
-                await self._apply(body, action)
+                actions = finalize_actions(ns, uid, jobs, pods_left, self.config)
+                for action in actions:
+                    await self._apply(body, action)
             if any(isinstance(a, DeleteStaged) for a in actions):
                 return True
             log.info("%s/%s: deleting: waiting for %d Jobs and %d Pods to go", ns, meta["name"], len(jobs), pods_left)
