@@ -49,6 +49,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
+import scale_probe  # noqa: E402
 from scale_audit import POLICY, READS, WATCHES, WRITES, max_in_window, read_audit  # noqa: E402
 from scale_watch import Client, Watcher, admin_ssl  # noqa: E402
 
@@ -113,6 +114,45 @@ def proc_usage(pid: int) -> dict[str, float]:
     stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return {"hwm_mb": fields["VmHWM"], "rss_mb": fields["VmRSS"], "cpu_s": (int(stat[11]) + int(stat[12])) / ticks}
+
+
+def open_sockets(pid: int) -> int:
+    """Sockets the process holds: its API connections (kopf's pool, the controller's) and watches."""
+    n = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            n += os.readlink(fd).startswith("socket:")
+        except OSError:
+            pass  # closed meanwhile
+    return n
+
+
+def probe_census(pid: int, when: str) -> dict | None:
+    if scale_probe.gdb() is None:
+        say("--probe: no gdb (apt-get install gdb)")
+        return None
+    found = scale_probe.census(pid)
+    if found is None:
+        say(f"--probe: no census {when} (gdb could not run Python in the operator)")
+    else:
+        say(
+            f"--probe {when}: {found['objects']} Python objects, {found['bodies']} Kubernetes bodies, "
+            f"{found['JobObs']} JobObs; most: {found['types'][:6]}"
+        )
+    return found
+
+
+def wait_quiet(pid: int, still_s: float = 35, at_most_s: float = 120) -> tuple[float, int]:
+    """Until the process's socket count has not moved for `still_s` (its pooled connections
+    closed once idle: aiohttp's keep-alive is 15 s, checked every 15 s; each holds 256 KiB of TLS buffers), or
+    `at_most_s`: an observable point, not a sleep. Returns the seconds waited and the count."""
+    t0 = time.time()
+    last, since = open_sockets(pid), time.time()
+    while time.time() - since < still_s and time.time() - t0 < at_most_s:
+        time.sleep(1)
+        if (n := open_sockets(pid)) != last:
+            last, since = n, time.time()
+    return time.time() - t0, last
 
 
 def pct(values: list[float], p: float) -> float:
@@ -206,6 +246,12 @@ def main() -> None:
         help="once every backfill has ended, set spec.ttl_seconds_after_finished to 0 on all of them, wait until "
         "the operator has deleted them all, and report its RSS before any backfill, with all of them finished, "
         "and after they expired",
+    )
+    ap.add_argument(
+        "--probe",
+        action="store_true",
+        help="with --expire: look inside the operator through gdb (bench/scale_probe.py), with all ended and after "
+        "expiry: its Python objects and the Kubernetes bodies among them, then its RSS after malloc_trim(0)",
     )
     ap.add_argument("--job-syncs", type=int, default=50, help="kube-controller-manager --concurrent-job-syncs")
     ap.add_argument("--operator-env", action="append", default=[], metavar="BEAM_X=V", help="extra operator setting")
@@ -399,7 +445,7 @@ def run(
     usage = operator.usage()
     expiry = None
     if args.expire:
-        expiry = expire_all(args, plane, ctx, watcher, operator, names, rss_baseline, usage["rss_mb"], deadline)
+        expiry = expire_all(args, plane, ctx, watcher, operator, names, rss_baseline, deadline)
     # The rest of the machine's CPU, to read the operator's figures against (2 cores shared).
     cpu_others = {}
     for what, p in others.items():
@@ -423,11 +469,18 @@ def run(
     return figures
 
 
-def expire_all(args, plane, ctx, watcher, operator, names, rss_baseline, rss_completed, deadline) -> dict:
+def expire_all(args, plane, ctx, watcher, operator, names, rss_baseline, deadline) -> dict:
     """--expire: every finished backfill's ttl set to 0 at once (the field may change), then until
-    the operator has deleted them all; its RSS then, once kopf's idle workers are gone, against its
-    RSS before any backfill existed and with all of them finished."""
-    say(f"all {len(names)} ended (operator rss {rss_completed:.0f} MB); setting ttl_seconds_after_finished 0 on each")
+    the operator has deleted them all; its RSS then, once quiet, against its RSS before any
+    backfill existed and with all of them finished (also once quiet)."""
+    pid = operator.op.proc.pid
+    quiet_completed_s, sockets_completed = wait_quiet(pid)
+    rss_completed = operator.usage()["rss_mb"]
+    census_completed = probe_census(pid, "all ended") if args.probe else None
+    say(
+        f"all {len(names)} ended; quiet after {quiet_completed_s:.0f}s: operator rss {rss_completed:.0f} MB, "
+        f"{sockets_completed} sockets; setting ttl_seconds_after_finished 0 on each"
+    )
     local = threading.local()
 
     def expire(key: tuple[str, str]) -> None:
@@ -444,26 +497,48 @@ def expire_all(args, plane, ctx, watcher, operator, names, rss_baseline, rss_com
 
     with ThreadPoolExecutor(args.create_workers) as pool:
         list(pool.map(expire, names))
-    t0, last_progress = time.time(), 0.0
+    t0, last_progress, rss_peak, sockets_peak = time.time(), 0.0, rss_completed, sockets_completed
     while True:
         with watcher.lock:
             gone = sum(1 for k in names if (b := watcher.backfills.get(k)) is not None and b.deleted)
         now = time.time()
+        rss_peak = max(rss_peak, operator.usage()["rss_mb"])
+        sockets_peak = max(sockets_peak, open_sockets(pid))
         if now - last_progress >= args.progress_every:
             last_progress = now
-            say(f"{now - t0:7.1f}s expired {gone}/{len(names)} | operator rss {operator.usage()['rss_mb']:.0f} MB")
+            say(
+                f"{now - t0:7.1f}s expired {gone}/{len(names)} | operator rss {operator.usage()['rss_mb']:.0f} MB, "
+                f"{open_sockets(pid)} sockets"
+            )
         if gone == len(names) or now > deadline:
             break
         time.sleep(0.5)
     t_gone = time.time()
-    time.sleep(15)  # kopf's idle workers (kopf_idle_seconds) and the Event lanes wind down
+    quiet_s, sockets_after = wait_quiet(pid)
     rss_after = operator.usage()["rss_mb"]
+    census_after = rss_trimmed = None
+    if args.probe:
+        census_after = probe_census(pid, "after expiry")
+        scale_probe.malloc_trim(pid)
+        rss_trimmed = round(operator.usage()["rss_mb"], 1)
+        say(f"--probe: operator rss after malloc_trim(0): {rss_trimmed:.0f} MB")
+    say(
+        f"expiry done in {t_gone - t0:.1f}s; quiet {quiet_s:.0f}s later: rss {rss_after:.0f} MB, {sockets_after} sockets"
+    )
     return {
         "expired": gone,
         "expiry_s": round(t_gone - t0, 1),
+        "quiet_after_s": round(quiet_s, 1),
+        "sockets_all_completed": sockets_completed,
+        "sockets_peak": sockets_peak,
+        "sockets_after_expiry": sockets_after,
         "rss_baseline_mb": round(rss_baseline, 1),
         "rss_all_completed_mb": round(rss_completed, 1),
+        "rss_peak_during_expiry_mb": round(rss_peak, 1),
         "rss_after_expiry_mb": round(rss_after, 1),
+        "rss_after_malloc_trim_mb": rss_trimmed,
+        "census_all_completed": census_completed,
+        "census_after_expiry": census_after,
         "after_over_baseline": round(rss_after / rss_baseline, 2) if rss_baseline else None,
         "after_over_completed": round(rss_after / rss_completed, 2) if rss_completed else None,
     }
@@ -631,8 +706,18 @@ by kind: {json.dumps(api["by_kind"])}""",
     if e := f.get("expiry"):
         print(
             f"expiry: {e['expired']}/{f['backfills']} deleted in {e['expiry_s']} s after their ttl was set to 0; operator RSS "
-            f"before any backfill {e['rss_baseline_mb']} MB, all completed {e['rss_all_completed_mb']} MB, after expiry "
-            f"{e['rss_after_expiry_mb']} MB ({e['after_over_baseline']}x the baseline, {e['after_over_completed']}x completed)",
+            f"before any backfill {e['rss_baseline_mb']} MB, all completed {e['rss_all_completed_mb']} MB, peak while "
+            f"deleting {e['rss_peak_during_expiry_mb']} MB, after expiry {e['rss_after_expiry_mb']} MB "
+            f"({e['after_over_baseline']}x the baseline, {e['after_over_completed']}x completed), {e['quiet_after_s']} s "
+            f"after the last deletion; sockets all completed / peak / after: {e['sockets_all_completed']} / "
+            f"{e['sockets_peak']} / {e['sockets_after_expiry']}"
+            + (f"; after malloc_trim(0) {e['rss_after_malloc_trim_mb']} MB" if e["rss_after_malloc_trim_mb"] else "")
+            + (
+                f"; Kubernetes bodies in the operator, all ended / after expiry: {e['census_all_completed']['bodies']} / "
+                f"{e['census_after_expiry']['bodies']}"
+                if e["census_all_completed"] and e["census_after_expiry"]
+                else ""
+            ),
             flush=True,
         )
 
