@@ -2,7 +2,7 @@
 gives back when asked (malloc_trim), and which Python objects of deleted backfills are still
 referenced. Nothing in the operator's code takes part; gdb attaches, runs, and detaches.
 
-Needs gdb (`apt-get install gdb`) and ptrace rights over the operator (root here).
+Needs ptrace rights over the operator (root here); gdb comes from Debian's packages.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from beam_devstack.proc import apt_install
 
 # Run inside the operator: every object the collector tracks, and among them the Kubernetes
 # bodies (dicts with metadata.uid) and the controller's per-Job records, by namespace/name.
@@ -33,14 +35,20 @@ del _objs, _o, _types, _bodies
 """
 
 
-def gdb() -> str | None:
-    return shutil.which("gdb")
+def gdb() -> str:
+    """gdb, installed from Debian's packages when missing."""
+    found = shutil.which("gdb")
+    if found is None:
+        apt_install("gdb", "probe")
+        found = shutil.which("gdb")
+        assert found is not None
+    return found
 
 
 def malloc_trim(pid: int) -> int:
     """glibc's malloc_trim(0) in the process: free pages it kept go back to the system."""
     done = subprocess.run(
-        [gdb() or "gdb", "-p", str(pid), "-batch", "-ex", "call (int) malloc_trim(0)"],
+        [gdb(), "-p", str(pid), "-batch", "-ex", "call (int) malloc_trim(0)"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -57,7 +65,7 @@ def census(pid: int) -> dict | None:
         code = f"exec(open({str(script)!r}).read(), {{}})"
         subprocess.run(
             [
-                gdb() or "gdb",
+                gdb(),
                 "-p",
                 str(pid),
                 "-batch",

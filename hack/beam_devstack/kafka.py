@@ -20,7 +20,7 @@ from pathlib import Path
 
 from beam_devstack import pki
 from beam_devstack.kafka_proxy import KafkaProxy
-from beam_devstack.proc import CACHE, ManagedProcess, free_port, port_open, progress
+from beam_devstack.proc import CACHE, ManagedProcess, apt_install, free_port, port_open, progress
 
 VERSION = os.environ.get("BEAM_KAFKA_VERSION", "4.4.0")
 POM = Path(__file__).resolve().parent.parent / "kafka" / "pom.xml"
@@ -44,8 +44,7 @@ def _java() -> str:
 def _mvn() -> str:
     mvn = shutil.which("mvn")
     if mvn is None:
-        progress("kafka", "mvn not found: apt-get install -y maven")
-        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", "maven"], check=True)
+        apt_install("maven", "kafka")
         mvn = shutil.which("mvn")
         assert mvn is not None
     return mvn

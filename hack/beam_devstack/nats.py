@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
 import urllib.request
 from pathlib import Path
 
-from beam_devstack.proc import ManagedProcess, free_port, progress, start_ready
+from beam_devstack.proc import ManagedProcess, apt_install, free_port, progress, start_ready
 
 READY_TIMEOUT = 30.0
 
@@ -16,13 +15,7 @@ def ensure_installed() -> str:
     found = shutil.which("nats-server") or (Path("/usr/sbin/nats-server").exists() and "/usr/sbin/nats-server")
     if found:
         return found
-    progress("nats", "nats-server not found: apt-get install -y nats-server")
-    # Wait for dpkg's lock rather than fail: other setup steps may be installing packages too.
-    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", "nats-server"]
-    if subprocess.run(install, capture_output=True).returncode != 0:
-        # A fresh machine has no package lists yet.
-        subprocess.run(["apt-get", "update", "-q"], check=True)
-        subprocess.run(install, check=True)
+    apt_install("nats-server", "nats")
     # Debian's package enables a system service; on machines with systemd it would hold port 4222.
     # Ours run on free ports, so the service is left as Debian set it up.
     found = shutil.which("nats-server") or "/usr/sbin/nats-server"

@@ -249,3 +249,14 @@ if threading.current_thread() is threading.main_thread():
     # SIGTERM from CI or a parent shell: stop servers before exiting. SIGINT stays
     # KeyboardInterrupt so pytest can report, and atexit still runs after it.
     signal.signal(signal.SIGTERM, _on_signal)
+
+
+def apt_install(package: str, component: str) -> None:
+    """A Debian package, for a tool the stack needs and the machine lacks. Waits for dpkg's lock
+    rather than failing (other setup steps may be installing too), and reads the package lists
+    first on a fresh machine that has none."""
+    progress(component, f"apt-get install -y {package}")
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", package]
+    if subprocess.run(install, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], check=True)
+        subprocess.run(install, check=True)
