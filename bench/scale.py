@@ -494,12 +494,15 @@ def expire_all(args, plane, ctx, watcher, operator, names, rss_baseline, deadlin
 
     with ThreadPoolExecutor(args.create_workers) as pool:
         list(pool.map(expire, names))
+    census_deleting = None
     t0, last_progress, rss_peak, sockets_peak = time.time(), 0.0, rss_completed, sockets_completed
     while True:
         with watcher.lock:
             gone = sum(1 for k in names if (b := watcher.backfills.get(k)) is not None and b.deleted)
         now = time.time()
         rss_peak = max(rss_peak, operator.usage()["rss_mb"])
+        if args.probe and census_deleting is None and gone >= len(names) // 2:
+            census_deleting = probe_census(pid, "half expired") or {}
         sockets_peak = max(sockets_peak, open_sockets(pid))
         if now - last_progress >= args.progress_every:
             last_progress = now
@@ -535,6 +538,7 @@ def expire_all(args, plane, ctx, watcher, operator, names, rss_baseline, deadlin
         "rss_after_expiry_mb": round(rss_after, 1),
         "rss_after_malloc_trim_mb": rss_trimmed,
         "census_all_completed": census_completed,
+        "census_half_expired": census_deleting,
         "census_after_expiry": census_after,
         "after_over_baseline": round(rss_after / rss_baseline, 2) if rss_baseline else None,
         "after_over_completed": round(rss_after / rss_completed, 2) if rss_completed else None,
