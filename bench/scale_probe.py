@@ -8,12 +8,11 @@ Needs ptrace rights over the operator (root here); gdb comes from Debian's packa
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-from beam_devstack.proc import apt_install
+from beam_devstack.proc import debian_tool
 
 # Run inside the operator: every object the collector tracks, and among them the Kubernetes
 # bodies (dicts with metadata.uid) and the controller's per-Job records, by namespace/name.
@@ -36,13 +35,7 @@ del _objs, _o, _types, _bodies
 
 
 def gdb() -> str:
-    """gdb, installed from Debian's packages when missing."""
-    found = shutil.which("gdb")
-    if found is None:
-        apt_install("gdb", "probe")
-        found = shutil.which("gdb")
-        assert found is not None
-    return found
+    return debian_tool("gdb", "gdb", "probe")
 
 
 def malloc_trim(pid: int) -> int:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from beam_devstack import pki
 from beam_devstack.kafka_proxy import KafkaProxy
-from beam_devstack.proc import CACHE, ManagedProcess, apt_install, free_port, port_open, progress
+from beam_devstack.proc import CACHE, ManagedProcess, debian_tool, free_port, port_open, progress
 
 VERSION = os.environ.get("BEAM_KAFKA_VERSION", "4.4.0")
 POM = Path(__file__).resolve().parent.parent / "kafka" / "pom.xml"
@@ -42,12 +42,7 @@ def _java() -> str:
 
 
 def _mvn() -> str:
-    mvn = shutil.which("mvn")
-    if mvn is None:
-        apt_install("maven", "kafka")
-        mvn = shutil.which("mvn")
-        assert mvn is not None
-    return mvn
+    return debian_tool("mvn", "maven", "kafka")
 
 
 def ensure_installed(version: str = VERSION) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 CACHE = Path(os.environ.get("BEAM_CACHE", Path.home() / ".cache" / "beam-backfill"))
 PR_SET_PDEATHSIG = 1
@@ -260,3 +262,26 @@ def apt_install(package: str, component: str) -> None:
     if subprocess.run(install, capture_output=True).returncode != 0:
         subprocess.run(["apt-get", "update", "-q"], check=True)
         subprocess.run(install, check=True)
+
+
+def debian_tool(binary: str, package: str, component: str) -> str:
+    """The path of `binary`, installing its Debian `package` first when it is missing."""
+    found = shutil.which(binary)
+    if found is None:
+        apt_install(package, component)
+        found = shutil.which(binary)
+        assert found is not None, f"{package} installed, but no {binary} on PATH"
+    return found
+
+
+def wait_for(fn: Callable[[], Any], timeout: float = 60.0, what: str = "condition", interval: float = 0.2) -> Any:
+    """Poll `fn` until it returns something truthy, and return that; AssertionError with the last
+    value after `timeout` seconds. What tests wait on instead of sleeping."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")

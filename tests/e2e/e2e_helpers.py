@@ -103,16 +103,6 @@ def wait_status(k8s, ns, name, wanted, timeout=180, until=None):
     raise AssertionError(f"{ns}/{name} not {wanted} after {timeout}s: {st}")
 
 
-def wait_until(fn, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def jobs(k8s, ns, uid):
     return k8s.api("GET", f"/apis/batch/v1/namespaces/{ns}/jobs?labelSelector=beam-backfill.dev%2Fjob-id%3D{uid}")[
         "items"

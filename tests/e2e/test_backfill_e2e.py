@@ -26,8 +26,8 @@ from e2e_helpers import (
     read_topic,
     staged_objects,
     status,
+    wait_for,
     wait_status,
-    wait_until,
 )
 
 from beam_devstack.kafka_proxy import END_TXN
@@ -248,7 +248,7 @@ def test_cancel_mid_transport_stops_delivery(k8s, operator, kafka, seeded, org):
     k8s.api("PATCH", API.format(ns=org, name="cancelled"), {"spec": {"cancel": True}})
     st = wait_status(k8s, org, "cancelled", "cancelled", timeout=15)
     assert st["time_completed"] and st["chunks_left"] > 0
-    wait_until(lambda: not jobs(k8s, org, uid) and not pods_of(k8s, org, uid), 60, "Jobs and Pods gone")
+    wait_for(lambda: not jobs(k8s, org, uid) and not pods_of(k8s, org, uid), 60, "Jobs and Pods gone")
     after = len(read_topic(kafka.bootstrap, f"{org}.e2e-cancel"))
     time.sleep(3)
     assert len(read_topic(kafka.bootstrap, f"{org}.e2e-cancel")) == after, "messages kept arriving after cancel"
@@ -271,7 +271,7 @@ def test_a_cancel_inside_a_transaction_does_not_stall_consumers_of_the_topic(k8s
         assert consume_all(kafka.bootstrap, topic, "read_uncommitted"), "the chunk's rows are in the log"
         k8s.api("PATCH", API.format(ns=org, name="cancel-txn"), {"spec": {"cancel": True}})
         wait_status(k8s, org, "cancel-txn", "cancelled", timeout=30)
-        wait_until(lambda: not pods_of(k8s, org, uid), 30, "the worker's Pod gone")
+        wait_for(lambda: not pods_of(k8s, org, uid), 30, "the worker's Pod gone")
         other = Producer({"bootstrap.servers": kafka.bootstrap})
         other.produce(topic, key=b"after-cancel", value=b"{}")
         assert other.flush(10) == 0
@@ -291,7 +291,7 @@ def _delete_and_assert_nothing_left(k8s, org, bucket, name, uid):
 def test_delete_in_each_phase_leaves_no_jobs_pods_or_staged_files(k8s, operator, bucket, org):
     # staging: while its worker runs (and may be writing chunks)
     uid = apply(k8s, org, backfill("del-staging", "e2e-del-staging"))["metadata"]["uid"]
-    wait_until(lambda: pods_of(k8s, org, uid), 60, "the staging Pod")
+    wait_for(lambda: pods_of(k8s, org, uid), 60, "the staging Pod")
     _delete_and_assert_nothing_left(k8s, org, bucket, "del-staging", uid)
     # transporting
     uid = apply(k8s, org, backfill("del-transport", "e2e-del-transport", parallelism=1))["metadata"]["uid"]
@@ -326,7 +326,7 @@ def test_a_delete_right_after_an_operator_restart_waits_for_the_workers_then_emp
         operator.kill()
         k8s.kubectl("delete", "bbf", "del-restart", "-n", org, "--wait=false")
         operator.start()
-        wait_until(
+        wait_for(
             lambda: not k8s.api("GET", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills")["items"],
             90,
             "the backfill gone",
@@ -407,7 +407,7 @@ def test_a_dotted_name_runs_and_a_job_the_cluster_refuses_fails_the_backfill(k8s
     # the apiserver's own reason instead of retrying forever.
     quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-jobs"}}
     k8s.api("POST", f"/api/v1/namespaces/{org}/resourcequotas", {**quota, "spec": {"hard": {"count/jobs.batch": "0"}}})
-    wait_until(
+    wait_for(
         lambda: (
             "count/jobs.batch"
             in (k8s.api("GET", f"/api/v1/namespaces/{org}/resourcequotas/no-jobs").get("status") or {}).get("hard", {})
@@ -478,7 +478,7 @@ def test_a_filter_of_10000_addresses_completes_with_exactly_the_filtered_rows(k8
     ]
     assert cm["metadata"]["ownerReferences"][0]["uid"] == uid
     k8s.kubectl("delete", "bbf", "many-addresses", "-n", org, "--wait=true", "--timeout=90s")
-    wait_until(
+    wait_for(
         lambda: (
             not [
                 c
@@ -523,7 +523,7 @@ def test_suspend_mid_transport_ends_every_pod_and_resume_delivers_exactly_the_re
         def no_worker_runs():
             return not [p for p in pods_of(k8s, org, uid) if p["status"]["phase"] in ("Pending", "Running")]
 
-        wait_until(no_worker_runs, 60, "every worker Pod ended")
+        wait_for(no_worker_runs, 60, "every worker Pod ended")
     columns = k8s.kubectl(
         "get",
         "bbf",
@@ -589,7 +589,7 @@ def test_a_finished_backfill_with_a_ttl_is_deleted_with_its_jobs_and_staged_file
         "short-lived", "e2e-ttl", window={**WINDOW, "end": "2026-03-02T00:00:00"}, ttl_seconds_after_finished=3
     )
     uid = apply(k8s, org, obj)["metadata"]["uid"]
-    wait_until(
+    wait_for(
         lambda: not k8s.api("GET", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills")["items"],
         120,
         "the finished backfill deleted after its ttl",
@@ -653,7 +653,7 @@ def test_a_failed_backfill_retried_delivers_only_what_did_not_complete(k8s, oper
         _Flaky.broken = False
         k8s.api("PATCH", API.format(ns=org, name="retried"), {"spec": {"retry": 1}})
         # Still `failed` until the operator has started attempt 2.
-        wait_until(lambda: status(k8s, org, "retried").get("attempt") == 2, 60, "attempt 2 started")
+        wait_for(lambda: status(k8s, org, "retried").get("attempt") == 2, 60, "attempt 2 started")
         st = wait_status(k8s, org, "retried", "completed", timeout=240)
     finally:
         server.shutdown()
@@ -680,7 +680,7 @@ def test_a_worker_no_node_can_fit_fails_the_backfill_naming_the_pod_and_what_to_
         ": Unschedulable: 0/1 nodes are available" in st["error_message"] and "Insufficient cpu" in st["error_message"]
     )
     assert "ask for less in spec.resources" in st["error_message"]
-    wait_until(lambda: not pods_of(k8s, org, uid), 60, "the stuck Pod deleted with its Job")
+    wait_for(lambda: not pods_of(k8s, org, uid), 60, "the stuck Pod deleted with its Job")
 
 
 def test_pods_the_cluster_refuses_to_create_fail_the_backfill_with_the_quota(k8s, operator, org):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from e2e_helpers import API, apply, assert_exactly, backfill, expected_ids, jobs, read_topic, wait_status, wait_until
+from e2e_helpers import API, apply, assert_exactly, backfill, expected_ids, jobs, read_topic, wait_for, wait_status
 
 from beam_devstack.kafka_proxy import END_TXN
 
@@ -34,8 +34,8 @@ def _holder(k8s) -> str | None:
 
 def _scale(k8s, n: int) -> None:
     k8s.kubectl("-n", NS, "scale", f"deployment/{DEPLOYMENT}", f"--replicas={n}")
-    wait_until(lambda: len(_operator_pods(k8s)) == n and len(_running(k8s)) == n, 180, f"{n} operator Pods ready")
-    wait_until(lambda: _holder(k8s) in _running(k8s), 60, "one of them holding the lease")
+    wait_for(lambda: len(_operator_pods(k8s)) == n and len(_running(k8s)) == n, 180, f"{n} operator Pods ready")
+    wait_for(lambda: _holder(k8s) in _running(k8s), 60, "one of them holding the lease")
 
 
 def test_a_standby_takes_over_from_a_frozen_active_operator_which_then_steps_down(
@@ -51,7 +51,7 @@ def test_a_standby_takes_over_from_a_frozen_active_operator_which_then_steps_dow
         active = _holder(k8s)
         [standby] = _running(k8s) - {active}
         waiting = "standing by: lease beam-system/beam-beam-backfill is held by " + active
-        wait_until(lambda: waiting in k8s.kubectl("logs", "-n", NS, standby).stdout, 60, "the standby standing by")
+        wait_for(lambda: waiting in k8s.kubectl("logs", "-n", NS, standby).stdout, 60, "the standby standing by")
         [cs] = k8s.api("GET", f"/api/v1/namespaces/{NS}/pods/{active}")["status"]["containerStatuses"]
         container, restarts = cs["containerID"].removeprefix("containerd://"), cs["restartCount"]
         with kafka.proxy.holding(END_TXN):
@@ -59,7 +59,7 @@ def test_a_standby_takes_over_from_a_frozen_active_operator_which_then_steps_dow
             assert kafka.proxy.wait_held(1, timeout=180), "the transport worker never reached its commit"
             node.ctr("tasks", "pause", container)
             frozen = time.monotonic()
-            wait_until(lambda: _holder(k8s) == standby, 60, "the standby holding the lease")
+            wait_for(lambda: _holder(k8s) == standby, 60, "the standby holding the lease")
             took = time.monotonic() - frozen
             node.ctr("tasks", "resume", container)
 
@@ -67,7 +67,7 @@ def test_a_standby_takes_over_from_a_frozen_active_operator_which_then_steps_dow
                 [now] = k8s.api("GET", f"/api/v1/namespaces/{NS}/pods/{active}")["status"]["containerStatuses"]
                 return now["restartCount"] > restarts
 
-            wait_until(stepped_down, 60, "the resumed operator stepping down")
+            wait_for(stepped_down, 60, "the resumed operator stepping down")
         previous = k8s.kubectl("logs", "-n", NS, active, "--previous").stdout
         assert "exiting so that only one operator acts" in previous, previous[-2000:]
         print(f"the standby took over {took:.1f}s after the active operator froze")  # docs/operations.md

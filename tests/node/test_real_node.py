@@ -4,25 +4,15 @@ creates, and what a user types (`kubectl logs`, `kubectl describe pod`) answerin
 
 from __future__ import annotations
 
-import time
 import urllib.parse
 
 from beam_devstack import dataset
 from beam_devstack.images import JOBRUNNER, OPERATOR
 from beam_devstack.kafka import consume_all
 from beam_devstack.kafka_proxy import END_TXN
+from beam_devstack.proc import wait_for
 
 WINDOW = {"partition_key": "block_timestamp", "start": "2026-03-01T00:00:00", "end": "2026-04-01T00:00:00"}
-
-
-def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(0.5)
-    raise AssertionError(f"{what} not within {timeout:.0f}s")
 
 
 def test_the_node_runs_containerd_and_the_operator_runs_as_the_charts_pod(node_cluster, node_operator):

@@ -1,21 +1,12 @@
 """Polling helpers for the operator tests (a module of its own: every test dir has a conftest)."""
 
-import time
+from beam_devstack.proc import wait_for
+
+__all__ = ["get_bbf", "wait_for", "wait_status"]
 
 
 def get_bbf(k8s, ns, name):
     return k8s.api("GET", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills/{name}")
-
-
-def wait_for(fn, timeout=60.0, what="condition", interval=0.2):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 def wait_status(k8s, ns, name, statuses, timeout=60.0):
