@@ -444,8 +444,7 @@ class Controller:
         )
 
     async def process(self, key: Key) -> None:
-        if not leader.still_leader():  # a replica frozen past its lease must not write anything
-            leader.step_down("the lease may be another replica's now")
+        leader.before_writing()
         body = self.caches.backfills.get(key)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return
@@ -652,8 +651,7 @@ class Controller:
         ns, uid = meta["namespace"], meta["uid"]
         give_up = time.monotonic() + FINALIZE_HOLD_S
         while True:
-            if not leader.still_leader():
-                leader.step_down("the lease may be another replica's now")
+            leader.before_writing()
             async with self._finalize_slots:
                 jobs, pods_left = await self.api.live_children(ns, uid)
                 actions = finalize_actions(ns, uid, jobs, pods_left, self.config)

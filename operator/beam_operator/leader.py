@@ -85,6 +85,14 @@ def still_leader() -> bool:
     return _held is None or time.monotonic() - _held.renewed < LEASE_S - RENEW_S
 
 
+def before_writing() -> None:
+    """Exit unless this replica can still be sure it holds the Lease: what the controller checks
+    before each reconcile and each finalizer round, since a replica frozen past its lease must
+    not write anything."""
+    if not still_leader():
+        step_down("the lease may be another replica's now")
+
+
 def step_down(why: str) -> None:
     log.error("%s: exiting so that only one operator acts", why)
     logging.shutdown()
