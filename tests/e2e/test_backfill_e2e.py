@@ -26,11 +26,11 @@ from e2e_helpers import (
     read_topic,
     staged_objects,
     status,
-    wait_for,
     wait_status,
 )
 
 from beam_devstack.kafka_proxy import END_TXN
+from beam_devstack.proc import wait_for
 from beam_devstack.pytest_plugin import NODE
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from e2e_helpers import API, apply, assert_exactly, backfill, expected_ids, jobs, read_topic, wait_for, wait_status
+from e2e_helpers import API, apply, assert_exactly, backfill, expected_ids, jobs, read_topic, wait_status
 
 from beam_devstack.kafka_proxy import END_TXN
+from beam_devstack.proc import wait_for
 
 NS, DEPLOYMENT = "beam-system", "beam-beam-backfill"
 LEASE = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/{DEPLOYMENT}"
