@@ -121,7 +121,7 @@ class OperatorConfig(BaseSettings):
     api_timeout_seconds: float = 30.0
     # Events waiting for the API server beyond this are dropped (and counted), not queued.
     event_backlog: int = 1000
-    # kopf's own session: bounded, or 1,000 new backfills opened hundreds of TLS connections.
+    # kopf's own session (its watches): bounded, as kopf's default is unlimited.
     kopf_connections: int = 20
     # The apiserver ends each watch after this; a restarted apiserver is noticed within it.
     watch_server_timeout: int = 300

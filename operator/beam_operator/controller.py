@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from beam_contract import logs
-from beam_contract.model import TERMINAL, BackfillStatus, Phase, parse_timestamp
+from beam_contract.model import GROUP, TERMINAL, BackfillStatus, Phase, parse_timestamp
 
 from . import child_jobs, leader, metrics, staged_files
 from .config import OperatorConfig
@@ -74,10 +74,12 @@ PERMANENT_REFUSALS = frozenset({400, 403, 404, 422})
 # A reconcile that raised (the apiserver unreachable, 429, 5xx) is retried after 5 s, doubling
 # on each failure in a row up to 5 minutes.
 RETRY_FIRST_S, RETRY_MAX_S = 5.0, 300.0
-# A finalizer reads its Jobs and Pods again when the watch shows them gone, or after this long;
-# it hands back to kopf (which retries in 1 s) after FINALIZE_HOLD_S (_finalize).
+# What holds a deleted backfill until its Jobs, Pods and staged files are gone. The controller
+# adds and removes it itself (_add_finalizer, _finalize_step), not kopf: see handlers.py.
+FINALIZER = f"{GROUP}/cleanup"
+# A deleted backfill's Jobs and Pods are read again when the watch shows its last Job gone, or
+# after this long in case the watch missed a DELETED.
 FINALIZE_RECHECK_S = 10.0
-FINALIZE_HOLD_S = 60.0
 
 
 def _clean(d: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +94,16 @@ def _with_removals(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
     return {**new, **{k: None for k in old if k not in new}}
 
 
-_KEPT_METADATA = ("name", "namespace", "uid", "generation", "creationTimestamp", "deletionTimestamp", "resourceVersion")
+_KEPT_METADATA = (
+    "name",
+    "namespace",
+    "uid",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "resourceVersion",
+    "finalizers",
+)
 _KEPT_LABELS = (child_jobs.QUEUE_NAME_LABEL,)
 
 
@@ -176,11 +187,12 @@ class Controller:
         # reconcile ends the backfill `failed` with the apiserver's reason.
         self._refused: dict[str, dict[str, str]] = {}
         self._errors: dict[Key, int] = {}  # consecutive failed reconciles: the retry backoff
-        # Finalizers: what wakes one waiting for its Jobs to go (_finalize), and how many read and
-        # delete at once, so that a burst of deletions neither fills the connection pool (each
-        # connection holds 256 KiB of TLS buffers) nor starves the reconciles.
-        self._jobs_gone: dict[str, asyncio.Event] = {}
-        self._finalize_slots = asyncio.Semaphore(max(1, workers // 4))
+        # Deleted backfills cleaned up at once, at most workers/4, so that a burst of deletions
+        # neither fills the connection pool (each connection holds 256 KiB of TLS buffers) nor
+        # takes every worker from the reconciles; the others wait here, in order (_finalize_step).
+        self._finalizing = 0
+        self._finalize_limit = max(1, workers // 4)
+        self._finalize_parked: dict[Key, None] = {}
         self._tasks: list[asyncio.Task] = []
         # One consumer per lane and one lane per key: a backfill's Events keep their order. The
         # queues exist from here on (no loop needed), their consumers from start().
@@ -204,6 +216,7 @@ class Controller:
             self._progress_at.pop(key, None)
             self._refused.pop(meta["uid"], None)
             self._errors.pop(key, None)
+            self._finalize_parked.pop(key, None)
             return
         cached = self.caches.backfills.get(key)
         if cached is not None and _older(meta.get("resourceVersion"), cached["metadata"].get("resourceVersion")):
@@ -216,6 +229,10 @@ class Controller:
         self.caches.keys_by_uid[meta["uid"]] = key
         if not meta.get("deletionTimestamp"):
             self.enqueue(key)
+        elif cached is None or not cached["metadata"].get("deletionTimestamp"):
+            # First sight of the deletion. Later events of a deleting backfill (the apiserver's
+            # own finalizers coming and going) need no round: its Jobs' watch says when.
+            self.enqueue(key)
 
     def on_job(self, event_type: str | None, body: dict[str, Any]) -> None:
         uid = (body["metadata"].get("labels") or {}).get(child_jobs.LABEL_JOB_ID)
@@ -225,10 +242,16 @@ class Controller:
         if event_type == "DELETED":
             left = self.caches.jobs.get(uid, {})
             left.pop(name, None)
-            if not left and (gone := self._jobs_gone.get(uid)):
-                gone.set()
         else:
             self.caches.jobs.setdefault(uid, {})[name] = JobObs.from_job(body)
+        key = self.caches.keys_by_uid.get(uid)
+        backfill = self.caches.backfills.get(key) if key else None
+        if backfill is not None and backfill["metadata"].get("deletionTimestamp"):
+            # A deleted backfill is read again once its last Job is gone, not at each event of
+            # its Jobs and Pods being deleted (each round is a live read of both).
+            if not self.caches.jobs.get(uid):
+                self.enqueue(key)
+            return
         self._enqueue_uid(uid)
 
     def _needs_pods(self, uid: str, status: str) -> list[str]:
@@ -417,11 +440,13 @@ class Controller:
     def _log_fields(self, key: Key) -> dict[str, Any]:
         """What every log line about this backfill carries (beam_contract.logs)."""
         body = self.caches.backfills.get(key) or {}
+        meta = body.get("metadata") or {}
+        phase = (body.get("status") or {}).get("status") or "pending"
         return {
             "namespace": key[0],
             "name": key[1],
-            "job_id": (body.get("metadata") or {}).get("uid"),
-            "phase": (body.get("status") or {}).get("status") or "pending",
+            "job_id": meta.get("uid"),
+            "phase": "deleting" if meta.get("deletionTimestamp") else phase,
         }
 
     def observe(self, body: dict[str, Any], now: datetime | None = None) -> Observed:
@@ -446,8 +471,17 @@ class Controller:
     async def process(self, key: Key) -> None:
         leader.before_writing()
         body = self.caches.backfills.get(key)
-        if body is None or body["metadata"].get("deletionTimestamp"):
+        if body is None:
             return
+        if body["metadata"].get("deletionTimestamp"):
+            if FINALIZER in (body["metadata"].get("finalizers") or ()):
+                await self._finalize_step(key, body)
+            return
+        if FINALIZER not in (body["metadata"].get("finalizers") or ()):
+            # Before any Job exists: a backfill deleted from then on waits for its clean-up.
+            if not await self._add_finalizer(key, body):
+                return
+            body = self.caches.backfills.get(key) or body
         await self._read_pods(body)
         await self._read_waiting(body)
         old = body.get("status") or {}
@@ -615,6 +649,7 @@ class Controller:
                     # shows it skip it: each would delete it and announce Expired again (449
                     # deletes for 300 expiring backfills, docs/benchmarks.md).
                     self._cache_own_write((ns, meta["name"]), deleting)
+                    self.enqueue((ns, meta["name"]))  # its clean-up
                 log.info("%s/%s: deleted: its ttl_seconds_after_finished has passed", ns, meta["name"])
             case SuspendJob(name=name, suspend=suspend):
                 await self.api.suspend_job(ns, name, suspend)
@@ -625,15 +660,35 @@ class Controller:
                 n = await asyncio.to_thread(staged_files.delete_staged, uri, self.config.connect_timeout_seconds)
                 log.info("%s/%s: deleted %d staged objects under %s", ns, body["metadata"]["name"], n, uri)
 
-    async def finalize(self, body: dict[str, Any]) -> bool:
+    async def _add_finalizer(self, key: Key, body: dict[str, Any]) -> bool:
+        """Our finalizer on the backfill; False if the apiserver has a newer version (its watch
+        event, or the 1 s re-queue, brings the backfill back) or it is gone."""
         meta = body["metadata"]
-        with logs.backfill_context(
-            namespace=meta["namespace"], name=meta["name"], job_id=meta["uid"], phase="deleting"
-        ):
-            return await self._finalize(body)
+        added = await self.api.add_finalizer(
+            key[0], key[1], [*(meta.get("finalizers") or ()), FINALIZER], meta.get("resourceVersion")
+        )
+        if added is None:
+            self.enqueue(key, 1.0)
+            return False
+        self._cache_own_write(key, added)
+        return True
 
-    async def _finalize(self, body: dict[str, Any]) -> bool:
-        """Clean up a deleted backfill; True once nothing of it is left.
+    async def _finalize_step(self, key: Key, body: dict[str, Any]) -> None:
+        if self._finalizing >= self._finalize_limit:
+            self._finalize_parked[key] = None  # taken up when a running clean-up step ends
+            return
+        self._finalizing += 1
+        try:
+            await self._finalize_round(key, body)
+        finally:
+            self._finalizing -= 1
+            if self._finalize_parked:
+                parked = next(iter(self._finalize_parked))
+                del self._finalize_parked[parked]
+                self.enqueue(parked)
+
+    async def _finalize_round(self, key: Key, body: dict[str, Any]) -> None:
+        """One round of a deleted backfill's clean-up; the finalizer goes once nothing is left.
 
         Decided from live reads, never the watch cache: a cache that has not seen a Job yet (a
         restarted operator) or has seen the last one go before the apiserver has (or the other
@@ -641,42 +696,34 @@ class Controller:
         with the files still there.
 
         The cache only says when to read again: after deleting the Jobs (Foreground: a Job goes
-        after its Pods), the handler waits for the watch to show the last one gone, at most
-        FINALIZE_RECHECK_S in case it missed a DELETED, and reads again; it returns to kopf
-        after FINALIZE_HOLD_S. A handler returning "not yet" each second had cost a live read
-        of Jobs and Pods and a kopf patch of the backfill per second of each deletion: 9,466 Pod
-        lists for 1,000 backfills expiring together (docs/benchmarks.md).
+        after its Pods), the backfill waits in the queue, holding no worker, until the watch
+        shows its last Job gone (on_job), or FINALIZE_RECHECK_S in case it missed a DELETED.
+        kopf's on.delete handler did this before, and held the whole body of every backfill
+        being deleted in a worker of its own until the end: +41,000 Python objects at half of
+        300 expiring together, and 142 MB after 1,000 had expired against 104 MB before
+        (docs/benchmarks.md).
         """
         meta = body["metadata"]
         ns, uid = meta["namespace"], meta["uid"]
-        give_up = time.monotonic() + FINALIZE_HOLD_S
-        while True:
-            leader.before_writing()
-            async with self._finalize_slots:
-                jobs, pods_left = await self.api.live_children(ns, uid)
-                actions = finalize_actions(ns, uid, jobs, pods_left, self.config)
-                for action in actions:
-                    await self._apply(body, action)
-            if any(isinstance(a, DeleteStaged) for a in actions):
-                return True
+        jobs, pods_left = await self.api.live_children(ns, uid)
+        actions = finalize_actions(ns, uid, jobs, pods_left, self.config)
+        for action in actions:
+            await self._apply(body, action)
+        if not any(isinstance(a, DeleteStaged) for a in actions):
             log.info("%s/%s: deleting: waiting for %d Jobs and %d Pods to go", ns, meta["name"], len(jobs), pods_left)
-            if time.monotonic() >= give_up:
-                return False
-            await self._until_jobs_gone(uid)
-
-    async def _until_jobs_gone(self, uid: str) -> None:
-        """Until the watch shows no Job of this backfill, or FINALIZE_RECHECK_S; 1 s when it shows
-        none already (its watch behind the live read, or Pods left without a Job)."""
-        if not self.caches.jobs.get(uid):
-            await asyncio.sleep(1.0)
+            self.enqueue(key, FINALIZE_RECHECK_S if self.caches.jobs.get(uid) else 1.0)
             return
-        gone = self._jobs_gone.setdefault(uid, asyncio.Event())
-        try:
-            await asyncio.wait_for(gone.wait(), FINALIZE_RECHECK_S)
-        except TimeoutError:
-            pass
-        finally:
-            self._jobs_gone.pop(uid, None)
+        if not await self.api.remove_finalizer(ns, meta["name"], uid, meta.get("finalizers") or [], FINALIZER):
+            # The finalizers changed since this version (the apiserver's own, or another
+            # controller's): again with the newer one, the staged prefix already empty.
+            self.enqueue(key, 1.0)
+            return
+        # Until its DELETED arrives, a round queued meanwhile finds nothing to do.
+        cached = self.caches.backfills.get(key)
+        if cached is not None and cached["metadata"]["uid"] == uid:
+            left = [f for f in cached["metadata"].get("finalizers") or () if f != FINALIZER]
+            self.caches.backfills[key] = {**cached, "metadata": {**cached["metadata"], "finalizers": left}}
+        log.info("%s/%s: deleted: no Job, Pod or staged file of it is left", ns, meta["name"])
 
     def count_by_status(self) -> dict[str, int]:
         """For the beam_backfills gauge, computed when scraped rather than on every event."""

@@ -1,5 +1,13 @@
-"""kopf wiring: watch events into the Controller, deletion through a finalizer, settings from
-OperatorConfig into kopf. No logic and no settings of its own here.
+"""kopf wiring: watch events into the Controller, settings from OperatorConfig into kopf. No
+logic and no settings of its own here.
+
+kopf watches and the Controller does the rest, deletion included: it adds and removes the
+backfill's finalizer itself (controller.FINALIZER) and cleans up in its own queue. kopf's
+@kopf.on.delete held the full body of every backfill being deleted in one of its per-object
+workers until its clean-up ended, which is what kept the operator's memory up after 1,000
+backfills expired together (docs/benchmarks.md). With no on.create/update/delete handler kopf
+adds no finalizer, and removes only its own (settings.persistence.finalizer, left at kopf's
+default: it must never be ours, or kopf would remove ours).
 
 Watch settings are deliberate (docs/operations.md): the API server ends each watch after
 `server_timeout` seconds and kopf re-lists, and the client gives up on a silent connection
@@ -22,7 +30,6 @@ from .config import OperatorConfig
 from .controller import Controller, api_connections
 from .kubeclient import KubeApi, http_session, login_via_client
 
-FINALIZER = f"{GROUP}/cleanup"
 _state: dict[str, Controller] = {}
 # Read at import, before kopf calls any handler: login() needs it before startup() runs.
 CONFIG = OperatorConfig()
@@ -62,7 +69,6 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
     # CRD's structural schema has no room for kopf's bookkeeping. No diff-base (NoDiffBase).
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = NoDiffBase()
-    settings.persistence.finalizer = FINALIZER
     if config.watch_namespaces:
         # Named namespaces, no cluster-wide watch: kopf needs neither the namespaces it would
         # discover nor the CRDs it would scan, so the operator has no cluster-scoped permission.
@@ -148,9 +154,3 @@ async def backfill_event(event: kopf.RawEvent, **_) -> None:
 @kopf.on.event("batch", "v1", "jobs", labels={child_jobs.LABEL_JOB_ID: kopf.PRESENT})
 async def job_event(event: kopf.RawEvent, **_) -> None:
     controller().on_job(event["type"], event["object"])
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL)
-async def backfill_deleted(body: kopf.Body, **_) -> None:
-    if not await controller().finalize(dict(body)):
-        raise kopf.TemporaryError("waiting for the backfill's Jobs to be deleted", delay=1)

@@ -233,6 +233,47 @@ class KubeApi:
             return None
         return doc
 
+    async def add_finalizer(
+        self, namespace: str, name: str, finalizers: list[str], resource_version: str | None
+    ) -> dict[str, Any] | None:
+        """Sets the backfill's finalizers to `finalizers` (ours added) if it is still at
+        `resource_version`: a merge patch replaces the whole list, so the version guards the
+        finalizers another controller may have added since. The patched object; None if the
+        apiserver has a newer version (409) or the backfill is gone (404)."""
+        metrics.API_WRITES.labels(kind="add_finalizer").inc()
+        status, doc = await self.request(
+            "PATCH",
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{quote(name)}",
+            body={"metadata": {"finalizers": finalizers, "resourceVersion": resource_version}},
+            content_type="application/merge-patch+json",
+            ok=(404, 409),
+        )
+        return doc if status < 300 else None
+
+    async def remove_finalizer(
+        self, namespace: str, name: str, uid: str, finalizers: list[str], finalizer: str
+    ) -> bool:
+        """Removes `finalizer` from the backfill of that uid, found at its place in `finalizers`
+        (the list as last seen). A JSON patch that tests both first, so it cannot remove another
+        one or touch a newer backfill of the same name, whatever else changed. True once removed
+        or gone (404); False if the list is not what was seen (422: the tests failed)."""
+        if finalizer not in finalizers:
+            return True
+        at = f"/metadata/finalizers/{finalizers.index(finalizer)}"
+        metrics.API_WRITES.labels(kind="remove_finalizer").inc()
+        status, _ = await self.request(
+            "PATCH",
+            f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{quote(name)}",
+            body=[
+                {"op": "test", "path": "/metadata/uid", "value": uid},
+                {"op": "test", "path": at, "value": finalizer},
+                {"op": "remove", "path": at},
+            ],
+            content_type="application/json-patch+json",
+            ok=(404, 422),
+        )
+        return status != 422
+
     async def suspend_job(self, namespace: str, name: str, suspend: bool) -> None:
         """spec.suspend of a Job (merge patch); 404: gone, nothing to pause or resume."""
         metrics.API_WRITES.labels(kind="suspend_job").inc()

@@ -136,6 +136,53 @@ def test_delete_backfill_deletes_only_the_backfill_of_that_uid_and_returns_it_as
     k8s.api("PATCH", f"{path}/expiring", {"metadata": {"finalizers": None}})
 
 
+def test_our_finalizer_is_added_only_to_the_version_seen_and_removed_only_where_it_was_seen(
+    k8s, crd_installed, operator_kubeconfig, namespace
+):
+    path = f"/apis/beam-backfill.dev/v1alpha1/namespaces/{namespace}/beambackfills"
+    created = k8s.api(
+        "POST",
+        path,
+        {
+            "apiVersion": "beam-backfill.dev/v1alpha1",
+            "kind": "BeamBackfill",
+            "metadata": {"name": "held"},
+            "spec": {
+                "job_name": "seed",
+                "table": "base.assets.erc20_token_transfers",
+                "backfill_window": {"partition_key": "block", "start": 0, "end": 4},
+                "destinations": [{"type": "kafka", "name": "t"}],
+            },
+        },
+    )
+    uid, seen = created["metadata"]["uid"], created["metadata"]["resourceVersion"]
+    # Another controller's finalizer arrives after the operator saw the backfill.
+    theirs = k8s.api("PATCH", f"{path}/held", {"metadata": {"finalizers": ["example.com/theirs"]}})
+    ours = "beam-backfill.dev/cleanup"
+
+    async def scenario(api):
+        stale = await api.add_finalizer(namespace, "held", [ours], seen)  # would drop theirs: 409
+        added = await api.add_finalizer(
+            namespace, "held", ["example.com/theirs", ours], theirs["metadata"]["resourceVersion"]
+        )
+        k8s.api("DELETE", f"{path}/held")
+        # The list as seen before theirs went: ours at index 0 is not what is there now.
+        k8s.api("PATCH", f"{path}/held", {"metadata": {"finalizers": [ours]}})
+        moved = await api.remove_finalizer(namespace, "held", uid, ["example.com/theirs", ours], ours)
+        other_uid = await api.remove_finalizer(namespace, "held", "uid-of-another", [ours], ours)
+        kept = k8s.api("GET", f"{path}/held")
+        removed = await api.remove_finalizer(namespace, "held", uid, [ours], ours)
+        gone = await api.remove_finalizer(namespace, "held", uid, [ours], ours)
+        return stale, added, moved, other_uid, kept, removed, gone
+
+    stale, added, moved, other_uid, kept, removed, gone = _run(operator_kubeconfig, scenario)
+    assert stale is None
+    assert added["metadata"]["finalizers"] == ["example.com/theirs", ours]
+    assert moved is False and other_uid is False and kept["metadata"]["finalizers"] == [ours]
+    assert removed is True and gone is True
+    assert k8s.api("GET", path)["items"] == []
+
+
 def test_a_bad_request_raises_with_the_request_and_the_apis_message(crd_installed, operator_kubeconfig, namespace):
     async def scenario(api):
         with pytest.raises(ApiError) as e:

@@ -92,10 +92,10 @@ operator reads as "keep the default".
 {{/* The operator's rules on namespaced resources: in its ClusterRole, or with watchNamespaces in
 a Role per watched namespace. Each rule says why it is there. */}}
 {{- define "beam-backfill.operatorNamespacedRules" -}}
-# get/list/watch: kopf watches every BeamBackfill. patch: kopf adds and removes its finalizer
-# (a JSON patch that tests resourceVersion) and keeps its progress in annotations. delete: a
-# finished backfill whose ttl_seconds_after_finished has passed. Nothing writes a whole
-# object, so no update.
+# get/list/watch: kopf watches every BeamBackfill. patch: the operator adds its finalizer (a
+# merge patch with the resourceVersion seen) and removes it (a JSON patch that tests the uid
+# and the finalizer's place). delete: a finished backfill whose ttl_seconds_after_finished has
+# passed. Nothing writes a whole object, so no update.
 - apiGroups: ["beam-backfill.dev"]
   resources: ["beambackfills"]
   verbs: ["get", "list", "watch", "patch", "delete"]
