@@ -41,7 +41,6 @@ from . import child_jobs, leader, metrics, staged_files
 from .config import OperatorConfig
 from .kubeclient import ApiError
 from .reconcile import (
-    STUCK_RECHECK_S,
     TRANSITION_REASONS,
     Action,
     CreateJob,
@@ -58,6 +57,7 @@ from .reconcile import (
     finalize_actions,
     reconcile,
     running,
+    stuck_recheck_after,
     wants_retry,
 )
 
@@ -141,7 +141,7 @@ class Caches:
     jobs: dict[str, dict[str, JobObs]] = field(default_factory=dict)  # by owner uid, then Job name
     pods: dict[str, dict[str, PodObs]] = field(default_factory=dict)  # by owner uid, then Pod name
     keys_by_uid: dict[str, Key] = field(default_factory=dict)
-    # Stuck Pods of running Jobs, and when they were last looked for, by owner uid.
+    # Stuck Pods of running Jobs, and when to look for them again (monotonic), by owner uid.
     waiting: dict[str, tuple[float, tuple[WaitingPod, ...]]] = field(default_factory=dict)
 
 
@@ -280,8 +280,9 @@ class Controller:
 
     async def _read_waiting(self, body: dict[str, Any]) -> None:
         """Look for stuck Pods of a backfill whose current Jobs have Pods not running, once those
-        Jobs are stuck_pod_seconds old, and then every STUCK_RECHECK_S: no watch of Pods, and no
-        list at all for the common case of Jobs whose Pods all run."""
+        Jobs are stuck_pod_seconds old, and then every STUCK_RECHECK_S (less often for Pods that
+        only wait for a node, stuck_recheck_after): no watch of Pods, and no list at all for the
+        common case of Jobs whose Pods all run."""
         meta = body["metadata"]
         uid = meta["uid"]
         status = BackfillStatus.model_validate(body.get("status") or {})
@@ -303,12 +304,13 @@ class Controller:
             self.caches.waiting.pop(uid, None)
             return
         last = self.caches.waiting.get(uid)
-        if last is not None and now - last[0] < STUCK_RECHECK_S - 1:
+        if last is not None and now < last[0]:
             return
         found: list[WaitingPod] = []
         for job in candidates:
             found += await self.api.waiting_pods(meta["namespace"], job)
-        self.caches.waiting[uid] = (now, tuple(found))
+        # 1 s early: reconcile() wakes the backfill every STUCK_RECHECK_S, and that wake must list.
+        self.caches.waiting[uid] = (now + stuck_recheck_after(tuple(found), wall, self.config) - 1, tuple(found))
 
     def _enqueue_uid(self, uid: str) -> None:
         key = self.caches.keys_by_uid.get(uid)

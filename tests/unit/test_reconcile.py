@@ -22,9 +22,11 @@ from beam_operator.reconcile import (
     JobObs,
     Observed,
     PodObs,
+    WaitingPod,
     count_indexes,
     finalize_actions,
     reconcile,
+    stuck_recheck_after,
 )
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
@@ -780,8 +782,6 @@ def test_a_backfill_past_its_deadline_fails_and_its_jobs_are_deleted():
 def test_a_pod_stuck_longer_than_allowed_fails_the_backfill_naming_pod_reason_and_remedy():
     from dataclasses import replace
 
-    from beam_operator.reconcile import WaitingPod
-
     st = transporting_status(4)
     waiting = JobObs(XPORT, child_jobs.TRANSPORT, active=1, ready=0, created_at="2026-03-01T11:50:00Z")
     pod = WaitingPod(
@@ -813,3 +813,18 @@ def test_a_pod_stuck_longer_than_allowed_fails_the_backfill_naming_pod_reason_an
     d = run(replace(obs(status=st, jobs_=[waiting]), waiting=(refused,)))
     assert d.status.error_message.startswith(f"Job {XPORT} has been waiting 600s: FailedCreate: pods")
     assert "check the namespace's ResourceQuotas" in d.status.error_message
+
+
+def test_pods_that_only_wait_for_a_node_are_listed_less_often_but_never_past_their_limit():
+    pod = WaitingPod(XPORT, "usdc-xport-0-abcde", "Unschedulable", "0/1 nodes: Too many pods", "2026-03-01T11:50:00Z")
+    # Waiting 600 s of 3600: every minute, not every 15 s.
+    assert stuck_recheck_after((pod,), NOW, CONFIG) == 60.0
+    # 20 s before unschedulable_seconds: then, and not a minute later.
+    config = OperatorConfig(staging_bucket="b", staging_prefix="p", unschedulable_seconds=620)
+    assert stuck_recheck_after((pod,), NOW, config) == 20.0
+    # Never more often than any stuck Pod (a limit shorter than that, or passed already).
+    assert stuck_recheck_after((pod,), NOW, OperatorConfig(unschedulable_seconds=10)) == 15.0
+    # Nothing found, or any other reason among them: the usual 15 s.
+    pull = WaitingPod(XPORT, "usdc-xport-1-fghij", "ImagePullBackOff", "Back-off", "2026-03-01T11:50:00Z")
+    assert stuck_recheck_after((), NOW, CONFIG) == 15.0
+    assert stuck_recheck_after((pod, pull), NOW, CONFIG) == 15.0
