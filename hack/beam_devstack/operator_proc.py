@@ -88,6 +88,10 @@ class OperatorProcess:
             BEAM_LIVENESS_ENDPOINT=f"http://127.0.0.1:{self.health_port}/healthz",
         )
         self.env.update(config)
+        # The kubernetes client (the Lease) writes the kubeconfig's CA to a temporary file that
+        # only an orderly exit removes: a killed operator (the fault tests) would leave it in /tmp.
+        (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
+        self.env.setdefault("TMPDIR", str(self.run_dir / "tmp"))
         self.detach = detach
         self.pid_dir = pid_dir
         self.proc: ManagedProcess | None = None

@@ -82,7 +82,10 @@ class ApiProcess:
             BEAM_API_RATE_LIMIT_BURST=str(burst),
             BEAM_API_KEY_CACHE_SECONDS=str(key_cache_seconds),
             BEAM_API_ACCESS_LOG="0",
+            # The kubernetes client writes the kubeconfig's CA to a temporary file: in the run dir.
+            TMPDIR=str(self.run_dir / "tmp"),
         )
+        (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
         self.proc: ManagedProcess | None = None
 
     @property
