@@ -37,6 +37,20 @@ def _job(name: str, **template_spec) -> dict:
     }
 
 
+def _backfill(metadata: dict) -> dict:
+    return {
+        "apiVersion": "beam-backfill.dev/v1alpha1",
+        "kind": "BeamBackfill",
+        "metadata": metadata,
+        "spec": {
+            "job_name": "seed",
+            "table": "base.assets.erc20_token_transfers",
+            "backfill_window": {"partition_key": "block", "start": 0, "end": 4},
+            "destinations": [{"type": "kafka", "name": "t"}],
+        },
+    }
+
+
 def _run(kubeconfig, scenario, login=None):
     async def main():
         api = KubeApi(
@@ -104,21 +118,7 @@ def test_delete_backfill_deletes_only_the_backfill_of_that_uid_and_returns_it_as
     k8s, crd_installed, operator_kubeconfig, namespace
 ):
     path = f"/apis/beam-backfill.dev/v1alpha1/namespaces/{namespace}/beambackfills"
-    created = k8s.api(
-        "POST",
-        path,
-        {
-            "apiVersion": "beam-backfill.dev/v1alpha1",
-            "kind": "BeamBackfill",
-            "metadata": {"name": "expiring", "finalizers": ["beam-backfill.dev/cleanup"]},
-            "spec": {
-                "job_name": "seed",
-                "table": "base.assets.erc20_token_transfers",
-                "backfill_window": {"partition_key": "block", "start": 0, "end": 4},
-                "destinations": [{"type": "kafka", "name": "t"}],
-            },
-        },
-    )
+    created = k8s.api("POST", path, _backfill({"name": "expiring", "finalizers": ["beam-backfill.dev/cleanup"]}))
     uid = created["metadata"]["uid"]
 
     async def scenario(api):
@@ -140,21 +140,7 @@ def test_our_finalizer_is_added_only_to_the_version_seen_and_removed_only_where_
     k8s, crd_installed, operator_kubeconfig, namespace
 ):
     path = f"/apis/beam-backfill.dev/v1alpha1/namespaces/{namespace}/beambackfills"
-    created = k8s.api(
-        "POST",
-        path,
-        {
-            "apiVersion": "beam-backfill.dev/v1alpha1",
-            "kind": "BeamBackfill",
-            "metadata": {"name": "held"},
-            "spec": {
-                "job_name": "seed",
-                "table": "base.assets.erc20_token_transfers",
-                "backfill_window": {"partition_key": "block", "start": 0, "end": 4},
-                "destinations": [{"type": "kafka", "name": "t"}],
-            },
-        },
-    )
+    created = k8s.api("POST", path, _backfill({"name": "held"}))
     uid, seen = created["metadata"]["uid"], created["metadata"]["resourceVersion"]
     # Another controller's finalizer arrives after the operator saw the backfill.
     theirs = k8s.api("PATCH", f"{path}/held", {"metadata": {"finalizers": ["example.com/theirs"]}})
