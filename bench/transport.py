@@ -161,7 +161,7 @@ def transport_once(common, chunk_uri: str, topic: str, transactions: bool) -> fl
         sink = KafkaSink(Dest(), ctx, transactions=transactions)
         try:
             # a worker asks whether the chunk was delivered already: part of its cost
-            assert deliver_chunk(sink, download, DEFAULT_BATCH_ROWS, lambda rows, flush: None) is not None
+            assert deliver_chunk(sink, download, DEFAULT_BATCH_ROWS) is not None
         finally:
             sink.close()
         rows = download.result().num_rows
@@ -201,6 +201,7 @@ def main() -> None:
         os.environ["BEAM_KAFKA_BOOTSTRAP"] = kafka.bootstrap
         import pyarrow.fs as pafs
 
+        from beam_contract.staging import chunk_uri
         from beam_jobrunner import serialize, storage
 
         pafs.GcsFileSystem(
@@ -212,7 +213,7 @@ def main() -> None:
         table = synthetic(args.rows)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd", row_group_size=65536)
-        chunk = storage.join(staging, "chunks", "chunk-00000.parquet")
+        chunk = chunk_uri(staging, 0)
         storage.write_bytes(chunk, sink.getvalue().to_pybytes())
         say(f"chunk: {sink.getvalue().size / 2**20:.1f} MiB zstd parquet")
 

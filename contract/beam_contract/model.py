@@ -344,7 +344,11 @@ class BackfillSpec(_Model):
         description="Columns to export (projection); omit for all columns.",
     )
     parallelism: int | None = Field(
-        default=None, ge=1, le=256, description="Transport Pods running at once; defaults to the operator's setting."
+        default=None,
+        ge=1,
+        le=256,
+        description="Transport workers: Pods running at once, each delivering every parallelism-th chunk "
+        "(fewer if there are fewer chunks); defaults to the operator's setting.",
     )
     resources: WorkerResources | None = Field(
         default=None,
@@ -355,8 +359,9 @@ class BackfillSpec(_Model):
         default=None,
         ge=0,
         le=100,
-        description="Retries of one chunk before it fails the backfill; defaults to the operator's setting and "
-        "may not exceed its max_backoff_limit_per_index.",
+        description="How many times each transport worker's Pod may fail (evictions do not count) before the "
+        "backfill fails; a replacement resumes at the worker's first chunk not yet delivered. Defaults to the "
+        "operator's setting and may not exceed its max_backoff_limit_per_index.",
     )
     active_deadline_seconds: int | None = Field(
         default=None,

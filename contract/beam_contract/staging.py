@@ -4,6 +4,8 @@
       chunks/chunk-00000.parquet ...                 the staged rows (fetch), or Snowflake's files (unload)
       manifest.json                                  what `stage` produced; `transport` reads it
       delivered/<destination index>/<chunk>          a chunk reached a non-Kafka destination
+      progress/<chunk>                               a chunk reached every destination: what the
+                                                     operator counts for chunks_left
 
 The operator computes the URI and deletes the prefix; the jobrunner writes and reads under it.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 CHUNKS = "chunks"
 MANIFEST = "manifest.json"
 DELIVERED = "delivered"
+PROGRESS = "progress"
 
 
 class StagingLayoutError(ValueError):
@@ -43,6 +46,22 @@ def manifest_uri(staging_uri: str) -> str:
 
 def delivered_marker_uri(staging_uri: str, dest_index: int, chunk: int) -> str:
     return join(staging_uri, DELIVERED, str(dest_index), str(chunk))
+
+
+def progress_uri(staging_uri: str, chunk: int) -> str:
+    """Written by the transport worker once `chunk` reached every destination of the backfill.
+    Only a count: exactly once rests on each destination's own marker, never on this."""
+    return join(staging_uri, PROGRESS, str(chunk))
+
+
+def progress_prefix(staging_uri: str) -> str:
+    return join(staging_uri, PROGRESS) + "/"
+
+
+def chunk_of_progress(name: str) -> int | None:
+    """The chunk a progress object's name (or URI) is for; None for anything else."""
+    last = name.rstrip("/").rsplit("/", 1)[-1]
+    return int(last) if last.isdigit() else None
 
 
 def deletable_prefix(staging_uri: str) -> tuple[str, str]:

@@ -35,8 +35,12 @@ class Env(StrEnum):
     CHUNK_TARGET_BYTES = "BEAM_CHUNK_TARGET_BYTES"
     UNLOAD_STAGE = "BEAM_UNLOAD_STAGE"
     # transport
-    COMPLETION_INDEX = "JOB_COMPLETION_INDEX"  # set by the Indexed Job: the chunk
+    COMPLETION_INDEX = "JOB_COMPLETION_INDEX"  # set by the Indexed Job: the worker (worker_chunks)
+    TRANSPORT_WORKERS = "BEAM_TRANSPORT_WORKERS"  # the Job's completions: how many workers share the chunks
     MANIFEST_URI = "BEAM_MANIFEST_URI"
+    # "true": the Job started while staging runs; wait for the manifest instead of failing
+    # without it (the staging Job fails, is cancelled or suspended: the operator ends this one).
+    AWAIT_MANIFEST = "BEAM_AWAIT_MANIFEST"
     KAFKA_BOOTSTRAP = "BEAM_KAFKA_BOOTSTRAP"  # the managed Kafka
     # What a destination may reach (docs/security.md): comma-separated host names ("*.x.y" for
     # a suffix) and CIDRs that are allowed although inward, and the cluster's pod and service
@@ -74,6 +78,32 @@ SPEC_CONFIGMAP_MAX_BYTES = 1024 * 1024 - 4096
 # kubelet keeps 4096 bytes of a termination message.
 LOG_TAIL_MARK = "--- last log lines ---"
 TERMINATION_MESSAGE_MAX_BYTES = 4096
+# A transport worker delivers many chunks: the line after its error names the one that failed.
+FAILED_CHUNK_PREFIX = "failed chunk: "
+
+
+def worker_chunks(worker: int, workers: int, num_chunks: int) -> range:
+    """The chunks transport worker `worker` of `workers` delivers, in this order: every
+    `workers`-th from its own index. Fixed by the three numbers, so a replacement Pod of the same
+    index (a retry, an eviction, a resume) takes up exactly the chunks its predecessor had."""
+    return range(worker, num_chunks, max(workers, 1))
+
+
+def failure_message(error: str, chunk: int | None = None) -> str:
+    """The head of a failed worker's termination message (its log tail follows)."""
+    return error if chunk is None else f"{error}\n{FAILED_CHUNK_PREFIX}{chunk}"
+
+
+def parse_failure(message: str) -> tuple[str, int | None, list[str]]:
+    """A failed worker's termination message: (error line, failed chunk or None, log lines)."""
+    head, mark, tail = message.partition(LOG_TAIL_MARK)
+    lines = [line.strip() for line in head.strip().splitlines() if line.strip()]
+    chunk = None
+    if lines and lines[-1].startswith(FAILED_CHUNK_PREFIX) and lines[-1][len(FAILED_CHUNK_PREFIX) :].isdigit():
+        chunk = int(lines.pop()[len(FAILED_CHUNK_PREFIX) :])
+    logged = [line.strip() for line in tail.splitlines() if line.strip()] if mark else []
+    return " ".join(lines), chunk, logged
+
 
 DEFAULT_CONNECT_TIMEOUT_S = 30
 DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"

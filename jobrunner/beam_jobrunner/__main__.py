@@ -13,7 +13,7 @@ import os
 import sys
 
 from beam_contract import logs
-from beam_contract.worker import Command, Env, ExitCode
+from beam_contract.worker import Command, Env, ExitCode, failure_message
 from beam_jobrunner.config import termination_path
 from beam_jobrunner.errors import JobError
 
@@ -26,6 +26,18 @@ def _terminate(message: str) -> None:
             f.write(message)
     except OSError as e:  # outside Kubernetes there may be no termination log; stderr still has it
         log.debug("cannot write termination message: %s", e)
+
+
+def _since_process_start() -> float | None:
+    """Seconds since this process was created (Linux: /proc), for the start-up's cost."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rpartition(")")[2].split()[19])  # field 22: starttime, in ticks
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(uptime - started / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _run(command: Command) -> dict:
@@ -56,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
             "name": os.environ.get(Env.BACKFILL),
             "job_id": os.environ.get(Env.JOB_ID),
             "phase": args.command.value,
-            "chunk": os.environ.get(Env.COMPLETION_INDEX) if args.command == Command.TRANSPORT else None,
+            # A transport worker's lines about one chunk carry `chunk` too (transport.run).
+            "worker": os.environ.get(Env.COMPLETION_INDEX) if args.command == Command.TRANSPORT else None,
         },
     )
     log_tail.install()  # after configure, which replaces the root logger's handlers
+    if (since := _since_process_start()) is not None:
+        log.info("%s: started %.2fs after the process (interpreter and imports)", args.command, since)
     # httpx logs every request's full URL at INFO, query string included: webhook URLs may
     # carry tokens there. Our own log lines name endpoints through sinks.redact_url().
     for noisy in ("httpx", "httpcore", "botocore", "urllib3"):
@@ -68,12 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         result = _run(args.command)
     except JobError as e:
         log.error("%s", log_tail.mask(e.message))
-        _terminate(log_tail.termination_message(e.message))
+        _terminate(log_tail.termination_message(failure_message(e.message, e.chunk)))
         return e.exit_code
     except Exception as e:
         log.exception("%s failed unexpectedly", args.command)
         error = " ".join(f"{args.command}: unexpected error: {type(e).__name__}: {e}".split())[:1000]
-        _terminate(log_tail.termination_message(error))
+        _terminate(log_tail.termination_message(failure_message(error, getattr(e, "chunk", None))))
         return ExitCode.BUG
     line = json.dumps(result, separators=(",", ":"))
     print(line, flush=True)

@@ -9,6 +9,8 @@ class JobError(Exception):
     """A failure the operator should see verbatim in the termination message."""
 
     exit_code = ExitCode.BUG
+    # The chunk a transport worker was delivering when it failed: its termination message names it.
+    chunk: int | None = None
 
     def __init__(self, message: str) -> None:
         # The termination message is one line: a stack of reasons joined by newlines would be cut.

@@ -1,6 +1,12 @@
-"""`beam-jobrunner transport`: deliver one staged chunk (JOB_COMPLETION_INDEX) to every destination.
+"""`beam-jobrunner transport`: worker JOB_COMPLETION_INDEX of BEAM_TRANSPORT_WORKERS delivers its
+chunks (beam_contract.worker.worker_chunks), one after the other, each to every destination.
 
-The chunk is downloaded once into a local file. For each destination a reader thread decodes it
+A Pod costs seconds to start; a chunk of 64 MiB about as much to send. One Pod per worker, not
+per chunk, pays that cost once (docs/worker-contract.md, "How chunks are shared"). A chunk that
+reached every destination gets a progress object (beam_contract.staging): the operator counts
+those for chunks_left, and a replacement Pod skips those chunks without opening a sink.
+
+Each chunk is downloaded once into a local file, the next one while the current one is sent. For each destination a reader thread decodes it
 one row group at a time and renders each batch's JSON (serialize.py: polars and the _rows
 extension, a few native calls per batch, the GIL released inside them), while the main thread hands the previous batch
 to the sink, so the sink's own loop (librdkafka's produce) is the only per-row Python work.
@@ -8,6 +14,7 @@ to the sink, so the sink's own loop (librdkafka's produce) is the only per-row P
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -21,8 +28,8 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from beam_contract import staging
-from beam_contract.worker import Env
+from beam_contract import logs, staging
+from beam_contract.worker import Env, worker_chunks
 from beam_jobrunner import reach, serialize, storage
 from beam_jobrunner.config import Common, env, require
 from beam_jobrunner.errors import PermanentError, TransientError
@@ -209,73 +216,182 @@ def _metrics():
     )
 
 
+# How often a worker started with staging (Env.AWAIT_MANIFEST) looks for the manifest: often at
+# first, when staging is short and every second shows; less often for a long staging.
+MANIFEST_POLL_S, MANIFEST_POLL_SLOW_S, MANIFEST_POLL_FAST_FOR_S = 0.2, 2.0, 60.0
+
+
+def await_manifest(uri: str) -> dict:
+    """The manifest, once staging has written it. Staging writes it last, and a retried staging
+    Pod keeps the one an earlier Pod wrote, so the first manifest seen is the one to deliver."""
+    t0 = time.monotonic()
+    if not storage.exists(uri):
+        log.info("waiting for the manifest %s: staging still runs", uri)
+    while not storage.exists(uri):
+        waited = time.monotonic() - t0
+        time.sleep(MANIFEST_POLL_S if waited < MANIFEST_POLL_FAST_FOR_S else MANIFEST_POLL_SLOW_S)
+    log.info("manifest found after %.1fs of staging", time.monotonic() - t0)
+    return storage.read_json(uri)
+
+
+def delivered_chunks(staging_uri: str) -> set[int]:
+    """Chunks an earlier Pod (of any attempt) delivered to every destination: skipped whole."""
+    found = (staging.chunk_of_progress(uri) for uri, _ in storage.list_files(staging.progress_prefix(staging_uri)))
+    return {c for c in found if c is not None}
+
+
+def _deliver_to_each(common: Common, index: int, download: ChunkDownload, batch_rows: int, metrics) -> list[dict]:
+    """One chunk to every destination of the spec, in order: a result per destination."""
+    results = []
+    for dest_index, dest in enumerate(common.spec.destinations):
+        ctx = Context(
+            job_id=common.job_id,
+            chunk=index,
+            dest_index=dest_index,
+            staging_uri=common.staging_uri,
+            connect_timeout=common.connect_timeout,
+            namespace=common.namespace,
+        )
+        sink = make_sink(dest, ctx)
+        t0 = time.monotonic()
+        with reach.destination(sink.label):
+            try:
+                nbytes = deliver_chunk(sink, download, batch_rows)
+            except reach.Refused as r:
+                raise r.error from None
+            except Exception:
+                # A library that wrapped or swallowed the refusal still failed because of it.
+                refused = reach.refused()
+                if refused is not None:
+                    raise refused from None
+                raise
+            finally:
+                sink.close()
+        if nbytes is None:
+            log.info("%s: already delivered, skipped", sink.label)
+            results.append({"destination": dest.name, "type": dest.type, "rows": 0, "bytes": 0, "skipped": True})
+            continue
+        elapsed = time.monotonic() - t0
+        rows = download.result().num_rows
+        log.info(
+            "%s: delivered %d rows, %d bytes in %.2fs (%.0f rows/s)",
+            sink.label,
+            rows,
+            nbytes,
+            elapsed,
+            rows / elapsed if elapsed else 0,
+        )
+        if metrics:
+            metrics[0].labels(dest.name).inc(rows)
+            metrics[1].labels(dest.name).inc(nbytes)
+        results.append({"destination": dest.name, "type": dest.type, "rows": rows, "bytes": nbytes, "seconds": elapsed})
+    return results
+
+
 def run(common: Common) -> dict:
-    index = int(require(Env.COMPLETION_INDEX))
+    worker = int(require(Env.COMPLETION_INDEX))
     manifest_uri = env(Env.MANIFEST_URI) or staging.manifest_uri(common.staging_uri)
-    manifest = storage.read_json(manifest_uri)
+    if env(Env.AWAIT_MANIFEST) == "true":
+        manifest = await_manifest(manifest_uri)
+    else:
+        manifest = storage.read_json(manifest_uri)
     chunks = manifest.get("chunks", [])
-    if not 0 <= index < len(chunks):
-        raise PermanentError(f"transport: chunk {index} not in manifest {manifest_uri} ({len(chunks)} chunks)")
-    chunk = chunks[index]
+    # Without the variable, one worker per chunk (the Jobs of earlier releases).
+    workers = int(env(Env.TRANSPORT_WORKERS) or max(len(chunks), worker + 1))
+    if not 0 <= worker < workers:
+        raise PermanentError(f"transport: worker {worker} is not one of {workers} ({Env.TRANSPORT_WORKERS})")
+    mine = list(worker_chunks(worker, workers, len(chunks)))
     batch_rows = int(env("BEAM_TRANSPORT_BATCH_ROWS", str(DEFAULT_BATCH_ROWS)))
     metrics = _metrics()
     # From here on no Python socket of this process connects inward unless allowed (reach.py).
     reach.install(reach.Policy.from_env())
-    tag = f"{common.job_id}-{index}"
-    remove_stale_downloads(tag)
-    download = ChunkDownload(chunk["uri"], tag)
-    results = []
+    done = delivered_chunks(common.staging_uri) if mine else set()
+    todo = [c for c in mine if c not in done]
+    log.info(
+        "worker %d of %d: chunks %s of %d; %d delivered by an earlier Pod, %d to deliver",
+        worker,
+        workers,
+        _ranges(mine),
+        len(chunks),
+        len(mine) - len(todo),
+        len(todo),
+    )
+    totals: dict[int, dict] = {}
+    rows_staged = 0
+    downloads: dict[int, ChunkDownload] = {}
+
+    def download(i: int) -> ChunkDownload:
+        if i not in downloads:
+            tag = f"{common.job_id}-{i}"
+            remove_stale_downloads(tag)
+            downloads[i] = ChunkDownload(chunks[i]["uri"], tag)
+        return downloads[i]
+
     try:
-        for dest_index, dest in enumerate(common.spec.destinations):
-            ctx = Context(
-                job_id=common.job_id,
-                chunk=index,
-                dest_index=dest_index,
-                staging_uri=common.staging_uri,
-                connect_timeout=common.connect_timeout,
-                namespace=common.namespace,
-            )
-            sink = make_sink(dest, ctx)
+        for n, index in enumerate(todo):
+            current = download(index)
             t0 = time.monotonic()
-            with reach.destination(sink.label):
-                try:
-                    nbytes = deliver_chunk(sink, download, batch_rows)
-                except reach.Refused as r:
-                    raise r.error from None
-                except Exception:
-                    # A library that wrapped or swallowed the refusal still failed because of it.
-                    refused = reach.refused()
-                    if refused is not None:
-                        raise refused from None
-                    raise
-                finally:
-                    sink.close()
-            if nbytes is None:
-                log.info("%s: already delivered, skipped", sink.label)
-                results.append({"destination": dest.name, "type": dest.type, "rows": 0, "skipped": True})
-                continue
-            elapsed = time.monotonic() - t0
-            rows = download.result().num_rows
+            try:
+                with logs.backfill_context(chunk=index):
+                    if n + 1 < len(todo):
+                        download(todo[n + 1])  # downloads while this one is sent: one file ahead
+                    results = _deliver_to_each(common, index, current, batch_rows, metrics)
+                    storage.write_json(
+                        staging.progress_uri(common.staging_uri, index),
+                        {"chunk": index, "worker": worker, "rows": chunks[index].get("rows"), "time": _now()},
+                    )
+            except Exception as e:
+                # The termination message names the chunk (beam_contract.worker.failure_message).
+                with contextlib.suppress(AttributeError):
+                    e.chunk = index
+                raise
+            finally:
+                downloads.pop(index).discard()
+            rows_staged += chunks[index].get("rows") or 0
+            for dest_index, r in enumerate(results):
+                t = totals.setdefault(
+                    dest_index,
+                    {
+                        "destination": r["destination"],
+                        "type": r["type"],
+                        "rows": 0,
+                        "bytes": 0,
+                        "chunks": 0,
+                        "skipped": 0,
+                    }
+                    | {"seconds": 0.0},
+                )
+                t["rows"] += r["rows"]
+                t["bytes"] += r["bytes"]
+                t["skipped" if r.get("skipped") else "chunks"] += 1
+                t["seconds"] += r.get("seconds", 0.0)
             log.info(
-                "%s: delivered %d rows, %d bytes in %.2fs (%.0f rows/s)",
-                sink.label,
-                rows,
-                nbytes,
-                elapsed,
-                rows / elapsed if elapsed else 0,
-            )
-            if metrics:
-                metrics[0].labels(dest.name).inc(rows)
-                metrics[1].labels(dest.name).inc(nbytes)
-            results.append(
-                {
-                    "destination": dest.name,
-                    "type": dest.type,
-                    "rows": rows,
-                    "bytes": nbytes,
-                    "seconds": round(elapsed, 3),
-                }
+                "chunk %d delivered to every destination in %.2fs (%d of %d of this worker)",
+                index,
+                time.monotonic() - t0,
+                n + 1,
+                len(todo),
             )
     finally:
-        download.discard()
-    return {"chunk": index, "rows": chunk["rows"], "destinations": results}
+        for d in downloads.values():
+            d.discard()
+    for t in totals.values():
+        t["seconds"] = round(t["seconds"], 3)
+    return {
+        "worker": worker,
+        "workers": workers,
+        "chunks": len(todo),
+        "skipped": len(mine) - len(todo),
+        "rows": rows_staged,
+        "destinations": list(totals.values()),
+    }
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _ranges(indexes: list[int]) -> str:
+    """[0, 2, 4] -> "0,2,4"; long lists are cut, the log line must stay short."""
+    shown = ",".join(map(str, indexes[:10]))
+    return shown + (f",... ({len(indexes)})" if len(indexes) > 10 else "") if indexes else "none"

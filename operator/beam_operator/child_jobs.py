@@ -1,4 +1,5 @@
-"""Manifests of the Jobs a backfill runs: one staging Job, then one Indexed transport Job.
+"""Manifests of the Jobs a backfill runs: one staging Job, and one Indexed transport Job whose
+workers start while staging runs and share the chunks (docs/worker-contract.md).
 
 Names are derived from the resource's name and uid only, so an operator that restarts at any
 point asks for the same Job again and gets AlreadyExists instead of a duplicate. Every Job
@@ -279,18 +280,32 @@ def staging_job(
     )
 
 
+def transport_workers(spec: BackfillSpec, config: OperatorConfig, num_chunks: int | None) -> int:
+    """How many transport workers (Pods at once, and indexes of the Job) share the chunks: the
+    backfill's parallelism, and no more than there are chunks once that is known."""
+    workers = spec.parallelism or config.default_parallelism
+    return max(1, min(workers, num_chunks)) if num_chunks is not None else workers
+
+
 def transport_job(
     name: str,
     namespace: str,
     uid: str,
     spec: BackfillSpec,
     config: OperatorConfig,
-    num_chunks: int,
+    num_chunks: int | None,
     queue_name: str = "",
     attempt: int = 1,
 ) -> dict[str, Any]:
+    """The transport Job: one index per worker, each delivering its share of the chunks
+    (beam_contract.worker.worker_chunks). Created with num_chunks None while staging still runs:
+    its workers then wait for the manifest, and there are `parallelism` of them."""
+    workers = transport_workers(spec, config, num_chunks)
     env = _common_env(spec, name, namespace, uid, config)
     env.append({"name": Env.MANIFEST_URI, "value": staging.manifest_uri(staging_uri(config, namespace, uid))})
+    env.append({"name": Env.TRANSPORT_WORKERS, "value": str(workers)})
+    if num_chunks is None:
+        env.append({"name": Env.AWAIT_MANIFEST, "value": "true"})
     if config.managed_kafka_bootstrap:
         env.append({"name": Env.KAFKA_BOOTSTRAP, "value": config.managed_kafka_bootstrap})
     if config.destination_allow:
@@ -309,7 +324,6 @@ def transport_job(
             pod_extra["nodeSelector"] = dict(config.egress.node_selector)
         if config.egress.tolerations:
             pod_extra["tolerations"] = list(config.egress.tolerations)
-    parallelism = min(spec.parallelism or config.default_parallelism, num_chunks)
     return _job(
         name=name,
         namespace=namespace,
@@ -324,8 +338,10 @@ def transport_job(
         attempt=attempt,
         extra_spec={
             "completionMode": "Indexed",
-            "completions": num_chunks,
-            "parallelism": parallelism,
+            "completions": workers,
+            "parallelism": workers,
+            # Failures of one worker's Pods (not evictions) before the backfill fails; each
+            # replacement resumes at the first of its chunks not delivered yet.
             "backoffLimitPerIndex": (
                 config.backoff_limit_per_index if spec.backoff_limit_per_index is None else spec.backoff_limit_per_index
             ),

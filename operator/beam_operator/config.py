@@ -79,6 +79,15 @@ class OperatorConfig(BaseSettings):
     # can ever fit reads the same, and ends after this (bench/scale.py's 1,000 backfills on one
     # node waited minutes for Pod slots). spec.active_deadline_seconds bounds the whole.
     unschedulable_seconds: float = Field(default=3600.0, gt=0)
+    # Transport Pods start once the staging Pod runs, and wait for the manifest: no Pod start
+    # between the phases (docs/worker-contract.md). False: the transport Job is created once
+    # staging has ended, and no transport Pod waits through a long staging.
+    transport_with_staging: bool = True
+    # How often chunks_left is counted from the bucket's progress objects while transport
+    # workers have more than one chunk each, and the most such reads per second over all
+    # backfills (each is one object listing): more backfills transporting, slower counts.
+    progress_interval_seconds: float = Field(default=1.0, gt=0)
+    progress_reads_per_second: float = Field(default=50.0, gt=0)
     job_ttl_seconds: int = 3600
     # Seconds after a backfill ends when the operator deletes the BeamBackfill itself (and so
     # its Jobs and staged files), unless its spec.ttl_seconds_after_finished says otherwise.

@@ -59,6 +59,7 @@ from .reconcile import (
     running,
     stuck_recheck_after,
     wants_retry,
+    workers_share_chunks,
 )
 
 if TYPE_CHECKING:
@@ -124,6 +125,10 @@ def _slim(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def meta_key(meta: dict[str, Any]) -> tuple[str, str]:
+    return meta["namespace"], meta["name"]
+
+
 def _older(rv: str | None, than: str | None) -> bool:
     """Whether resourceVersion `rv` is older than `than`. Kubernetes calls them opaque, but an
     etcd-backed apiserver's are etcd revisions, integers that only grow (until an etcd restore
@@ -143,6 +148,9 @@ class Caches:
     keys_by_uid: dict[str, Key] = field(default_factory=dict)
     # Stuck Pods of running Jobs, and when to look for them again (monotonic), by owner uid.
     waiting: dict[str, tuple[float, tuple[WaitingPod, ...]]] = field(default_factory=dict)
+    # Chunks with a progress object in the bucket, and when to read again (monotonic), by owner
+    # uid: only while transport workers have more than one chunk each (_read_progress).
+    progress: dict[str, tuple[float, frozenset[int]]] = field(default_factory=dict)
 
 
 DESTINATION_TYPES = ("kafka", "webhook", "nats", "sns")
@@ -212,6 +220,7 @@ class Controller:
             self.caches.jobs.pop(meta["uid"], None)
             self.caches.pods.pop(meta["uid"], None)
             self.caches.waiting.pop(meta["uid"], None)
+            self.caches.progress.pop(meta["uid"], None)
             self._last_write.pop(key, None)
             self._progress_at.pop(key, None)
             self._refused.pop(meta["uid"], None)
@@ -311,6 +320,41 @@ class Controller:
             found += await self.api.waiting_pods(meta["namespace"], job)
         # 1 s early: reconcile() wakes the backfill every STUCK_RECHECK_S, and that wake must list.
         self.caches.waiting[uid] = (now + stuck_recheck_after(tuple(found), wall, self.config) - 1, tuple(found))
+
+    async def _read_progress(self, body: dict[str, Any]) -> None:
+        """Count delivered chunks from the bucket while transport workers have more than one
+        chunk each: the Job's status only says when a worker has delivered all of its chunks.
+
+        One listing per backfill at most every progress_interval_seconds, and no more than
+        progress_reads_per_second over all of them: with more backfills transporting, each one's
+        count is read less often (Job completions still count at once). A failed read leaves the
+        last count: chunks_left only goes down later, nothing else depends on it."""
+        meta = body["metadata"]
+        uid = meta["uid"]
+        status = BackfillStatus.model_validate(body.get("status") or {})
+        jobs = current_jobs(self.observe(body), status) if status.status == Phase.TRANSPORTING else []
+        transport = next((j for j in jobs if j.phase == child_jobs.TRANSPORT), None)
+        if not (
+            transport is not None
+            and running(transport)
+            and not transport.suspended
+            and workers_share_chunks(transport, status.num_chunks)
+        ):
+            return
+        now = time.monotonic()
+        last = self.caches.progress.get(uid)
+        if last is not None and now < last[0]:
+            return
+        reading = sum(1 for due, _ in self.caches.progress.values() if due > now - 60) + 1
+        interval = max(self.config.progress_interval_seconds, reading / self.config.progress_reads_per_second)
+        uri = child_jobs.staging_uri(self.config, meta["namespace"], uid)
+        try:
+            found = await asyncio.to_thread(staged_files.chunks_with_progress, uri, self.config.connect_timeout_seconds)
+        except staged_files.StagedFilesError as e:
+            log.warning("%s/%s: %s; chunks_left counts finished workers only until it answers", *meta_key(meta), e)
+            found = last[1] if last else frozenset()
+        # A little early: reconcile() wakes the backfill every progress_interval_seconds.
+        self.caches.progress[uid] = (now + interval - 0.05, found)
 
     def _enqueue_uid(self, uid: str) -> None:
         key = self.caches.keys_by_uid.get(uid)
@@ -466,6 +510,7 @@ class Controller:
             pods=tuple(self.caches.pods.get(uid, {}).values()),
             refused=dict(self._refused.get(uid, {})),
             waiting=self.caches.waiting.get(uid, (0.0, ()))[1],
+            progress=self.caches.progress[uid][1] if uid in self.caches.progress else None,
             now=now or datetime.now(UTC),
             queue_name=(meta.get("labels") or {}).get(child_jobs.QUEUE_NAME_LABEL, ""),
         )
@@ -486,6 +531,7 @@ class Controller:
             body = self.caches.backfills.get(key) or body
         await self._read_pods(body)
         await self._read_waiting(body)
+        await self._read_progress(body)
         old = body.get("status") or {}
         observed = self.observe(body)
         if wants_retry(observed.spec, observed.status) and observed.status.num_chunks is not None:
@@ -571,8 +617,11 @@ class Controller:
                     continue
                 metrics.ROWS_DELIVERED.labels(destination_type=kind).inc(max(int(d.get("rows") or 0), 0))
                 metrics.BYTES_DELIVERED.labels(destination_type=kind).inc(max(int(d.get("bytes") or 0), 0))
-                if isinstance(d.get("seconds"), (int, float)):
-                    metrics.CHUNK_SECONDS.labels(destination_type=kind).observe(d["seconds"])
+                # A worker reports its chunks' total per destination: each gets the mean.
+                chunks = d.get("chunks", 1)
+                if isinstance(d.get("seconds"), (int, float)) and isinstance(chunks, int) and chunks > 0:
+                    for _ in range(min(chunks, 1000)):
+                        metrics.CHUNK_SECONDS.labels(destination_type=kind).observe(d["seconds"] / chunks)
 
     def controller_state(self) -> dict[str, float]:
         """For the queue-depth, chunks-left and stall gauges, computed when scraped."""

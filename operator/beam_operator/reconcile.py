@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from beam_contract.model import BackfillSpec, BackfillStatus, Condition, Phase, parse_timestamp, utc_iso, workflow_id
-from beam_contract.worker import LOG_TAIL_MARK, SPEC_CONFIGMAP_MAX_BYTES, StagingResult
+from beam_contract.worker import SPEC_CONFIGMAP_MAX_BYTES, StagingResult, parse_failure, worker_chunks
 
 from . import child_jobs
 from .config import OperatorConfig
@@ -54,6 +54,7 @@ class JobObs:
     suspended: bool = False  # the Job's spec.suspend
     attempt: int = 1  # label LABEL_ATTEMPT; Jobs from before retries existed have none
     queued: bool = False  # it has Kueue's queue-name label: Kueue, not the operator, unsuspends it
+    completions: int = 0  # spec.completions; of a transport Job, how many workers share the chunks
 
     @classmethod
     def from_job(cls, job: dict[str, Any]) -> JobObs:
@@ -76,6 +77,7 @@ class JobObs:
             created_at=meta.get("creationTimestamp") or "",
             deleting=bool(meta.get("deletionTimestamp")),
             suspended=bool((job.get("spec") or {}).get("suspend")),
+            completions=(job.get("spec") or {}).get("completions") or 0,
             queued=child_jobs.QUEUE_NAME_LABEL in (meta.get("labels") or {}),
             attempt=_attempt_label((meta.get("labels") or {}).get(child_jobs.LABEL_ATTEMPT)),
             finished_at=status.get("completionTime")
@@ -185,6 +187,9 @@ class Observed:
     # Pods of the current Jobs that wait for a reason in STUCK_HINTS (read when a Job's Pods are
     # not all running after stuck_pod_seconds).
     waiting: tuple[WaitingPod, ...] = ()
+    # Chunks whose progress object says they reached every destination (beam_contract.staging),
+    # read from the bucket while transport workers have more than one chunk each; None if unread.
+    progress: frozenset[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -247,18 +252,35 @@ def _reason(phase: Phase) -> str:
 TRANSITION_REASONS = frozenset({_reason(p) for p in Phase} | {"Retrying"})
 
 
-def count_indexes(ranges: str) -> int:
-    """Count a Job's completedIndexes/failedIndexes such as "0-3,5,7-8"."""
-    n = 0
-    for part in filter(None, ranges.split(",")):
-        lo, _, hi = part.partition("-")
-        n += int(hi or lo) - int(lo) + 1
-    return n
-
-
 def first_index(ranges: str) -> int | None:
     part = next(iter(filter(None, ranges.split(","))), None)
     return int(part.partition("-")[0]) if part else None
+
+
+def indexes(ranges: str) -> list[int]:
+    """ "0-3,5" -> [0, 1, 2, 3, 5]."""
+    out: list[int] = []
+    for part in filter(None, ranges.split(",")):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def chunks_delivered(job: JobObs | None, num_chunks: int, progress: frozenset[int] | None) -> int:
+    """Chunks that reached every destination: those of the transport workers that completed,
+    and those with a progress object (a worker that has more to do, or an earlier attempt)."""
+    done = set(progress or ())
+    if job is not None:
+        workers = job.completions or num_chunks  # a Job without completions cannot have completed any
+        for worker in indexes(job.completed_indexes):
+            done.update(worker_chunks(worker, workers, num_chunks))
+    return len({c for c in done if 0 <= c < num_chunks})
+
+
+def workers_share_chunks(job: JobObs | None, num_chunks: int | None) -> bool:
+    """Whether some transport worker delivers more than one chunk: only then does the Job's
+    status say less than the progress objects do."""
+    return job is not None and num_chunks is not None and 0 < job.completions < num_chunks
 
 
 def _clip(msg: str) -> str:
@@ -281,23 +303,25 @@ def _failed_pods(pods: tuple[PodObs, ...], job: str, index: int | None) -> list[
     return sorted(failed, key=lambda p: p.finished_at)
 
 
-def _worker_message(pods: tuple[PodObs, ...], job: str, index: int | None = None) -> str:
-    """The error of the most recent termination message of a failed Pod of `job` (and index)."""
+def _worker_message(pods: tuple[PodObs, ...], job: str, index: int | None = None) -> tuple[str, int | None]:
+    """The error of the most recent termination message of a failed Pod of `job` (and index),
+    and the chunk it names (a transport worker's)."""
     failed = _failed_pods(pods, job, index)
     for p in reversed(failed):
         if p.message:
-            return p.message.partition(LOG_TAIL_MARK)[0].strip()
+            error, chunk, _ = parse_failure(p.message)
+            return error, chunk
     if failed and failed[-1].exit_code is not None:
-        return f"worker exited with code {failed[-1].exit_code} and no message"
-    return ""
+        return f"worker exited with code {failed[-1].exit_code} and no message", None
+    return "", None
 
 
 def _worker_log(pods: tuple[PodObs, ...], job: str, index: int | None, where: str) -> list[Event]:
     """An Event with the failed worker's last log lines (its termination message after the
     mark), which outlives the Pod and its logs; none if it sent no lines."""
     for p in reversed(_failed_pods(pods, job, index)):
-        _, mark, tail = p.message.partition(LOG_TAIL_MARK)
-        if mark and (lines := [line.strip() for line in tail.splitlines() if line.strip()]):
+        _, _, lines = parse_failure(p.message)
+        if lines:
             text = " | ".join(lines)
             if len(text) > MAX_WORKER_LOG:
                 text = "…" + text[-(MAX_WORKER_LOG - 1) :]  # the newest lines matter most
@@ -322,8 +346,14 @@ def _next_look(obs: Observed, st: BackfillStatus, config: OperatorConfig) -> flo
     wake = []
     if (deadline := _deadline(obs, st, config)) is not None:
         wake.append(max((deadline - obs.now).total_seconds(), 0.0))
-    if any(running(j) and not j.suspended and j.ready < max(j.active, 1) for j in current_jobs(obs, st)):
+    jobs = current_jobs(obs, st)
+    if any(running(j) and not j.suspended and j.ready < max(j.active, 1) for j in jobs):
         wake.append(STUCK_RECHECK_S)
+    if st.status == Phase.TRANSPORTING and (
+        transport := next((j for j in jobs if j.phase == child_jobs.TRANSPORT), None)
+    ):
+        if running(transport) and not transport.suspended and workers_share_chunks(transport, st.num_chunks):
+            wake.append(config.progress_interval_seconds)  # chunks_left from the progress objects
     return min(wake) if wake else None
 
 
@@ -500,8 +530,8 @@ def _reconcile(obs: Observed, config: OperatorConfig) -> Decision:
     if deadline is not None and obs.now >= deadline:
         seconds = (obs.spec or {}).get("active_deadline_seconds") or config.default_active_deadline_seconds
         if st.status == Phase.TRANSPORTING:
-            xport = by_phase.get(child_jobs.TRANSPORT)
-            st.chunks_left = (st.num_chunks or 0) - (count_indexes(xport.completed_indexes) if xport else 0)
+            num = st.num_chunks or 0
+            st.chunks_left = num - chunks_delivered(by_phase.get(child_jobs.TRANSPORT), num, obs.progress)
         where = f"{st.chunks_left} of {st.num_chunks} chunks left" if st.status == Phase.TRANSPORTING else "staging"
         return finish(
             Phase.FAILED,
@@ -536,13 +566,29 @@ def _reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             )
             return Decision(st, actions, events)
         if job.failed:
-            why = _worker_message(obs.pods, job.name)
+            why, _ = _worker_message(obs.pods, job.name)
             if not why and _within_grace(job, obs.now):
                 return Decision(st, actions, events, requeue_after=1.0)
             why = why or job.failure_message or job.failure_reason
             events.extend(_worker_log(obs.pods, job.name, None, "staging"))
             return finish(Phase.FAILED, "StagingFailed", f"staging failed: {why}", warning=True, cleanup_jobs=True)
         if not job.complete:
+            if (
+                config.transport_with_staging
+                and job.ready
+                and not job.suspended
+                and child_jobs.TRANSPORT not in by_phase
+            ):
+                # Its Pods start while staging runs and wait for the manifest: no Pod start
+                # between the phases. Not before the staging Pod runs: in a full cluster, Pods
+                # waiting for a manifest must not hold the room the staging Pod needs.
+                actions.append(
+                    create(
+                        child_jobs.transport_job(
+                            obs.name, obs.namespace, obs.uid, spec, config, None, obs.queue_name, attempt
+                        )
+                    )
+                )
             return Decision(st, actions, events)
         result = _staging_result(obs.pods, job.name)
         if result is None and _within_grace(job, obs.now):
@@ -576,13 +622,14 @@ def _reconcile(obs: Observed, config: OperatorConfig) -> Decision:
                 f"staged {result.num_chunks} chunks ({result.num_rows} rows); delivering to {len(spec.destinations)} destination(s)",
             )
         )
-        actions.append(
-            create(
-                child_jobs.transport_job(
-                    obs.name, obs.namespace, obs.uid, spec, config, result.num_chunks, obs.queue_name, attempt
+        if child_jobs.TRANSPORT not in by_phase:
+            actions.append(
+                create(
+                    child_jobs.transport_job(
+                        obs.name, obs.namespace, obs.uid, spec, config, result.num_chunks, obs.queue_name, attempt
+                    )
                 )
             )
-        )
         return Decision(st, actions, events)
 
     # transporting
@@ -597,15 +644,16 @@ def _reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             )
         )
         return Decision(st, actions, events)
-    done = count_indexes(job.completed_indexes)
-    st.chunks_left = max(num_chunks - done, 0)
+    st.chunks_left = max(num_chunks - chunks_delivered(job, num_chunks, obs.progress), 0)
     if job.failed:
         idx = first_index(job.failed_indexes)
-        why = _worker_message(obs.pods, job.name, idx)
+        why, chunk = _worker_message(obs.pods, job.name, idx)
         if not why and _within_grace(job, obs.now):
             return Decision(st, actions, events, requeue_after=1.0)
         why = why or job.failure_message or job.failure_reason
-        where = f"chunk {idx}" if idx is not None else "a chunk"
+        if chunk is None and idx is not None and job.completions == num_chunks:
+            chunk = idx  # one chunk per worker: the index is the chunk
+        where = f"chunk {chunk}" if chunk is not None else "a chunk"
         events.extend(_worker_log(obs.pods, job.name, idx, f"transport {where}"))
         return finish(
             Phase.FAILED,
@@ -642,9 +690,9 @@ def _retry(obs: Observed, st: BackfillStatus, events: list[Event], now: str) -> 
     reuse = st.num_chunks is not None and obs.staged is not False
     if reuse:
         last = next((j for j in obs.jobs if j.phase == child_jobs.TRANSPORT and j.attempt == previous), None)
-        done = count_indexes(last.completed_indexes) if last else 0
+        done = chunks_delivered(last, st.num_chunks, obs.progress)
         what = f"delivering the chunks not delivered yet ({st.num_chunks - done} of {st.num_chunks} did not complete in attempt {previous}); staged files reused"
-        st.status, st.chunks_left = Phase.TRANSPORTING, st.num_chunks
+        st.status, st.chunks_left = Phase.TRANSPORTING, st.num_chunks - done
     else:
         why = "no staged files to reuse" if st.num_chunks is None else "the staged files are gone"
         what = f"staging again ({why})"
@@ -698,26 +746,28 @@ def _suspension(
 ) -> Decision | None:
     """spec.suspend: a Decision while the backfill stays paused, None to go on as usual.
 
-    Only the Job of the current phase is suspended: Kubernetes ends its Pods (without counting
-    them as failures) and keeps its completed indexes, so resuming it delivers only what is
-    left. A Job that finished meanwhile is not held back: its end is handled as usual.
+    The Job of the current phase is suspended (while staging, the transport Job that started
+    with it too): Kubernetes ends their Pods (without counting them as failures) and keeps their
+    completed indexes, and the progress objects stay, so resuming delivers only what is left. A
+    Job that finished meanwhile is not held back: its end is handled as usual.
     """
-    job = by_phase.get(child_jobs.TRANSPORT if st.status == Phase.TRANSPORTING else child_jobs.STAGING)
+    current = by_phase.get(child_jobs.TRANSPORT if st.status == Phase.TRANSPORTING else child_jobs.STAGING)
+    jobs = [j for j in (current, by_phase.get(child_jobs.TRANSPORT)) if j is not None]
+    jobs = list({j.name: j for j in jobs}.values())
     was = any(c.type == "Suspended" and c.status == "True" for c in st.conditions)
     if not spec.suspend:
-        if job is not None and job.suspended and not job.queued and not job.deleting:
-            actions.append(SuspendJob(job.name, False))
+        actions.extend(SuspendJob(j.name, False) for j in jobs if j.suspended and not j.queued and not j.deleting)
         if was:
             msg = "resumed (spec.suspend false): delivering the chunks not yet delivered"
             _set_condition(st, "Suspended", False, "Resumed", msg, now, obs.generation)
             events.append(Event("Normal", "Resumed", msg))
         return None
-    if job is not None and not running(job):
+    if current is not None and not running(current):
         return None
-    if job is not None and not job.suspended and not job.deleting:
-        actions.append(SuspendJob(job.name, True))
-    if job is not None and st.status == Phase.TRANSPORTING:
-        st.chunks_left = max((st.num_chunks or 0) - count_indexes(job.completed_indexes), 0)
+    actions.extend(SuspendJob(j.name, True) for j in jobs if running(j) and not j.suspended and not j.deleting)
+    if current is not None and st.status == Phase.TRANSPORTING:
+        num = st.num_chunks or 0
+        st.chunks_left = max(num - chunks_delivered(current, num, obs.progress), 0)
     if not was:
         where = f"{st.chunks_left} of {st.num_chunks} chunks left" if st.status == Phase.TRANSPORTING else "staging"
         msg = f"suspended by request (spec.suspend) while {where}: its Pods end; set suspend to false to resume"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from beam_contract.worker import LOG_TAIL_MARK
+from beam_contract.worker import LOG_TAIL_MARK, parse_failure
 from beam_devstack.dataset import COLUMNS  # the table's schema: one definition for tests and demo
 
 TABLE = "base.assets.erc20_token_transfers"
@@ -78,7 +78,7 @@ def seed(conn, rows: list[dict], table: str = TABLE) -> None:
 @dataclass
 class Run:
     code: int
-    message: str  # the termination message's error line (or result), without the log tail
+    message: str  # the termination message's error line (or result), without the chunk line and log tail
     stderr: str
     termination: str = ""  # the whole termination message: with a failure's last log lines
 
@@ -151,7 +151,7 @@ class Job:
         argv, e, term = self._argv_env(command, env)
         p = subprocess.run(argv, env=e, capture_output=True, text=True, timeout=300)
         message = term.read_text() if term.exists() else ""
-        return Run(p.returncode, message.partition(LOG_TAIL_MARK)[0].rstrip("\n"), p.stderr, message)
+        return Run(p.returncode, parse_failure(message)[0], p.stderr, message)
 
     def start(self, command: str, **env) -> subprocess.Popen:
         """The worker as a running process, for tests that inject a fault from outside (a signal)."""

@@ -11,8 +11,11 @@ import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pyarrow.fs as pafs
 import pytest
 from jr_helpers import Job, expected_ids
+
+from beam_contract import staging
 
 WINDOW = {"partition_key": "block", "start": 2000, "end": 2300}
 KEY = "s3cr3t-hash-key"
@@ -102,10 +105,15 @@ def test_webhook_signed_batches_with_retry(tmp_path, source, bucket, gcs, rows):
         assert len(got) == len(set(got))
         assert set(got) == set(expected_ids(rows, blocks=(2000, 2300)))
         assert recv.rows[0]["block_timestamp"].endswith("Z")
-        # A rerun of a delivered chunk sends nothing: its marker is in GCS.
+        # A rerun of a delivered chunk sends nothing: its progress object is in GCS, and without
+        # it (a worker killed between the two writes) the destination's own marker.
         before = recv.requests
         r = job.transport(0)
-        assert r.code == 0 and r.json["destinations"][0]["skipped"] and recv.requests == before
+        assert r.code == 0 and r.json["skipped"] == 1 and recv.requests == before
+        fs = pafs.GcsFileSystem(anonymous=True, endpoint_override=gcs.endpoints()["host_port"], scheme="http")
+        fs.delete_file(staging.progress_uri(job.staging, 0).removeprefix("gs://"))
+        r = job.transport(0)
+        assert r.code == 0 and r.json["destinations"][0]["skipped"] == 1 and recv.requests == before
     finally:
         recv.close()
 
@@ -289,7 +297,7 @@ def test_a_failed_worker_leaves_its_last_log_lines_with_every_secret_masked(tmp_
         server.shutdown()
     assert r.code == 2
     assert "answered HTTP 403: unknown key ***" in r.message, r.termination
-    assert r.termination.startswith(r.message + "\n" + LOG_TAIL_MARK + "\n"), r.termination
+    assert r.termination.startswith(r.message + "\nfailed chunk: 0\n" + LOG_TAIL_MARK + "\n"), r.termination
     lines = r.log_tail
     assert 1 <= len(lines) <= 20 and any("beam_jobrunner" in line for line in lines), lines
     assert KEY not in r.termination and KEY not in r.stderr

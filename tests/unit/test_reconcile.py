@@ -8,6 +8,7 @@ a second one, and must not lose progress already recorded in status.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -22,9 +23,10 @@ from beam_operator.reconcile import (
     JobObs,
     Observed,
     PodObs,
+    SuspendJob,
     WaitingPod,
-    count_indexes,
     finalize_actions,
+    indexes,
     reconcile,
     stuck_recheck_after,
 )
@@ -47,7 +49,7 @@ STAGE = child_jobs.child_job_name("usdc", UID, child_jobs.STAGING)
 XPORT = child_jobs.child_job_name("usdc", UID, child_jobs.TRANSPORT)
 
 
-def obs(status=None, jobs_=(), pods=(), spec=None, now=NOW, generation=1, refused=None):
+def obs(status=None, jobs_=(), pods=(), spec=None, now=NOW, generation=1, refused=None, progress=None):
     return Observed(
         name="usdc",
         namespace="org123",
@@ -60,6 +62,7 @@ def obs(status=None, jobs_=(), pods=(), spec=None, now=NOW, generation=1, refuse
         pods=tuple(pods),
         refused=refused or {},
         now=now,
+        progress=progress,
     )
 
 
@@ -93,6 +96,73 @@ def test_first_sight_sets_identity_and_creates_the_staging_job():
     assert m["metadata"]["name"] == STAGE
     assert m["metadata"]["ownerReferences"][0]["uid"] == UID
     assert [e.reason for e in d.events] == ["Staging"]
+
+
+def _env(manifest) -> dict:
+    return {e["name"]: e.get("value") for e in manifest["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_transport_workers_start_once_the_staging_pod_runs_and_wait_for_the_manifest():
+    st = run(obs()).status
+    pending = JobObs(STAGE, child_jobs.STAGING, active=1, ready=0)
+    assert created(run(obs(status=st, jobs_=[pending]))) == []  # its Pod may still wait for room
+    staging = JobObs(STAGE, child_jobs.STAGING, active=1, ready=1)
+    d = run(obs(status=st, jobs_=[staging]))
+    assert d.status.status == "staging" and d.events == []
+    [m] = created(d)
+    assert m["metadata"]["name"] == XPORT
+    # parallelism workers, the chunk count being unknown yet; each waits for the manifest
+    assert (m["spec"]["completions"], m["spec"]["parallelism"]) == (4, 4)
+    env = _env(m)
+    assert env["BEAM_AWAIT_MANIFEST"] == "true" and env["BEAM_TRANSPORT_WORKERS"] == "4"
+    # once there, it is not asked for again; when staging ends, the backfill moves on to it
+    both = [staging, JobObs(XPORT, child_jobs.TRANSPORT, active=4, ready=4, completions=4)]
+    assert created(run(obs(status=st, jobs_=both))) == []
+    done = [
+        JobObs(STAGE, child_jobs.STAGING, complete=True, finished_at="2026-03-01T11:59:30Z"),
+        JobObs(XPORT, child_jobs.TRANSPORT, active=4, ready=4, completions=4),
+    ]
+    moved = run(obs(status=st, jobs_=done, pods=[staged_pod(3, 300)]))
+    assert moved.status.status == "transporting" and created(moved) == []
+    assert [e.reason for e in moved.events] == ["Transporting"]
+    # without it (config), and while suspended, no transport Job before staging ends
+    later = OperatorConfig(staging_bucket="b", staging_prefix="p", transport_with_staging=False)
+    assert created(run(obs(status=st, jobs_=[staging]), later)) == []
+    held = JobObs(STAGE, child_jobs.STAGING, active=1, ready=1, suspended=True)
+    assert created(run(obs(status=st, jobs_=[held]))) == []
+
+
+def test_chunks_left_counts_progress_objects_and_workers_that_finished():
+    st = transporting_status(10)
+    # 4 workers: worker 1 delivered 1, 5 and 9 and completed; progress objects for 0, 4 and 2.
+    job = JobObs(XPORT, child_jobs.TRANSPORT, active=3, ready=3, completed_indexes="1", completions=4)
+    d = run(obs(status=st, jobs_=[job], progress=frozenset({0, 4, 2, 5})))
+    assert d.status.chunks_left == 10 - 6
+    # workers with more than one chunk each: look again at the progress interval
+    assert d.requeue_after == CONFIG.progress_interval_seconds
+    # one chunk per worker: the Job's status says it all
+    one_each = JobObs(XPORT, child_jobs.TRANSPORT, active=2, ready=2, completed_indexes="0", completions=3)
+    d = run(obs(status=transporting_status(3), jobs_=[one_each]))
+    assert d.status.chunks_left == 2 and d.requeue_after is None
+
+
+def test_suspend_while_staging_pauses_the_waiting_transport_workers_too():
+    st = run(obs()).status
+    jobs = [
+        JobObs(STAGE, child_jobs.STAGING, active=1, ready=1),
+        JobObs(XPORT, child_jobs.TRANSPORT, active=4, ready=4, completions=4),
+    ]
+    d = run(obs(status=st, jobs_=jobs, spec={**SPEC, "suspend": True}))
+    assert sorted((a.name, a.suspend) for a in d.actions if isinstance(a, SuspendJob)) == [
+        (STAGE, True),
+        (XPORT, True),
+    ]
+    paused = [replace(j, suspended=True, active=0, ready=0) for j in jobs]
+    resumed = run(obs(status=d.status, jobs_=paused))
+    assert sorted((a.name, a.suspend) for a in resumed.actions if isinstance(a, SuspendJob)) == [
+        (STAGE, False),
+        (XPORT, False),
+    ]
 
 
 def test_restart_while_staging_asks_for_the_same_job_and_nothing_else():
@@ -248,13 +318,16 @@ def test_retention_keeps_staged_files_until_due():
 
 
 def test_transport_failure_names_the_chunk_and_what_the_worker_said():
+    from beam_contract.worker import failure_message
+
     st = transporting_status(5)
+    # Worker 1 of 2 has chunks 1 and 3: it delivered 1, then 3 failed. Worker 0 (0, 2, 4) runs.
     pod = PodObs(
         XPORT,
-        3,
+        1,
         False,
         2,
-        "webhook destination 'hook' chunk 3: HTTP 403 Forbidden: bad signature",
+        failure_message("webhook destination 'hook' chunk 3: HTTP 403 Forbidden: bad signature", 3),
         "2026-03-01T11:59:50Z",
     )
     job = JobObs(
@@ -262,12 +335,12 @@ def test_transport_failure_names_the_chunk_and_what_the_worker_said():
         child_jobs.TRANSPORT,
         failed=True,
         failure_reason="MaxFailedIndexesExceeded",
-        completed_indexes="0-1",
-        failed_indexes="3",
+        failed_indexes="1",
         active=1,
         finished_at="2026-03-01T11:59:51Z",
+        completions=2,
     )
-    d = run(obs(status=st, jobs_=[job], pods=[pod]))
+    d = run(obs(status=st, jobs_=[job], pods=[pod], progress=frozenset({0, 1})))
     assert d.status.status == "failed"
     assert (
         d.status.error_message
@@ -275,6 +348,16 @@ def test_transport_failure_names_the_chunk_and_what_the_worker_said():
     )
     assert d.status.chunks_left == 3
     assert DeleteJob(XPORT) in d.actions  # nothing keeps running
+
+
+def test_a_worker_per_chunk_names_its_index_as_the_chunk():
+    """Transport Jobs of earlier releases: one index per chunk, and messages without the chunk."""
+    st = transporting_status(5)
+    pod = PodObs(XPORT, 3, False, 2, "webhook destination 'hook' chunk 3: HTTP 403", "2026-03-01T11:59:50Z")
+    job = JobObs(XPORT, child_jobs.TRANSPORT, failed=True, completed_indexes="0-1", failed_indexes="3", completions=5)
+    d = run(obs(status=st, jobs_=[job], pods=[pod]))
+    assert d.status.error_message == "transport failed on chunk 3 of 5: webhook destination 'hook' chunk 3: HTTP 403"
+    assert d.status.chunks_left == 3
 
 
 @pytest.mark.parametrize("phase", ["staging", "transporting"])
@@ -370,9 +453,9 @@ def test_finalize_deletes_jobs_first_and_the_staged_prefix_only_once_no_job_or_p
     assert finalize_actions("org123", UID, [], 0, CONFIG) == [DeleteStaged(f"gs://b/p/org123/{UID}/")]
 
 
-def test_count_indexes():
-    assert count_indexes("") == 0
-    assert count_indexes("0-3,5,7-8") == 7
+def test_indexes():
+    assert indexes("") == []
+    assert indexes("0-3,5,7-8") == [0, 1, 2, 3, 5, 7, 8]
 
 
 def test_job_names_are_deterministic_and_fit_pod_hostnames():
@@ -675,9 +758,11 @@ def test_a_failed_workers_last_log_lines_outlive_its_pod_in_an_event():
     from beam_contract.worker import LOG_TAIL_MARK
 
     st = transporting_status(5)
-    said = f"webhook destination 'hook' chunk 3: answered HTTP 500: boom\n{LOG_TAIL_MARK}\nfirst line\n\nlast line"
-    pod = PodObs(XPORT, 3, False, 2, said, "2026-03-01T11:59:50Z", name="usdc-xport-3-abcde")
-    job = JobObs(XPORT, child_jobs.TRANSPORT, failed=True, failure_reason="FailedIndexes", failed_indexes="3")
+    said = f"webhook destination 'hook' chunk 3: answered HTTP 500: boom\nfailed chunk: 3\n{LOG_TAIL_MARK}\nfirst line\n\nlast line"
+    pod = PodObs(XPORT, 1, False, 2, said, "2026-03-01T11:59:50Z", name="usdc-xport-1-abcde")
+    job = JobObs(
+        XPORT, child_jobs.TRANSPORT, failed=True, failure_reason="FailedIndexes", failed_indexes="1", completions=2
+    )
     d = run(obs(status=st, jobs_=[job], pods=[pod]))
     assert (
         d.status.error_message
@@ -685,9 +770,9 @@ def test_a_failed_workers_last_log_lines_outlive_its_pod_in_an_event():
     )
     [log] = [e for e in d.events if e.reason == "WorkerLog"]
     assert log.type == "Warning"
-    assert log.message == "transport chunk 3, pod usdc-xport-3-abcde, last log lines: first line | last line"
+    assert log.message == "transport chunk 3, pod usdc-xport-1-abcde, last log lines: first line | last line"
     # Bounded: the newest lines are kept.
-    long = PodObs(XPORT, 3, False, 2, said + "\n" + "x" * 5000 + "\nthe end", "2026-03-01T11:59:51Z", name="p")
+    long = PodObs(XPORT, 1, False, 2, said + "\n" + "x" * 5000 + "\nthe end", "2026-03-01T11:59:51Z", name="p")
     [log] = [e for e in run(obs(status=st, jobs_=[job], pods=[long])).events if e.reason == "WorkerLog"]
     assert log.message.endswith(" | the end") and len(log.message) < 2100
 
