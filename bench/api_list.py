@@ -13,6 +13,7 @@ Writes the figures into docs/benchmarks.md, section "REST API".
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--backfills", type=int, default=1000)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
@@ -210,6 +212,18 @@ shows. The rest of the end-to-end figure is the HTTP round trip of a ~700 KiB an
 uvicorn and the client's JSON parse, on the same 2 cores as the apiserver and etcd.
 """
     print(text)
+    if args.json:
+        figures = {
+            "backfills": args.backfills,
+            "requests": args.requests,
+            "answer_bytes": body_bytes,
+            "create_seconds": create_s,
+            **{
+                f"{k}_ms": {"p50": pct(v, 50), "p99": pct(v, 99)}
+                for k, v in (("api", api_ms), ("apiserver", kube_ms), ("read", read_ms), ("convert", convert_ms))
+            },
+        }
+        args.json.write_text(json.dumps(figures, indent=1))
     if not args.no_write:
         write_section(text)
         say("wrote docs/benchmarks.md, section REST API")

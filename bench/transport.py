@@ -183,6 +183,7 @@ def main() -> None:
     )
     ap.add_argument("--no-stage", action="store_true", help="skip the staging measurement (and the doc update)")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    ap.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = ap.parse_args()
 
     from beam_devstack.gcs import FakeGcs
@@ -277,8 +278,15 @@ def main() -> None:
                 runs.setdefault(f"{k}_client_us", []).append(cpu[k].client / args.rows * 1e6)
                 runs.setdefault(f"{k}_broker_us", []).append(cpu[k].broker / args.rows * 1e6)
                 runs.setdefault(f"{k}_client_cores", []).append(cpu[k].client / cpu[k].wall)
+            for k in names:  # client and broker together: on 2 cores, what bounds the rate
+                runs.setdefault(f"{k}_cores", []).append((cpu[k].client + cpu[k].broker) / cpu[k].wall)
             for k in ("txn", "notxn"):  # what transport's CPU costs beyond the ceiling's, per row
                 runs.setdefault("extra_us", []).append((cpu[k].client - cpu["ceiling"].client) / args.rows * 1e6)
+                # With every core busy in both, the most transport can reach of the ceiling is the
+                # ratio of their CPU per row (client + broker): the bound 2 shared cores set.
+                runs.setdefault(f"cpu_bound_{k}", []).append(
+                    (cpu["ceiling"].client + cpu["ceiling"].broker) / (cpu[k].client + cpu[k].broker)
+                )
             runs.setdefault("ratio_txn", []).append(rate["txn"] / top)
             runs.setdefault("ratio_notxn", []).append(rate["notxn"] / top)
             runs.setdefault("ratio_ceiling_txn", []).append(rate["ceiling_txn"] / top)
@@ -290,6 +298,7 @@ def main() -> None:
         results["encode_rate"], results["encode_cpu"], results["avg"] = encode_rate, encode_cpu, avg
         del values, keys
         if args.no_stage:
+            write_json(args, results)
             return
 
         # --- staging ------------------------------------------------------------------------
@@ -358,6 +367,7 @@ def main() -> None:
         results["stage_duckdb"] = n / (time.perf_counter() - t0)
         say(f"DuckDB COPY of the same window: {results['stage_duckdb']:,.0f} rows/s")
 
+        write_json(args, results)
         if not args.no_write:
             write_doc(args, results)
     finally:
@@ -365,6 +375,12 @@ def main() -> None:
             s.stop()
         # The broker's logs: ~150 MB per measurement, 11 GB for 16 rounds.
         shutil.rmtree(run, ignore_errors=True)
+
+
+def write_json(args, results: dict) -> None:
+    """Every figure: (median, min, max) over the rounds for those measured in rounds."""
+    if args.json:
+        args.json.write_text(json.dumps({"rows": args.rows, "rounds": args.rounds, **results}, indent=1))
 
 
 def figures_table(r) -> str:
@@ -382,6 +398,8 @@ def figures_table(r) -> str:
 | transport, transactions on (exactly-once) | {rng("txn")} | {rng("ratio_txn", ".2f")}; {rng("ratio_txn_to_txn_ceiling", ".2f")} of the ceiling in a transaction | {us("txn")} |
 | transport, transactions off | {rng("notxn")} | {rng("ratio_notxn", ".2f")} | {us("notxn")} |
 | transport's client CPU beyond the ceiling's (both modes) | | | {rng("extra_us", ".2f")} | |
+| cores busy (client + broker): ceiling; transport with / without transactions | | {rng("ceiling_cores", ".2f")}; {rng("txn_cores", ".2f")} / {rng("notxn_cores", ".2f")} | | |
+| the CPU bound: ceiling's CPU per row / transport's (with / without transactions) | | {rng("cpu_bound_txn", ".2f")} / {rng("cpu_bound_notxn", ".2f")} | | |
 | encoding alone (parquet file -> JSON bytes, one polars thread, best of 3) | {r["encode_rate"]:,.0f} | | {r["encode_cpu"]:.2f} | |
 | stage `fetch` (fakesnow server -> Arrow -> zstd parquet -> GCS) | {r["stage_fetch"]:,.0f} | | | |
 | DuckDB COPY of the same window to zstd parquet (local) | {r["stage_duckdb"]:,.0f} | | | |

@@ -212,6 +212,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--manifest", default=str(ROOT / "examples" / "seed-usdc-base.yaml"))
     demo.add_argument("--down", action="store_true", help="tear the stack down after the demo")
+    demo.add_argument(
+        "--chunk-bytes",
+        type=int,
+        help="the operator's chunk_target_bytes (default 4 MiB, a dozen chunks; production's is 64 MiB)",
+    )
     cons = sub.add_parser("consume", help="print messages of a Kafka topic of the stack (read_committed)")
     cons.add_argument("topic")
     cons.add_argument("--max", type=int, default=5)
@@ -242,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "demo":
         from beam_devstack.demo import run_demo
 
-        return run_demo(rows=args.rows, manifest=Path(args.manifest), teardown=args.down)
+        return run_demo(rows=args.rows, manifest=Path(args.manifest), teardown=args.down, chunk_bytes=args.chunk_bytes)
     return 2
 
 

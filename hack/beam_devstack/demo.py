@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -133,7 +134,8 @@ def _snowflake_secret(kube: _Kube, sf: dict) -> None:
     kube.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(secret))
 
 
-def chart_values(state: dict) -> dict:
+def chart_values(state: dict, **config) -> dict:
+    """The chart's values for the local stack; `config` overrides its `config` entries."""
     from beam_devstack import images
 
     c = state["components"]
@@ -159,14 +161,18 @@ def chart_values(state: dict) -> dict:
             "snowflake_secret": SNOWFLAKE_SECRET,
             # Small chunks (production default: 64 MiB) so that the demo's month makes a dozen
             # chunks and chunks_left visibly counts down.
-            "chunk_target_bytes": 4 * 2**20,
+            "chunk_target_bytes": DEMO_CHUNK_BYTES,
             "default_parallelism": 2,
             "job_ttl_seconds": 3600,
+            **config,
         },
     }
 
 
-def _install_operator(state: dict, kube: _Kube) -> None:
+DEMO_CHUNK_BYTES = 4 * 2**20
+
+
+def install_operator(state: dict, kube: _Kube, **config) -> None:
     """The chart, as a user installs it: the operator runs as its Deployment on the node."""
     import subprocess
 
@@ -174,7 +180,7 @@ def _install_operator(state: dict, kube: _Kube) -> None:
 
     install_crd(kube)
     values = cli.STACK / "values.yaml"
-    values.write_text(yaml.safe_dump(chart_values(state)))
+    values.write_text(yaml.safe_dump(chart_values(state, **config)))
     t0 = time.monotonic()
     argv = [helm_binary(), "upgrade", "--install", RELEASE, str(CHART), "--kubeconfig", kube.kubeconfig_path]
     argv += [
@@ -191,6 +197,8 @@ def _install_operator(state: dict, kube: _Kube) -> None:
     if done.returncode != 0:
         pods = _kubectl(kube.kubeconfig_path, "describe", "pods", "-n", RELEASE_NAMESPACE, check=False).stdout
         raise RuntimeError(f"helm install failed: {done.stderr.strip()}\n{pods[-3000:]}")
+    # An upgrade that changed the config rolls the Deployment: wait for the one new operator Pod.
+    kube.kubectl("rollout", "status", "-n", RELEASE_NAMESPACE, f"deploy/{RELEASE}-beam-backfill", "--timeout=180s")
     progress(
         "demo", f"operator running as the chart's Deployment in {RELEASE_NAMESPACE} ({time.monotonic() - t0:.1f}s)"
     )
@@ -241,54 +249,111 @@ def count_topic(bootstrap: str, topic: str, timeout: float = 60.0) -> tuple[int,
         c.close()
 
 
-def worker_time(kube: _Kube, namespace: str, uid: str) -> tuple[float, float, float]:
-    """(staging seconds, transport seconds, seconds any worker process ran) from the Pods'
-    container start and finish times; the rest of apply→completed is Pod start-up and operator
-    reaction. Kubernetes timestamps have 1 s resolution: a rough split, not a profile."""
-    pods = kube.core.list_namespaced_pod(namespace, label_selector=f"beam-backfill.dev/job-id={uid}").items
-    spans = {"staging": [], "transport": []}
-    for p in pods:
-        for cs in p.status.container_statuses or []:
-            t = cs.state.terminated
-            if t and t.started_at and t.finished_at:
-                spans[p.metadata.labels.get("beam-backfill.dev/phase", "transport")].append(
-                    (t.started_at.timestamp(), t.finished_at.timestamp())
-                )
+@dataclass
+class WorkerTime:
+    """Where a backfill's time went, from its Pods' container start and finish times (1 s
+    resolution: a rough split, not a profile). Whatever is not inside a worker process is Pod
+    start-up and operator reaction."""
 
-    def union(iv):
-        total, end = 0.0, None
-        for a, b in sorted(iv):
-            if end is None or a > end:
-                total += b - a
-                end = b
-            elif b > end:
-                total += b - end
-                end = b
-        return total
+    staging: float  # seconds any staging container ran
+    transport: float  # seconds any transport container ran (waiting for the manifest included)
+    busy: float  # seconds any worker container ran
+    pods: dict[str, int]  # Pods created, by kind
 
-    return union(spans["staging"]), union(spans["transport"]), union(spans["staging"] + spans["transport"])
+    @classmethod
+    def of(cls, kube: _Kube, namespace: str, uid: str) -> WorkerTime:
+        pods = kube.core.list_namespaced_pod(namespace, label_selector=f"beam-backfill.dev/job-id={uid}").items
+        spans: dict[str, list[tuple[float, float]]] = {"staging": [], "transport": []}
+        created: dict[str, int] = {"staging": 0, "transport": 0}
+        for p in pods:
+            kind = p.metadata.labels.get("beam-backfill.dev/phase", "transport")
+            created[kind] = created.get(kind, 0) + 1
+            for cs in p.status.container_statuses or []:
+                t = cs.state.terminated
+                if t and t.started_at and t.finished_at:
+                    spans.setdefault(kind, []).append((t.started_at.timestamp(), t.finished_at.timestamp()))
+        return cls(
+            staging=_union(spans["staging"]),
+            transport=_union(spans["transport"]),
+            busy=_union(spans["staging"] + spans["transport"]),
+            pods=created,
+        )
 
 
-def run_demo(rows: int, manifest: Path, teardown: bool = False) -> int:
-    t_all = time.monotonic()
+def _union(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, None
+    for a, b in sorted(intervals):
+        if end is None or a > end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+@dataclass
+class Outcome:
+    """One backfill applied and followed to its end, as the demo reports it."""
+
+    name: str
+    status: str
+    error: str | None
+    elapsed: float  # kubectl apply -> the final status seen
+    expected: int
+    messages: int
+    distinct: int
+    topic: str
+    workers: WorkerTime | None
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.status == "completed" and self.messages == self.distinct == self.expected
+
+    @property
+    def outside(self) -> float:
+        return max(self.elapsed - self.workers.busy, 0.0) if self.workers else self.elapsed
+
+    def figures(self) -> dict:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "seconds": round(self.elapsed, 2),
+            "rows": self.expected,
+            "exactly_once": self.exactly_once,
+            "rows_per_second": round(self.messages / self.elapsed) if self.elapsed else 0,
+            "staging_container_seconds": self.workers and self.workers.staging,
+            "transport_container_seconds": self.workers and self.workers.transport,
+            "outside_seconds": round(self.outside, 2),
+            "outside_share": round(self.outside / self.elapsed, 3) if self.elapsed else 0,
+            "pods": self.workers and self.workers.pods,
+        }
+
+
+def prepare(rows: int) -> tuple[dict, _Kube]:
+    """The stack up, the dataset loaded, the organization's namespace and Snowflake Secret."""
     state = cli.up()
     kube = _Kube(state["components"]["k8s"]["kubeconfig"])
     _ensure_dataset(state, rows)
     _ensure_bucket(state["components"]["gcs"]["url"])
     kube.create_namespace(NAMESPACE)
     _snowflake_secret(kube, state["components"]["snowflake"])
-    _install_operator(state, kube)
+    return state, kube
 
-    doc = yaml.safe_load(manifest.read_text())
+
+def run_backfill(state: dict, kube: _Kube, doc: dict, *, say=progress) -> Outcome:
+    """Apply `doc` (a BeamBackfill) in the demo's namespace, print its progress, wait for its end,
+    and count what arrived in its Kafka topic."""
     name, spec = doc["metadata"]["name"], doc["spec"]
     from beam_contract.model import KafkaDestination
 
     # On the managed Kafka, which organizations share, a destination's topic is <namespace>.<name>.
     kafka_dest = next(d for d in spec["destinations"] if d["type"] == "kafka")
     topic = KafkaDestination.model_validate(kafka_dest).topic_in(NAMESPACE)
+    bootstrap = state["components"]["kafka"]["bootstrap"]
     # A re-run starts from scratch: delete the previous backfill (its finalizer cleans up).
     kube.kubectl("delete", "bbf", name, "-n", NAMESPACE, "--ignore-not-found", "--wait=true", "--timeout=120s")
-    before, _ = count_topic(state["components"]["kafka"]["bootstrap"], topic)
+    before, _ = count_topic(bootstrap, topic)
     w, f = spec["backfill_window"], spec.get("filter") or {}
     expected = dataset.expected_count(
         _snowflake_conn(state["components"]["snowflake"]),
@@ -298,9 +363,9 @@ def run_demo(rows: int, manifest: Path, teardown: bool = False) -> int:
         column=f.get("column"),
         values=f.get("values"),
     )
-    progress("demo", f"applying {manifest.name} in namespace {NAMESPACE}: {expected:,} rows expected in topic {topic}")
+    say("demo", f"applying {name} in namespace {NAMESPACE}: {expected:,} rows expected in topic {topic}")
     t_apply = time.monotonic()
-    kube.kubectl("apply", "-n", NAMESPACE, "-f", str(manifest))
+    kube.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(doc))
     last = None
     st: dict = {}
     while True:
@@ -315,29 +380,50 @@ def run_demo(rows: int, manifest: Path, teardown: bool = False) -> int:
                 if st.get("num_chunks") is not None
                 else "chunks -"
             )
-            progress("demo", f"{time.monotonic() - t_apply:6.1f}s  status={line[0]:<12} {chunks}")
+            say("demo", f"{time.monotonic() - t_apply:6.1f}s  status={line[0]:<12} {chunks}")
             last = line
         if st.get("status") in ("completed", "failed", "cancelled"):
             break
         time.sleep(0.5)
     elapsed = time.monotonic() - t_apply
-    got, distinct = count_topic(state["components"]["kafka"]["bootstrap"], topic)
-    got -= before
+    got, distinct = count_topic(bootstrap, topic)
+    return Outcome(
+        name=name,
+        status=st.get("status", ""),
+        error=st.get("error_message"),
+        elapsed=elapsed,
+        expected=expected,
+        messages=got - before,
+        distinct=distinct,
+        topic=topic,
+        workers=WorkerTime.of(kube, NAMESPACE, obj["metadata"]["uid"]),
+    )
+
+
+def run_demo(rows: int, manifest: Path, teardown: bool = False, chunk_bytes: int | None = None) -> int:
+    t_all = time.monotonic()
+    state, kube = prepare(rows)
+    install_operator(state, kube, chunk_target_bytes=chunk_bytes or DEMO_CHUNK_BYTES)
+    doc = yaml.safe_load(manifest.read_text())
+    name = doc["metadata"]["name"]
+    out = run_backfill(state, kube, doc)
     kc = state["components"]["k8s"]["kubeconfig"]
     print()
     print(_kubectl(kc, "get", "beambackfills", "-n", NAMESPACE, "-o", "wide").stdout)
-    if st.get("status") != "completed":
-        print(f"backfill ended {st.get('status')}: {st.get('error_message')}")
+    if out.status != "completed":
+        print(f"backfill ended {out.status}: {out.error}")
         return 1
-    rate = got / elapsed if elapsed else 0
+    rate = out.messages / out.elapsed if out.elapsed else 0
     print(
-        f"completed in {elapsed:.1f}s: {got:,} messages in topic {topic} ({distinct:,} distinct keys), "
-        f"{expected:,} expected; {rate:,.0f} rows/s end to end"
+        f"completed in {out.elapsed:.1f}s: {out.messages:,} messages in topic {out.topic} ({out.distinct:,} distinct "
+        f"keys), {out.expected:,} expected; {rate:,.0f} rows/s end to end"
     )
-    stage_s, transport_s, busy = worker_time(kube, NAMESPACE, obj["metadata"]["uid"])
+    w = out.workers
     print(
-        f"time in jobrunner processes: staging {stage_s:.0f}s, transport {transport_s:.0f}s; outside the jobrunner "
-        f"(Pod start-up, operator reaction): {max(elapsed - busy, 0):.0f}s of {elapsed:.0f}s ({max(elapsed - busy, 0) / elapsed:.0%})"
+        f"time in jobrunner processes: staging {w.staging:.0f}s, transport {w.transport:.0f}s (from when its Pods "
+        f"started, waiting for staging included); outside the jobrunner (Pod start-up, operator reaction): "
+        f"{out.outside:.0f}s of {out.elapsed:.0f}s ({out.outside / out.elapsed:.0%}); Pods: "
+        f"{w.pods.get('staging', 0)} staging, {w.pods.get('transport', 0)} transport"
     )
     print(f"""
 Look around:
@@ -349,11 +435,11 @@ Look around:
   kubectl describe pod -n {NAMESPACE} -l beam-backfill.dev/phase=staging
   kubectl logs -n {RELEASE_NAMESPACE} deploy/{RELEASE}-beam-backfill    # the operator
   kubectl get nodes -o wide    # containerd://, a real kubelet
-  .venv/bin/beam-dev consume {topic} --max 3    # read_committed consumer on the topic
+  .venv/bin/beam-dev consume {out.topic} --max 3    # read_committed consumer on the topic
 Tear down: .venv/bin/beam-dev down   (total demo time {time.monotonic() - t_all:.0f}s)""")
     if teardown:
         cli.down()
-    return 0 if got == expected and distinct == expected else 1
+    return 0 if out.exactly_once else 1
 
 
 def consume(topic: str, max_messages: int) -> int:

@@ -30,6 +30,8 @@ class KafkaProxy:
         self._held_key: int | None = None
         self._release = threading.Event()
         self._held = 0  # requests of the held kind waiting now
+        self._let_through = 0  # requests of the held kind still to send on (holding(after=))
+        self._txn_prefix: str | None = None  # holding(transactional_id=)
         self._held_changed = threading.Condition()
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -40,15 +42,33 @@ class KafkaProxy:
         return f"{self.upstream[0]}:{self.port}"
 
     @contextmanager
-    def holding(self, api_key: int = END_TXN):
-        """Requests of `api_key` are held until the block ends; then their connections are cut."""
+    def holding(self, api_key: int = END_TXN, after: int = 0, transactional_id: str | None = None):
+        """Requests of `api_key` are held until the block ends; then their connections are cut.
+        The first `after` of them go through: a worker that delivers several chunks commits that
+        many before it stops at the next commit. With `transactional_id` (an EndTxn's prefix,
+        such as `beam-<job_id>-`), only that backfill's commits count: a worker an earlier test
+        left behind (its namespace is deleted in the background) commits undisturbed."""
         self._release.clear()
+        with self._held_changed:
+            self._let_through = after
+        self._txn_prefix = transactional_id
         self._held_key = api_key
         try:
             yield self
         finally:
             self._held_key = None
             self._release.set()
+
+    def _concerns(self, frame: bytes) -> bool:
+        prefix = self._txn_prefix
+        return prefix is None or (end_txn_transactional_id(frame) or "").startswith(prefix)
+
+    def _passes(self) -> bool:
+        with self._held_changed:
+            if self._let_through > 0:
+                self._let_through -= 1
+                return True
+            return False
 
     def wait_held(self, n: int = 1, timeout: float = 60.0) -> bool:
         """Whether `n` requests of the held kind arrived (each from a client now stuck on it)."""
@@ -85,7 +105,12 @@ class KafkaProxy:
                 head = _read(src, 6)
                 size, api_key = struct.unpack(">ih", head)
                 frame = head + _read(src, size - 2)
-                if self._held_key is not None and api_key == self._held_key:
+                if (
+                    self._held_key is not None
+                    and api_key == self._held_key
+                    and self._concerns(frame)
+                    and not self._passes()
+                ):
                     with self._held_changed:
                         self._held += 1
                         self._held_changed.notify_all()
@@ -107,6 +132,42 @@ class KafkaProxy:
             pass
         finally:
             _close(src, dst)
+
+
+def _uvarint(buf: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def end_txn_transactional_id(frame: bytes) -> str | None:
+    """The transactional.id an EndTxn request is for, from its framing (size, then the request
+    header and body of Kafka's protocol): versions 0-2 use plain strings, 3 and later the
+    flexible encoding (compact strings, tagged fields after the header)."""
+    try:
+        api_key, version = struct.unpack(">hh", frame[4:8])
+        pos = 12  # size, api key, version, correlation id
+        (client_len,) = struct.unpack(">h", frame[pos : pos + 2])
+        pos += 2 + max(client_len, 0)
+        if version >= 3:
+            tags, pos = _uvarint(frame, pos)
+            for _ in range(tags):
+                _, pos = _uvarint(frame, pos)
+                size, pos = _uvarint(frame, pos)
+                pos += size
+            n, pos = _uvarint(frame, pos)
+            n -= 1
+        else:
+            (n,) = struct.unpack(">h", frame[pos : pos + 2])
+            pos += 2
+        return frame[pos : pos + n].decode() if n >= 0 else None
+    except (struct.error, IndexError, UnicodeDecodeError):
+        return None
 
 
 def _read(sock: socket.socket, n: int) -> bytes:

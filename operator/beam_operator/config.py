@@ -79,10 +79,11 @@ class OperatorConfig(BaseSettings):
     # can ever fit reads the same, and ends after this (bench/scale.py's 1,000 backfills on one
     # node waited minutes for Pod slots). spec.active_deadline_seconds bounds the whole.
     unschedulable_seconds: float = Field(default=3600.0, gt=0)
-    # Transport Pods start once the staging Pod runs, and wait for the manifest: no Pod start
-    # between the phases (docs/worker-contract.md). False: the transport Job is created once
-    # staging has ended, and no transport Pod waits through a long staging.
-    transport_with_staging: bool = True
+    # Staging that has run this long (from its Job's creation, its Pod running) gets its
+    # transport Job at once: its Pods start and wait for the manifest, so no Pod starts between
+    # the phases (docs/worker-contract.md). A shorter staging gets it once it has ended, with no
+    # more workers than chunks. None: always after staging, no transport Pod ever waits.
+    transport_prestart_seconds: float | None = Field(default=5.0, ge=0)
     # How often chunks_left is counted from the bucket's progress objects while transport
     # workers have more than one chunk each, and the most such reads per second over all
     # backfills (each is one object listing): more backfills transporting, slower counts.

@@ -125,10 +125,6 @@ def _slim(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def meta_key(meta: dict[str, Any]) -> tuple[str, str]:
-    return meta["namespace"], meta["name"]
-
-
 def _older(rv: str | None, than: str | None) -> bool:
     """Whether resourceVersion `rv` is older than `than`. Kubernetes calls them opaque, but an
     etcd-backed apiserver's are etcd revisions, integers that only grow (until an etcd restore
@@ -332,6 +328,9 @@ class Controller:
         meta = body["metadata"]
         uid = meta["uid"]
         status = BackfillStatus.model_validate(body.get("status") or {})
+        if status.status in (Phase.COMPLETED, Phase.CANCELLED):
+            self.caches.progress.pop(uid, None)
+            return
         jobs = current_jobs(self.observe(body), status) if status.status == Phase.TRANSPORTING else []
         transport = next((j for j in jobs if j.phase == child_jobs.TRANSPORT), None)
         if not (
@@ -351,7 +350,12 @@ class Controller:
         try:
             found = await asyncio.to_thread(staged_files.chunks_with_progress, uri, self.config.connect_timeout_seconds)
         except staged_files.StagedFilesError as e:
-            log.warning("%s/%s: %s; chunks_left counts finished workers only until it answers", *meta_key(meta), e)
+            log.warning(
+                "%s/%s: %s; chunks_left counts finished workers only until it answers",
+                meta["namespace"],
+                meta["name"],
+                e,
+            )
             found = last[1] if last else frozenset()
         # A little early: reconcile() wakes the backfill every progress_interval_seconds.
         self.caches.progress[uid] = (now + interval - 0.05, found)

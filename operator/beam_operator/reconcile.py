@@ -573,23 +573,7 @@ def _reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             events.extend(_worker_log(obs.pods, job.name, None, "staging"))
             return finish(Phase.FAILED, "StagingFailed", f"staging failed: {why}", warning=True, cleanup_jobs=True)
         if not job.complete:
-            if (
-                config.transport_with_staging
-                and job.ready
-                and not job.suspended
-                and child_jobs.TRANSPORT not in by_phase
-            ):
-                # Its Pods start while staging runs and wait for the manifest: no Pod start
-                # between the phases. Not before the staging Pod runs: in a full cluster, Pods
-                # waiting for a manifest must not hold the room the staging Pod needs.
-                actions.append(
-                    create(
-                        child_jobs.transport_job(
-                            obs.name, obs.namespace, obs.uid, spec, config, None, obs.queue_name, attempt
-                        )
-                    )
-                )
-            return Decision(st, actions, events)
+            return _prestart(obs, config, spec, job, by_phase, Decision(st, actions, events), create)
         result = _staging_result(obs.pods, job.name)
         if result is None and _within_grace(job, obs.now):
             return Decision(st, actions, events, requeue_after=1.0)
@@ -668,6 +652,37 @@ def _reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             Phase.COMPLETED, "Completed", f"delivered {num_chunks} chunks to {len(spec.destinations)} destination(s)"
         )
     return Decision(st, actions, events)
+
+
+def _prestart(
+    obs: Observed,
+    config: OperatorConfig,
+    spec: BackfillSpec,
+    staging: JobObs,
+    by_phase: dict[str, JobObs],
+    decision: Decision,
+    create: Any,
+) -> Decision:
+    """The transport Job of a staging that runs long enough (config.transport_prestart_seconds):
+    its Pods start while staging runs and wait for the manifest, so none starts between the
+    phases. Not before the staging Pod runs: in a full cluster, Pods waiting for a manifest must
+    not hold the room the staging Pod needs. Not for a short staging: the chunk count is not
+    known yet, so there are `parallelism` workers, more than a small backfill has chunks."""
+    after = config.transport_prestart_seconds
+    if after is None or not staging.ready or staging.suspended or child_jobs.TRANSPORT in by_phase:
+        return decision
+    age = (obs.now - parse_timestamp(staging.created_at)).total_seconds() if staging.created_at else after
+    if age < after:
+        decision.requeue_after = after - age
+        return decision
+    decision.actions.append(
+        create(
+            child_jobs.transport_job(
+                obs.name, obs.namespace, obs.uid, spec, config, None, obs.queue_name, decision.status.attempt or 1
+            )
+        )
+    )
+    return decision
 
 
 def wants_retry(spec: dict[str, Any], status: BackfillStatus) -> bool:

@@ -88,12 +88,19 @@ def body(name: str, **spec) -> dict:
     return {**backfill(name, f"api-{name}")["spec"], "job_name": f"api {name}", **spec}
 
 
-def test_api_and_kubectl_agree_while_chunks_left_counts_down(k8s, operator, api_url, key, org):
+def test_api_and_kubectl_agree_while_chunks_left_counts_down(k8s, operator, kafka, api_url, key, org):
+    # Two chunks commit, then the stack's Kafka proxy holds the workers' next commits: the
+    # countdown stands still mid-way until both sides have been seen to agree on it.
     with client(api_url, key) as c:
         r = c.post("/backfills", json=body("agree", parallelism=2))
         assert r.status_code == 200, r.text
         uid = r.json()["job_id"]
-        states = follow(k8s, c, org, uid, lambda s: s["status"] in {"completed", "failed"})
+    with kafka.proxy.holding(END_TXN, after=2, transactional_id=f"beam-{uid}-"), client(api_url, key) as c:
+        states = follow(
+            k8s, c, org, uid, lambda s: s["status"] == "transporting" and 0 < s["chunks_left"] < s["num_chunks"]
+        )
+    with client(api_url, key) as c:
+        states += follow(k8s, c, org, uid, lambda s: s["status"] in {"completed", "failed"})
     statuses = [s["status"] for s in states]
     assert statuses[0] == "staging" and statuses[-1] == "completed", states
     assert "transporting" in statuses
@@ -107,8 +114,9 @@ def test_api_and_kubectl_agree_while_chunks_left_counts_down(k8s, operator, api_
 def test_cancel_through_the_api_is_what_kubectl_shows(k8s, operator, kafka, api_url, key, org):
     # The worker's commit is held by the stack's Kafka proxy: the backfill is observably
     # transporting, not racing to completion, when the cancel arrives.
-    with kafka.proxy.holding(END_TXN), client(api_url, key) as c:
+    with client(api_url, key) as c:
         uid = c.post("/backfills", json=body("cancel-me", parallelism=1)).json()["job_id"]
+    with kafka.proxy.holding(END_TXN, transactional_id=f"beam-{uid}-"), client(api_url, key) as c:
         assert kafka.proxy.wait_held(1, timeout=180), "the transport worker never reached its commit"
         follow(k8s, c, org, uid, lambda s: s["status"] == "transporting")
         r = c.post(f"/backfills/{uid}/cancel")

@@ -242,13 +242,18 @@ class _Refuser(BaseHTTPRequestHandler):
 
 
 def test_cancel_mid_transport_stops_delivery(k8s, operator, kafka, seeded, org):
+    # The one worker delivers its first chunk, then the stack's Kafka proxy holds its next commit:
+    # the cancel lands mid-transport, with one chunk delivered and the rest not. (The hold starts
+    # right after the create: the first commit is seconds of staging away.)
     obj = apply(k8s, org, backfill("cancelled", "e2e-cancel", parallelism=1))
     uid = obj["metadata"]["uid"]
-    wait_status(k8s, org, "cancelled", "transporting", until=lambda s: s["chunks_left"] < s["num_chunks"])
-    k8s.api("PATCH", API.format(ns=org, name="cancelled"), {"spec": {"cancel": True}})
-    st = wait_status(k8s, org, "cancelled", "cancelled", timeout=15)
-    assert st["time_completed"] and st["chunks_left"] > 0
-    wait_for(lambda: not jobs(k8s, org, uid) and not pods_of(k8s, org, uid), 60, "Jobs and Pods gone")
+    with kafka.proxy.holding(END_TXN, after=1, transactional_id=f"beam-{uid}-"):
+        assert kafka.proxy.wait_held(1, timeout=180), "the second chunk never reached its commit"
+        wait_status(k8s, org, "cancelled", "transporting", until=lambda s: s["chunks_left"] < s["num_chunks"])
+        k8s.api("PATCH", API.format(ns=org, name="cancelled"), {"spec": {"cancel": True}})
+        st = wait_status(k8s, org, "cancelled", "cancelled", timeout=15)
+        assert st["time_completed"] and st["chunks_left"] > 0
+        wait_for(lambda: not jobs(k8s, org, uid) and not pods_of(k8s, org, uid), 60, "Jobs and Pods gone")
     after = len(read_topic(kafka.bootstrap, f"{org}.e2e-cancel"))
     time.sleep(3)
     assert len(read_topic(kafka.bootstrap, f"{org}.e2e-cancel")) == after, "messages kept arriving after cancel"
@@ -265,8 +270,8 @@ def test_a_cancel_inside_a_transaction_does_not_stall_consumers_of_the_topic(k8s
     from beam_devstack.kafka import consume_all
 
     topic = f"{org}.e2e-cancel-txn"  # the managed Kafka's topic of destination e2e-cancel-txn
-    with kafka.proxy.holding(END_TXN):
-        uid = apply(k8s, org, backfill("cancel-txn", "e2e-cancel-txn", parallelism=1))["metadata"]["uid"]
+    uid = apply(k8s, org, backfill("cancel-txn", "e2e-cancel-txn", parallelism=1))["metadata"]["uid"]
+    with kafka.proxy.holding(END_TXN, transactional_id=f"beam-{uid}-"):
         assert kafka.proxy.wait_held(1, timeout=180), "the transport worker never reached its commit"
         assert consume_all(kafka.bootstrap, topic, "read_uncommitted"), "the chunk's rows are in the log"
         k8s.api("PATCH", API.format(ns=org, name="cancel-txn"), {"spec": {"cancel": True}})
@@ -319,8 +324,8 @@ def test_a_delete_right_after_an_operator_restart_waits_for_the_workers_then_emp
     # The restarted operator has empty caches when it sees the deletion: it must read the Jobs and
     # Pods from the apiserver, not conclude from its cache that none are left. The worker is held
     # inside its transaction (the stack's Kafka proxy), so it is observably running throughout.
-    with kafka.proxy.holding(END_TXN):
-        uid = apply(k8s, org, backfill("del-restart", "e2e-del-restart", parallelism=1))["metadata"]["uid"]
+    uid = apply(k8s, org, backfill("del-restart", "e2e-del-restart", parallelism=1))["metadata"]["uid"]
+    with kafka.proxy.holding(END_TXN, transactional_id=f"beam-{uid}-"):
         assert kafka.proxy.wait_held(1, timeout=180), "the transport worker never reached its commit"
         assert staged_objects(bucket, org, uid), "nothing was staged"
         operator.kill()
@@ -350,9 +355,9 @@ def test_killed_transport_containers_are_retried_without_loss_or_duplicates(k8s,
     # Both transport workers (parallelism 2) stop at their commit, held by the stack's Kafka
     # proxy: each is inside its open transaction, observably, when containerd kills it.
     node = node_cluster[1]
-    with kafka.proxy.holding(END_TXN):
-        obj = apply(k8s, org, backfill("killed", "e2e-kill", parallelism=2))
-        uid = obj["metadata"]["uid"]
+    obj = apply(k8s, org, backfill("killed", "e2e-kill", parallelism=2))
+    uid = obj["metadata"]["uid"]
+    with kafka.proxy.holding(END_TXN, transactional_id=f"beam-{uid}-"):
         assert kafka.proxy.wait_held(2, timeout=180), "two transport workers never reached their commit"
         # The kubelet may report the containers' start after they reached the proxy.
         deadline = time.monotonic() + 60
@@ -446,8 +451,14 @@ def test_staging_failure_is_actionable_and_leaves_nothing_running(k8s, operator,
     assert st["error_message"] == (
         "staging failed: staging: table base.assets.erc20_token_transfers_v9 does not exist or is not authorized"
     )
-    assert all(not (j.get("status") or {}).get("active") for j in jobs(k8s, org, uid))
-    assert [j for j in jobs(k8s, org, uid) if j["metadata"]["labels"]["beam-backfill.dev/phase"] == "transport"] == []
+    # The transport workers that started with staging are ended with it.
+    wait_for(
+        lambda: not [p for p in pods_of(k8s, org, uid) if p["status"]["phase"] in ("Pending", "Running")],
+        60,
+        "no worker Pod left running",
+    )
+    left = [j for j in jobs(k8s, org, uid) if j["metadata"]["labels"]["beam-backfill.dev/phase"] == "transport"]
+    assert all(j["metadata"].get("deletionTimestamp") for j in left), left
 
 
 def test_a_filter_of_10000_addresses_completes_with_exactly_the_filtered_rows(k8s, operator, kafka, seeded, org):
@@ -510,11 +521,12 @@ def _condition(st: dict, type_: str) -> dict:
 
 def test_suspend_mid_transport_ends_every_pod_and_resume_delivers_exactly_the_rest(k8s, operator, kafka, seeded, org):
     topic = f"{org}.e2e-suspend"
+    # The one worker delivers its first chunk and is held at the next one's commit: the suspend
+    # lands inside that chunk's transaction.
     uid = apply(k8s, org, backfill("paused", "e2e-suspend", parallelism=1))["metadata"]["uid"]
-    first = wait_status(k8s, org, "paused", "transporting", until=lambda s: s["chunks_left"] < s["num_chunks"])
-    # The next chunk's worker is held at its commit: the suspend lands inside its transaction.
-    with kafka.proxy.holding(END_TXN):
-        assert kafka.proxy.wait_held(1, timeout=120), "the next chunk never reached its commit"
+    with kafka.proxy.holding(END_TXN, after=1, transactional_id=f"beam-{uid}-"):
+        assert kafka.proxy.wait_held(1, timeout=180), "the next chunk never reached its commit"
+        first = wait_status(k8s, org, "paused", "transporting", until=lambda s: s["chunks_left"] < s["num_chunks"])
         k8s.api("PATCH", API.format(ns=org, name="paused"), {"spec": {"suspend": True}})
         st = wait_status(
             k8s, org, "paused", "transporting", until=lambda s: _condition(s, "Suspended").get("status") == "True"
@@ -600,15 +612,6 @@ def test_a_finished_backfill_with_a_ttl_is_deleted_with_its_jobs_and_staged_file
     assert "Completed" in reasons and "Expired" in reasons, reasons
 
 
-def _indexes(ranges: str) -> set[int]:
-    """A Job's completedIndexes ("0-3,5") as a set."""
-    out: set[int] = set()
-    for part in filter(None, ranges.split(",")):
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
-
-
 class _Flaky(BaseHTTPRequestHandler):
     """A receiver that answers 500 for chunk 1 until it is fixed; dedupes by Idempotency-Key."""
 
@@ -647,9 +650,9 @@ def test_a_failed_backfill_retried_delivers_only_what_did_not_complete(k8s, oper
         st = wait_status(k8s, org, "retried", "failed", timeout=240)
         assert st["error_message"].startswith("transport failed on chunk 1 of "), st
         assert "HTTP 500: disk full" in st["error_message"], st
-        [first] = [j for j in jobs(k8s, org, uid) if j["metadata"]["name"].endswith("-transport")]
-        completed_first = _indexes((first.get("status") or {}).get("completedIndexes") or "")
-        assert 0 in completed_first
+        # The one worker delivered chunk 0, then chunk 1 failed: attempt 1 delivered chunk 0 only.
+        completed_first = {chunk for when, chunk in _Flaky.posts if when == "broken" and chunk != 1}
+        assert completed_first == {0}, _Flaky.posts
         _Flaky.broken = False
         k8s.api("PATCH", API.format(ns=org, name="retried"), {"spec": {"retry": 1}})
         # Still `failed` until the operator has started attempt 2.

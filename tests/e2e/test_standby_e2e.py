@@ -55,8 +55,8 @@ def test_a_standby_takes_over_from_a_frozen_active_operator_which_then_steps_dow
         wait_for(lambda: waiting in k8s.kubectl("logs", "-n", NS, standby).stdout, 60, "the standby standing by")
         [cs] = k8s.api("GET", f"/api/v1/namespaces/{NS}/pods/{active}")["status"]["containerStatuses"]
         container, restarts = cs["containerID"].removeprefix("containerd://"), cs["restartCount"]
-        with kafka.proxy.holding(END_TXN):
-            uid = apply(k8s, org, backfill("failover", "e2e-failover", parallelism=1))["metadata"]["uid"]
+        uid = apply(k8s, org, backfill("failover", "e2e-failover", parallelism=1))["metadata"]["uid"]
+        with kafka.proxy.holding(END_TXN, transactional_id=f"beam-{uid}-"):
             assert kafka.proxy.wait_held(1, timeout=180), "the transport worker never reached its commit"
             node.ctr("tasks", "pause", container)
             frozen = time.monotonic()

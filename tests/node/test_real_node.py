@@ -78,13 +78,15 @@ def test_a_killed_container_and_a_deleted_pod_are_retried_without_loss_or_duplic
     plane, node = node_cluster
     kafka = node_servers["kafka"]
     topic = "node-faults"
-    with kafka.proxy.holding(END_TXN):
-        obj = plane.api(
-            "POST",
-            f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills",
-            backfill("faults", topic, parallelism=2),
-        )
-        uid = obj["metadata"]["uid"]
+    obj = plane.api(
+        "POST",
+        f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills",
+        backfill("faults", topic, parallelism=2),
+    )
+    uid = obj["metadata"]["uid"]
+    # Held from right after the create (the first commit is seconds of staging away), and only
+    # this backfill's commits: a worker an earlier test left behind commits undisturbed.
+    with kafka.proxy.holding(END_TXN, transactional_id=f"beam-{uid}-"):
         assert kafka.proxy.wait_held(2, timeout=180), story(plane, org)
         # The kubelet may report the containers' start after they reached the proxy.
         try:
@@ -122,13 +124,13 @@ def test_an_evicted_worker_and_an_apiserver_restart_mid_transport_lose_nothing(
     kafka = node_servers["kafka"]
     topic = "node-evict"
     name = "evicted"
-    with kafka.proxy.holding(END_TXN):
-        obj = plane.api(
-            "POST",
-            f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills",
-            backfill(name, topic, parallelism=1),
-        )
-        uid = obj["metadata"]["uid"]
+    obj = plane.api(
+        "POST",
+        f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills",
+        backfill(name, topic, parallelism=1),
+    )
+    uid = obj["metadata"]["uid"]
+    with kafka.proxy.holding(END_TXN, transactional_id=f"beam-{uid}-"):
         assert kafka.proxy.wait_held(1, timeout=180), story(plane, org)
         [pod] = wait_for(lambda: running_containers(transport_pods(plane, org, uid), 1), 60, "the worker running")
         pod_name = pod["metadata"]["name"]

@@ -140,6 +140,43 @@ def test_kafka_read_committed_hides_aborted_transactions(kafka):
     assert sum(m.key() == b"aborted" for m in everything) == 50
 
 
+def test_kafka_proxy_holds_the_commits_of_one_transactional_id_after_letting_some_through(kafka):
+    """The fault tests' hold (beam_devstack.kafka_proxy): only commits whose transactional.id
+    has the prefix are counted, and the first `after` of them go through."""
+    import threading
+
+    from beam_devstack.kafka_proxy import END_TXN
+
+    topic = _unique("held")
+    _create_topic(kafka.bootstrap, topic, 1)
+    mine, other = _unique("beam-mine"), _unique("beam-other")
+
+    def producer(txid: str) -> Producer:
+        p = Producer({"bootstrap.servers": kafka.proxy.bootstrap, "transactional.id": txid})
+        p.init_transactions(30)
+        return p
+
+    def commit(p: Producer, key: bytes, done: list) -> None:
+        p.begin_transaction()
+        p.produce(topic, key=key, value=b"x")
+        p.commit_transaction(60)
+        done.append(key)
+
+    done: list[bytes] = []
+    with kafka.proxy.holding(END_TXN, after=1, transactional_id=mine):
+        a, b = producer(mine), producer(other)
+        commit(b, b"other-1", done)  # not mine: passes, and is not the one let through
+        commit(a, b"mine-1", done)  # mine, the first: let through
+        held = threading.Thread(target=commit, args=(a, b"mine-2", done), daemon=True)
+        held.start()
+        assert kafka.proxy.wait_held(1, timeout=30)
+        commit(b, b"other-2", done)
+        assert done == [b"other-1", b"mine-1", b"other-2"]
+    held.join(60)  # released: the cut connection is retried and the commit goes through
+    assert done[-1] == b"mine-2"
+    assert sorted(m.key() for m in _drain(kafka.bootstrap, topic, 1, "read_committed")) == sorted(done)
+
+
 def test_kafka_sasl_ssl_listener_takes_its_user_and_its_ca_only(kafka, tmp_path):
     from confluent_kafka.admin import AdminClient
 

@@ -104,9 +104,14 @@ def _env(manifest) -> dict:
 
 def test_transport_workers_start_once_the_staging_pod_runs_and_wait_for_the_manifest():
     st = run(obs()).status
-    pending = JobObs(STAGE, child_jobs.STAGING, active=1, ready=0)
+    since = "2026-03-01T11:59:50Z"  # the staging Job's creation: 10 s ago
+    pending = JobObs(STAGE, child_jobs.STAGING, active=1, ready=0, created_at=since)
     assert created(run(obs(status=st, jobs_=[pending]))) == []  # its Pod may still wait for room
-    staging = JobObs(STAGE, child_jobs.STAGING, active=1, ready=1)
+    # A staging of 2 s may be a small backfill: its transport Job waits for the chunk count.
+    young = JobObs(STAGE, child_jobs.STAGING, active=1, ready=1, created_at="2026-03-01T11:59:58Z")
+    d = run(obs(status=st, jobs_=[young]))
+    assert created(d) == [] and d.requeue_after == 3.0  # transport_prestart_seconds 5
+    staging = JobObs(STAGE, child_jobs.STAGING, active=1, ready=1, created_at=since)
     d = run(obs(status=st, jobs_=[staging]))
     assert d.status.status == "staging" and d.events == []
     [m] = created(d)
@@ -126,9 +131,9 @@ def test_transport_workers_start_once_the_staging_pod_runs_and_wait_for_the_mani
     assert moved.status.status == "transporting" and created(moved) == []
     assert [e.reason for e in moved.events] == ["Transporting"]
     # without it (config), and while suspended, no transport Job before staging ends
-    later = OperatorConfig(staging_bucket="b", staging_prefix="p", transport_with_staging=False)
+    later = OperatorConfig(staging_bucket="b", staging_prefix="p", transport_prestart_seconds=None)
     assert created(run(obs(status=st, jobs_=[staging]), later)) == []
-    held = JobObs(STAGE, child_jobs.STAGING, active=1, ready=1, suspended=True)
+    held = JobObs(STAGE, child_jobs.STAGING, active=1, ready=1, suspended=True, created_at=since)
     assert created(run(obs(status=st, jobs_=[held]))) == []
 
 

@@ -1,0 +1,74 @@
+"""Every benchmark under bench/ runs here at a tiny size and writes its figures: an interface
+change breaks the suite, not the next person who measures. Only that they run and report is
+asserted; what the figures are is docs/benchmarks.md's business, measured alone on the machine.
+
+The benchmarks that start a real node run before any test of the session has one (one node per
+machine, beam_devstack.node): tests/conftest.py puts this module first."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench(tmp_path: Path, script: str, *args: str, timeout: float = 600) -> dict:
+    """Run `script` (a path under the repository) with `args`; its --json figures."""
+    out = tmp_path / "figures.json"
+    env = {**os.environ, "TMPDIR": str(tmp_path), "BEAM_DEVSTACK_DIR": str(tmp_path / "devstack")}
+    p = subprocess.run(
+        [sys.executable, str(ROOT / script), *args, "--json", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert p.returncode == 0, f"{script} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    return json.loads(out.read_text())
+
+
+def test_transport_bench_runs(tmp_path):
+    f = bench(
+        tmp_path,
+        "bench/transport.py",
+        *("--rows", "20000", "--stage-rows", "5000", "--rounds", "1", "--warmup", "0", "--no-write"),
+    )
+    for key in ("ceiling", "ceiling_txn", "txn", "notxn", "ratio_txn", "ratio_notxn"):
+        med, lo, hi = f[key]
+        assert 0 < lo <= med <= hi, (key, f[key])
+    assert f["stage_fetch"] > 0 and f["encode_rate"] > 0
+
+
+def test_api_list_bench_runs(tmp_path):
+    f = bench(tmp_path, "bench/api_list.py", "--backfills", "5", "--requests", "5", "--no-write")
+    assert f["backfills"] == 5 and f["api_ms"]["p50"] > 0 and f["apiserver_ms"]["p99"] > 0
+
+
+def test_scale_bench_runs(tmp_path):
+    f = bench(
+        tmp_path,
+        "bench/scale.py",
+        *("--backfills", "4", "--namespaces", "2", "--chunks", "2", "--parallelism", "2", "--timeout", "300"),
+        "--run-dir",
+        str(tmp_path / "run"),
+        timeout=900,
+    )
+    assert f["stuck_count"] == 0 and f["final_status"] == {"completed": 4}, f
+    assert f["latency_apply_to_staging_job_s"]["n"] == 4 and f["latency_apply_to_staging_job_s"]["p50"] > 0, f
+
+
+def test_e2e_bench_runs(tmp_path):
+    f = bench(
+        tmp_path,
+        "bench/e2e.py",
+        *("--rows", "20000", "--rounds", "1", "--chunk-bytes", "1048576", "--stage-rounds", "1"),
+        timeout=1200,
+    )
+    [run] = f["backfills"]
+    assert run["exactly_once"] and run["pods"]["staging"] == 1 and run["pods"]["transport"] >= 1, run
+    assert set(f["staging"]["median"]) == {"host", "container"} and f["staging"]["ratio"] > 0, f["staging"]
