@@ -323,20 +323,24 @@ class KubeApi:
                 found[pod["metadata"]["name"]] = obs
         return found
 
-    async def waiting_pods(self, namespace: str, job: JobObs) -> list[WaitingPod]:
-        """Pods of a running Job that wait for a reason that will not pass by itself; for a Job
-        with no Pod at all, the cluster's refusal to create them (its latest FailedCreate Event)."""
+    async def pending_pods(self, namespace: str) -> dict[str, list[WaitingPod]]:
+        """Every Pending worker Pod of a namespace that waits for a reason that will not pass by
+        itself, by Job name: one list serves every backfill of the namespace (Controller)."""
         _, doc = await self.request(
             "GET",
             f"/api/v1/namespaces/{namespace}/pods",
-            params={
-                "labelSelector": f"batch.kubernetes.io/job-name={job.name}",
-                "fieldSelector": "status.phase=Pending",
-            },
+            params={"labelSelector": child_jobs.LABEL_JOB_ID, "fieldSelector": "status.phase=Pending"},
         )
-        found = [w for pod in doc["items"] if (w := waiting_of(job.name, pod)) is not None]
-        if found or job.active:
-            return found
+        found: dict[str, list[WaitingPod]] = {}
+        for pod in doc["items"]:
+            job = (pod.get("metadata", {}).get("labels") or {}).get("batch.kubernetes.io/job-name", "")
+            if job and (w := waiting_of(job, pod)) is not None:
+                found.setdefault(job, []).append(w)
+        return found
+
+    async def failed_create(self, namespace: str, job: JobObs) -> list[WaitingPod]:
+        """For a Job with no Pod at all, the cluster's refusal to create them (its latest
+        FailedCreate Event)."""
         _, events = await self.request(
             "GET",
             f"/api/v1/namespaces/{namespace}/events",
