@@ -620,6 +620,7 @@ def figures_from(args, plane, watcher, sent, names, t0, t_end, usage, metrics_te
         "create_errors": dict(errors),
         "latency_apply_to_staging_job_s": _lat(lat_stage),
         "latency_apply_to_staging_job_apiserver_s": _lat(req.apply_to_staging_job()),
+        "apply_to_staging_job_parts_s": {k: _lat(v) for k, v in req.apply_to_staging_job_parts().items()},
         "latency_transport_done_to_completed_s": _lat(lat_done),
         "backfill_lifetime_s": {
             "p50": round(pct(list(lifetimes.values()), 50), 1),
@@ -681,6 +682,9 @@ def _version(dist: str) -> str:
 
 def report(f: dict, args) -> None:
     las = f["latency_apply_to_staging_job_apiserver_s"]
+    parts = ", ".join(
+        f"{k.replace('_', ' ')} {v['p50']} / {v['p99']} s" for k, v in f.get("apply_to_staging_job_parts_s", {}).items()
+    )
     la, ld, api, sp = (
         f["latency_apply_to_staging_job_s"],
         f["latency_transport_done_to_completed_s"],
@@ -695,6 +699,7 @@ machine: {f["machine"]}
 total time until all completed: {f["total_s"]} s
 apply -> staging Job created:     p50 {la["p50"]} s  p99 {la["p99"]} s  max {la["max"]} s  (n={la["n"]}; the benchmark's create sent -> its watch sees the Job)
   the same, apiserver's clock:    p50 {las["p50"]} s  p99 {las["p99"]} s  max {las["max"]} s  (n={las["n"]}; create received -> Job create answered, audit log)
+  where it goes (apiserver's clock, p50 / p99): {parts}
 transport finished -> completed:  p50 {ld["p50"]} s  p99 {ld["p99"]} s  max {ld["max"]} s  (n={ld["n"]})
 operator: peak RSS {f["operator"]["peak_rss_mb"]} MB, CPU {f["operator"]["cpu_s"]} s, starts {f["operator"]["starts"]}; other processes' CPU s {f["cpu_s_of_other_processes"]}
 API requests: reads {api["reads"]} writes {api["writes"]} watches {api["watches"]}; per backfill {api["per_backfill"]}

@@ -53,11 +53,30 @@ class Requests:
     # The apiserver's clock: BeamBackfill create received, and each staging Job create answered 201.
     backfill_created: dict[tuple[str, str], float] = field(default_factory=dict)
     staging_job_created: dict[tuple[str, str], float] = field(default_factory=dict)  # by (namespace, backfill)
+    # The operator's first request about a new backfill (its finalizer patch): received and
+    # answered; and its staging Job create received. Where apply -> staging Job goes.
+    finalizer_patch: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    staging_job_sent: dict[tuple[str, str], float] = field(default_factory=dict)
 
     def apply_to_staging_job(self) -> list[float]:
         return [
             self.staging_job_created[k] - t for k, t in self.backfill_created.items() if k in self.staging_job_created
         ]
+
+    def apply_to_staging_job_parts(self) -> dict[str, list[float]]:
+        """apply -> staging Job in three parts, each on the apiserver's clock: until the
+        operator's finalizer patch arrives (its watch, its queue), the patch itself, from its
+        answer until the Job create arrives (the operator), and the Job create itself."""
+        parts: dict[str, list[float]] = {"until_finalizer": [], "finalizer": [], "until_job": [], "job": []}
+        for k, t in self.backfill_created.items():
+            if k not in self.finalizer_patch or k not in self.staging_job_sent or k not in self.staging_job_created:
+                continue
+            f_in, f_out = self.finalizer_patch[k]
+            parts["until_finalizer"].append(f_in - t)
+            parts["finalizer"].append(f_out - f_in)
+            parts["until_job"].append(self.staging_job_sent[k] - f_out)
+            parts["job"].append(self.staging_job_created[k] - self.staging_job_sent[k])
+        return parts
 
     def total(self, verbs: set[str]) -> int:
         return sum(n for v, n in self.by_verb.items() if v in verbs)
@@ -91,7 +110,12 @@ def read_audit(path: Path, since: float = 0.0) -> Requests:
             continue  # not the operator's request: timed, not counted
         if verb == "create" and res == "jobs" and code == 201 and key[1].endswith("-staging"):
             # <backfill>-<uid8>-staging (operator/beam_operator/child_jobs.py)
-            out.staging_job_created[(key[0], key[1].rsplit("-", 2)[0])] = _ts(ev["stageTimestamp"])
+            owner = (key[0], key[1].rsplit("-", 2)[0])
+            out.staging_job_created[owner] = _ts(ev["stageTimestamp"])
+            out.staging_job_sent[owner] = t
+        if verb == "patch" and res == "beambackfills" and code < 400:
+            if key not in out.finalizer_patch or t < out.finalizer_patch[key][0]:  # the first: the add
+                out.finalizer_patch[key] = (t, _ts(ev["stageTimestamp"]))
         out.by_verb[verb] += 1
         out.by_kind[f"{verb} {res} {code}"] += 1
         out.times.append((t, verb, res, code))

@@ -60,6 +60,8 @@ def test_scale_bench_runs(tmp_path):
     )
     assert f["stuck_count"] == 0 and f["final_status"] == {"completed": 4}, f
     assert f["latency_apply_to_staging_job_s"]["n"] == 4 and f["latency_apply_to_staging_job_s"]["p50"] > 0, f
+    parts = f["apply_to_staging_job_parts_s"]
+    assert {k: v["n"] for k, v in parts.items()} == {"until_finalizer": 4, "finalizer": 4, "until_job": 4, "job": 4}, f
 
 
 def test_e2e_bench_runs(tmp_path):
