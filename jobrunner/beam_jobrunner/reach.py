@@ -20,11 +20,15 @@ Where the check happens:
   cluster's metadata advertises before the first produce (sinks/kafka.py). DNS rebinding between
   that check and librdkafka's own resolution is not covered: the NetworkPolicy is the backstop.
 
-The platform's own endpoints are not the tenant's choice and stay reachable without an allow
-entry: the managed Kafka (BEAM_KAFKA_BOOTSTRAP) and the staging store's emulator
-(STORAGE_EMULATOR_HOST, dev and tests only; pyarrow's GCS client is C++ and does not pass
-through the guard anyway). Exactly those host:port endpoints are exempt, nothing else of their
-hosts.
+The platform's own endpoints are not the tenant's choice. The staging store's emulator
+(STORAGE_EMULATOR_HOST, dev and tests only) is exempt from the guard: exactly that host:port.
+The managed Kafka (BEAM_KAFKA_BOOTSTRAP) is exempt only where the product itself connects to it,
+a kafka destination without bootstrap_servers, whose topic is <namespace>.<name>. A tenant's
+bootstrap_servers that reaches the managed Kafka under any other spelling (another name, a
+decimal, hex or short IP, IPv4-mapped IPv6, another listener) is refused: its addresses are
+resolved and compared with the managed Kafka's before any connection (check_kafka_bootstrap),
+and after the metadata request its cluster id and advertised brokers are compared with the
+managed cluster's (check_not_managed), before anything is produced.
 
 The guard raises Refused, a BaseException: the libraries catch Exception or OSError around a
 connect to retry or wrap it (nats-py retries every Exception until its timeout, botocore wraps
@@ -169,15 +173,20 @@ class Policy:
     allow_suffixes: tuple[str, ...] = ()  # ".example.internal" for "*.example.internal"
     allow_nets: tuple[IPNetwork, ...] = ()
     cluster_nets: tuple[IPNetwork, ...] = ()
-    # (host as written, lower case; port) of the platform's own endpoints, set by the operator.
+    # (host as written, lower case; port) of the platform's own endpoints the guard exempts, set
+    # by the operator: the staging emulator.
     platform: frozenset[tuple[str, int | None]] = frozenset()
+    # (host, port) of the managed Kafka's bootstrap servers: never exempt for a tenant's address.
+    managed_kafka: tuple[tuple[str, int], ...] = ()
     # Addresses an allowed host name resolved to, and (address, port) of the platform's endpoints.
     resolved_allowed: set[str] = field(default_factory=set)
     resolved_platform: set[tuple[str, int]] = field(default_factory=set)
+    _managed_addresses: frozenset[tuple[str, int]] | None = None
 
     @classmethod
-    def parse(cls, allow: str = "", cluster_cidrs: str = "", platform=()) -> Policy:
-        """`platform`: (host, port) of the platform's own endpoints."""
+    def parse(cls, allow: str = "", cluster_cidrs: str = "", platform=(), managed_kafka=()) -> Policy:
+        """`platform`: (host, port) of the platform's own endpoints; `managed_kafka`: those of
+        the managed Kafka's bootstrap servers."""
         names, suffixes, nets = set(), [], []
         for entry in filter(None, (e.strip() for e in allow.split(","))):
             if "/" in entry or _ip(entry) is not None:
@@ -202,18 +211,32 @@ class Policy:
             allow_nets=tuple(nets),
             cluster_nets=_parse_nets(Env.CLUSTER_CIDRS, cluster_cidrs),
             platform=frozenset((_norm_host(h), port) for h, port in platform),
+            managed_kafka=tuple((_norm_host(h), port) for h, port in managed_kafka),
         )
 
     @classmethod
     def from_env(cls) -> Policy:
-        # Exempt: the platform's own endpoints, which the operator sets, not the tenant: the
-        # managed Kafka's bootstrap servers and the staging store's emulator (dev, tests). Only
-        # these host:port endpoints, not every port of their hosts.
-        platform = kafka_bootstrap(os.environ.get(Env.KAFKA_BOOTSTRAP, ""))
+        # Exempt: the staging store's emulator (dev, tests), which the operator sets, not the
+        # tenant; only its host:port. The managed Kafka is compared with, never exempt.
         emulator = _endpoint(os.environ.get(Env.STORAGE_EMULATOR_HOST, ""))
-        if emulator is not None:
-            platform.append(emulator)
-        return cls.parse(os.environ.get(Env.DESTINATION_ALLOW, ""), os.environ.get(Env.CLUSTER_CIDRS, ""), platform)
+        return cls.parse(
+            os.environ.get(Env.DESTINATION_ALLOW, ""),
+            os.environ.get(Env.CLUSTER_CIDRS, ""),
+            [emulator] if emulator is not None else [],
+            kafka_bootstrap(os.environ.get(Env.KAFKA_BOOTSTRAP, "")),
+        )
+
+    def managed_addresses(self) -> frozenset[tuple[str, int]]:
+        """(address, port) that the managed Kafka's bootstrap servers resolve to, resolved once."""
+        if self._managed_addresses is None:
+            found: set[tuple[str, int]] = set()
+            for host, port in self.managed_kafka:
+                try:
+                    found |= resolve(host, port)
+                except (OSError, UnicodeError):
+                    pass  # unresolvable here: the cluster id comparison still holds
+            self._managed_addresses = frozenset(found)
+        return self._managed_addresses
 
     def host_allowed(self, host: str) -> bool:
         h = _norm_host(host)
@@ -339,8 +362,7 @@ def install(p: Policy) -> None:
         socket.socket.connect = _connect
         socket.socket.connect_ex = _connect_ex
         socket.getaddrinfo = _getaddrinfo
-    # Note where the platform's endpoints resolve now, for the Kafka check (librdkafka resolves
-    # them in C, unseen by the hook) and for connects by address.
+    # Note where the platform's endpoints resolve now, for connects by address.
     for host, port in p.platform:
         try:
             _getaddrinfo(host, port, 0, socket.SOCK_STREAM)
@@ -387,10 +409,31 @@ def unguarded() -> Iterator[None]:
 # --- Kafka: checked before librdkafka connects ------------------------------------------------
 
 
+def _canonical(ip: IPAddress) -> IPAddress:
+    inner = embedded_ipv4(ip)
+    return inner[0] if inner is not None and inner[1] in ("IPv4-mapped", "IPv4-compatible") else ip
+
+
+def resolve(host: str, port: int) -> set[tuple[str, int]]:
+    """(address, port) of every address `host` resolves to, IPv4 in IPv6 forms as IPv4."""
+    out = set()
+    for family, _, _, _, sa in _orig_getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        if family in (socket.AF_INET, socket.AF_INET6) and (ip := _ip(sa[0])) is not None:
+            out.add((str(_canonical(ip)), port))
+    return out
+
+
+def managed_kafka_refusal(label: str, what: str) -> PermanentError:
+    return PermanentError(
+        f"{label}: {what} is the operator's managed Kafka; omit bootstrap_servers to write to it, where the "
+        "topic is <namespace>.<name> (docs/security.md)"
+    )
+
+
 def check_endpoint(label: str, what: str, host: str, port: int | None, p: Policy | None = None) -> None:
     """Resolve host and refuse (PermanentError) if any of its addresses is refused."""
     p = p or policy()
-    if p.host_allowed(host) or p.is_platform(host, port):
+    if p.host_allowed(host):
         return
     try:
         infos = _orig_getaddrinfo(host, port, 0, socket.SOCK_STREAM)
@@ -428,12 +471,19 @@ def check_kafka_bootstrap(label: str, bootstrap: str, p: Policy | None = None) -
     bootstrap_servers."""
     p = p or policy()
     endpoints = kafka_bootstrap(bootstrap, label)
+    managed = p.managed_addresses()
     for host, port in endpoints:
-        if p.is_platform(host, port):
-            raise PermanentError(
-                f"{label}: bootstrap_servers names the operator's managed Kafka ({host}:{port}); omit "
-                "bootstrap_servers to write to it, where the topic is <namespace>.<name>"
-            )
+        if (_norm_host(host), port) in p.managed_kafka:
+            raise managed_kafka_refusal(label, f"bootstrap_servers {host}:{port}")
+        if managed:
+            try:
+                mine = resolve(host, port)
+            except (OSError, UnicodeError) as e:
+                raise TransientError(
+                    f"{label}: cannot resolve bootstrap server {host}: {getattr(e, 'strerror', None) or e}"
+                ) from None
+            if mine & managed:
+                raise managed_kafka_refusal(label, f"bootstrap_servers {host}:{port}")
         check_endpoint(label, "bootstrap server", host, port, p)
 
 
@@ -442,3 +492,20 @@ def check_kafka_brokers(label: str, brokers, p: Policy | None = None) -> None:
     p = p or policy()
     for b in brokers:
         check_endpoint(label, f"advertised broker {b.id}", b.host, b.port, p)
+
+
+def check_not_managed(label: str, cluster_id: str | None, brokers, managed, p: Policy | None = None) -> None:
+    """Refuse a tenant's cluster that is the managed Kafka: the same cluster id, or an advertised
+    broker at an address of the managed cluster's. `managed`: (cluster id, {(address, port)}) of
+    the managed Kafka's own metadata (sinks/kafka.py asks it once per process)."""
+    p = p or policy()
+    managed_id, managed_brokers = managed
+    if cluster_id and managed_id and cluster_id == managed_id:
+        raise managed_kafka_refusal(label, f"bootstrap_servers (cluster {cluster_id})")
+    taken = set(managed_brokers) | p.managed_addresses()
+    for b in brokers:
+        try:
+            if resolve(b.host, b.port) & taken:
+                raise managed_kafka_refusal(label, f"advertised broker {b.id} {b.host}:{b.port}")
+        except (OSError, UnicodeError):
+            continue  # check_kafka_brokers reported what cannot be resolved

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from beam_devstack.k8s import unique_name
-from beam_devstack.pytest_plugin import provision_organization
+from beam_devstack.kafka import Kafka
+from beam_devstack.pytest_plugin import NODE, provision_organization
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +22,15 @@ def k8s(node_operator):
 @pytest.fixture(scope="module")
 def kafka(node_servers):
     return node_servers["kafka"]
+
+
+@pytest.fixture(scope="module")
+def tenant_kafka(tmp_path_factory):
+    """An organization's own Kafka cluster on the node's address, beside the managed one: a
+    tenant's bootstrap_servers may not be the managed Kafka under any address (docs/security.md)."""
+    own = Kafka(tmp_path_factory.mktemp("tenant-kafka"), host=NODE["node_ip"]).start()
+    yield own
+    own.stop()
 
 
 @pytest.fixture(scope="module")

@@ -112,10 +112,12 @@ def _secret(k8s, ns, name, **data):
 
 
 def test_one_backfill_delivers_over_sasl_ssl_kafka_and_a_signed_https_webhook(
-    k8s, operator, kafka, seeded, org, tmp_path
+    k8s, operator, tenant_kafka, seeded, org, tmp_path
 ):
-    # As the seed's managed Kafka is reached: SASL_SSL, PLAIN, credentials and the CA from a
-    # Secret. The webhook is https with a certificate from a CA of the test's own.
+    # The organization's own Kafka (not the managed one), reached as the seed's is: SASL_SSL,
+    # PLAIN, credentials and the CA from a Secret. The webhook is https with a certificate from
+    # a CA of the test's own.
+    kafka = tenant_kafka
     import ssl
 
     from beam_devstack import pki

@@ -122,9 +122,12 @@ def test_kafka_metadata_check_refuses_an_advertised_broker_inward():
     reach.check_kafka_brokers("k", [Broker(1, "169.254.169.254", 9092)], allowed)
     # A tenant may not name the managed Kafka's endpoints (its topics are <namespace>.<name>, which
     # a bare name would bypass); another port of that host is just a private address.
-    platform = reach.Policy.parse("", "", [("10.0.0.5", 9092)])
-    with pytest.raises(PermanentError, match=r"bootstrap_servers names the operator's managed Kafka"):
+    platform = reach.Policy.parse("", "", (), [("10.0.0.5", 9092)])
+    with pytest.raises(PermanentError, match=r"bootstrap_servers 10.0.0.5:9092 is the operator's managed Kafka"):
         reach.check_kafka_bootstrap("k", "10.0.0.5:9092", platform)
+    for spelling in ("167772165:9092", "0x0a000005:9092", "[::ffff:10.0.0.5]:9092", "10.0.5:9092"):
+        with pytest.raises(PermanentError, match=r"is the operator's managed Kafka"):
+            reach.check_kafka_bootstrap("k", spelling, platform)
     with pytest.raises(PermanentError, match=r"bootstrap server 10.0.0.5:9093: a private address"):
         reach.check_kafka_bootstrap("k", "10.0.0.5:9093", platform)
     assert reach.kafka_bootstrap("SASL_SSL://a.b:9093, [::1]:19092,c") == [("a.b", 9093), ("::1", 19092), ("c", 9092)]
@@ -354,8 +357,49 @@ def test_the_platforms_own_endpoints_need_no_allow_entry(tmp_path, source, bucke
     job.stage()
     r = job.transport(0, **NOBODY)
     assert r.code == 2, r.message
-    assert "bootstrap_servers names the operator's managed Kafka" in r.message, r.message
+    assert f"bootstrap_servers {kafka.bootstrap} is the operator's managed Kafka" in r.message, r.message
     assert other_orgs not in _topics(kafka)
+
+
+def test_the_managed_kafka_under_any_other_spelling_is_refused_before_any_row(tmp_path, source, bucket, gcs, kafka):
+    """Another organization's topics on the managed Kafka are <their namespace>.<name>; a tenant
+    who reaches that Kafka through bootstrap_servers writes the bare name, so each spelling of
+    it must be refused, even where loopback itself is allowed, and the topic stays empty."""
+    from beam_devstack.kafka import consume_all
+
+    port = int(kafka.bootstrap.rsplit(":", 1)[1])
+    assert kafka.bootstrap == f"127.0.0.1:{port}"
+    victim = f"org-a.{uuid.uuid4().hex[:8]}"
+    sasl = kafka.sasl_ssl_client_config()
+    spellings = {
+        "a short IP": f"127.1:{port}",
+        "a decimal IP": f"2130706433:{port}",
+        "a hex IP": f"0x7f000001:{port}",
+        "an IPv4-mapped IPv6 address": f"[::ffff:127.0.0.1]:{port}",
+        "a name that resolves to it": f"LocalHost.:{port}",
+        "a librdkafka protocol prefix": f"PLAINTEXT://127.0.0.1:{port}",
+        "another listener of the same cluster": kafka.sasl_ssl_bootstrap,
+    }
+    secret_env = {
+        "BEAM_DEST_0_SASL_USERNAME": sasl["sasl.username"],
+        "BEAM_DEST_0_SASL_PASSWORD": sasl["sasl.password"],
+        "BEAM_DEST_0_SSL_CA_PEM": sasl["ssl.ca.pem"],
+    }
+    job = Job(tmp_path, spec({"type": "kafka", "name": victim}), snowflake=source, gcs=gcs, kafka=kafka)
+    job.stage()  # once: the staged chunks do not depend on the destinations
+    for what, bootstrap in spellings.items():
+        dest = {"type": "kafka", "name": victim, "bootstrap_servers": bootstrap}
+        extra = {}
+        if bootstrap == kafka.sasl_ssl_bootstrap:
+            dest["secret"] = "tenant-kafka"
+            extra = secret_env
+        allow = "127.0.0.0/8,::1/128,localhost"
+        r = job.transport(0, BEAM_SPEC=json.dumps(spec(dest)), BEAM_DESTINATION_ALLOW=allow, **extra)
+        assert r.code == 2, (what, r.code, r.message, r.stderr[-2000:])
+        assert "is the operator's managed Kafka; omit bootstrap_servers" in r.message, (what, r.message)
+        assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    if victim in _topics(kafka):  # another listener's metadata request may have created it: empty
+        assert consume_all(kafka.bootstrap, victim) == []
 
 
 def test_an_error_answer_is_quoted_only_as_a_short_excerpt(tmp_path, source, bucket, gcs):

@@ -47,6 +47,9 @@ PRODUCER_TUNING = {
 TRANSACTION_TIMEOUT_MS = 900_000  # the broker's default transaction.max.timeout.ms
 
 
+_managed: tuple[str | None, frozenset[tuple[str, int]]] | None = None  # _managed_identity()
+
+
 def transactional_id(job_id: str, dest_index: int, chunk: int) -> str:
     return f"beam-{job_id}-{dest_index}-{chunk}"
 
@@ -148,6 +151,36 @@ class KafkaSink(Sink):
             raise self._unreachable("metadata", e) from None
         if self._check_brokers:
             reach.check_kafka_brokers(self.label, md.brokers.values())
+            if os.environ.get(Env.KAFKA_BOOTSTRAP):
+                managed = self._managed_identity()
+                reach.check_not_managed(self.label, md.cluster_id, md.brokers.values(), managed)
+
+    def _managed_identity(self) -> tuple[str | None, frozenset[tuple[str, int]]]:
+        """The managed Kafka's cluster id and broker addresses, asked once per process: what a
+        tenant's cluster is compared with (reach.check_not_managed)."""
+        global _managed
+        if _managed is None:
+            client = Producer(
+                {
+                    "bootstrap.servers": os.environ[Env.KAFKA_BOOTSTRAP],
+                    "socket.connection.setup.timeout.ms": int(self.ctx.connect_timeout * 1000),
+                }
+            )
+            try:
+                md = client.list_topics(timeout=self.ctx.connect_timeout)
+            except KafkaException as e:
+                raise TransientError(
+                    f"{self.label}: cannot reach the managed Kafka to tell bootstrap_servers apart from it: "
+                    f"{excerpt(str(e))}"
+                ) from None
+            addresses: set[tuple[str, int]] = set()
+            for b in md.brokers.values():
+                try:
+                    addresses |= reach.resolve(b.host, b.port)
+                except (OSError, UnicodeError):
+                    pass
+            _managed = (md.cluster_id, frozenset(addresses))
+        return _managed
 
     def _fail(self, what: str, e: KafkaException) -> Exception:
         err = e.args[0] if e.args and isinstance(e.args[0], KafkaError) else None
