@@ -15,6 +15,7 @@ import pytest
 from apiproc import KEYS_NS, ApiProcess
 
 from beam_contract.model import destination_uid, spec_from_dict
+from beam_operator.api import keys as keymod
 
 # The seed's create example, verbatim, and its block-height form (the other documented window).
 SEED_CREATE = {
@@ -433,6 +434,47 @@ def test_guessing_keys_is_rate_limited_per_client(k8s, api_kubeconfig, org, tmp_
             assert good.get("/backfills").status_code == 200
     finally:
         limited.stop()
+
+
+def test_a_flood_of_bad_keys_never_holds_back_a_valid_key_after_a_restart(
+    k8s, api_kubeconfig, org, other_org, admin_core, tmp_path
+):
+    """Bad keys from one address (all clients behind one ingress share it) exhaust that
+    address's failure limit. A valid key this process has never seen, after a restart, and one
+    created during the flood, still get 200: the API knows every stored key id from its watch."""
+    from beam_devstack.proc import wait_for
+
+    def flood(proc: ApiProcess) -> None:
+        with proc.client(None) as c:
+            codes = [
+                c.get("/backfills", headers={"X-API-Key": f"bbk_{i:012x}_" + "C" * 43}).status_code for i in range(8)
+            ]
+        assert codes[-1] == 429, codes
+
+    first = ApiProcess(tmp_path / "first", kubeconfig=api_kubeconfig, rate=0.05, burst=3).start()
+    try:
+        flood(first)
+        with first.client(org[1]) as good:
+            assert good.get("/backfills").status_code == 200
+    finally:
+        first.stop()
+    restarted = ApiProcess(tmp_path / "restarted", kubeconfig=api_kubeconfig, rate=0.05, burst=3).start()
+    try:
+        flood(restarted)
+        with restarted.client(other_org[1]) as never_seen:
+            r = never_seen.get("/backfills")
+            assert r.status_code == 200, r.text
+        _, fresh = keymod.create_key(admin_core, KEYS_NS, org[0], "made during the flood")
+        with restarted.client(fresh) as c:
+            wait_for(lambda: c.get("/backfills").status_code == 200, 10, "the new key known from the watch")
+        # The guesses themselves cost the apiserver nothing: no Secret is read per key id.
+        before = _secret_gets(k8s)
+        flood_more = [f"bbk_{i:012x}_" + "D" * 43 for i in range(20)]
+        with restarted.client(None) as c:
+            assert {c.get("/backfills", headers={"X-API-Key": k}).status_code for k in flood_more} == {429}
+        assert _secret_gets(k8s) == before
+    finally:
+        restarted.stop()
 
 
 def _raw_post(port: int, headers: dict[str, str], body: bytes = b"", timeout: float = 10) -> tuple[int, bytes]:

@@ -171,6 +171,8 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
     client = api_client(kubeconfig) if connect else None
     backfills = Backfills(client)
     keys = KeyStore(CoreV1Api(client), settings.keys_namespace, ttl=settings.key_cache_seconds)
+    if connect:
+        keys.watch()
     buckets = TokenBuckets(settings.rate_per_second, settings.rate_burst)
     failures = TokenBuckets(settings.rate_per_second, settings.rate_burst)
 
@@ -243,9 +245,9 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
     api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The organization's API key.")
 
     def identify(client: str, key: str | None) -> ApiKey:
-        """The caller's organization, or an HTTPException (401, 429). The failure limit is
-        checked before anything costs the apiserver a request: a key id that was not found
-        valid recently is looked up only while this client has failures left."""
+        """The caller's organization, or an HTTPException (401, 429). A stored key is known
+        from the keys' watch and never meets the failure limit; any other key meets it before
+        anything costs the apiserver a request."""
         found = keys.authenticate(key, fetch=False)
         if found is None and not keys.known(key):
             wait = failures.peek(client)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import logging
 import re
 import secrets
 import threading
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from kubernetes.client import ApiException, CoreV1Api
+
+log = logging.getLogger("beam_operator.api.keys")
 
 ORG_LABEL = "beam-backfill.dev/organization"
 KIND_LABEL = "beam-backfill.dev/api-key"
@@ -96,9 +99,6 @@ def list_keys(core: CoreV1Api, namespace: str) -> list[dict[str, str]]:
     )
 
 
-KNOWN_SECONDS = 3600.0
-
-
 def _bounded_put(cache: dict, key: str, value, now: float, max_entries: int) -> None:
     """cache[key] = value; a full cache first drops its expired entries, then everything.
     Values are an expiry time or a tuple that starts with one."""
@@ -113,10 +113,13 @@ def _bounded_put(cache: dict, key: str, value, now: float, max_entries: int) -> 
 class KeyStore:
     """Resolves a presented key to its organization.
 
-    Lookups are cached for `ttl` seconds (hits and misses alike), so a revoked key stops working
-    within `ttl` on every replica and a flood of bad keys costs the apiserver at most one GET per
-    key id and ttl. Hits and misses are kept apart: made-up key ids fill only the miss cache, so
-    they can never push a valid key out (and make it cost a GET again).
+    The API lists and watches the key Secrets of its namespace (by label), so the set of valid
+    key ids is always known in memory: a lookup costs the apiserver nothing, a revoked key stops
+    working as soon as the watch delivers its deletion, and a valid key is recognised before
+    any failure limit is consulted, on every replica and right after a restart, whatever others
+    sent from the same address (docs/security.md, "API keys"). Until the first list has
+    arrived (start-up) a key is looked up with one GET, cached for `ttl` seconds (hits and
+    misses apart, so made-up key ids can never push a valid key out).
     """
 
     def __init__(self, core: CoreV1Api, namespace: str, *, ttl: float = 5.0, max_entries: int = 10000) -> None:
@@ -126,11 +129,54 @@ class KeyStore:
         self.max_entries = max_entries
         self._hits: dict[str, tuple[float, tuple[str, str]]] = {}
         self._misses: dict[str, float] = {}
-        # Key ids found valid in the last KNOWN_SECONDS: their lookups skip the failure limit, so
-        # a valid key whose cache entry expired is never held back by others' guesses from the
-        # same address (all clients behind one ingress share it).
-        self._known: dict[str, float] = {}
+        # key id -> (digest, organization) of every key Secret, from the list + watch.
+        self._watched: dict[str, tuple[str, str]] = {}
+        self._synced = threading.Event()
         self._lock = threading.Lock()
+
+    def watch(self) -> threading.Thread:
+        """Keep the key ids in memory from a list + watch of the key Secrets, in a thread."""
+        thread = threading.Thread(target=self._watch_forever, name="api-key-watch", daemon=True)
+        thread.start()
+        return thread
+
+    def wait_synced(self, timeout: float) -> bool:
+        return self._synced.wait(timeout)
+
+    def _watch_forever(self) -> None:
+        from kubernetes import watch
+
+        selector = f"{KIND_LABEL}=true"
+        while True:
+            try:
+                listed = self.core.list_namespaced_secret(self.namespace, label_selector=selector)
+                fresh = {k: v for s in listed.items if (k := _key_id(s)) and (v := _stored_of(s))}
+                with self._lock:
+                    self._watched = fresh
+                self._synced.set()
+                log.info("API keys: %d known from the keys namespace %s", len(fresh), self.namespace)
+                stream = watch.Watch().stream(
+                    self.core.list_namespaced_secret,
+                    self.namespace,
+                    label_selector=selector,
+                    resource_version=listed.metadata.resource_version,
+                    timeout_seconds=300,
+                )
+                for event in stream:
+                    obj, kind = event["object"], event["type"]
+                    key_id = _key_id(obj)
+                    if kind == "ERROR" or not key_id:
+                        break  # 410 Gone and the like: list again
+                    with self._lock:
+                        value = _stored_of(obj)
+                        if kind == "DELETED" or value is None:
+                            self._watched.pop(key_id, None)
+                            self._hits.pop(key_id, None)
+                        else:
+                            self._watched[key_id] = value
+            except Exception as e:  # the apiserver away: the last known keys still serve
+                log.warning("API keys: watch interrupted (%s); listing again in 1s", type(e).__name__)
+                time.sleep(1.0)
 
     def authenticate(self, presented: str | None, *, fetch: bool = True) -> ApiKey | None:
         """The key's identity, or None. fetch=False answers from the cache only (no apiserver
@@ -150,14 +196,16 @@ class KeyStore:
         return ApiKey(key_id, organization)
 
     def known(self, presented: str | None) -> bool:
-        """Whether the key's id was found valid recently (not whether this key is valid)."""
+        """Whether the key's id is one of a stored key (not whether this key is valid)."""
         m = KEY_RE.match(presented or "")
         with self._lock:
-            return bool(m) and self._known.get(m.group(1), 0.0) > time.monotonic()
+            return bool(m) and self._synced.is_set() and m.group(1) in self._watched
 
     def _stored(self, key_id: str, fetch: bool) -> tuple[str, str] | None:
         now = time.monotonic()
         with self._lock:
+            if self._synced.is_set():
+                return self._watched.get(key_id)
             hit = self._hits.get(key_id)
             if hit and hit[0] > now:
                 return hit[1]
@@ -167,7 +215,6 @@ class KeyStore:
         with self._lock:
             if value is not None:
                 _bounded_put(self._hits, key_id, (now + self.ttl, value), now, self.max_entries)
-                _bounded_put(self._known, key_id, now + KNOWN_SECONDS, now, self.max_entries)
             else:
                 _bounded_put(self._misses, key_id, now + self.ttl, now, self.max_entries)
         return value
@@ -179,8 +226,18 @@ class KeyStore:
             if e.status == 404:
                 return None
             raise
-        organization = (s.metadata.labels or {}).get(ORG_LABEL)
-        raw = (s.data or {}).get("sha256")
-        if not organization or not raw:
-            return None
-        return base64.b64decode(raw).decode().strip(), organization
+        return _stored_of(s)
+
+
+def _key_id(secret) -> str | None:
+    name = secret.metadata.name if secret is not None and secret.metadata is not None else ""
+    return name.removeprefix(SECRET_PREFIX) if name and name.startswith(SECRET_PREFIX) else None
+
+
+def _stored_of(secret) -> tuple[str, str] | None:
+    """(digest, organization) of a key Secret, or None if it is not a complete one."""
+    organization = (secret.metadata.labels or {}).get(ORG_LABEL)
+    raw = (secret.data or {}).get("sha256")
+    if not organization or not raw:
+        return None
+    return base64.b64decode(raw).decode().strip(), organization
