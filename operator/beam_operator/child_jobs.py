@@ -120,6 +120,21 @@ def spec_config_map(name: str, namespace: str, uid: str, spec: BackfillSpec) -> 
     }
 
 
+def owner_uid(obj: dict[str, Any]) -> str | None:
+    """The uid of the backfill that owns this Job (or Pod of one): its job-id label, but only
+    when the object also names that uid as its controlling BeamBackfill owner. A label alone is
+    anyone's to write (docs/security.md, "A Job is counted only by its owner"); the caller also
+    compares the namespace, since an ownerReference cannot point across namespaces."""
+    meta = obj.get("metadata") or {}
+    uid = (meta.get("labels") or {}).get(LABEL_JOB_ID)
+    if not uid:
+        return None
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("uid") == uid and ref.get("kind") == KIND and ref.get("controller"):
+            return uid
+    return None
+
+
 def _owner(name: str, uid: str) -> dict[str, Any]:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",

@@ -141,7 +141,8 @@ def _older(rv: str | None, than: str | None) -> bool:
 @dataclass
 class Caches:
     backfills: dict[Key, dict[str, Any]] = field(default_factory=dict)
-    jobs: dict[str, dict[str, JobObs]] = field(default_factory=dict)  # by owner uid, then Job name
+    # By (namespace, owner uid), then Job name: a Job counts only in its owner's namespace.
+    jobs: dict[tuple[str, str], dict[str, JobObs]] = field(default_factory=dict)
     pods: dict[str, dict[str, PodObs]] = field(default_factory=dict)  # by owner uid, then Pod name
     keys_by_uid: dict[str, Key] = field(default_factory=dict)
     # Stuck Pods of running Jobs, and when to look for them again (monotonic), by owner uid.
@@ -217,7 +218,7 @@ class Controller:
         if event_type == "DELETED":
             self.caches.backfills.pop(key, None)
             self.caches.keys_by_uid.pop(meta["uid"], None)
-            self.caches.jobs.pop(meta["uid"], None)
+            self.caches.jobs.pop((meta["namespace"], meta["uid"]), None)
             self.caches.pods.pop(meta["uid"], None)
             self.caches.waiting.pop(meta["uid"], None)
             self.caches.progress.pop(meta["uid"], None)
@@ -244,30 +245,32 @@ class Controller:
             self.enqueue(key)
 
     def on_job(self, event_type: str | None, body: dict[str, Any]) -> None:
-        uid = (body["metadata"].get("labels") or {}).get(child_jobs.LABEL_JOB_ID)
+        uid = child_jobs.owner_uid(body)
         if not uid:
-            return
-        name = body["metadata"]["name"]
+            return  # labelled, but not owned by a backfill: a decoy steers nothing
+        ns, name = body["metadata"]["namespace"], body["metadata"]["name"]
         if event_type == "DELETED":
-            left = self.caches.jobs.get(uid, {})
+            left = self.caches.jobs.get((ns, uid), {})
             left.pop(name, None)
         else:
-            self.caches.jobs.setdefault(uid, {})[name] = JobObs.from_job(body)
+            self.caches.jobs.setdefault((ns, uid), {})[name] = JobObs.from_job(body)
         key = self.caches.keys_by_uid.get(uid)
-        backfill = self.caches.backfills.get(key) if key else None
+        if key is None or key[0] != ns:
+            return
+        backfill = self.caches.backfills.get(key)
         if backfill is not None and backfill["metadata"].get("deletionTimestamp"):
             # A deleted backfill is read again once its last Job is gone, not at each event of
             # its Jobs and Pods being deleted (each round is a live read of both).
-            if not self.caches.jobs.get(uid):
+            if not self.caches.jobs.get((ns, uid)):
                 self.enqueue(key)
             return
-        self._enqueue_uid(uid)
+        self.enqueue(key)
 
-    def _needs_pods(self, uid: str, status: str) -> list[str]:
+    def _needs_pods(self, ns: str, uid: str, status: str) -> list[str]:
         """Finished Jobs of this backfill whose Pods reconcile() will read but has not got."""
         need = []
         pods = list(self.caches.pods.get(uid, {}).values())
-        for job in self.caches.jobs.get(uid, {}).values():
+        for job in self.caches.jobs.get((ns, uid), {}).values():
             if job.failed:
                 if not any(p.job == job.name and not p.succeeded and p.message for p in pods):
                     need.append(job.name)
@@ -283,7 +286,7 @@ class Controller:
         status = (body.get("status") or {}).get("status") or ""
         if status in TERMINAL:
             return
-        for job_name in self._needs_pods(meta["uid"], status):
+        for job_name in self._needs_pods(meta["namespace"], meta["uid"], status):
             found = await self.api.finished_pods(meta["namespace"], job_name)
             self.caches.pods.setdefault(meta["uid"], {}).update(found)
 
@@ -380,11 +383,6 @@ class Controller:
             found = last[1] if last else frozenset()
         # A little early: reconcile() wakes the backfill every progress_interval_seconds.
         self.caches.progress[uid] = (now + interval - 0.05, found)
-
-    def _enqueue_uid(self, uid: str) -> None:
-        key = self.caches.keys_by_uid.get(uid)
-        if key:
-            self.enqueue(key)
 
     # --- the queue ------------------------------------------------------------------------
 
@@ -531,7 +529,7 @@ class Controller:
             creation_timestamp=meta.get("creationTimestamp", ""),
             spec=body.get("spec") or {},
             status=BackfillStatus.model_validate(body.get("status") or {}),
-            jobs=tuple(self.caches.jobs.get(uid, {}).values()),
+            jobs=tuple(self.caches.jobs.get((meta["namespace"], uid), {}).values()),
             pods=tuple(self.caches.pods.get(uid, {}).values()),
             refused=dict(self._refused.get(uid, {})),
             waiting=self.caches.waiting.get(uid, (0.0, ()))[1],
@@ -707,7 +705,7 @@ class Controller:
                 # Expect the Job before its watch event arrives: a reconcile in between must not
                 # ask for it again (a 409 each time, as controller-runtime's expectations avoid).
                 expected = JobObs(name=meta["name"], phase=meta["labels"].get(child_jobs.LABEL_PHASE, ""))
-                self.caches.jobs.setdefault(uid, {}).setdefault(meta["name"], expected)
+                self.caches.jobs.setdefault((ns, uid), {}).setdefault(meta["name"], expected)
                 log.info(
                     "%s/%s: %s job %s",
                     ns,
@@ -731,6 +729,7 @@ class Controller:
                 await self.api.suspend_job(ns, name, suspend)
                 log.info("%s/%s: %s job %s", ns, body["metadata"]["name"], "suspended" if suspend else "resumed", name)
             case DeleteStaged(uri=uri):
+                leader.before_writing()
                 # Blocking (google-cloud-storage), once per finished backfill: rare enough for a
                 # thread of the loop's default executor rather than a pool of our own.
                 n = await asyncio.to_thread(staged_files.delete_staged, uri, self.config.connect_timeout_seconds)
@@ -787,7 +786,7 @@ class Controller:
             await self._apply(body, action)
         if not any(isinstance(a, DeleteStaged) for a in actions):
             log.info("%s/%s: deleting: waiting for %d Jobs and %d Pods to go", ns, meta["name"], len(jobs), pods_left)
-            self.enqueue(key, FINALIZE_RECHECK_S if self.caches.jobs.get(uid) else 1.0)
+            self.enqueue(key, FINALIZE_RECHECK_S if self.caches.jobs.get((ns, uid)) else 1.0)
             return
         if not await self.api.remove_finalizer(ns, meta["name"], uid, meta.get("finalizers") or [], FINALIZER):
             # The finalizers changed since this version (the apiserver's own, or another

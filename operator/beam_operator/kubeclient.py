@@ -34,7 +34,7 @@ import orjson
 
 from beam_contract.model import GROUP, KIND, PLURAL, VERSION
 
-from . import child_jobs, metrics
+from . import child_jobs, leader, metrics
 from .config import OperatorConfig
 from .reconcile import STUCK_HINTS, Event, JobObs, PodObs, WaitingPod
 
@@ -176,6 +176,10 @@ class KubeApi:
     ) -> tuple[int, Any]:
         """One call; returns (status, parsed JSON body). Statuses below 300 or listed in `ok`
         are answers, any other raises ApiError."""
+        if method != "GET":
+            # Each write may follow an await of any length (a slow read, a full loop): the lease
+            # is checked again here, not only when the reconcile began.
+            leader.before_writing()
         data = None if body is None else orjson.dumps(body)
         relogged = retried = False
         while True:
@@ -304,7 +308,9 @@ class KubeApi:
             self.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs", params=selector),
             self.request("GET", f"/api/v1/namespaces/{namespace}/pods", params=selector),
         )
-        return [JobObs.from_job(j) for j in jobs["items"]], len(pods["items"])
+        owned = [j for j in jobs["items"] if child_jobs.owner_uid(j) == uid]
+        job_uids = {j["metadata"]["uid"] for j in owned}
+        return [JobObs.from_job(j) for j in owned], sum(1 for p in pods["items"] if _owner_job_uid(p) in job_uids)
 
     async def finished_pods(self, namespace: str, job_name: str) -> dict[str, PodObs]:
         """The finished Pods of one Job, by name: what their workers said."""
@@ -318,6 +324,8 @@ class KubeApi:
         )
         found = {}
         for pod in doc["items"]:
+            if _owner_job_name(pod) != job_name:
+                continue  # its label says this Job, its owner does not: not what the worker said
             obs = PodObs.from_pod(pod)
             if obs is not None:
                 found[pod["metadata"]["name"]] = obs
@@ -413,3 +421,16 @@ def waiting_of(job: str, pod: dict[str, Any]) -> WaitingPod | None:
             since = c.get("lastTransitionTime") or meta.get("creationTimestamp") or ""
             return WaitingPod(job, meta.get("name", ""), "Unschedulable", c.get("message") or "", since)
     return None
+
+
+def _controller_ref(pod: dict[str, Any]) -> dict[str, Any]:
+    refs = (pod.get("metadata") or {}).get("ownerReferences") or []
+    return next((r for r in refs if r.get("controller") and r.get("kind") == "Job"), {})
+
+
+def _owner_job_uid(pod: dict[str, Any]) -> str | None:
+    return _controller_ref(pod).get("uid")
+
+
+def _owner_job_name(pod: dict[str, Any]) -> str | None:
+    return _controller_ref(pod).get("name")

@@ -9,6 +9,13 @@ RETRY_S (docs/operations.md, "A standby operator").
 
 Why not kopf's peering: it needs a CRD of its own, and replicas of equal priority both freeze.
 While standing by the replica answers its liveness probe itself, on the port kopf serves later.
+
+Clocks: as client-go does, a standby never compares the Lease's renewTime with its own wall
+clock (the nodes' clocks may differ by more than the lease). It notes when it last saw the Lease
+change, on its own monotonic clock, and takes it only after lease_duration_seconds without a
+change. The leader counts from the moment it sent its last successful renewal. Any error on the
+way (a refused connection while the apiserver restarts, a timeout, a 5xx) is a failed attempt,
+never the end of the renewal thread or of a standby's wait (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -69,12 +76,6 @@ def _standby_health(endpoint: str | None):
         server.server_close()  # kopf binds the same port next
 
 
-def _expired(spec, now: datetime) -> bool:
-    if not spec.holder_identity or spec.renew_time is None:
-        return True
-    return now > spec.renew_time + timedelta(seconds=spec.lease_duration_seconds or LEASE_S)
-
-
 _held: Lease | None = None
 
 
@@ -104,7 +105,9 @@ class Lease:
         self.namespace, self.name, self.me = namespace, name, me or identity()
         self.api, self.client = _api()
         self._stop = threading.Event()
-        self.renewed = 0.0  # time.monotonic() of the last successful acquire or renewal
+        self.renewed = 0.0  # time.monotonic() when the last successful acquire or renewal was sent
+        self._observed: tuple[str, str] | None = None  # another holder's Lease: (holder, resourceVersion)
+        self._observed_at = 0.0  # time.monotonic() when this replica first saw _observed
 
     def acquire(self, liveness_endpoint: str | None = None) -> None:
         """Block until this replica holds the Lease."""
@@ -125,16 +128,32 @@ class Lease:
             return None
 
     def _try_acquire(self) -> bool:
-        if self._try():
-            self.renewed = time.monotonic()
-            return True
-        return False
+        sent = time.monotonic()  # a renewal counts from when it was sent, not answered
+        try:
+            won = self._try(sent)
+        except Exception as e:  # urllib3's MaxRetryError, a timeout, a 5xx: try again later
+            log.warning("cannot reach lease %s/%s: %s", self.namespace, self.name, _short(e))
+            return False
+        if won:
+            self.renewed = sent
+        return won
 
-    def _try(self) -> bool:
+    def _expired(self, spec, version: str, now: float) -> bool:
+        """Whether another holder's Lease has gone unchanged for its duration, on this replica's
+        own clock since it first saw this version."""
+        if not spec.holder_identity:
+            return True
+        seen = (spec.holder_identity, version)
+        if seen != self._observed:
+            self._observed, self._observed_at = seen, now
+            return False
+        return now - self._observed_at > (spec.lease_duration_seconds or LEASE_S)
+
+    def _try(self, now: float) -> bool:
         from kubernetes.client.rest import ApiException
 
-        now = datetime.now(UTC)
         c = self.client
+        stamp = datetime.now(UTC)  # written for people reading the Lease; never compared
         try:
             lease = self.api.read_namespaced_lease(self.name, self.namespace)
         except ApiException as e:
@@ -146,8 +165,8 @@ class Lease:
                 spec=c.V1LeaseSpec(
                     holder_identity=self.me,
                     lease_duration_seconds=LEASE_S,
-                    acquire_time=now,
-                    renew_time=now,
+                    acquire_time=stamp,
+                    renew_time=stamp,
                     lease_transitions=0,
                 ),
             )
@@ -157,12 +176,12 @@ class Lease:
             except ApiException:
                 return False  # another replica created it first
         spec = lease.spec
-        if spec.holder_identity != self.me and not _expired(spec, now):
+        if spec.holder_identity != self.me and not self._expired(spec, lease.metadata.resource_version, now):
             return False
         if spec.holder_identity != self.me:
             spec.lease_transitions = (spec.lease_transitions or 0) + 1
-            spec.acquire_time = now
-        spec.holder_identity, spec.renew_time, spec.lease_duration_seconds = self.me, now, LEASE_S
+            spec.acquire_time = stamp
+        spec.holder_identity, spec.renew_time, spec.lease_duration_seconds = self.me, stamp, LEASE_S
         try:  # resourceVersion in the body: a replica that raced us gets 409, not the lease
             self.api.replace_namespaced_lease(self.name, self.namespace, lease)
             return True
@@ -197,3 +216,8 @@ class Lease:
                 log.info("released lease %s/%s", self.namespace, self.name)
         except Exception as e:  # the standby takes over after LEASE_S anyway
             log.warning("could not release lease %s/%s: %s", self.namespace, self.name, e)
+
+
+def _short(e: Exception) -> str:
+    """One line of an exception: urllib3's carry the whole retry history."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from e2e_helpers import API, apply, assert_exactly, backfill, expected_ids, jobs, read_topic, wait_status
+from e2e_helpers import API, WINDOW, apply, assert_exactly, backfill, expected_ids, jobs, read_topic, wait_status
 
 from beam_devstack.kafka_proxy import END_TXN
 from beam_devstack.proc import wait_for
@@ -84,3 +84,41 @@ def test_a_standby_takes_over_from_a_frozen_active_operator_which_then_steps_dow
     reasons = Counter(e["reason"] for e in events for _ in range(e.get("count") or 1))
     assert reasons["Transporting"] == 1 and reasons["Completed"] == 1, reasons  # no duplicate Event storm
     assert k8s.api("GET", API.format(ns=org, name="failover"))["status"]["status"] == "completed"
+
+
+def _restarts(k8s) -> dict[str, int]:
+    return {
+        p["metadata"]["name"]: sum(cs["restartCount"] for cs in p["status"].get("containerStatuses") or [])
+        for p in _operator_pods(k8s)
+    }
+
+
+def test_an_apiserver_down_for_20s_leaves_a_standby_standing_by_and_one_leader_after(
+    k8s, node_cluster, operator, kafka, seeded, org
+):
+    # A refused connection used to end the renewal thread and a standby's wait (urllib3's
+    # MaxRetryError is not an ApiException): the standby crash-looped.
+    plane = node_cluster[0]
+    _scale(k8s, 2)
+    try:
+        active = _holder(k8s)
+        [standby] = _running(k8s) - {active}
+        waiting = "standing by: lease beam-system/beam-beam-backfill is held by " + active
+        wait_for(lambda: waiting in k8s.kubectl("logs", "-n", NS, standby).stdout, 60, "the standby standing by")
+        before = _restarts(k8s)
+        plane.restart_apiserver(downtime=20)
+        wait_for(lambda: len(_running(k8s)) == 2 and _holder(k8s) in _running(k8s), 120, "two Ready, one leading")
+        after = _restarts(k8s)
+        assert after[standby] == before[standby], "the standby kept standing by through the outage"
+        # The leader could not prove its lease for longer than it lasts: it stepped down (exit,
+        # restarted by the kubelet) rather than act beside a standby that may have taken over.
+        assert after[active] <= before[active] + 1, (before, after)
+        logs = k8s.kubectl("logs", "-n", NS, standby).stdout
+        assert "cannot reach lease beam-system/beam-beam-backfill" in logs, logs[-2000:]
+        # The one leading afterwards runs backfills.
+        window = {**WINDOW, "end": "2026-03-02T00:00:00"}
+        apply(k8s, org, backfill("after-outage", "e2e-after-outage", window=window))
+        wait_status(k8s, org, "after-outage", "completed")
+        assert_exactly(read_topic(kafka.bootstrap, f"{org}.e2e-after-outage"), expected_ids(seeded, window))
+    finally:
+        _scale(k8s, 1)

@@ -58,6 +58,8 @@ def _job(ctl: Controller, body: dict[str, Any], kind: str, **spec_status: Any) -
         {
             "metadata": {
                 "name": f"{meta['name']}-{kind}",
+                "namespace": meta["namespace"],
+                "ownerReferences": [{"kind": "BeamBackfill", "uid": meta["uid"], "controller": True}],
                 "creationTimestamp": OLD,
                 "labels": {"beam-backfill.dev/job-id": meta["uid"], "beam-backfill.dev/phase": kind},
             },
@@ -121,3 +123,24 @@ def test_progress_is_read_only_while_workers_share_chunks_and_within_the_overall
     # 4 backfills reading at 2 per second in all: the last one waits 2 s, not 1 s, for its next read.
     due = sorted(d for d, _ in ctl.caches.progress.values())
     assert due[-1] - due[0] >= 1.0
+
+
+def test_only_jobs_owned_by_the_backfill_in_its_namespace_count():
+    """A Job is the backfill's only with its ownerReference and in its namespace; the label
+    alone (anyone's to write, and the uid is in webhook bodies) is not enough."""
+    ctl = Controller(CountingApi(), OperatorConfig())
+    body = _backfill(ctl, "org-a", "bf", {"status": "staging"})
+    uid = body["metadata"]["uid"]
+    labels = {"beam-backfill.dev/job-id": uid, "beam-backfill.dev/phase": "staging"}
+    owner = [{"kind": "BeamBackfill", "uid": uid, "controller": True}]
+    failed = {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}
+    decoys = [
+        {"name": "bf-staging", "namespace": "org-b", "labels": labels, "ownerReferences": owner},
+        {"name": "bf-staging", "namespace": "org-a", "labels": labels},
+        {"name": "x", "namespace": "org-a", "labels": labels, "ownerReferences": [{**owner[0], "kind": "Job"}]},
+    ]
+    for meta in decoys:
+        ctl.on_job("ADDED", {"metadata": meta, "status": failed})
+    assert ctl.observe(body).jobs == ()
+    _job(ctl, body, "staging")
+    assert [j.name for j in ctl.observe(body).jobs] == ["bf-staging"]

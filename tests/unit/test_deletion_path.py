@@ -87,7 +87,12 @@ def _body(rv: str = "10", name: str = "bf", uid: str = "uid-1", **meta: Any) -> 
 
 
 def _job_event(ctl: Controller, name: str, event: str, *, deleting: bool, uid: str = "uid-1") -> None:
-    meta: dict[str, Any] = {"name": name, "labels": {"beam-backfill.dev/job-id": uid}}
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": "ns",
+        "labels": {"beam-backfill.dev/job-id": uid},
+        "ownerReferences": [{"kind": "BeamBackfill", "uid": uid, "controller": True}],
+    }
     if deleting:
         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
     ctl.on_job(event, {"metadata": meta, "status": {}})

@@ -1,0 +1,94 @@
+"""The second security review (issue 25), each finding tried on the real node as an attacker
+would: what they craft, and what the other organization then sees."""
+
+from __future__ import annotations
+
+from e2e_helpers import (
+    API,
+    WINDOW,
+    apply,
+    assert_exactly,
+    backfill,
+    expected_ids,
+    jobs,
+    read_topic,
+    wait_status,
+)
+
+from beam_devstack.images import JOBRUNNER
+from beam_devstack.proc import wait_for
+
+
+def _failing_job(name: str, labels: dict[str, str]) -> dict:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": f"{JOBRUNNER.repository}:{JOBRUNNER.tag()}",
+                            "imagePullPolicy": "Never",
+                            "command": ["false"],
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+def test_a_decoy_job_labelled_with_another_backfills_uid_steers_nothing(
+    k8s, operator, kafka, seeded, org, namespace_factory
+):
+    """A Job in organization B labelled with A's uid (it is in A's webhook bodies and Kafka
+    headers), and one in A's own namespace with the label but no ownerReference, both failed
+    staging Jobs: A neither fails nor ends early, and delivers exactly its rows."""
+    other = namespace_factory()
+    window = {**WINDOW, "end": "2026-03-02T00:00:00"}
+    uid = apply(k8s, org, backfill("target", "e2e-decoy", window=window, suspend=True))["metadata"]["uid"]
+    labels = {"beam-backfill.dev/job-id": uid, "beam-backfill.dev/phase": "staging"}
+    k8s.api("POST", f"/apis/batch/v1/namespaces/{other}/jobs", _failing_job(f"target-{uid[:8]}-staging", labels))
+    k8s.api("POST", f"/apis/batch/v1/namespaces/{org}/jobs", _failing_job("decoy-staging", labels))
+
+    def both_failed() -> bool:
+        found = [*jobs(k8s, other, uid), *jobs(k8s, org, uid)]
+        failed = [j for j in found for c in (j.get("status") or {}).get("conditions") or [] if c["type"] == "Failed"]
+        return len(failed) == 2
+
+    wait_for(both_failed, 120, "both decoy Jobs Failed")
+    k8s.api("PATCH", API.format(ns=org, name="target"), {"spec": {"suspend": False}})
+    st = wait_status(k8s, org, "target", "completed")
+    assert st["chunks_left"] == 0 and not st.get("error_message"), st
+    assert_exactly(read_topic(kafka.bootstrap, f"{org}.e2e-decoy"), expected_ids(seeded, window))
+    # Neither decoy was the operator's to delete.
+    assert [j["metadata"]["name"] for j in jobs(k8s, other, uid)] == [f"target-{uid[:8]}-staging"]
+    assert "decoy-staging" in {j["metadata"]["name"] for j in jobs(k8s, org, uid)}
+
+
+def test_the_managed_kafka_under_another_spelling_fails_the_backfill_and_writes_nothing(
+    k8s, operator, kafka, org, namespace_factory
+):
+    """Organization B names the managed Kafka by its address as a decimal number and writes to
+    `<A's namespace>.x`: the backfill fails naming why, and A's topic stays empty."""
+    import ipaddress
+
+    other = namespace_factory()
+    host, port = kafka.bootstrap.rsplit(":", 1)
+    spelled = f"{int(ipaddress.IPv4Address(host))}:{port}"
+    window = {**WINDOW, "end": "2026-03-02T00:00:00"}
+    obj = backfill("intruder", f"{org}.x", window=window)
+    obj["spec"]["destinations"] = [{"type": "kafka", "name": f"{org}.x", "bootstrap_servers": spelled}]
+    apply(k8s, other, obj)
+    st = wait_status(k8s, other, "intruder", "failed")
+    assert (
+        f"bootstrap_servers {spelled} is the operator's managed Kafka; omit bootstrap_servers" in st["error_message"]
+    ), st
+    assert read_topic(kafka.bootstrap, f"{org}.x", idle=0.5) == []
