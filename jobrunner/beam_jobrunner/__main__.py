@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.exit_code
     except Exception as e:
         log.exception("%s failed unexpectedly", args.command)
-        error = " ".join(f"{args.command}: unexpected error: {type(e).__name__}: {e}".split())[:1000]
+        error = log_tail.cut(" ".join(f"{args.command}: unexpected error: {type(e).__name__}: {e}".split()), 1000)
         _terminate(log_tail.termination_message(failure_message(error, getattr(e, "chunk", None))))
         return ExitCode.BUG
     line = json.dumps(result, separators=(",", ":"))

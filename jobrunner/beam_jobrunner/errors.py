@@ -41,11 +41,14 @@ def excerpt(text: str | bytes | None, limit: int = EXCERPT_CHARS) -> str:
     collapsed to single spaces, at most `limit` characters, and marked when cut. An endpoint's
     answer is not ours to copy whole into a status others read (it may be an internal service's
     page, or carry secrets), nor long enough to crowd out the reason."""
+    from beam_jobrunner.log_tail import cut, mask
+
     if text is None:
         return ""
     if isinstance(text, bytes):
         text = text.decode("utf-8", "replace")
-    clean = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    # Masked before anything is collapsed or cut, so that no form of a secret survives either.
+    clean = " ".join("".join(c if c.isprintable() else " " for c in mask(text)).split())
     if len(clean) <= limit:
-        return clean
-    return f"{clean[:limit]}... [truncated to {limit} characters]"
+        return mask(clean)
+    return f"{cut(clean, limit)}... [truncated to {limit} characters]"

@@ -244,8 +244,10 @@ def _container(
         "imagePullPolicy": config.image_pull_policy,
         "command": ["beam-jobrunner", command],
         "env": env,
-        # A crash with no message still tells the user something: the log's last lines.
-        "terminationMessagePolicy": "FallbackToLogsOnError",
+        # Only what the worker wrote itself, masked (jobrunner/log_tail.py): never the raw log
+        # the kubelet would copy from a crash, which no one has masked. A crash without a
+        # message is reported by its reason (OOMKilled) and exit code (reconcile._worker_message).
+        "terminationMessagePolicy": "File",
         "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
     }
     if resources := worker_resources(spec, config):

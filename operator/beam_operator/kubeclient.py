@@ -36,7 +36,7 @@ from beam_contract.model import GROUP, KIND, PLURAL, VERSION
 
 from . import child_jobs, leader, metrics
 from .config import OperatorConfig
-from .reconcile import STUCK_HINTS, Event, JobObs, PodObs, WaitingPod
+from .reconcile import MAX_EVENT_MESSAGE, STUCK_HINTS, Event, JobObs, PodObs, WaitingPod
 
 log = logging.getLogger("beam_operator.kubeclient")
 
@@ -390,7 +390,7 @@ class KubeApi:
                         "uid": meta["uid"],
                     },
                     "reason": ev.reason,
-                    "message": ev.message[:1024],
+                    "message": ev.message[:MAX_EVENT_MESSAGE],
                     "type": ev.type,
                     "firstTimestamp": now,
                     "lastTimestamp": now,

@@ -25,7 +25,7 @@ KAFKA_TOPIC_MAX_LENGTH = 249
 
 MAX_ERROR = 1024
 # What a WorkerLog Event quotes of a failed worker's last lines.
-MAX_WORKER_LOG = 2000
+MAX_EVENT_MESSAGE = 1024  # what the Event recorder keeps of a message (kubeclient.py)
 # Job and Pod watches are separate streams: a Job can be seen finished before its Pod's
 # termination message arrives. Wait this long for the message before deciding without it.
 POD_MESSAGE_GRACE_S = 15.0
@@ -142,6 +142,7 @@ class PodObs:
     message: str
     finished_at: str = ""
     name: str = ""
+    reason: str = ""  # the container's termination reason: Error, OOMKilled, ...
 
     @classmethod
     def from_pod(cls, pod: dict[str, Any]) -> PodObs | None:
@@ -162,6 +163,7 @@ class PodObs:
             message=(term.get("message") or status.get("message") or "").strip(),
             finished_at=term.get("finishedAt") or "",
             name=meta.get("name", ""),
+            reason=term.get("reason") or "",
         )
 
 
@@ -311,6 +313,11 @@ def _worker_message(pods: tuple[PodObs, ...], job: str, index: int | None = None
         if p.message:
             error, chunk, _ = parse_failure(p.message)
             return error, chunk
+    if failed and failed[-1].reason == "OOMKilled":
+        return (
+            f"worker {failed[-1].name} was killed for using more memory than its limit (OOMKilled, exit code "
+            f"{failed[-1].exit_code}); raise spec.resources.limits.memory, within the operator's max_worker_resources"
+        ), None
     if failed and failed[-1].exit_code is not None:
         return f"worker exited with code {failed[-1].exit_code} and no message", None
     return "", None
@@ -322,10 +329,12 @@ def _worker_log(pods: tuple[PodObs, ...], job: str, index: int | None, where: st
     for p in reversed(_failed_pods(pods, job, index)):
         _, _, lines = parse_failure(p.message)
         if lines:
+            head = f"{where}, pod {p.name}, last log lines: "
             text = " | ".join(lines)
-            if len(text) > MAX_WORKER_LOG:
-                text = "…" + text[-(MAX_WORKER_LOG - 1) :]  # the newest lines matter most
-            return [Event("Warning", "WorkerLog", f"{where}, pod {p.name}, last log lines: {text}")]
+            room = MAX_EVENT_MESSAGE - len(head)
+            if len(text) > room:
+                text = "…" + text[-(room - 1) :]  # the newest lines matter most
+            return [Event("Warning", "WorkerLog", head + text)]
     return []
 
 

@@ -92,3 +92,19 @@ def test_the_managed_kafka_under_another_spelling_fails_the_backfill_and_writes_
         f"bootstrap_servers {spelled} is the operator's managed Kafka; omit bootstrap_servers" in st["error_message"]
     ), st
     assert read_topic(kafka.bootstrap, f"{org}.x", idle=0.5) == []
+
+
+def test_a_worker_killed_for_memory_fails_the_backfill_by_its_reason_not_its_raw_log(k8s, operator, org):
+    """A worker the kernel kills (its memory limit) writes no termination message; the kubelet
+    must not put its raw, unmasked log there instead (terminationMessagePolicy: File), and the
+    error says what happened and what to change."""
+    window = {**WINDOW, "end": "2026-03-02T00:00:00"}
+    uid = apply(k8s, org, backfill("starved", "e2e-starved", window=window, resources={"limits": {"memory": "24Mi"}}))[
+        "metadata"
+    ]["uid"]
+    st = wait_status(k8s, org, "starved", "failed", timeout=240)
+    assert "was killed for using more memory than its limit (OOMKilled, exit code 137)" in st["error_message"], st
+    assert "raise spec.resources.limits.memory" in st["error_message"]
+    [staging] = [j for j in jobs(k8s, org, uid) if j["metadata"]["labels"]["beam-backfill.dev/phase"] == "staging"]
+    [container] = staging["spec"]["template"]["spec"]["containers"]
+    assert container["terminationMessagePolicy"] == "File"

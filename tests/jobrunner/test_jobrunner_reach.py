@@ -428,6 +428,72 @@ def test_an_error_answer_is_quoted_only_as_a_short_excerpt(tmp_path, source, buc
         recv.close()
 
 
+def test_a_receiver_echoing_the_secret_in_any_form_never_gets_it_into_the_message_or_the_log(
+    tmp_path, source, bucket, gcs
+):
+    """The webhook's signing key, as `kubectl create secret --from-file` stores it (a trailing
+    newline, here also a tab and two spaces), echoed by a failing receiver in every form a
+    text can carry it: as written, whitespace collapsed, URL-, JSON-, hex- and base64-encoded
+    (at each offset), and placed where the 200- and 300-character cuts fall. The 500 is
+    retried and logged each time; neither the log nor the termination message (what becomes
+    status.error_message and the WorkerLog Event) holds any 8 characters of it."""
+    import base64
+    from urllib.parse import quote, quote_plus
+
+    value = "Sig-Key\twith  spaces-0123456789abcdef"
+    raw = value.encode()
+    forms = [
+        value,
+        " ".join(value.split()),
+        quote(value + "\n", safe=""),
+        quote_plus(value),
+        json.dumps(value + "\n"),
+        raw.hex(),
+        base64.b64encode(raw).decode(),
+        base64.b64encode(b"k=" + raw).decode(),
+        base64.urlsafe_b64encode(b"k" + raw + b"\n").decode(),
+    ]
+    bodies = {
+        "every form": ("echo: " + " | ".join(forms)).encode(),
+        "across the excerpt's cut": ("z" * 185 + value).encode(),
+        "across the log line's cut": ("z" * 250 + " ".join(value.split())).encode(),
+    }
+    for what, body in bodies.items():
+        recv = CountingReceiver(500, body)
+        try:
+            url = f"http://127.0.0.1:{recv.port}/hook"
+            job = Job(
+                tmp_path,
+                spec({"type": "webhook", "name": "hooks", "url": url, "hash_key": "hook-key"}),
+                snowflake=source,
+                gcs=gcs,
+                extra={"BEAM_WEBHOOK_ATTEMPTS": "2", "BEAM_DEST_0_HASH_KEY": value + "\n"},
+            )
+            job.stage()
+            r = job.transport(0)
+            assert r.code == 3 and "HTTP 500: " in r.message, (what, r.message)
+            assert recv.requests == 2, what
+            seen = r.termination + r.stderr
+            leaks = {value[i : i + 8] for i in range(len(value) - 7)} | set(forms)
+            leaks |= {f[i : i + 12] for f in forms for i in range(len(f) - 11)}
+            found = sorted(x for x in leaks if x in seen)
+            assert not found, (what, found, seen[-3000:])
+        finally:
+            recv.close()
+    # Too short to be masked without masking ordinary words: refused, naming the key only.
+    job = Job(
+        tmp_path,
+        spec({"type": "webhook", "name": "hooks", "url": "http://127.0.0.1:9/hook", "hash_key": "hook-key"}),
+        snowflake=source,
+        gcs=gcs,
+        extra={"BEAM_DEST_0_HASH_KEY": "ab1\n"},
+    )
+    job.stage()
+    r = job.transport(0)
+    assert r.code == 2 and "secret key hash_key is shorter than 4 characters" in r.message, r.message
+    assert "ab1" not in r.message
+
+
 def test_a_short_refusal_answer_is_quoted_whole(tmp_path, source, bucket, gcs):
     recv = CountingReceiver(400, b"unknown tenant")
     try:

@@ -779,7 +779,22 @@ def test_a_failed_workers_last_log_lines_outlive_its_pod_in_an_event():
     # Bounded: the newest lines are kept.
     long = PodObs(XPORT, 1, False, 2, said + "\n" + "x" * 5000 + "\nthe end", "2026-03-01T11:59:51Z", name="p")
     [log] = [e for e in run(obs(status=st, jobs_=[job], pods=[long])).events if e.reason == "WorkerLog"]
-    assert log.message.endswith(" | the end") and len(log.message) < 2100
+    # Within what an Event keeps (1,024 characters), so that its cut never drops the newest.
+    assert log.message.endswith(" | the end") and len(log.message) == 1024
+    assert log.message.startswith("transport chunk 3, pod p, last log lines: …x")
+
+
+def test_a_worker_killed_for_memory_is_reported_by_its_reason_not_its_log():
+    st = transporting_status(5)
+    pod = PodObs(XPORT, 1, False, 137, "", "2026-03-01T11:59:50Z", name="usdc-xport-1-abcde", reason="OOMKilled")
+    job = JobObs(
+        XPORT, child_jobs.TRANSPORT, failed=True, failure_reason="FailedIndexes", failed_indexes="1", completions=2
+    )
+    d = run(obs(status=st, jobs_=[job], pods=[pod]))
+    assert d.status.error_message.startswith(
+        "transport failed on a chunk of 5: worker usdc-xport-1-abcde was killed for using more memory than its "
+        "limit (OOMKilled, exit code 137); raise spec.resources.limits.memory"
+    ), d.status.error_message
 
 
 def _failed_in_transport(n=4, done="0-1,3"):

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from beam_contract.worker import destination_env
+from beam_jobrunner import log_tail
 from beam_jobrunner.errors import PermanentError
+
+# The keys whose values authenticate: too short a value is refused rather than left unmasked.
+CREDENTIALS = frozenset(
+    {"sasl_password", "hash_key", "password", "token", "aws_secret_access_key", "aws_session_token"}
+)
 
 
 @dataclass
@@ -49,6 +55,11 @@ class Sink:
 
     def secret(self, key: str) -> str | None:
         value = os.environ.get(destination_env(self.ctx.dest_index, key))
+        if value and key in CREDENTIALS and len(value.strip()) < log_tail.MIN_SECRET:
+            raise PermanentError(
+                f"{self.label}: secret key {key} is shorter than {log_tail.MIN_SECRET} characters: too short "
+                "to be a credential, or to be masked in logs; put a longer one in the destination's Secret"
+            )
         return value or None
 
     def require_secret(self, key: str) -> str:
