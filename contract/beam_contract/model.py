@@ -208,6 +208,7 @@ class KafkaDestination(_Destination):
         "sasl_mechanism",
         "security_protocol",
         "ssl_ca_pem",
+        "endpoints",
     )
     type: Literal["kafka"]
     name: str = Field(
@@ -225,7 +226,8 @@ class KafkaDestination(_Destination):
         pattern=K8S_NAME_RE,
         max_length=253,
         description="Name of a Secret in this namespace with keys sasl_username, sasl_password and optionally "
-        "sasl_mechanism (default PLAIN), security_protocol (default SASL_SSL) and ssl_ca_pem.",
+        "sasl_mechanism (default PLAIN), security_protocol (default SASL_SSL) and ssl_ca_pem; its key endpoints "
+        "(host:port, *.suffix:port, comma-separated) names the brokers its credentials may be sent to.",
     )
 
     def topic_in(self, namespace: str) -> str:
@@ -256,7 +258,7 @@ class WebhookDestination(_Destination):
 class NatsDestination(_Destination):
     """NATS JetStream subject (the destination name); the stream must cover it."""
 
-    secret_keys: ClassVar[tuple[str, ...]] = ("user", "password", "token")
+    secret_keys: ClassVar[tuple[str, ...]] = ("user", "password", "token", "endpoints")
     type: Literal["nats"]
     name: str = Field(pattern=r"^[A-Za-z0-9_.>*-]{1,249}$", max_length=249, description="Subject to publish to.")
     url: str = Field(
@@ -268,7 +270,8 @@ class NatsDestination(_Destination):
         default=None,
         pattern=K8S_NAME_RE,
         max_length=253,
-        description="Name of a Secret with keys user and password, or token.",
+        description="Name of a Secret with keys user and password, or token; its key endpoints "
+        "(host:port, *.suffix:port, comma-separated) names the servers its credentials may be sent to.",
     )
 
 

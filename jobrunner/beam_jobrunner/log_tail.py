@@ -78,7 +78,9 @@ def _forms_of(values: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _secret_values() -> tuple[str, ...]:
-    names = [n for n in os.environ if n.startswith("BEAM_DEST_")] + [snowflake_env("password")]
+    # A Secret's `endpoints` is where its credentials may go, not a credential: quoted in errors.
+    names = [n for n in os.environ if n.startswith("BEAM_DEST_") and not n.endswith("_ENDPOINTS")]
+    names.append(snowflake_env("password"))
     return _forms_of(tuple(sorted({v for n in names if len((v := os.environ.get(n) or "").strip()) >= MIN_SECRET})))
 
 

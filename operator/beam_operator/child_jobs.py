@@ -327,6 +327,8 @@ def transport_job(
         env.append({"name": Env.KAFKA_BOOTSTRAP, "value": config.managed_kafka_bootstrap})
     if config.destination_allow:
         env.append({"name": Env.DESTINATION_ALLOW, "value": ",".join(config.destination_allow)})
+    if not config.secret_endpoints_required:
+        env.append({"name": Env.SECRET_ENDPOINTS_REQUIRED, "value": "false"})
     if config.cluster_cidrs:
         env.append({"name": Env.CLUSTER_CIDRS, "value": ",".join(config.cluster_cidrs)})
     for i, dest in enumerate(spec.destinations):

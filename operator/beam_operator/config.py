@@ -65,6 +65,10 @@ class OperatorConfig(BaseSettings):
     # here. The managed Kafka and the staging store are the platform's, never refused.
     destination_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
     cluster_cidrs: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # A Kafka (SASL) or NATS destination's Secret must name, in its key `endpoints`, where its
+    # credentials may be sent; those protocols send them in clear to whatever server the spec
+    # names (docs/security.md, "A Secret is bound to its endpoints"). False: as before, anywhere.
+    secret_endpoints_required: bool = True
     # One retry of a chunk, then the index fails: a bad chunk must not loop for hours.
     backoff_limit_per_index: int = 1
     staging_backoff_limit: int = 1

@@ -139,6 +139,7 @@ def test_one_backfill_delivers_over_sasl_ssl_kafka_and_a_signed_https_webhook(
             sasl_username=kafka.sasl_user,
             sasl_password=kafka.sasl_password,
             ssl_ca_pem=kafka.ca_pem,
+            endpoints=kafka.sasl_ssl_bootstrap,  # where its credentials may go (docs/security.md)
         )
         window = {**WINDOW, "end": "2026-03-08T00:00:00"}
         obj = backfill("fanout", "e2e-sasl", window=window)

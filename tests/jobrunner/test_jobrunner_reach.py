@@ -494,6 +494,67 @@ def test_a_receiver_echoing_the_secret_in_any_form_never_gets_it_into_the_messag
     assert "ab1" not in r.message
 
 
+class Listener:
+    """A TCP server on 127.0.0.1 that only counts connections: a server someone who may create
+    backfills points a destination at, to collect the credentials of a Secret they cannot read."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_destination_secret_is_sent_only_to_the_endpoints_it_names(tmp_path, source, bucket, gcs):
+    """Kafka SASL PLAIN and NATS send credentials in clear to the server the spec names. A
+    Secret names where they may go (its key `endpoints`); anywhere else, and with no such key,
+    the worker refuses before it connects (the default; an administrator may turn the latter
+    off: config.secret_endpoints_required)."""
+    thief = Listener()
+    try:
+        at = f"127.0.0.1:{thief.port}"
+        kafka_creds = {"BEAM_DEST_0_SASL_USERNAME": "tenant-a", "BEAM_DEST_0_SASL_PASSWORD": "pw-of-tenant-a"}
+        cases = {
+            "kafka": ({"type": "kafka", "name": "t", "bootstrap_servers": at, "secret": "kafka-creds"}, kafka_creds),
+            "nats": (
+                {"type": "nats", "name": "s", "url": f"nats://{at}", "secret": "nats-creds"},
+                {"BEAM_DEST_0_TOKEN": "token-of-tenant-a"},
+            ),
+        }
+        for kind, (dest, creds) in cases.items():
+            job = Job(tmp_path, spec(dest), snowflake=source, gcs=gcs)
+            job.stage()
+            label = f"{kind} destination {dest['name']!r} chunk 0"
+            bound = {**creds, "BEAM_DEST_0_ENDPOINTS": "kafka.example.com:9093,*.nats.example.com:4222"}
+            r = job.transport(0, **bound)
+            assert r.code == 2, (kind, r.message)
+            assert r.message.startswith(f"{label}: Secret '{dest['secret']}' is for kafka.example.com:9093,"), r.message
+            assert f"not {'bootstrap server' if kind == 'kafka' else 'server'} 127.0.0.1:{thief.port}" in r.message
+            r = job.transport(0, **creds)
+            assert r.code == 2 and "does not say which endpoints its credentials are for" in r.message, r.message
+            assert thief.connections == 0, kind
+            # Widened by the administrator: the worker connects (and would send them).
+            job.transport(0, BEAM_SECRET_ENDPOINTS_REQUIRED="false", BEAM_CONNECT_TIMEOUT_S="2", **creds)
+            assert thief.connections > 0, kind
+            thief.connections = 0
+    finally:
+        thief.close()
+
+
 def test_a_short_refusal_answer_is_quoted_whole(tmp_path, source, bucket, gcs):
     recv = CountingReceiver(400, b"unknown tenant")
     try:

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from beam_contract.worker import destination_env
+from beam_contract.worker import Env, destination_env
 from beam_jobrunner import log_tail
 from beam_jobrunner.errors import PermanentError
 
@@ -62,6 +62,29 @@ class Sink:
             )
         return value or None
 
+    def check_secret_bound(self, host: str, port: int | None, what: str = "server") -> None:
+        """Refuse to send this destination's credentials to `host`:`port` unless its Secret names
+        that endpoint in its key `endpoints` (host:port or *.suffix:port, comma-separated). A
+        Secret that names none is refused too, unless the operator's secret_endpoints_required
+        is false. The names are compared as written (case and a final dot aside): another
+        spelling of an allowed server is refused, never the other way round."""
+        if not getattr(self.dest, "secret", None):
+            return
+        bound = self.secret("endpoints")
+        if not bound:
+            if os.environ.get(Env.SECRET_ENDPOINTS_REQUIRED, "true").lower() in ("false", "0", "no"):
+                return
+            raise PermanentError(
+                f"{self.label}: Secret {self.dest.secret!r} does not say which endpoints its credentials are for; "
+                "whoever provisions it adds the key endpoints (host:port, comma-separated) "
+                '(docs/security.md, "A Secret is bound to its endpoints")'
+            )
+        if not endpoint_bound(bound, host, port):
+            raise PermanentError(
+                f"{self.label}: Secret {self.dest.secret!r} is for {bound}, not {what} {host}:{port}: "
+                "its credentials are not sent there"
+            )
+
     def require_secret(self, key: str) -> str:
         value = self.secret(key)
         if value is None:
@@ -108,3 +131,18 @@ def make_sink(dest, ctx: Context) -> Sink:
     else:  # the model's discriminator makes this unreachable
         raise PermanentError(f"unknown destination type {dest.type!r}")
     return cls(dest, ctx)
+
+
+def endpoint_bound(bound: str, host: str, port: int | None) -> bool:
+    """Whether host:port is one of `bound`'s entries (host:port, or *.suffix:port)."""
+    host = host.strip().strip("[]").rstrip(".").lower()
+    for entry in filter(None, (e.strip() for e in bound.split(","))):
+        want_host, _, want_port = entry.rpartition(":") if not entry.endswith("]") else (entry, "", "")
+        if not want_host:
+            want_host, want_port = entry, ""
+        want_host = want_host.strip("[]").rstrip(".").lower()
+        if want_port and (port is None or want_port != str(port)):
+            continue
+        if want_host == host or (want_host.startswith("*.") and host.endswith(want_host[1:])):
+            return True
+    return False

@@ -126,6 +126,10 @@ class KafkaSink(Sink):
         if self.dest.bootstrap_servers:
             reach.check_kafka_bootstrap(self.label, self.dest.bootstrap_servers)
             self._check_brokers = True
+        if self.dest.secret:
+            # SASL PLAIN sends the password in clear to every broker a connection is made to.
+            for host, port in reach.kafka_bootstrap(self.bootstrap):
+                self.check_secret_bound(host, port, "bootstrap server")
         conf.update(PRODUCER_TUNING)
         conf["enable.idempotence"] = True
         conf["on_delivery"] = self._on_delivery
@@ -149,6 +153,9 @@ class KafkaSink(Sink):
             md = self.producer.list_topics(self.topic, timeout=self.ctx.connect_timeout)
         except KafkaException as e:
             raise self._unreachable("metadata", e) from None
+        if self.dest.secret:
+            for b in md.brokers.values():
+                self.check_secret_bound(b.host, b.port, f"advertised broker {b.id}")
         if self._check_brokers:
             reach.check_kafka_brokers(self.label, md.brokers.values())
             if os.environ.get(Env.KAFKA_BOOTSTRAP):

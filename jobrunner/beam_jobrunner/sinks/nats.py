@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from beam_jobrunner import reach
 from beam_jobrunner.errors import PermanentError, TransientError, excerpt
@@ -29,6 +30,10 @@ class NatsSink(Sink):
         self.where = ",".join(redact_url(u) for u in self.dest.url.split(","))
         auth = {}
         if self.dest.secret:
+            # NATS sends a user's password or token in clear to the server it connects to.
+            for url in self.dest.url.split(","):
+                u = urlsplit(url.strip())
+                self.check_secret_bound(u.hostname or "", u.port or 4222)
             token = self.secret("token")
             if token:
                 auth["token"] = token
