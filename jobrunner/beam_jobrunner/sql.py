@@ -118,6 +118,16 @@ def unload_sql(spec: BackfillSpec, stage: str, path: str, max_file_size: int) ->
     )
 
 
+_QUERY_ID_RE = re.compile(r"^[0-9a-fA-F-]{16,64}$")
+
+
+def cancel_sql(query_id: str) -> str:
+    """Cancel a running statement by the id Snowflake gave it (SYSTEM$CANCEL_QUERY)."""
+    if not _QUERY_ID_RE.match(query_id or ""):
+        raise PermanentError(f"staging: {query_id!r} is not a Snowflake query id")
+    return f"SELECT SYSTEM$CANCEL_QUERY('{query_id}')"
+
+
 def list_sql(stage: str, path: str) -> str:
     segments = [path_segment(s, "stage path segment") for s in path.strip("/").split("/")]
     return f"LIST @{table_name(stage)}/{'/'.join(segments)}/"

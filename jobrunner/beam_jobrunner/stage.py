@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from datetime import UTC, datetime
 
@@ -28,11 +29,12 @@ from beam_contract.worker import (
     StagingResult,
     snowflake_env,
 )
-from beam_jobrunner import sql, storage
+from beam_jobrunner import sql, storage, termination
 from beam_jobrunner.config import DEFAULT_CHUNK_TARGET_BYTES, Common, env
 from beam_jobrunner.errors import JobError, PermanentError, TransientError
 
 log = logging.getLogger("beam_jobrunner.stage")
+UNLOAD_POLL_S = 0.5  # how often a running unload is asked for its status
 
 ROW_GROUP_ROWS = 65536  # BEAM_CHUNK_ROW_GROUP_ROWS overrides: a chunk is cut only between row groups
 # Snowflake's error for "no such object or no privilege on it" (same code in fakesnow).
@@ -172,11 +174,26 @@ def stage_unload(common: Common, conn, target_bytes: int) -> list[dict]:
         raise PermanentError(
             f"staging: strategy unload needs {Env.UNLOAD_STAGE} (the external stage over the staging bucket)"
         )
-    # The stage's URL is the staging root; the job's files go under <namespace>/<job_id>/chunks/.
-    path = f"{staging.job_path(common.namespace, common.job_id)}/{staging.CHUNKS}"
+    # The stage's URL is the staging root; the job's files go under <namespace>/<job_id>/chunks/,
+    # each attempt under a folder of its own: a query an earlier Pod left running (its cancel
+    # lost with it) may still write files, and its files must not be listed as this attempt's.
+    attempt = secrets.token_hex(6)
+    path = f"{staging.job_path(common.namespace, common.job_id)}/{staging.CHUNKS}/{attempt}"
     cur = conn.cursor()
     try:
-        cur.execute(sql.unload_sql(common.spec, stage, path, target_bytes))
+        # Asynchronously, so that the query has an id to cancel: on SIGTERM (a cancel, a delete,
+        # a suspend) Snowflake stops writing files instead of finishing the COPY on its own.
+        cur.execute_async(sql.unload_sql(common.spec, stage, path, target_bytes))
+        query_id = cur.sfqid
+
+        def cancel(timeout: float) -> None:
+            conn.cursor().execute(sql.cancel_sql(query_id), timeout=max(1, int(timeout)))
+
+        with termination.on_termination(f"cancelled the unload query {query_id}", cancel):
+            log.info("unloading (query %s) to %s", query_id, path)
+            while conn.is_still_running(conn.get_query_status_throw_if_error(query_id)):
+                time.sleep(UNLOAD_POLL_S)
+        cur.get_results_from_sfqid(query_id)
         listed = cur.execute(sql.list_sql(stage, path)).fetchall()
     except JobError:
         raise

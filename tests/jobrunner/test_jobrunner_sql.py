@@ -198,3 +198,87 @@ def test_empty_window_and_operator_deletes_staged_files(tmp_path, source, bucket
     finally:
         storage.filesystem.cache_clear()
         staged_files._client.cache_clear()
+
+
+def test_golden_cancel_sql_and_only_query_ids_in_it():
+    qid = "01b2c3d4-0000-4e21-0000-00000000000a"
+    assert sql.cancel_sql(qid) == f"SELECT SYSTEM$CANCEL_QUERY('{qid}')"
+    sqlglot.parse_one(sql.cancel_sql(qid), read="snowflake")
+    for bad in ("", "x'); DROP TABLE t; --", "01b2c3d4 0000"):
+        with pytest.raises(PermanentError, match="is not a Snowflake query id"):
+            sql.cancel_sql(bad)
+
+
+UNLOAD_UNDER_SIGTERM = """
+import json, sys
+from beam_contract.model import BackfillSpec
+from beam_jobrunner import stage, termination
+from beam_jobrunner.config import Common
+
+out = sys.argv[1]
+
+def record(what):
+    with open(out, "a") as f:
+        f.write(json.dumps(what) + "\\n")
+
+class Cursor:
+    sfqid = None
+    def execute_async(self, statement):
+        record(statement)
+        self.sfqid = "01b2c3d4-0000-4e21-0000-00000000000a"
+    def execute(self, statement, timeout=None):
+        record(statement)
+    def close(self):
+        pass
+
+class Connection:  # Snowflake answering that the COPY runs, until the Pod is deleted
+    polled = False
+    def cursor(self):
+        return Cursor()
+    def get_query_status_throw_if_error(self, query_id):
+        return "RUNNING"
+    def is_still_running(self, status):
+        if not self.polled:
+            self.polled = True
+            record("running")
+        return True
+
+termination.install(lambda message: record(message))
+spec = BackfillSpec.model_validate(json.loads(sys.argv[2]))
+common = Common(spec=spec, job_id="1234-abcd", namespace="org-a", staging_uri="gs://b/backfills/org-a/1234-abcd/",
+                connect_timeout=5)
+stage.stage_unload(common, Connection(), 1000)
+"""
+
+
+def test_sigterm_during_an_unload_cancels_its_query_in_snowflake(tmp_path):
+    """The real signal from outside: the worker runs the COPY asynchronously, under its own
+    attempt's folder, and on SIGTERM cancels it by query id before it exits 143."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "statements.jsonl"
+    script = tmp_path / "unload.py"
+    script.write_text(UNLOAD_UNDER_SIGTERM)
+    spec = make_spec().model_dump(mode="json", exclude_none=True)
+    env = {"PATH": "/usr/bin:/bin", "BEAM_UNLOAD_STAGE": "beam.staging.gcs_stage"}
+    proc = subprocess.Popen([sys.executable, str(script), str(out), json.dumps(spec)], env=env, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and '"running"' in out.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 143
+    finally:
+        proc.kill()
+    unload, running, cancel, exited = [json.loads(line) for line in out.read_text().splitlines()]
+    assert unload.startswith("COPY INTO @beam.staging.gcs_stage/org-a/1234-abcd/chunks/"), unload
+    attempt = unload.split("/chunks/", 1)[1].split("/", 1)[0]
+    assert len(attempt) == 12 and int(attempt, 16) >= 0, attempt  # a folder of this attempt's own
+    assert running == "running"
+    assert cancel == "SELECT SYSTEM$CANCEL_QUERY('01b2c3d4-0000-4e21-0000-00000000000a')"
+    assert exited.startswith("terminated by SIGTERM"), exited
