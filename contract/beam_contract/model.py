@@ -34,7 +34,14 @@ IDENT_RE = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}$"
 FILTER_VALUE_MAX_LENGTH = 1024
 TABLE_RE = r"^[A-Za-z_][A-Za-z0-9_$]{0,254}(\.[A-Za-z_][A-Za-z0-9_$]{0,254}){0,2}$"
 # ISO 8601 date-time with seconds; a missing offset means UTC (the seed's examples have none).
-TIMESTAMP_RE = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?(Z|[+-][0-9]{2}:[0-9]{2})?$"
+# Years 1970-2999, at most microseconds, offsets under 24 h: every instant CEL accepts is one
+# Python (pydantic, the worker's datetime arithmetic) can hold in UTC as well, so that every
+# spec the CRD and the API accept can start (a window under a microsecond, or year 1 with an
+# offset, passed CEL and then failed in the operator or crashed the worker).
+TIMESTAMP_RE = (
+    r"^(19[7-9][0-9]|2[0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])?$"
+)
 K8S_NAME_RE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 
@@ -65,8 +72,8 @@ def parse_timestamp(value: str) -> datetime:
     """Parse the window's ISO 8601 timestamp; naive values are UTC."""
     if not re.match(TIMESTAMP_RE, value):
         raise ValueError(
-            f"{value!r} is not an ISO 8601 timestamp; use YYYY-MM-DDTHH:MM:SS, "
-            "optionally with fractional seconds and Z or a +HH:MM offset"
+            f"{value!r} is not an ISO 8601 timestamp of the years 1970-2999; use YYYY-MM-DDTHH:MM:SS, "
+            "optionally with up to 6 fractional digits and Z or a +HH:MM offset"
         )
     dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
@@ -141,7 +148,7 @@ WINDOW_CEL = [
     {
         "rule": f"self.partition_key != 'block_timestamp' || type(self.start) != string || type(self.end) != string "
         f"|| (self.start.matches(r'{TIMESTAMP_RE}') && self.end.matches(r'{TIMESTAMP_RE}'))",
-        "message": "start and end must be ISO 8601 timestamps like 2024-01-01T00:00:00 (optionally with fractional seconds and Z or +HH:MM)",
+        "message": "start and end must be ISO 8601 timestamps of the years 1970-2999 like 2024-01-01T00:00:00 (optionally with up to 6 fractional digits and Z or +HH:MM)",
     },
     {
         "rule": "self.partition_key != 'block' || type(self.start) != int || type(self.end) != int || (self.start >= 0 && self.start < self.end)",

@@ -48,21 +48,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from beam_contract.addresses import IPAddress, IPNetwork, embedded_ipv4, in_nets, why_not_global
 from beam_contract.worker import Env
 from beam_jobrunner.errors import PermanentError, TransientError
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 HINT = (
     "destinations may not reach loopback, link-local, private, multicast or cluster addresses unless an "
     "administrator allows the host or CIDR (config.destination_allow, docs/security.md)"
 )
 
-_SHARED = ipaddress.IPv4Network("100.64.0.0/10")  # RFC 6598, carrier-grade NAT
-_RFC1918 = tuple(ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"))
-_ULA = ipaddress.IPv6Network("fc00::/7")
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # RFC 6052: a NAT64 gateway connects the embedded IPv4
 _HOST_RE = re.compile(r"^[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*$")
 
 
@@ -83,60 +77,6 @@ def _ip(text: str) -> IPAddress | None:
         return ipaddress.ip_address(text.split("%", 1)[0].strip("[]"))
     except ValueError:
         return None
-
-
-def embedded_ipv4(ip: IPAddress) -> tuple[ipaddress.IPv4Address, str] | None:
-    """The IPv4 address an IPv6 address stands for, and the form's name: IPv4-mapped
-    (::ffff:a.b.c.d), IPv4-compatible (::a.b.c.d), NAT64 (64:ff9b::a.b.c.d) or 6to4 (2002::/16)."""
-    if ip.version != 6:
-        return None
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped, "IPv4-mapped"
-    if ip in _NAT64:
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF), "NAT64"
-    if ip.sixtofour is not None:
-        return ip.sixtofour, "6to4"
-    if int(ip) >> 32 == 0 and int(ip) > 1:  # :: and ::1 are themselves
-        return ipaddress.IPv4Address(int(ip)), "IPv4-compatible"
-    return None
-
-
-def why_not_global(ip: IPAddress) -> str | None:
-    """Why `ip` is not a globally routable unicast address (a phrase), or None if it is one."""
-    inner = embedded_ipv4(ip)
-    if inner is not None:
-        v4, form = inner
-        why = why_not_global(v4)
-        return f"the {form} IPv6 form of {v4}, {why}" if why else None
-    if ip.is_unspecified:
-        return "an unspecified address"
-    if ip.is_loopback:
-        return "a loopback address"
-    if ip.is_link_local:
-        return "a link-local address"
-    if ip.is_multicast:
-        return "a multicast address"
-    if ip.version == 4:
-        if ip == ipaddress.IPv4Address("255.255.255.255"):
-            return "a broadcast address"
-        if ip in _SHARED:
-            return "a shared (carrier-grade NAT) address"
-        if any(ip in n for n in _RFC1918):
-            return "a private address"
-    elif ip in _ULA:
-        return "a private (unique local) address"
-    elif ip.is_site_local:
-        return "a site-local address"
-    if ip.is_reserved:
-        return "a reserved address"
-    if not ip.is_global:
-        return "an address that is not globally routable"
-    return None
-
-
-def _in(ip: IPAddress, nets: tuple[IPNetwork, ...]) -> bool:
-    inner = embedded_ipv4(ip)
-    return any(ip in n or (inner is not None and inner[0] in n) for n in nets)
 
 
 def _parse_nets(name: str, raw: str) -> tuple[IPNetwork, ...]:
@@ -243,18 +183,18 @@ class Policy:
         if h in self.allow_names or any(h.endswith(s) for s in self.allow_suffixes):
             return True
         ip = _ip(h)
-        return ip is not None and _in(ip, self.allow_nets)
+        return ip is not None and in_nets(ip, self.allow_nets)
 
     def is_platform(self, host: str, port: int | None) -> bool:
         return (_norm_host(host), port) in self.platform
 
     def refusal(self, ip: IPAddress, port: int | None = None) -> str | None:
         """Why connecting to ip (port) is refused, or None when it is allowed."""
-        if _in(ip, self.allow_nets) or str(ip) in self.resolved_allowed:
+        if in_nets(ip, self.allow_nets) or str(ip) in self.resolved_allowed:
             return None
         if port is not None and (str(ip), port) in self.resolved_platform:
             return None
-        if _in(ip, self.cluster_nets):
+        if in_nets(ip, self.cluster_nets):
             return f"an address of the cluster's own ranges ({Env.CLUSTER_CIDRS})"
         return why_not_global(ip)
 

@@ -12,9 +12,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
+from beam_contract.addresses import literal_refusal
 from beam_contract.model import BackfillSpec, BackfillStatus, Condition, Phase, parse_timestamp, utc_iso, workflow_id
 from beam_contract.worker import SPEC_CONFIGMAP_MAX_BYTES, StagingResult, parse_failure, worker_chunks
 
@@ -491,6 +493,8 @@ def _reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             )
     if why := _beyond_bounds(spec, config):
         return finish(Phase.FAILED, "ResourcesNotAllowed", why, warning=True, cleanup_jobs=True)
+    if why := _inward_literal(spec, config):
+        return finish(Phase.FAILED, "DestinationNotAllowed", why, warning=True, cleanup_jobs=True)
     for dest in spec.destinations:
         if dest.type == "kafka" and len(topic := dest.topic_in(obs.namespace)) > KAFKA_TOPIC_MAX_LENGTH:
             room = KAFKA_TOPIC_MAX_LENGTH - len(obs.namespace) - 1
@@ -863,3 +867,33 @@ def finalize_actions(
     if jobs or pods_left:
         return [DeleteJob(j.name) for j in jobs if not j.deleting]
     return [DeleteStaged(child_jobs.staging_uri(config, namespace, uid))]
+
+
+def _destination_hosts(dest) -> list[str]:
+    """The hosts a destination's addresses name, as written."""
+    if dest.type == "kafka":
+        entries = (dest.bootstrap_servers or "").split(",")
+        return [h for e in entries if (h := _host_of(e.strip().split("://", 1)[-1]))]
+    urls = [dest.endpoint_url or ""] if dest.type == "sns" else dest.url.split(",")
+    return [h for u in urls if u and (h := urlsplit(u.strip()).hostname)]
+
+
+def _host_of(hostport: str) -> str:
+    if hostport.startswith("["):
+        return hostport[1:].split("]", 1)[0]
+    return hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
+
+
+def _inward_literal(spec: BackfillSpec, config: OperatorConfig) -> str | None:
+    """A destination whose address is an inward IP literal (loopback, link-local, private, the
+    cluster's ranges), refused before any Job as the worker would refuse it after staging. Names
+    are left to the worker, which checks what they resolve to when it connects."""
+    for dest in spec.destinations:
+        for host in _destination_hosts(dest):
+            if why := literal_refusal(host, config.destination_allow, config.cluster_cidrs):
+                return (
+                    f"{dest.type} destination '{dest.name}': {host} is {why}; destinations may not reach loopback, "
+                    "link-local, private, multicast or cluster addresses unless an administrator allows the host or "
+                    "CIDR (config.destination_allow, docs/security.md)"
+                )
+    return None

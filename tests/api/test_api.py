@@ -183,6 +183,16 @@ def test_list_filters_by_status_and_limit(api, org, k8s):
             },
             "backfill_window.start",
         ),
+        (
+            {
+                "backfill_window": {
+                    "partition_key": "block_timestamp",
+                    "start": "0001-01-01T00:00:00+01:00",  # before year 1 in UTC: no worker could start
+                    "end": "2026-03-01T00:00:00",
+                }
+            },
+            "backfill_window.start",
+        ),
         ({"backfill_window": {"partition_key": "block_height", "start": 1, "end": 2}}, "backfill_window"),
         ({"table": "base.assets; drop table x"}, "table"),
         ({"destinations": []}, "destinations"),

@@ -507,15 +507,26 @@ def test_a_filter_of_10000_addresses_completes_with_exactly_the_filtered_rows(k8
 
 def test_a_destination_aimed_at_the_clusters_own_api_is_refused_with_a_clear_error(k8s, operator, org):
     # The classic request forgery: the in-cluster kubernetes Service (the service CIDR's first
-    # address). The worker refuses it before connecting: the CIDR is in config.cluster_cidrs.
+    # address), written as a literal: the operator refuses it before any Job (the CIDR is in
+    # config.cluster_cidrs). A name that resolves there is refused by the worker when it connects.
     svc = k8s.api("GET", "/api/v1/namespaces/default/services/kubernetes")["spec"]["clusterIP"]
     obj = backfill("ssrf", "e2e-ssrf", window={**WINDOW, "end": "2026-03-02T00:00:00"})
     obj["spec"]["destinations"] = [{"type": "webhook", "name": "inward", "url": f"https://{svc}/api/v1/secrets"}]
-    apply(k8s, org, obj)
+    uid = apply(k8s, org, obj)["metadata"]["uid"]
     st = wait_status(k8s, org, "ssrf", "failed")
-    assert st["error_message"].startswith("transport failed on chunk 0 of 1: "), st
-    assert f"webhook destination 'inward' chunk 0: refused to connect to {svc}:443: " in st["error_message"], st
+    assert st["error_message"].startswith(
+        f"webhook destination 'inward': {svc} is {svc}, an address of the cluster's own ranges (config.cluster_cidrs); "
+    ), st
     assert "unless an administrator allows the host or CIDR (config.destination_allow" in st["error_message"], st
+    assert jobs(k8s, org, uid) == [], "refused before any Job"
+    # Another spelling of a loopback address, and the metadata service: refused the same way.
+    for name, url in (("loop", "http://2130706433:8080/x"), ("meta", "http://[::ffff:169.254.169.254]/latest")):
+        obj = backfill(f"ssrf-{name}", "e2e-ssrf", window={**WINDOW, "end": "2026-03-02T00:00:00"})
+        obj["spec"]["destinations"] = [{"type": "webhook", "name": "inward", "url": url}]
+        uid = apply(k8s, org, obj)["metadata"]["uid"]
+        st = wait_status(k8s, org, f"ssrf-{name}", "failed")
+        assert "a loopback address" in st["error_message"] or "a link-local address" in st["error_message"], st
+        assert jobs(k8s, org, uid) == []
 
 
 def _condition(st: dict, type_: str) -> dict:

@@ -933,3 +933,37 @@ def test_pods_that_only_wait_for_a_node_are_listed_less_often_but_never_past_the
     pull = WaitingPod(XPORT, "usdc-xport-1-fghij", "ImagePullBackOff", "Back-off", "2026-03-01T11:50:00Z")
     assert stuck_recheck_after((), NOW, CONFIG) == 15.0
     assert stuck_recheck_after((pod, pull), NOW, CONFIG) == 15.0
+
+
+@pytest.mark.parametrize(
+    "dest, why",
+    [
+        ({"type": "webhook", "name": "h", "url": "http://127.1:8080/x"}, "127.0.0.1, a loopback address"),
+        ({"type": "webhook", "name": "h", "url": "http://0xa9fea9fe/latest"}, "169.254.169.254, a link-local address"),
+        ({"type": "nats", "name": "s", "url": "nats://8.8.8.8:4222,nats://[fd00::1]:4222"}, "fd00::1, a private"),
+        (
+            {
+                "type": "sns",
+                "name": "s",
+                "topic_arn": "arn:aws:sns:us-east-1:123456789012:t",
+                "secret": "beam-destination-a",
+                "endpoint_url": "http://10.0.0.7:4566",
+            },
+            "10.0.0.7, a private address",
+        ),
+        ({"type": "kafka", "name": "k", "bootstrap_servers": "SASL_SSL://[::1]:9093"}, "::1, a loopback address"),
+    ],
+)
+def test_an_inward_literal_destination_is_refused_before_any_job(dest, why):
+    d = run(obs(spec={**SPEC, "destinations": [dest]}))
+    assert d.status.status == "failed" and why in d.status.error_message, d.status.error_message
+    assert "config.destination_allow" in d.status.error_message
+    assert not any(isinstance(a, CreateJob) for a in d.actions)
+
+
+def test_an_allowed_or_named_destination_is_left_to_the_worker():
+    allowed = OperatorConfig(destination_allow=["127.0.0.0/8"])
+    for url in ("http://127.1:8080/x", "http://localhost:8080/x", "https://hooks.example.com/x"):
+        config = allowed if url.startswith("http://127") else OperatorConfig()
+        d = run(obs(spec={**SPEC, "destinations": [{"type": "webhook", "name": "h", "url": url}]}), config)
+        assert d.status.status != "failed", (url, d.status.error_message)
