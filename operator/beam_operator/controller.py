@@ -786,7 +786,10 @@ class Controller:
             await self._apply(body, action)
         if not any(isinstance(a, DeleteStaged) for a in actions):
             log.info("%s/%s: deleting: waiting for %d Jobs and %d Pods to go", ns, meta["name"], len(jobs), pods_left)
-            self.enqueue(key, FINALIZE_RECHECK_S if self.caches.jobs.get((ns, uid)) else 1.0)
+            # Soon when the live read found Jobs the watch has not shown yet; otherwise the Jobs'
+            # watch wakes it, and Pods (not watched) are looked at every FINALIZE_RECHECK_S.
+            waiting_on_watch = jobs and not self.caches.jobs.get((ns, uid))
+            self.enqueue(key, 1.0 if waiting_on_watch else FINALIZE_RECHECK_S)
             return
         if not await self.api.remove_finalizer(ns, meta["name"], uid, meta.get("finalizers") or [], FINALIZER):
             # The finalizers changed since this version (the apiserver's own, or another

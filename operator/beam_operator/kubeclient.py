@@ -309,8 +309,8 @@ class KubeApi:
             self.request("GET", f"/api/v1/namespaces/{namespace}/pods", params=selector),
         )
         owned = [j for j in jobs["items"] if child_jobs.owner_uid(j) == uid]
-        job_uids = {j["metadata"]["uid"] for j in owned}
-        return [JobObs.from_job(j) for j in owned], sum(1 for p in pods["items"] if _owner_job_uid(p) in job_uids)
+        now = datetime.now(UTC)
+        return [JobObs.from_job(j) for j in owned], sum(1 for p in pods["items"] if pod_may_write(p, now))
 
     async def finished_pods(self, namespace: str, job_name: str) -> dict[str, PodObs]:
         """The finished Pods of one Job, by name: what their workers said."""
@@ -428,9 +428,22 @@ def _controller_ref(pod: dict[str, Any]) -> dict[str, Any]:
     return next((r for r in refs if r.get("controller") and r.get("kind") == "Job"), {})
 
 
-def _owner_job_uid(pod: dict[str, Any]) -> str | None:
-    return _controller_ref(pod).get("uid")
-
-
 def _owner_job_name(pod: dict[str, Any]) -> str | None:
     return _controller_ref(pod).get("name")
+
+
+LOST_POD_S = 120  # beyond any worker's grace period: a Pod still terminating is on a lost node
+
+
+def pod_may_write(pod: dict[str, Any], now: datetime) -> bool:
+    """Whether a worker Pod could still write to the staged prefix: not finished, and not
+    terminating for longer than any grace period (a lost node never confirms the end; the Pod
+    garbage collector removes it once the Node is deleted). A Pod whose Job is gone (deleted
+    with --cascade=orphan) counts while it runs: it ends by itself, and then no longer counts."""
+    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        return False
+    deleting = (pod.get("metadata") or {}).get("deletionTimestamp")
+    if deleting:
+        since = datetime.fromisoformat(deleting.replace("Z", "+00:00"))
+        return (now - since).total_seconds() < LOST_POD_S
+    return True

@@ -109,3 +109,31 @@ def test_a_worker_killed_for_memory_fails_the_backfill_by_its_reason_not_its_raw
     [staging] = [j for j in jobs(k8s, org, uid) if j["metadata"]["labels"]["beam-backfill.dev/phase"] == "staging"]
     [container] = staging["spec"]["template"]["spec"]["containers"]
     assert container["terminationMessagePolicy"] == "File"
+
+
+def test_a_pod_orphaned_by_its_job_holds_the_deletion_only_until_it_ends(k8s, operator, bucket, org):
+    """The staging Job deleted with --cascade=orphan while its worker runs, then the backfill
+    deleted: the orphaned worker is waited for while it runs (it could still write staged
+    files), and once it has ended the backfill goes, with nothing staged left behind. Before,
+    an ended Pod without a Job held the finalizer forever."""
+    from e2e_helpers import pods_of, staged_objects
+
+    uid = apply(k8s, org, backfill("orphaned", "e2e-orphaned"))["metadata"]["uid"]
+
+    def staging_runs():
+        return [p for p in pods_of(k8s, org, uid) if (p.get("status") or {}).get("phase") == "Running"]
+
+    [pod] = wait_for(staging_runs, 120, "the staging worker running")
+    job = pod["metadata"]["labels"]["batch.kubernetes.io/job-name"]
+    k8s.api("DELETE", f"/apis/batch/v1/namespaces/{org}/jobs/{job}", {"propagationPolicy": "Orphan"})
+    k8s.kubectl("delete", "bbf", "-n", org, "orphaned", "--wait=false")
+
+    def gone() -> bool:
+        found = k8s.kubectl("get", "bbf", "-n", org, "--ignore-not-found", "-o", "name").stdout
+        return "orphaned" not in found
+
+    wait_for(gone, 240, "the backfill deleted once its orphaned worker ended")
+    name = pod["metadata"]["name"]
+    ended = k8s.api("GET", f"/api/v1/namespaces/{org}/pods/{name}")["status"]["phase"]
+    assert ended in ("Succeeded", "Failed"), ended  # it ran to its end, and was waited for
+    assert staged_objects(bucket, org, uid) == []

@@ -255,3 +255,34 @@ def test_an_expired_backfill_is_deleted_once_even_with_reconciles_queued_before_
     assert staged == ["gs://beam-backfill-staging/backfills/ns/uid-1/"]
     # The Expired Event was queued once.
     assert sum(q.qsize() for q in ctl._events) == 1
+
+
+def test_pods_without_a_job_are_looked_at_every_recheck_not_every_second(staged):
+    """A Pod orphaned by its Job (--cascade=orphan) is not watched: waiting for it re-reads the
+    backfill every FINALIZE_RECHECK_S, not every second."""
+    api = RecordingApi()
+    ctl = Controller(OperatorConfig(), api=api, workers=4)  # type: ignore[arg-type]
+    ctl.on_backfill("MODIFIED", _body(deletionTimestamp="2026-01-01T00:00:01Z", finalizers=[FINALIZER]))
+    api.pods_left = 1
+    asyncio.run(_round(ctl))
+    assert [c[0] for c in api.calls] == ["live_children"] and staged == []
+    assert _due_in(ctl) > controller_module.FINALIZE_RECHECK_S - 1
+
+
+def test_only_pods_that_could_still_write_hold_the_finalizer():
+    from datetime import UTC, datetime, timedelta
+
+    from beam_operator.kubeclient import LOST_POD_S, pod_may_write
+
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def pod(phase: str, deleting_for: float | None = None) -> dict[str, Any]:
+        meta = (
+            {} if deleting_for is None else {"deletionTimestamp": (now - timedelta(seconds=deleting_for)).isoformat()}
+        )
+        return {"metadata": meta, "status": {"phase": phase}}
+
+    assert pod_may_write(pod("Running"), now) and pod_may_write(pod("Pending"), now)
+    assert pod_may_write(pod("Running", deleting_for=20), now)  # within its grace period
+    assert not pod_may_write(pod("Succeeded"), now) and not pod_may_write(pod("Failed"), now)  # orphans that ended
+    assert not pod_may_write(pod("Running", deleting_for=LOST_POD_S + 1), now)  # on a lost node
