@@ -117,9 +117,11 @@ def test_api_reads_keys_only_in_its_namespace(installed, k8s):
     assert can_i(k8s, API, "create", "beambackfills.beam-backfill.dev", ORG)
     assert can_i(k8s, API, "patch", "beambackfills.beam-backfill.dev", ORG)
     assert not can_i(k8s, API, "delete", "beambackfills.beam-backfill.dev", ORG)
+    # The keys namespace holds only key digests: the API lists and watches them, so that every
+    # valid key id is known without a request per guess (docs/security.md, "API keys").
     assert can_i(k8s, API, "get", "secrets", KEYS_NS)
-    # Only a lookup by name: the API cannot list what else its keys namespace holds.
-    assert not can_i(k8s, API, "list", "secrets", KEYS_NS)
+    assert can_i(k8s, API, "list", "secrets", KEYS_NS) and can_i(k8s, API, "watch", "secrets", KEYS_NS)
+    assert not can_i(k8s, API, "list", "secrets", ORG) and not can_i(k8s, API, "watch", "secrets", ORG)
     assert not can_i(k8s, API, "get", "secrets", ORG)
     # Nor the release namespace, where Helm keeps its release Secrets (sh.helm.release.v1.*).
     assert not can_i(k8s, API, "get", "secrets", OPERATOR_NS)
