@@ -14,6 +14,8 @@ import json
 from enum import StrEnum
 from typing import Any
 
+from kubernetes.utils.quantity import parse_quantity
+
 from beam_contract import staging
 from beam_contract.model import GROUP, KIND, VERSION, BackfillSpec
 from beam_contract.worker import (
@@ -228,10 +230,19 @@ def worker_resources(spec: BackfillSpec, config: OperatorConfig) -> dict[str, An
     """The operator's worker_resources, with what the backfill's spec.resources sets over them."""
     out = {k: dict(v) for k, v in config.worker_resources.items() if isinstance(v, dict)}
     if spec.resources is not None:
+        asked: dict[str, dict[str, str]] = {}
         for kind in ("requests", "limits"):
             amounts = getattr(spec.resources, kind)
             if amounts is not None:
-                out.setdefault(kind, {}).update(amounts.model_dump(exclude_none=True))
+                asked[kind] = amounts.model_dump(exclude_none=True)
+                out.setdefault(kind, {}).update(asked[kind])
+        # A default request above a limit the spec sets is lowered to it (the apiserver would
+        # refuse the Pod); a request the spec itself sets above a limit is refused (_beyond_bounds).
+        requests = out.get("requests", {})
+        for key, limit in asked.get("limits", {}).items():
+            mine = key in asked.get("requests", {})
+            if key in requests and not mine and parse_quantity(requests[key]) > parse_quantity(limit):
+                requests[key] = limit
     return {k: v for k, v in out.items() if v}
 
 

@@ -103,7 +103,12 @@ class OperatorConfig(BaseSettings):
     staged_retention_seconds: int = 0
     status_interval_seconds: float = 1.0
     connect_timeout_seconds: int = DEFAULT_CONNECT_TIMEOUT_S
-    worker_resources: dict[str, Any] = Field(default_factory=dict)
+    # Every worker container's requests and limits unless its spec.resources says otherwise: a
+    # Pod without them is BestEffort, evicted first and free to take a node's memory (issue 25).
+    # No CPU limit: throttling slows a chunk without protecting anyone a request does not.
+    worker_resources: dict[str, Any] = Field(
+        default_factory=lambda: {"requests": {"cpu": "250m", "memory": "512Mi"}, "limits": {"memory": "2Gi"}}
+    )
     # The most a backfill's spec.resources may ask for, per request and limit: one organization
     # must not reserve a node's worth of CPU per chunk. Keys cpu and memory; an absent key is unbounded.
     max_worker_resources: dict[str, str] = Field(default_factory=lambda: {"cpu": "4", "memory": "16Gi"})

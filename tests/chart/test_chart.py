@@ -220,7 +220,7 @@ def test_api_identity_is_off_by_default_and_confined_when_on(render):
     assert _grants(api_role) == {("beam-backfill.dev", "beambackfills"): {"list", "create", "patch"}}
     keys = docs.one("Role", "beam-beam-backfill-api-keys")
     assert keys["metadata"]["namespace"] == "beam-system-api-keys"  # never the release namespace
-    assert _grants(keys) == {("", "secrets"): {"get"}}
+    assert _grants(keys) == {("", "secrets"): {"get", "list", "watch"}}  # key digests only: the watch of valid key ids
     for binding in (
         docs.one("ClusterRoleBinding", "beam-beam-backfill-api"),
         docs.one("RoleBinding", "beam-beam-backfill-api-keys"),

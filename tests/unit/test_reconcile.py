@@ -967,3 +967,18 @@ def test_an_allowed_or_named_destination_is_left_to_the_worker():
         config = allowed if url.startswith("http://127") else OperatorConfig()
         d = run(obs(spec={**SPEC, "destinations": [{"type": "webhook", "name": "h", "url": url}]}), config)
         assert d.status.status != "failed", (url, d.status.error_message)
+
+
+def test_workers_have_requests_and_limits_by_default_and_a_lower_spec_limit_lowers_the_default_request():
+    config = OperatorConfig(staging_bucket="b", staging_prefix="p")
+    [job] = created(run(obs(), config))
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "250m", "memory": "512Mi"},
+        "limits": {"memory": "2Gi"},
+    }
+    small = {**SPEC, "resources": {"limits": {"memory": "256Mi"}}}
+    [job] = created(run(obs(spec=small), config))
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"] == {
+        "requests": {"cpu": "250m", "memory": "256Mi"},
+        "limits": {"memory": "256Mi"},
+    }
