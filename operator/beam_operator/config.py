@@ -103,6 +103,12 @@ class OperatorConfig(BaseSettings):
     staged_retention_seconds: int = 0
     status_interval_seconds: float = 1.0
     connect_timeout_seconds: int = DEFAULT_CONNECT_TIMEOUT_S
+    # What one organization (namespace) may hold at once: live backfills (not completed, failed
+    # or cancelled) and the bytes of their specs. A backfill beyond either ends `failed` before
+    # any Job (reason NamespaceFull). CEL cannot count; a ResourceQuota on
+    # count/beambackfills.beam-backfill.dev refuses at create (docs/security.md). None: no limit.
+    max_live_backfills_per_namespace: int | None = Field(default=200, ge=1)
+    max_spec_bytes_per_namespace: int | None = Field(default=64 * 1024 * 1024, ge=1)
     # Every worker container's requests and limits unless its spec.resources says otherwise: a
     # Pod without them is BestEffort, evicted first and free to take a node's memory (issue 25).
     # No CPU limit: throttling slows a chunk without protecting anyone a request does not.

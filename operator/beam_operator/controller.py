@@ -34,6 +34,8 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from beam_contract import logs
 from beam_contract.model import GROUP, TERMINAL, BackfillStatus, Phase, parse_timestamp
 
@@ -110,21 +112,35 @@ _KEPT_METADATA = (
 _KEPT_LABELS = (child_jobs.QUEUE_NAME_LABEL,)
 
 
+# Cached metadata of our own (never written anywhere): the spec's size as JSON, and whether the
+# cached spec holds only the first of its filter values (process() reads the whole spec again
+# before it builds a Job from it).
+SPEC_BYTES = "beam/spec-bytes"
+SLIMMED = "beam/filter-slimmed"
+SLIM_FILTER_BYTES = 4096
+
+
 def _slim(body: dict[str, Any]) -> dict[str, Any]:
     """What reconcile() and the Events read of a BeamBackfill, nothing more.
 
     A full body carries managedFields (one entry per writer) and kopf's annotations (a copy of
-    the spec): kilobytes of JSON, ten times that as Python objects, times every backfill.
+    the spec): kilobytes of JSON, ten times that as Python objects, times every backfill. A
+    filter of thousands of values is kept as its first value only: reconcile() needs all of them
+    only to build a Job, and then process() reads them again, so that the memory a cached
+    backfill costs does not grow with its filter (issue 25).
     """
     meta = body["metadata"]
     kept = {k: meta[k] for k in _KEPT_METADATA if k in meta}
     if labels := {k: v for k, v in (meta.get("labels") or {}).items() if k in _KEPT_LABELS}:
         kept["labels"] = labels
-    return {
-        "metadata": kept,
-        "spec": body.get("spec") or {},
-        "status": body.get("status") or {},
-    }
+    spec = body.get("spec") or {}
+    kept[SPEC_BYTES] = meta.get(SPEC_BYTES) or len(orjson.dumps(spec))
+    values = (spec.get("filter") or {}).get("values") or []
+    if meta.get(SLIMMED) or sum(len(str(v)) for v in values) > SLIM_FILTER_BYTES:
+        kept[SLIMMED] = True
+        if len(values) > 1:
+            spec = {**spec, "filter": {**spec["filter"], "values": values[:1]}}
+    return {"metadata": kept, "spec": spec, "status": body.get("status") or {}}
 
 
 def _older(rv: str | None, than: str | None) -> bool:
@@ -536,7 +552,26 @@ class Controller:
             progress=self.caches.progress[uid][1] if uid in self.caches.progress else None,
             now=now or datetime.now(UTC),
             queue_name=(meta.get("labels") or {}).get(child_jobs.QUEUE_NAME_LABEL, ""),
+            namespace_load=self._namespace_load(body) if not (body.get("status") or {}).get("status") else None,
         )
+
+    def _namespace_load(self, body: dict[str, Any]) -> tuple[int, int, int]:
+        """Live backfills of this one's namespace created before it, and their specs' bytes;
+        and its own spec's bytes. Asked once per backfill, before it starts."""
+        meta = body["metadata"]
+        ns, mine = meta["namespace"], (meta.get("creationTimestamp") or "", meta["name"])
+        live = spec_bytes = 0
+        for (other_ns, name), other in self.caches.backfills.items():
+            if other_ns != ns or name == meta["name"]:
+                continue
+            m = other["metadata"]
+            if (m.get("creationTimestamp") or "", name) >= mine or m.get("deletionTimestamp"):
+                continue
+            if (other.get("status") or {}).get("status") in TERMINAL:
+                continue
+            live += 1
+            spec_bytes += m.get(SPEC_BYTES, 0)
+        return live, spec_bytes, meta.get(SPEC_BYTES, 0)
 
     async def process(self, key: Key) -> None:
         leader.before_writing()
@@ -564,6 +599,13 @@ class Controller:
             observed = replace(observed, staged=staged)
             self._refused.pop(observed.uid, None)  # the last attempt's refusals are not this one's
         decision = reconcile(observed, self.config)
+        if body["metadata"].get(SLIMMED) and any(isinstance(a, CreateJob) for a in decision.actions):
+            # A Job carries the whole spec: read it again, once per Job, rather than keep it.
+            meta = body["metadata"]
+            full = await self.api.get_backfill(meta["namespace"], meta["name"])
+            if full is None or full["metadata"]["uid"] != meta["uid"]:
+                return  # deleted meanwhile: its watch event says what next
+            decision = reconcile(replace(observed, spec=full.get("spec") or {}), self.config)
         new = decision.status.document()
         changed = new != _clean(old)
         if changed and not decision.transition and not decision.actions:

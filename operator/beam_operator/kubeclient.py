@@ -300,6 +300,13 @@ class KubeApi:
             ok=(404,),
         )
 
+    async def get_backfill(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """One BeamBackfill as stored (None if gone): its whole spec, which the cache slims."""
+        status, body = await self.request(
+            "GET", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}/{quote(name)}", ok=(404,)
+        )
+        return None if status == 404 else body
+
     async def live_children(self, namespace: str, uid: str) -> tuple[list[JobObs], int]:
         """A backfill's Jobs and how many Pods it still has, read from the apiserver, not a cache:
         what decides whether its staged files may be deleted (docs/security.md)."""

@@ -194,6 +194,9 @@ class Observed:
     # Chunks whose progress object says they reached every destination (beam_contract.staging),
     # read from the bucket while transport workers have more than one chunk each; None if unread.
     progress: frozenset[int] | None = None
+    # Of a backfill not yet started: how many live backfills its namespace held before it (by
+    # creation), their specs' bytes, and its own spec's bytes; None once it has started.
+    namespace_load: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -515,6 +518,8 @@ def _reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             warning=True,
             cleanup_jobs=True,
         )
+    if why := _namespace_full(obs, config):
+        return finish(Phase.FAILED, "NamespaceFull", why, warning=True, cleanup_jobs=True)
     if not config.table_allowed(spec.table):
         allowed = ", ".join(config.allowed_tables)
         return finish(
@@ -896,4 +901,26 @@ def _inward_literal(spec: BackfillSpec, config: OperatorConfig) -> str | None:
                     "link-local, private, multicast or cluster addresses unless an administrator allows the host or "
                     "CIDR (config.destination_allow, docs/security.md)"
                 )
+    return None
+
+
+def _namespace_full(obs: Observed, config: OperatorConfig) -> str | None:
+    """Why a backfill that has not started may not, its namespace holding as many live backfills
+    or spec bytes as the operator allows one organization (issue 25); None if it may."""
+    if obs.namespace_load is None:
+        return None
+    live, spec_bytes, own = obs.namespace_load
+    if config.max_live_backfills_per_namespace is not None and live >= config.max_live_backfills_per_namespace:
+        return (
+            f"namespace {obs.namespace} already holds {live} live backfills, the most this operator allows one "
+            f"organization (config.max_live_backfills_per_namespace: {config.max_live_backfills_per_namespace}); "
+            "create it again once some have ended, or delete ones you no longer need"
+        )
+    most = config.max_spec_bytes_per_namespace
+    if most is not None and spec_bytes + own > most:
+        return (
+            f"namespace {obs.namespace}'s live backfills hold {spec_bytes} bytes of spec, and this one's {own} more "
+            f"would pass the {most} this operator allows one organization (config.max_spec_bytes_per_namespace); "
+            "create it again once some have ended, or split its filter differently"
+        )
     return None

@@ -982,3 +982,19 @@ def test_workers_have_requests_and_limits_by_default_and_a_lower_spec_limit_lowe
         "requests": {"cpu": "250m", "memory": "256Mi"},
         "limits": {"memory": "256Mi"},
     }
+
+
+def test_a_namespace_at_its_limits_gets_no_new_backfill_started():
+    from dataclasses import replace
+
+    config = OperatorConfig(
+        staging_bucket="b", staging_prefix="p", max_live_backfills_per_namespace=3, max_spec_bytes_per_namespace=10_000
+    )
+    fresh = obs()
+    assert created(run(replace(fresh, namespace_load=(2, 1_000, 1_000)), config))
+    full = run(replace(fresh, namespace_load=(3, 1_000, 1_000)), config)
+    assert full.status.status == "failed" and not created(full)
+    assert "already holds 3 live backfills, the most this operator allows one organization" in full.status.error_message
+    heavy = run(replace(fresh, namespace_load=(1, 9_500, 1_000)), config)
+    assert heavy.status.status == "failed" and "config.max_spec_bytes_per_namespace" in heavy.status.error_message
+    assert created(run(replace(fresh, namespace_load=None), config)), "a started backfill is never counted again"
