@@ -70,7 +70,14 @@ class ApiProcess:
     """`beam-api serve` on a free port, configured through env as the chart's Deployment does."""
 
     def __init__(
-        self, run_dir: Path, *, kubeconfig: Path, rate: float = 1000, burst: int = 1000, key_cache_seconds: float = 0.5
+        self,
+        run_dir: Path,
+        *,
+        kubeconfig: Path,
+        rate: float = 1000,
+        burst: int = 1000,
+        key_cache_seconds: float = 0.5,
+        extra: dict[str, str] | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.port = free_port()
@@ -84,6 +91,7 @@ class ApiProcess:
             BEAM_API_ACCESS_LOG="0",
             # The kubernetes client writes the kubeconfig's CA to a temporary file: in the run dir.
             TMPDIR=str(self.run_dir / "tmp"),
+            **(extra or {}),
         )
         (self.run_dir / "tmp").mkdir(parents=True, exist_ok=True)
         self.proc: ManagedProcess | None = None

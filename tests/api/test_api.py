@@ -446,6 +446,28 @@ def test_guessing_keys_is_rate_limited_per_client(k8s, api_kubeconfig, org, tmp_
         limited.stop()
 
 
+def test_list_and_cancel_page_through_the_namespace(api_kubeconfig, org, k8s, tmp_path):
+    """Two backfills per request to the apiserver: the list holds one page of whole objects at
+    a time, and answers the same as one read would: the oldest first, the status filter and
+    the limit across pages; cancel finds a job on the last page."""
+    paged = ApiProcess(tmp_path, kubeconfig=api_kubeconfig, extra={"BEAM_API_LIST_PAGE_SIZE": "2"}).start()
+    try:
+        with paged.client(org[1]) as c:
+            made = [c.post("/backfills", json={**SEED_CREATE, "job_name": f"paged {i}"}).json() for i in range(5)]
+            listed = c.get("/backfills").json()
+            assert [j["job_name"] for j in listed] == [f"paged {i}" for i in range(5)]
+            assert [j["job_name"] for j in c.get("/backfills", params={"limit": 3}).json()] == [
+                "paged 0",
+                "paged 1",
+                "paged 2",
+            ]
+            last = made[-1]["job_id"]
+            assert c.post(f"/backfills/{last}/cancel").status_code == 200
+            assert c.get("/backfills", params={"status": "staging", "limit": 10}).status_code == 200
+    finally:
+        paged.stop()
+
+
 def test_a_flood_of_bad_keys_never_holds_back_a_valid_key_after_a_restart(
     k8s, api_kubeconfig, org, other_org, admin_core, tmp_path
 ):

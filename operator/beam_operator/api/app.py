@@ -7,6 +7,7 @@ that generates the CRD, so the API refuses exactly what `kubectl apply` would.
 
 # No `from __future__ import annotations`: FastAPI resolves the endpoint annotations, which
 # refer to names local to create_app.
+import heapq
 import os
 import time
 from dataclasses import dataclass
@@ -133,6 +134,8 @@ class Settings:
     key_cache_seconds: float = 5.0
     # A create's body: 10,000 filter values of 42-character addresses are about 470 KB.
     max_body_bytes: int = 1024 * 1024
+    # Backfills per list request to the apiserver (the REST list and cancel page through them).
+    list_page_size: int = 100
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -143,6 +146,7 @@ class Settings:
             rate_burst=int(env.get("BEAM_API_RATE_LIMIT_BURST") or cls.rate_burst),
             key_cache_seconds=float(env.get("BEAM_API_KEY_CACHE_SECONDS") or cls.key_cache_seconds),
             max_body_bytes=int(env.get("BEAM_API_MAX_BODY_BYTES") or cls.max_body_bytes),
+            list_page_size=int(env.get("BEAM_API_LIST_PAGE_SIZE") or cls.list_page_size),
         )
 
 
@@ -169,7 +173,7 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
     """connect=False builds the app without Kubernetes access, only to publish its OpenAPI document."""
     settings = settings or Settings.from_env()
     client = api_client(kubeconfig) if connect else None
-    backfills = Backfills(client)
+    backfills = Backfills(client, page_size=settings.list_page_size)
     keys = KeyStore(CoreV1Api(client), settings.keys_namespace, ttl=settings.key_cache_seconds)
     if connect:
         keys.watch()
@@ -341,12 +345,18 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
             int | None, Query(ge=1, le=100000, description="At most this many jobs: the oldest ones.")
         ] = None,
     ) -> Any:
-        items = sorted(backfills.list(who.organization), key=creation_order)
-        if status:
-            items = [o for o in items if public_status(o) == status]
-        if limit:
-            items = items[:limit]
-        return _json([job_view(o) for o in items])
+        # A page at a time, keeping only the answer's views (and with a limit only the oldest
+        # `limit` of them): never the whole namespace's objects at once.
+        kept: list[tuple[tuple[str, str, str], dict[str, Any]]] = []
+        for page in backfills.pages(who.organization):
+            for o in page:
+                if status and public_status(o) != status:
+                    continue
+                kept.append((creation_order(o), job_view(o)))
+            if limit and len(kept) > limit:
+                kept = heapq.nsmallest(limit, kept, key=lambda kv: kv[0])
+        kept.sort(key=lambda kv: kv[0])
+        return _json([view for _, view in (kept[:limit] if limit else kept)])
 
     @app.post(
         f"{PREFIX}/backfills/{{job_id}}/cancel",

@@ -4,6 +4,7 @@ FastAPI's thread pool)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -30,9 +31,13 @@ def api_client(kubeconfig: str | None = None) -> ApiClient:
     return ApiClient(cfg)
 
 
+PAGE_SIZE = 100  # backfills per list request: at most 100 specs of 1 MB in memory at once
+
+
 class Backfills:
-    def __init__(self, api: ApiClient) -> None:
+    def __init__(self, api: ApiClient, page_size: int = PAGE_SIZE) -> None:
         self.custom = client.CustomObjectsApi(api)
+        self.page_size = page_size
 
     def create(self, namespace: str, spec: dict[str, Any]) -> dict[str, Any]:
         body = {
@@ -55,20 +60,36 @@ class Backfills:
                 raise
         raise AssertionError("unreachable")
 
+    def pages(self, namespace: str) -> Iterator[list[dict[str, Any]]]:
+        """The namespace's backfills a page at a time (limit + continue): a caller that keeps
+        only what it answers holds one page of whole objects at most, whatever the namespace
+        holds (issue 25: a whole namespace of 1 MB filters read at once OOMed the API)."""
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"limit": self.page_size, "_preload_content": False}
+            if token:
+                kwargs["_continue"] = token
+            # The raw body parsed with orjson: the generated client's own decoding of 1,000
+            # backfills costs more than the request itself.
+            resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)
+            try:
+                doc = orjson.loads(resp.data)
+            finally:
+                resp.release_conn()
+            yield doc["items"]
+            token = (doc.get("metadata") or {}).get("continue")
+            if not token:
+                return
+
     def list(self, namespace: str) -> list[dict[str, Any]]:
-        # The raw body parsed with orjson: the generated client's own decoding of 1,000
-        # backfills costs more than the request itself.
-        resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _preload_content=False)
-        try:
-            return orjson.loads(resp.data)["items"]
-        finally:
-            resp.release_conn()
+        return [obj for page in self.pages(namespace) for obj in page]
 
     def find(self, namespace: str, uid: str) -> dict[str, Any] | None:
-        # The uid is not a field selector of custom resources: list the namespace and match.
-        for obj in self.list(namespace):
-            if obj["metadata"]["uid"] == uid:
-                return obj
+        # The uid is not a field selector of custom resources: page through the namespace.
+        for page in self.pages(namespace):
+            for obj in page:
+                if obj["metadata"]["uid"] == uid:
+                    return obj
         return None
 
     def request_cancel(self, namespace: str, name: str, resource_version: str) -> dict[str, Any]:
