@@ -103,6 +103,38 @@ class ProjectImage:
 
 JOBRUNNER = ProjectImage("jobrunner", ROOT / "Dockerfile.jobrunner", "beam-backfill/jobrunner")
 OPERATOR = ProjectImage("operator", ROOT / "Dockerfile.operator", "beam-backfill/operator")
+
+
+def jobrunner_job(name: str, command: list[str], labels: dict[str, str] | None = None, **spec: object) -> dict:
+    """A batch/v1 Job of one container of the jobrunner image running `command`, no retries:
+    what tests run on the node besides the operator's own Jobs."""
+    meta: dict = {"name": name, **({"labels": labels} if labels else {})}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": meta,
+        "spec": {
+            "backoffLimit": 0,
+            **spec,
+            "template": {
+                "metadata": {"labels": labels or {}},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "automountServiceAccountToken": False,
+                    "containers": [
+                        {
+                            "name": "main",
+                            "image": f"{JOBRUNNER.repository}:{JOBRUNNER.tag()}",
+                            "imagePullPolicy": "Never",
+                            "command": command,
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
 PROJECT_IMAGES = (JOBRUNNER, OPERATOR)
 
 

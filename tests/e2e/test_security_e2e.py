@@ -3,46 +3,14 @@ would: what they craft, and what the other organization then sees."""
 
 from __future__ import annotations
 
-from e2e_helpers import (
-    API,
-    WINDOW,
-    apply,
-    assert_exactly,
-    backfill,
-    expected_ids,
-    jobs,
-    read_topic,
-    wait_status,
-)
+from e2e_helpers import API, WINDOW, apply, assert_exactly, backfill, expected_ids, jobs, read_topic, wait_status
 
-from beam_devstack.images import JOBRUNNER
+from beam_devstack.images import jobrunner_job
 from beam_devstack.proc import wait_for
 
 
 def _failing_job(name: str, labels: dict[str, str]) -> dict:
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": name, "labels": labels},
-        "spec": {
-            "backoffLimit": 0,
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "containers": [
-                        {
-                            "name": "main",
-                            "image": f"{JOBRUNNER.repository}:{JOBRUNNER.tag()}",
-                            "imagePullPolicy": "Never",
-                            "command": ["false"],
-                        }
-                    ],
-                },
-            },
-        },
-    }
+    return jobrunner_job(name, ["false"], labels)
 
 
 def test_a_decoy_job_labelled_with_another_backfills_uid_steers_nothing(

@@ -35,8 +35,24 @@ def _holder(k8s) -> str | None:
 
 def _scale(k8s, n: int) -> None:
     k8s.kubectl("-n", NS, "scale", f"deployment/{DEPLOYMENT}", f"--replicas={n}")
-    wait_for(lambda: len(_operator_pods(k8s)) == n and len(_running(k8s)) == n, 180, f"{n} operator Pods ready")
+
+    def settled() -> bool:
+        # Terminating Pods too: a later test reading the operators' logs must not find one gone.
+        every = k8s.api("GET", f"/api/v1/namespaces/{NS}/pods?labelSelector={SEL}")["items"]
+        return len(every) == n and len(_running(k8s)) == n
+
+    wait_for(settled, 180, f"{n} operator Pods ready and no other")
     wait_for(lambda: _holder(k8s) in _running(k8s), 60, "one of them holding the lease")
+
+
+def _two_replicas(k8s) -> tuple[str, str]:
+    """Scale to two and wait for the standby to stand by: (active, standby) Pod names."""
+    _scale(k8s, 2)
+    active = _holder(k8s)
+    [standby] = _running(k8s) - {active}
+    waiting = "standing by: lease beam-system/beam-beam-backfill is held by " + active
+    wait_for(lambda: waiting in k8s.kubectl("logs", "-n", NS, standby).stdout, 60, "the standby standing by")
+    return active, standby
 
 
 def test_a_standby_takes_over_from_a_frozen_active_operator_which_then_steps_down(
@@ -47,12 +63,8 @@ def test_a_standby_takes_over_from_a_frozen_active_operator_which_then_steps_dow
     # Lease. The standby must take over once the Lease expires, and the frozen one, when it runs
     # again, must step down before it writes anything.
     node = node_cluster[1]
-    _scale(k8s, 2)
     try:
-        active = _holder(k8s)
-        [standby] = _running(k8s) - {active}
-        waiting = "standing by: lease beam-system/beam-beam-backfill is held by " + active
-        wait_for(lambda: waiting in k8s.kubectl("logs", "-n", NS, standby).stdout, 60, "the standby standing by")
+        active, standby = _two_replicas(k8s)
         [cs] = k8s.api("GET", f"/api/v1/namespaces/{NS}/pods/{active}")["status"]["containerStatuses"]
         container, restarts = cs["containerID"].removeprefix("containerd://"), cs["restartCount"]
         uid = apply(k8s, org, backfill("failover", "e2e-failover", parallelism=1))["metadata"]["uid"]
@@ -99,12 +111,8 @@ def test_an_apiserver_down_for_20s_leaves_a_standby_standing_by_and_one_leader_a
     # A refused connection used to end the renewal thread and a standby's wait (urllib3's
     # MaxRetryError is not an ApiException): the standby crash-looped.
     plane = node_cluster[0]
-    _scale(k8s, 2)
     try:
-        active = _holder(k8s)
-        [standby] = _running(k8s) - {active}
-        waiting = "standing by: lease beam-system/beam-beam-backfill is held by " + active
-        wait_for(lambda: waiting in k8s.kubectl("logs", "-n", NS, standby).stdout, 60, "the standby standing by")
+        active, standby = _two_replicas(k8s)
         before = _restarts(k8s)
         plane.restart_apiserver(downtime=20)
         wait_for(lambda: len(_running(k8s)) == 2 and _holder(k8s) in _running(k8s), 120, "two Ready, one leading")

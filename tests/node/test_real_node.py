@@ -7,7 +7,7 @@ from __future__ import annotations
 import urllib.parse
 
 from beam_devstack import dataset
-from beam_devstack.images import JOBRUNNER, OPERATOR
+from beam_devstack.images import JOBRUNNER, OPERATOR, jobrunner_job
 from beam_devstack.kafka import consume_all
 from beam_devstack.kafka_proxy import END_TXN
 from beam_devstack.proc import wait_for
@@ -161,29 +161,7 @@ def test_a_finished_job_expires_after_its_ttl(node_operator, org):
     """The TTL-after-finished controller deletes a Job the real kubelet ran to completion (the
     operator's Jobs rely on it: config.job_ttl_seconds)."""
     plane = node_operator
-    job = {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": "short-lived"},
-        "spec": {
-            "ttlSecondsAfterFinished": 0,
-            "backoffLimit": 0,
-            "template": {
-                "spec": {
-                    "restartPolicy": "Never",
-                    "automountServiceAccountToken": False,
-                    "containers": [
-                        {
-                            "name": "main",
-                            "image": f"{JOBRUNNER.repository}:{JOBRUNNER.tag()}",
-                            "imagePullPolicy": "Never",
-                            "command": ["true"],
-                        }
-                    ],
-                }
-            },
-        },
-    }
+    job = jobrunner_job("short-lived", ["true"], ttlSecondsAfterFinished=0)
     plane.api("POST", f"/apis/batch/v1/namespaces/{org}/jobs", job)
 
     def gone() -> bool:

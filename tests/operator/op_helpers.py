@@ -30,3 +30,19 @@ def jobs_of(k8s, ns, uid, phase=None):
     import urllib.parse
 
     return k8s.api("GET", f"/apis/batch/v1/namespaces/{ns}/jobs?labelSelector={urllib.parse.quote(sel)}")["items"]
+
+
+def backfill_body(name: str, **spec) -> dict:
+    """A small BeamBackfill by block height; `spec` adds or replaces fields."""
+    return {
+        "apiVersion": "beam-backfill.dev/v1alpha1",
+        "kind": "BeamBackfill",
+        "metadata": {"name": name},
+        "spec": {
+            "job_name": name,
+            "table": "base.assets.erc20_token_transfers",
+            "backfill_window": {"partition_key": "block", "start": 0, "end": 10},
+            "destinations": [{"type": "kafka", "name": "t"}],
+            **spec,
+        },
+    }

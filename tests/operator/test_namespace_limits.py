@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 
-from op_helpers import get_bbf, jobs_of, wait_for
+from op_helpers import backfill_body, get_bbf, jobs_of, wait_for
 
 from beam_devstack.k8s import unique_name
 from beam_devstack.operator_proc import OperatorProcess
@@ -19,19 +19,7 @@ CHART_OPERATOR_LIMIT_MB = 512  # charts/beam-backfill/values.yaml, operator.reso
 
 def _backfill(name: str, n_values: int) -> dict:
     values = [f"0x{name.encode().hex()[:8]:0>8}{i:032x}" for i in range(n_values)]  # 42 characters each
-    return {
-        "apiVersion": "beam-backfill.dev/v1alpha1",
-        "kind": "BeamBackfill",
-        "metadata": {"name": name},
-        "spec": {
-            "job_name": name,
-            "table": "base.assets.erc20_token_transfers",
-            "backfill_window": {"partition_key": "block", "start": 0, "end": 10},
-            "filter": {"column": "token_address", "values": values},
-            "destinations": [{"type": "kafka", "name": "t"}],
-            "suspend": True,
-        },
-    }
+    return backfill_body(name, filter={"column": "token_address", "values": values}, suspend=True)
 
 
 def _rss_mb(pid: int) -> float:

@@ -7,7 +7,7 @@ import json
 import re
 import urllib.parse
 
-from op_helpers import get_bbf, wait_for
+from op_helpers import backfill_body, get_bbf, wait_for
 
 from beam_devstack.k8s import unique_name
 from beam_devstack.operator_proc import OperatorProcess, install_chart_rbac
@@ -18,20 +18,6 @@ def _can_i(k8s, who: str, verb: str, resource: str, namespace: str | None) -> bo
     proc = k8s.kubectl("auth", "can-i", verb, resource, f"--as={who}", *where, check=False)
     assert proc.stdout.strip() in ("yes", "no"), proc.stdout + proc.stderr
     return proc.stdout.strip() == "yes"
-
-
-def _backfill(name: str) -> dict:
-    return {
-        "apiVersion": "beam-backfill.dev/v1alpha1",
-        "kind": "BeamBackfill",
-        "metadata": {"name": name},
-        "spec": {
-            "job_name": name,
-            "table": "base.assets.erc20_token_transfers",
-            "backfill_window": {"partition_key": "block", "start": 0, "end": 10},
-            "destinations": [{"type": "kafka", "name": "t"}],
-        },
-    }
 
 
 def test_with_watch_namespaces_a_backfill_elsewhere_is_left_alone_and_its_jobs_unreadable(
@@ -54,11 +40,11 @@ def test_with_watch_namespaces_a_backfill_elsewhere_is_left_alone_and_its_jobs_u
     assert not _can_i(k8s, who, "list", "customresourcedefinitions.apiextensions.k8s.io", None)
 
     path = "/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills"
-    k8s.api("POST", path.format(ns=other), _backfill("elsewhere"))
+    k8s.api("POST", path.format(ns=other), backfill_body("elsewhere"))
     operator = OperatorProcess(tmp_path / "operator", kubeconfig=kubeconfig, config={"BEAM_WATCH_NAMESPACES": served})
     operator.start()
     try:
-        k8s.api("POST", path.format(ns=served), _backfill("served"))
+        k8s.api("POST", path.format(ns=served), backfill_body("served"))
         sel = urllib.parse.quote("beam-backfill.dev/backfill=served")
 
         def staging_job():
