@@ -46,6 +46,7 @@ class Env(StrEnum):
     # a suffix) and CIDRs that are allowed although inward, and the cluster's pod and service
     # CIDRs, refused like private ranges even where they are public addresses.
     DESTINATION_ALLOW = "BEAM_DESTINATION_ALLOW"
+    STAGING_KEY = "BEAM_STAGING_KEY"  # the backfill's staged-data key, base64 (beam_jobrunner.seal)
     # "false": a Kafka or NATS Secret without the key `endpoints` may be sent anywhere (config.secret_endpoints_required)
     SECRET_ENDPOINTS_REQUIRED = "BEAM_SECRET_ENDPOINTS_REQUIRED"
     CLUSTER_CIDRS = "BEAM_CLUSTER_CIDRS"

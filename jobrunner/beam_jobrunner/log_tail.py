@@ -17,7 +17,7 @@ from collections import deque
 from functools import lru_cache
 from urllib.parse import quote, quote_plus
 
-from beam_contract.worker import LOG_TAIL_MARK, TERMINATION_MESSAGE_MAX_BYTES, snowflake_env
+from beam_contract.worker import LOG_TAIL_MARK, TERMINATION_MESSAGE_MAX_BYTES, Env, snowflake_env
 
 LINES = 20
 LINE_MAX = 300
@@ -80,7 +80,7 @@ def _forms_of(values: tuple[str, ...]) -> tuple[str, ...]:
 def _secret_values() -> tuple[str, ...]:
     # A Secret's `endpoints` is where its credentials may go, not a credential: quoted in errors.
     names = [n for n in os.environ if n.startswith("BEAM_DEST_") and not n.endswith("_ENDPOINTS")]
-    names.append(snowflake_env("password"))
+    names += [snowflake_env("password"), Env.STAGING_KEY]
     return _forms_of(tuple(sorted({v for n in names if len((v := os.environ.get(n) or "").strip()) >= MIN_SECRET})))
 
 

@@ -29,7 +29,7 @@ from beam_contract.worker import (
     StagingResult,
     snowflake_env,
 )
-from beam_jobrunner import sql, storage, termination
+from beam_jobrunner import seal, sql, storage, termination
 from beam_jobrunner.config import DEFAULT_CHUNK_TARGET_BYTES, Common, env
 from beam_jobrunner.errors import JobError, PermanentError, TransientError
 
@@ -136,6 +136,8 @@ class ChunkWriter:
         self._writer.close()
         data = self._sink.getvalue().to_pybytes()
         uri = staging.chunk_uri(self.staging_uri, len(self.chunks))
+        if (k := seal.key()) is not None:
+            data = seal.seal(data, uri.removeprefix(self.staging_uri), k)
         storage.write_bytes(uri, data)
         self.chunks.append({"index": len(self.chunks), "uri": uri, "rows": self._rows, "bytes": len(data)})
         log.info("staged chunk %d: %d rows, %d bytes -> %s", len(self.chunks) - 1, self._rows, len(data), uri)
@@ -234,10 +236,15 @@ def run(common: Common) -> dict:
         # died before it could report (or its report was lost). Transport workers may be reading
         # those chunks already (they start with staging), so they stay as they are.
         manifest = storage.read_json(uri)
-        log.info("staged already by an earlier Pod: %d rows in %d chunks", manifest["num_rows"], manifest["num_chunks"])
-        return StagingResult(
-            num_chunks=manifest["num_chunks"], num_rows=manifest["num_rows"], manifest=uri
-        ).model_dump()
+        k = seal.key()
+        if k is None or seal.verified(manifest, k):
+            log.info(
+                "staged already by an earlier Pod: %d rows in %d chunks", manifest["num_rows"], manifest["num_chunks"]
+            )
+            return StagingResult(
+                num_chunks=manifest["num_chunks"], num_rows=manifest["num_rows"], manifest=uri
+            ).model_dump()
+        log.warning("the manifest %s is not signed with this backfill's key: staging again", uri)
     _clear(common.staging_uri)
     conn = snowflake_connect(common.connect_timeout)
     log.info("connected to Snowflake in %.2fs", time.monotonic() - t0)
@@ -255,7 +262,11 @@ def run(common: Common) -> dict:
         "num_bytes": sum(c["bytes"] for c in chunks),
         "chunks": chunks,
         "created": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        # Chunks Snowflake unloads are its own writing, not sealed (seal.py).
+        "sealed": seal.key() is not None and strategy == StageStrategy.FETCH,
     }
+    if (k := seal.key()) is not None:
+        manifest = seal.sign(manifest, k)
     storage.write_json(uri, manifest)
     elapsed = time.monotonic() - t0
     log.info(

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from beam_contract import logs, staging
 from beam_contract.worker import Env, worker_chunks
-from beam_jobrunner import reach, serialize, storage
+from beam_jobrunner import reach, seal, serialize, storage
 from beam_jobrunner.config import Common, env, require
 from beam_jobrunner.errors import PermanentError, TransientError
 from beam_jobrunner.sinks import Batch, Context, make_sink
@@ -68,8 +68,10 @@ def remove_stale_downloads(tag: str) -> None:
             pass
 
 
-def read_chunk(uri: str, tag: str = "") -> LocalChunk:
-    """Download a staged chunk into a temporary file (TMPDIR); close() deletes it."""
+def read_chunk(uri: str, tag: str = "", sealed_as: tuple[str, bytes] | None = None) -> LocalChunk:
+    """Download a staged chunk into a temporary file (TMPDIR); close() deletes it. `sealed_as`:
+    (its path in the backfill's prefix, the backfill's key) of a sealed chunk (seal.py), opened
+    here; one that does not open was not staged by this backfill and fails for good."""
     fd, path = tempfile.mkstemp(prefix=_temp_prefix(tag), suffix=".parquet")
     os.close(fd)
     try:
@@ -85,6 +87,11 @@ def read_chunk(uri: str, tag: str = "") -> LocalChunk:
             raise PermanentError(f"storage: {uri} does not exist") from None
         except OSError as e:
             raise TransientError(f"storage: cannot read {uri}: {e}") from None
+        if sealed_as is not None:
+            with open(path, "rb") as f:
+                plain = seal.unseal(f.read(), *sealed_as)
+            with open(path, "wb") as f:
+                f.write(plain)
         return LocalChunk(path, pq.read_metadata(path).num_rows)
     except BaseException:
         os.unlink(path)
@@ -95,14 +102,14 @@ class ChunkDownload:
     """read_chunk() started in the background, so the download overlaps connecting to the
     destination (init_transactions, the delivery-marker lookup). result() waits for it."""
 
-    def __init__(self, uri: str, tag: str = "") -> None:
+    def __init__(self, uri: str, tag: str = "", sealed_as: tuple[str, bytes] | None = None) -> None:
         self._result: LocalChunk | BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(uri, tag), name="download", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(uri, tag, sealed_as), name="download", daemon=True)
         self._thread.start()
 
-    def _run(self, uri: str, tag: str) -> None:
+    def _run(self, uri: str, tag: str, sealed_as: tuple[str, bytes] | None) -> None:
         try:
-            self._result = read_chunk(uri, tag)
+            self._result = read_chunk(uri, tag, sealed_as)
         except BaseException as e:
             self._result = e
 
@@ -234,10 +241,22 @@ def await_manifest(uri: str) -> dict:
     return storage.read_json(uri)
 
 
-def delivered_chunks(staging_uri: str) -> set[int]:
-    """Chunks an earlier Pod (of any attempt) delivered to every destination: skipped whole."""
-    found = (staging.chunk_of_progress(uri) for uri, _ in storage.list_files(staging.progress_prefix(staging_uri)))
-    return {c for c in found if c is not None}
+def delivered_chunks(staging_uri: str, k: bytes | None = None) -> set[int]:
+    """Chunks an earlier Pod (of any attempt) delivered to every destination: skipped whole.
+    With the backfill's key, only progress objects it signed count: one another organization's
+    Pod wrote there must not make a chunk skipped."""
+    done = set()
+    for uri, _ in storage.list_files(staging.progress_prefix(staging_uri)):
+        chunk = staging.chunk_of_progress(uri)
+        if chunk is None:
+            continue
+        if k is not None and not seal.verified(storage.read_json(uri), k):
+            log.warning(
+                "progress object %s is not signed with this backfill's key: chunk %d is delivered again", uri, chunk
+            )
+            continue
+        done.add(chunk)
+    return done
 
 
 def _deliver_to_each(common: Common, index: int, download: ChunkDownload, batch_rows: int, metrics) -> list[dict]:
@@ -295,6 +314,13 @@ def run(common: Common) -> dict:
         manifest = await_manifest(manifest_uri)
     else:
         manifest = storage.read_json(manifest_uri)
+    k = seal.key()
+    if k is not None and not seal.verified(manifest, k):
+        raise PermanentError(
+            f"storage: the manifest {manifest_uri} was not written by this backfill's staging worker (replaced or "
+            "changed by someone without its key); retry the backfill to stage it again"
+        )
+    sealed = k is not None and manifest.get("sealed") is True
     chunks = manifest.get("chunks", [])
     # Without the variable, one worker per chunk (the Jobs of earlier releases).
     workers = int(env(Env.TRANSPORT_WORKERS) or max(len(chunks), worker + 1))
@@ -305,7 +331,7 @@ def run(common: Common) -> dict:
     metrics = _metrics()
     # From here on no Python socket of this process connects inward unless allowed (reach.py).
     reach.install(reach.Policy.from_env())
-    done = delivered_chunks(common.staging_uri) if mine else set()
+    done = delivered_chunks(common.staging_uri, k) if mine else set()
     todo = [c for c in mine if c not in done]
     log.info(
         "worker %d of %d: chunks %s of %d; %d delivered by an earlier Pod, %d to deliver",
@@ -324,7 +350,9 @@ def run(common: Common) -> dict:
         if i not in downloads:
             tag = f"{common.job_id}-{i}"
             remove_stale_downloads(tag)
-            downloads[i] = ChunkDownload(chunks[i]["uri"], tag)
+            uri = chunks[i]["uri"]
+            where = (uri.removeprefix(common.staging_uri), k) if sealed and k is not None else None
+            downloads[i] = ChunkDownload(uri, tag, where)
         return downloads[i]
 
     try:
@@ -336,9 +364,10 @@ def run(common: Common) -> dict:
                     if n + 1 < len(todo):
                         download(todo[n + 1])  # downloads while this one is sent: one file ahead
                     results = _deliver_to_each(common, index, current, batch_rows, metrics)
+                    progress = {"chunk": index, "worker": worker, "rows": chunks[index].get("rows"), "time": _now()}
                     storage.write_json(
                         staging.progress_uri(common.staging_uri, index),
-                        {"chunk": index, "worker": worker, "rows": chunks[index].get("rows"), "time": _now()},
+                        seal.sign(progress, k) if k is not None else progress,
                     )
             except Exception as e:
                 # The termination message names the chunk (beam_contract.worker.failure_message).

@@ -122,6 +122,32 @@ def spec_config_map(name: str, namespace: str, uid: str, spec: BackfillSpec) -> 
     }
 
 
+STAGING_KEY_SECRET_KEY = "key"
+
+
+def staging_key_secret_name(name: str, uid: str) -> str:
+    return f"{_trunc(name.replace('.', '-'), 36)}-{uid[:8]}-staging-key"
+
+
+def staging_key_secret(name: str, namespace: str, uid: str) -> dict[str, Any]:
+    """The Secret holding the backfill's staged-data key (beam_jobrunner.seal), without the key:
+    the controller draws it when it creates the Secret, once. Immutable, in the backfill's own
+    namespace, owned by it (the garbage collector deletes it with the backfill); only its
+    workers read it, through secretKeyRef (docs/security.md, "Staged data")."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": staging_key_secret_name(name, uid),
+            "namespace": namespace,
+            "labels": {k: v for k, v in labels(name, uid, JobKind.STAGING).items() if k != LABEL_PHASE},
+            "ownerReferences": [_owner(name, uid)],
+        },
+        "type": "Opaque",
+        "immutable": True,
+    }
+
+
 def owner_uid(obj: dict[str, Any]) -> str | None:
     """The uid of the backfill that owns this Job (or Pod of one): its job-id label, but only
     when the object also names that uid as its controlling BeamBackfill owner. A label alone is
@@ -171,6 +197,12 @@ def _common_env(
         {"name": Env.BACKFILL, "value": name},
         {"name": Env.STAGING_URI, "value": staging_uri(config, namespace, uid)},
         {"name": Env.CONNECT_TIMEOUT_S, "value": str(config.connect_timeout_seconds)},
+        # Not optional: a worker never runs without its backfill's key (the Secret is created
+        # before the first Job; missing, the Pod waits and the stuck-Pod check names it).
+        {
+            "name": Env.STAGING_KEY,
+            "valueFrom": {"secretKeyRef": {"name": staging_key_secret_name(name, uid), "key": STAGING_KEY_SECRET_KEY}},
+        },
     ]
     if config.gcs_endpoint:
         env.append({"name": Env.STORAGE_EMULATOR_HOST, "value": config.gcs_endpoint})

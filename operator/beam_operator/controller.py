@@ -25,9 +25,11 @@ reconcile() for each backfill through a keyed work queue, as controller-runtime 
 from __future__ import annotations
 
 import asyncio
+import base64
 import heapq
 import json
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -209,6 +211,8 @@ class Controller:
         # Job creates the apiserver refused for good, by backfill uid and Job kind: the next
         # reconcile ends the backfill `failed` with the apiserver's reason.
         self._refused: dict[str, dict[str, str]] = {}
+        # Backfills (uid) whose staged-data key Secret this process has created or found.
+        self._keyed: set[str] = set()
         self._errors: dict[Key, int] = {}  # consecutive failed reconciles: the retry backoff
         # Deleted backfills cleaned up at once, at most workers/4, so that a burst of deletions
         # neither fills the connection pool (each connection holds 256 KiB of TLS buffers) nor
@@ -235,6 +239,7 @@ class Controller:
             self.caches.backfills.pop(key, None)
             self.caches.keys_by_uid.pop(meta["uid"], None)
             self.caches.jobs.pop((meta["namespace"], meta["uid"]), None)
+            self._keyed.discard(meta["uid"])
             self.caches.pods.pop(meta["uid"], None)
             self.caches.waiting.pop(meta["uid"], None)
             self.caches.progress.pop(meta["uid"], None)
@@ -727,10 +732,18 @@ class Controller:
     async def _apply(self, body: dict[str, Any], action: Action) -> None:
         ns = body["metadata"]["namespace"]
         match action:
-            case CreateJob(manifest=manifest, config_map=config_map):
+            case CreateJob(manifest=manifest, config_map=config_map, key_secret=key_secret):
                 meta = manifest["metadata"]
                 uid = meta["labels"][child_jobs.LABEL_JOB_ID]
                 try:
+                    if key_secret is not None and uid not in self._keyed:
+                        # Drawn here, not in reconcile(): a key is random, and only its first
+                        # create counts (409 keeps the Secret, and so the key, as it is).
+                        key = base64.b64encode(os.urandom(32)).decode()
+                        await self.api.create_secret(
+                            ns, {**key_secret, "stringData": {child_jobs.STAGING_KEY_SECRET_KEY: key}}
+                        )
+                        self._keyed.add(uid)
                     if config_map is not None:
                         # Before the Job: its Pods mount it, and would wait in ContainerCreating.
                         await self.api.create_config_map(ns, config_map)

@@ -222,6 +222,12 @@ class KubeApi:
         status, _ = await self.request("POST", f"/api/v1/namespaces/{namespace}/configmaps", body=manifest, ok=(409,))
         return status != 409
 
+    async def create_secret(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        """True if created, False if it exists (immutable: the first key stays the backfill's)."""
+        metrics.API_WRITES.labels(kind="create_secret").inc()
+        status, _ = await self.request("POST", f"/api/v1/namespaces/{namespace}/secrets", body=manifest, ok=(409,))
+        return status != 409
+
     async def delete_backfill(self, namespace: str, name: str, uid: str) -> dict[str, Any] | None:
         """A backfill whose ttl_seconds_after_finished has passed. Returns the object as the
         deletion left it (its finalizer holds it, now with a deletionTimestamp), None if it is

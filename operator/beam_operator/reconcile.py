@@ -204,6 +204,9 @@ class CreateJob:
     manifest: dict[str, Any]
     # The spec's ConfigMap, for a spec too large for the env: created (or found) before the Job.
     config_map: dict[str, Any] | None = None
+    # The backfill's staged-data key Secret, without its key (the controller draws one): created
+    # before the first Job, found (and kept) before every later one.
+    key_secret: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -540,9 +543,10 @@ def _reconcile(obs: Observed, config: OperatorConfig) -> Decision:
         )
 
     def create(manifest: dict[str, Any]) -> CreateJob:
+        key = child_jobs.staging_key_secret(obs.name, obs.namespace, obs.uid)
         if child_jobs.spec_travels_inline(spec):
-            return CreateJob(manifest)
-        return CreateJob(manifest, child_jobs.spec_config_map(obs.name, obs.namespace, obs.uid, spec))
+            return CreateJob(manifest, key_secret=key)
+        return CreateJob(manifest, child_jobs.spec_config_map(obs.name, obs.namespace, obs.uid, spec), key)
 
     deadline = _deadline(obs, st, config)
     if deadline is not None and obs.now >= deadline:

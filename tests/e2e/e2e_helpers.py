@@ -7,6 +7,7 @@ import time
 import urllib.parse
 import uuid
 from collections import Counter
+from http.server import BaseHTTPRequestHandler
 
 from beam_devstack import dataset
 
@@ -114,3 +115,22 @@ def assert_exactly(messages, ids):
     dupes = {k: n for k, n in keys.items() if n > 1}
     assert not dupes, f"{len(dupes)} keys delivered more than once, e.g. {list(dupes.items())[:3]}"
     assert set(keys) == ids, f"missing {len(ids - set(keys))}, unexpected {len(set(keys) - ids)}"
+
+
+class Refuser(BaseHTTPRequestHandler):
+    """A webhook receiver that refuses every batch (400, "unknown tenant"): a backfill that fails
+    at its destination and keeps its staged files."""
+
+    calls = 0
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).calls += 1
+        body = b"unknown tenant"
+        self.send_response(400)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass

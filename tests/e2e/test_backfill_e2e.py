@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from e2e_helpers import (
     API,
     WINDOW,
+    Refuser,
     apply,
     assert_exactly,
     backfill,
@@ -204,8 +205,8 @@ def _logs_are_json_with_the_backfill_and_carry_no_secret(k8s, org, name, uid, se
 
 
 def test_a_chunk_the_destination_refuses_fails_the_backfill_with_its_answer(k8s, operator, org):
-    _Refuser.calls = 0
-    server = ThreadingHTTPServer((NODE["node_ip"], 0), _Refuser)
+    Refuser.calls = 0
+    server = ThreadingHTTPServer((NODE["node_ip"], 0), Refuser)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         obj = backfill("refused", "e2e-refused", window={**WINDOW, "end": "2026-03-02T00:00:00"})
@@ -217,7 +218,7 @@ def test_a_chunk_the_destination_refuses_fails_the_backfill_with_its_answer(k8s,
         server.shutdown()
     assert st["error_message"].startswith("transport failed on chunk 0 of 1: "), st
     assert "answered HTTP 400: unknown tenant" in st["error_message"], st
-    assert _Refuser.calls == 1  # a 400 is permanent: not retried
+    assert Refuser.calls == 1  # a 400 is permanent: not retried
     assert all(not (j.get("status") or {}).get("active") for j in jobs(k8s, org, uid))
     # What the worker logged last outlives its Pod (the Jobs' TTL deletes it) in an Event.
     events = k8s.api("GET", f"/api/v1/namespaces/{org}/events?fieldSelector=involvedObject.uid%3D{uid}")["items"]
@@ -226,22 +227,6 @@ def test_a_chunk_the_destination_refuses_fails_the_backfill_with_its_answer(k8s,
     assert "last log lines: " in log["message"] and "beam_jobrunner" in log["message"], log["message"]
     described = k8s.kubectl("describe", "bbf", "refused", "-n", org).stdout
     assert "WorkerLog" in described
-
-
-class _Refuser(BaseHTTPRequestHandler):
-    calls = 0
-
-    def do_POST(self):
-        self.rfile.read(int(self.headers["Content-Length"]))
-        type(self).calls += 1
-        body = b"unknown tenant"
-        self.send_response(400)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *a):
-        pass
 
 
 def test_cancel_mid_transport_stops_delivery(k8s, operator, kafka, seeded, org):
@@ -307,7 +292,7 @@ def test_delete_in_each_phase_leaves_no_jobs_pods_or_staged_files(k8s, operator,
     assert staged_objects(bucket, org, uid), "nothing was staged"
     _delete_and_assert_nothing_left(k8s, org, bucket, "del-transport", uid)
     # failed: a failed backfill keeps its staged files for debugging, until it is deleted
-    server = ThreadingHTTPServer((NODE["node_ip"], 0), _Refuser)
+    server = ThreadingHTTPServer((NODE["node_ip"], 0), Refuser)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         obj = backfill("del-failed", "e2e-del-failed", window={**WINDOW, "end": "2026-03-02T00:00:00"})

@@ -105,3 +105,53 @@ def test_a_pod_orphaned_by_its_job_holds_the_deletion_only_until_it_ends(k8s, op
     ended = k8s.api("GET", f"/api/v1/namespaces/{org}/pods/{name}")["status"]["phase"]
     assert ended in ("Succeeded", "Failed"), ended  # it ran to its end, and was waited for
     assert staged_objects(bucket, org, uid) == []
+
+
+READ_ANOTHERS_CHUNK = """
+import io, sys
+import pyarrow.fs as fs, pyarrow.parquet as pq
+data = fs.GcsFileSystem(anonymous=True, endpoint_override=sys.argv[1], scheme="http").open_input_stream(sys.argv[2]).read()
+try:
+    print("ROWS", pq.read_table(io.BytesIO(data)).num_rows)
+except Exception:
+    print("UNREADABLE", len(data))
+"""
+
+
+def test_a_pod_of_another_organization_reads_only_ciphertext_of_staged_files(
+    k8s, operator, node_servers, bucket, org, namespace_factory
+):
+    """Organization A's backfill fails at its webhook and keeps its staged files. A Pod in
+    organization B, on the same node with the same workers' identity and a path to the same
+    bucket, reads A's staged chunk: bytes, but no parquet and no rows (seal.py)."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from e2e_helpers import Refuser, staged_objects
+
+    from beam_devstack.pytest_plugin import NODE
+
+    server = ThreadingHTTPServer((NODE["node_ip"], 0), Refuser)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        obj = backfill("kept", "e2e-kept", window={**WINDOW, "end": "2026-03-02T00:00:00"})
+        url = f"http://{NODE['node_ip']}:{server.server_port}/beam"
+        obj["spec"]["destinations"] = [{"type": "webhook", "name": "refuser", "url": url}]
+        uid = apply(k8s, org, obj)["metadata"]["uid"]
+        wait_status(k8s, org, "kept", "failed")
+    finally:
+        server.shutdown()
+    [chunk] = [o for o in staged_objects(bucket, org, uid) if "/chunks/" in o]
+    other = namespace_factory()
+    host_port = node_servers["gcs"].endpoints()["host_port"]
+    job = jobrunner_job("reader", ["python", "-c", READ_ANOTHERS_CHUNK, host_port, f"{bucket.name}/{chunk}"])
+    k8s.api("POST", f"/apis/batch/v1/namespaces/{other}/jobs", job)
+
+    def finished() -> bool:
+        st = k8s.api("GET", f"/apis/batch/v1/namespaces/{other}/jobs/reader").get("status") or {}
+        return bool(st.get("succeeded") or st.get("failed"))
+
+    wait_for(finished, 120, "the other organization's reader")
+    said = k8s.kubectl("logs", "-n", other, "job/reader").stdout
+    assert said.startswith("UNREADABLE "), said
+    assert int(said.split()[1]) > 0, "it did read the object's bytes: only the key is missing"

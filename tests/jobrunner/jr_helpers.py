@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -135,6 +136,8 @@ class Job:
             # The test servers listen on loopback, where destinations may not go unless allowed
             # (docs/security.md, "What a destination may reach"); test_jobrunner_reach.py unsets it.
             "BEAM_DESTINATION_ALLOW": "127.0.0.0/8,::1/128",
+            # The backfill's staged-data key, as the operator gives every worker (seal.py).
+            "BEAM_STAGING_KEY": base64.b64encode(os.urandom(32)).decode(),
         }
         if kafka is not None:
             self.env["BEAM_KAFKA_BOOTSTRAP"] = kafka.bootstrap

@@ -10,6 +10,7 @@ tests/e2e/test_backfill_e2e.py::test_delete_in_each_phase_leaves_no_jobs_pods_or
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from typing import Any
 
@@ -38,6 +39,7 @@ class RecordingApi:
         self.add_answer: dict[str, Any] | None = None
         self.released = True
         self.reading: asyncio.Event | None = None  # when set, live reads wait for it
+        self.secrets: list[dict[str, Any]] = []
 
     async def live_children(self, namespace: str, uid: str) -> tuple[list[JobObs], int]:
         self.calls.append(("live_children", namespace, uid))
@@ -72,6 +74,11 @@ class RecordingApi:
 
     async def create_job(self, namespace: str, manifest: dict[str, Any]) -> bool:
         self.calls.append(("create_job", manifest["metadata"]["name"]))
+        return True
+
+    async def create_secret(self, namespace: str, manifest: dict[str, Any]) -> bool:
+        self.calls.append(("create_secret", manifest["metadata"]["name"]))
+        self.secrets.append(manifest)
         return True
 
     def __getattr__(self, name: str):
@@ -225,7 +232,13 @@ def test_a_new_backfill_gets_the_finalizer_before_any_job_and_nothing_without_it
     api.add_answer = {**new, "metadata": {**new["metadata"], "resourceVersion": "6", "finalizers": [FINALIZER]}}
     asyncio.run(_round(ctl))
     assert api.calls[0] == ("add_finalizer", "bf", (FINALIZER,), "5")
-    assert "create_job" in [c[0] for c in api.calls[1:]]
+    made = [c[0] for c in api.calls[1:]]
+    assert "create_job" in made and made.index("create_secret") < made.index("create_job")
+    # The staged-data key: 32 random bytes, in an immutable Secret the backfill owns.
+    [secret] = api.secrets
+    assert secret["metadata"]["name"] == "bf-uid-1-staging-key" and secret["immutable"] is True
+    assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert len(base64.b64decode(secret["stringData"]["key"])) == 32
     assert ctl.caches.backfills[KEY]["metadata"]["finalizers"] == [FINALIZER]
     api.calls.clear()
     # Once it has it, no reconcile asks again.

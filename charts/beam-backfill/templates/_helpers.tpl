@@ -122,6 +122,11 @@ a Role per watched namespace. Each rule says why it is there. */}}
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create"]
+# create only: each backfill's staged-data key, an immutable Secret owned by the backfill that
+# only its workers read (secretKeyRef); the operator never reads, lists or changes a Secret.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
 # Read-only: a failed worker's termination message (why the backfill failed) is on its Pod.
 - apiGroups: [""]
   resources: ["pods"]

@@ -11,7 +11,7 @@ import json
 import time
 
 from beam_contract.staging import delivered_marker_uri
-from beam_jobrunner import storage
+from beam_jobrunner import seal, storage
 from beam_jobrunner.sinks import Context
 
 
@@ -20,7 +20,13 @@ def marker_uri(ctx: Context) -> str:
 
 
 def is_delivered(ctx: Context) -> bool:
-    return storage.exists(marker_uri(ctx))
+    uri = marker_uri(ctx)
+    if not storage.exists(uri):
+        return False
+    k = seal.key()
+    # With the backfill's key only a marker it signed counts: a marker another organization's
+    # Pod wrote must not make a chunk skipped (delivering it again is what a retry does anyway).
+    return k is None or seal.verified(storage.read_json(uri), k)
 
 
 def mark_delivered(ctx: Context, rows: int, nbytes: int) -> None:
@@ -32,4 +38,5 @@ def mark_delivered(ctx: Context, rows: int, nbytes: int) -> None:
         "bytes": nbytes,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    storage.write_bytes(marker_uri(ctx), json.dumps(body).encode())
+    k = seal.key()
+    storage.write_bytes(marker_uri(ctx), json.dumps(seal.sign(body, k) if k is not None else body).encode())
