@@ -70,7 +70,7 @@ def test_a_staged_chunk_is_ciphertext_and_a_replaced_one_fails_instead_of_being_
     r = job.transport(0)
     assert r.code == 2, (r.message, r.stderr[-2000:])
     assert r.message.startswith(
-        "storage: staged chunks/00000.parquet was not written by this backfill's staging worker"
+        "storage: staged chunks/chunk-00000.parquet was not written by this backfill's staging worker"
     ), r.message
     assert consume_all(kafka.bootstrap, managed(topic)) == []
     # It rewrites the manifest (one chunk fewer): refused as well.
