@@ -152,7 +152,9 @@ class OperatorConfig(BaseSettings):
     watch_server_timeout: int = 300
     watch_client_timeout: int = 330
     # Paged lists: an unpaged list of every Job arrived as one response (+60 MB at 1,000 backfills).
-    list_chunk_size: int = 200
+    # 50: a page of backfills with 1 MB filters is 50 MB of JSON (kopf holds one page at a time),
+    # what a restarted operator reads before its cache slims them (issue 25).
+    list_chunk_size: int = 50
     # How long kopf keeps an idle object's worker (and its last body); 5 s by default.
     kopf_idle_seconds: float = 0.5
 

@@ -62,6 +62,14 @@ def test_a_flood_of_backfills_with_large_filters_is_refused_past_the_namespace_l
         # Another organization is not held back by this one's flood.
         wait_for(lambda: (get_bbf(k8s, other, "calm").get("status") or {}).get("status") == "staging", 60, "calm")
         assert _rss_mb(operator.proc.pid) < CHART_OPERATOR_LIMIT_MB / 2
+        # Restarted, it reads them all again (a page at a time) and stays as small.
+        operator.stop()
+        operator.start()
+        k8s.api("POST", PATH.format(ns=other), _backfill("after-restart", 10))
+        wait_for(
+            lambda: (get_bbf(k8s, other, "after-restart").get("status") or {}).get("status") == "staging", 60, "served"
+        )
+        assert _rss_mb(operator.proc.pid) < CHART_OPERATOR_LIMIT_MB / 2
         listed = json.loads(k8s.kubectl("get", "bbf", "-n", flooding, "-o", "json").stdout)["items"]
         assert len(listed) == len(names)
     finally:
