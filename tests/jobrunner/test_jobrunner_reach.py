@@ -384,6 +384,7 @@ def test_the_managed_kafka_under_any_other_spelling_is_refused_before_any_row(tm
         "BEAM_DEST_0_SASL_USERNAME": sasl["sasl.username"],
         "BEAM_DEST_0_SASL_PASSWORD": sasl["sasl.password"],
         "BEAM_DEST_0_SSL_CA_PEM": sasl["ssl.ca.pem"],
+        "BEAM_DEST_0_ENDPOINTS": kafka.sasl_ssl_bootstrap,  # the credentials may go there: not why it is refused
     }
     job = Job(tmp_path, spec({"type": "kafka", "name": victim}), snowflake=source, gcs=gcs, kafka=kafka)
     job.stage()  # once: the staged chunks do not depend on the destinations
