@@ -111,12 +111,7 @@ def spec_config_map(name: str, namespace: str, uid: str, spec: BackfillSpec) -> 
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {
-            "name": spec_config_map_name(name, uid),
-            "namespace": namespace,
-            "labels": {k: v for k, v in labels(name, uid, JobKind.STAGING).items() if k != LABEL_PHASE},
-            "ownerReferences": [_owner(name, uid)],
-        },
+        "metadata": _owned_meta(spec_config_map_name(name, uid), name, namespace, uid),
         "immutable": True,
         "binaryData": {SPEC_CONFIGMAP_KEY: base64.b64encode(compressed_spec(spec)).decode()},
     }
@@ -137,12 +132,7 @@ def staging_key_secret(name: str, namespace: str, uid: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {
-            "name": staging_key_secret_name(name, uid),
-            "namespace": namespace,
-            "labels": {k: v for k, v in labels(name, uid, JobKind.STAGING).items() if k != LABEL_PHASE},
-            "ownerReferences": [_owner(name, uid)],
-        },
+        "metadata": _owned_meta(staging_key_secret_name(name, uid), name, namespace, uid),
         "type": "Opaque",
         "immutable": True,
     }
@@ -161,6 +151,17 @@ def owner_uid(obj: dict[str, Any]) -> str | None:
         if ref.get("uid") == uid and ref.get("kind") == KIND and ref.get("controller"):
             return uid
     return None
+
+
+def _owned_meta(object_name: str, name: str, namespace: str, uid: str) -> dict[str, Any]:
+    """Metadata of an object that belongs to the whole backfill (not one Job): its labels without
+    the Job kind, owned by it, so the garbage collector deletes it with the backfill."""
+    return {
+        "name": object_name,
+        "namespace": namespace,
+        "labels": {k: v for k, v in labels(name, uid, JobKind.STAGING).items() if k != LABEL_PHASE},
+        "ownerReferences": [_owner(name, uid)],
+    }
 
 
 def _owner(name: str, uid: str) -> dict[str, Any]:

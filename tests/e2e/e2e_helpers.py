@@ -134,3 +134,25 @@ class Refuser(BaseHTTPRequestHandler):
 
     def log_message(self, *a):
         pass
+
+
+def failed_at_its_webhook(k8s, ns: str, name: str) -> str:
+    """A one-day backfill whose webhook refuses every batch: it ends failed and keeps its
+    staged files (for debugging, until it is deleted). Returns its uid."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    from beam_devstack.pytest_plugin import NODE
+
+    server = ThreadingHTTPServer((NODE["node_ip"], 0), Refuser)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        obj = backfill(name, f"e2e-{name}", window={**WINDOW, "end": "2026-03-02T00:00:00"})
+        url = f"http://{NODE['node_ip']}:{server.server_port}/beam"
+        obj["spec"]["destinations"] = [{"type": "webhook", "name": "refuser", "url": url}]
+        k8s.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(obj))
+        uid = k8s.api("GET", API.format(ns=ns, name=name))["metadata"]["uid"]
+        wait_status(k8s, ns, name, "failed")
+        return uid
+    finally:
+        server.shutdown()

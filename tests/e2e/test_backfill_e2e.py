@@ -22,6 +22,7 @@ from e2e_helpers import (
     assert_exactly,
     backfill,
     expected_ids,
+    failed_at_its_webhook,
     jobs,
     pods_of,
     read_topic,
@@ -292,16 +293,7 @@ def test_delete_in_each_phase_leaves_no_jobs_pods_or_staged_files(k8s, operator,
     assert staged_objects(bucket, org, uid), "nothing was staged"
     _delete_and_assert_nothing_left(k8s, org, bucket, "del-transport", uid)
     # failed: a failed backfill keeps its staged files for debugging, until it is deleted
-    server = ThreadingHTTPServer((NODE["node_ip"], 0), Refuser)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        obj = backfill("del-failed", "e2e-del-failed", window={**WINDOW, "end": "2026-03-02T00:00:00"})
-        url = f"http://{NODE['node_ip']}:{server.server_port}/beam"
-        obj["spec"]["destinations"] = [{"type": "webhook", "name": "refuser", "url": url}]
-        uid = apply(k8s, org, obj)["metadata"]["uid"]
-        wait_status(k8s, org, "del-failed", "failed")
-    finally:
-        server.shutdown()
+    uid = failed_at_its_webhook(k8s, org, "del-failed")
     assert staged_objects(bucket, org, uid), "a failed backfill keeps its staged files"
     _delete_and_assert_nothing_left(k8s, org, bucket, "del-failed", uid)
 

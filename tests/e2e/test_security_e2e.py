@@ -124,23 +124,9 @@ def test_a_pod_of_another_organization_reads_only_ciphertext_of_staged_files(
     """Organization A's backfill fails at its webhook and keeps its staged files. A Pod in
     organization B, on the same node with the same workers' identity and a path to the same
     bucket, reads A's staged chunk: bytes, but no parquet and no rows (seal.py)."""
-    import threading
-    from http.server import ThreadingHTTPServer
+    from e2e_helpers import failed_at_its_webhook, staged_objects
 
-    from e2e_helpers import Refuser, staged_objects
-
-    from beam_devstack.pytest_plugin import NODE
-
-    server = ThreadingHTTPServer((NODE["node_ip"], 0), Refuser)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        obj = backfill("kept", "e2e-kept", window={**WINDOW, "end": "2026-03-02T00:00:00"})
-        url = f"http://{NODE['node_ip']}:{server.server_port}/beam"
-        obj["spec"]["destinations"] = [{"type": "webhook", "name": "refuser", "url": url}]
-        uid = apply(k8s, org, obj)["metadata"]["uid"]
-        wait_status(k8s, org, "kept", "failed")
-    finally:
-        server.shutdown()
+    uid = failed_at_its_webhook(k8s, org, "kept")
     [chunk] = [o for o in staged_objects(bucket, org, uid) if "/chunks/" in o]
     other = namespace_factory()
     host_port = node_servers["gcs"].endpoints()["host_port"]
