@@ -133,12 +133,21 @@ def staging_env(state, kube, staging_uri: str) -> tuple[dict, list[dict]]:
     spec = BackfillSpec.model_validate(yaml.safe_load(SEED.read_text())["spec"])
     uid = str(uuid.uuid4())
     job = child_jobs.staging_job("bench-stage", demo.NAMESPACE, uid, spec, config)
+    # The backfill's staged-data key, as the operator makes it (without an owner: no backfill
+    # here), so that both ways seal their chunks alike.
+    staged_key = base64.b64encode(os.urandom(32)).decode()
+    key_secret = child_jobs.staging_key_secret("bench-stage", demo.NAMESPACE, uid)
+    key_secret["metadata"].pop("ownerReferences")
+    key_secret["stringData"] = {child_jobs.STAGING_KEY_SECRET_KEY: staged_key}
+    kube.kubectl("create", "-n", demo.NAMESPACE, "-f", "-", input=json.dumps(key_secret))
     secret = kube.core.read_namespaced_secret(demo.SNOWFLAKE_SECRET, demo.NAMESPACE).data
     env = {}
     container = job["spec"]["template"]["spec"]["containers"][0]
     for e in container["env"]:
         if "value" in e:
             env[e["name"]] = e["value"]
+        elif e["valueFrom"]["secretKeyRef"]["name"] == key_secret["metadata"]["name"]:
+            env[e["name"]] = staged_key
         elif (key := e["valueFrom"]["secretKeyRef"]["key"]) in secret:
             env[e["name"]] = base64.b64decode(secret[key]).decode()
     env["BEAM_STAGING_URI"] = staging_uri
@@ -187,6 +196,11 @@ def stage_in_container(kube, job: dict, n: int) -> dict:
             break
         if conds & {"Failed", "FailureTarget"} or time.monotonic() > deadline:
             raise RuntimeError(f"the staging Job did not complete: {st[-2000:]}")
+        pods = kube.core.list_namespaced_pod(demo.NAMESPACE, label_selector=f"job-name={name}").items
+        for cs in (cs for p in pods for cs in (p.status.container_statuses or [])):
+            waiting = cs.state.waiting
+            if waiting is not None and waiting.reason in ("CreateContainerConfigError", "ErrImageNeverPull"):
+                raise RuntimeError(f"the staging Pod cannot start: {waiting.reason}: {waiting.message}")
         time.sleep(0.2)
     wall = time.monotonic() - t0
     [pod] = kube.core.list_namespaced_pod(demo.NAMESPACE, label_selector=f"job-name={name}").items

@@ -20,14 +20,22 @@ def bench(tmp_path: Path, script: str, *args: str, timeout: float = 600) -> dict
     """Run `script` (a path under the repository) with `args`; its --json figures."""
     out = tmp_path / "figures.json"
     env = {**os.environ, "TMPDIR": str(tmp_path), "BEAM_DEVSTACK_DIR": str(tmp_path / "devstack")}
-    p = subprocess.run(
-        [sys.executable, str(ROOT / script), *args, "--json", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    try:
+        p = subprocess.run(
+            [sys.executable, str(ROOT / script), *args, "--json", str(out)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    finally:
+        # A benchmark killed at the timeout cannot stop what it started in the background (its
+        # node above all: one per machine); `beam-dev down` does, or the whole session's node
+        # tests would find the machine taken.
+        subprocess.run(
+            [str(ROOT / ".venv" / "bin" / "beam-dev"), "down"], cwd=ROOT, env=env, capture_output=True, timeout=120
+        )
     assert p.returncode == 0, f"{script} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return json.loads(out.read_text())
 
