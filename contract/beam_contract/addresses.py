@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from urllib.parse import urlsplit
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -73,13 +74,35 @@ def in_nets(ip: IPAddress, nets: tuple[IPNetwork, ...]) -> bool:
     return any(ip in n or (inner is not None and inner[0] in n) for n in nets)
 
 
+def norm_host(host: str) -> str:
+    """A host name or literal as compared: brackets, a final dot and case dropped."""
+    return host.strip().strip("[]").rstrip(".").lower()
+
+
+def endpoint(text: str) -> tuple[str, int | None] | None:
+    """(host, port) of "host:port", "[v6]:port", "scheme://host:port/..." or a bare host: a
+    destination's URL, one of Kafka's bootstrap servers, an entry of a Secret's `endpoints`."""
+    text = text.strip()
+    # A scheme of its own: librdkafka's "SASL_SSL://" is no URL scheme (the underscore).
+    m = re.match(r"^([A-Za-z][A-Za-z0-9_+.-]*)://(.*)$", text, re.S)
+    scheme, rest = (m.group(1).lower(), m.group(2)) if m else ("", text)
+    try:
+        u = urlsplit(f"//{rest}")
+        host, port = u.hostname, u.port
+    except ValueError:
+        return None
+    if port is None:
+        port = {"http": 80, "https": 443}.get(scheme)
+    return (norm_host(host), port) if host else None
+
+
 _INET_ATON_RE = re.compile(r"^(0x[0-9a-f]+|[0-9]+)(\.(0x[0-9a-f]+|[0-9]+)){0,3}$", re.I)
 
 
 def literal_address(host: str) -> IPAddress | None:
     """The address a host written as an IP literal stands for, in any spelling the C library
     accepts without DNS (127.1, 2130706433, 0x7f000001, [::ffff:127.0.0.1]); None for a name."""
-    host = host.strip().strip("[]").rstrip(".")
+    host = norm_host(host)
     try:
         return ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
@@ -106,8 +129,8 @@ def literal_refusal(
         try:
             nets.append(ipaddress.ip_network(entry.strip().strip("[]"), strict=False))
         except ValueError:
-            names.add(entry.strip().lower().rstrip("."))
-    if in_nets(ip, tuple(nets)) or host.strip().strip("[]").lower().rstrip(".") in names:
+            names.add(norm_host(entry))
+    if in_nets(ip, tuple(nets)) or norm_host(host) in names:
         return None
     cluster = []
     for entry in cluster_cidrs:

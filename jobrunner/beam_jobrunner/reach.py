@@ -46,9 +46,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
 
-from beam_contract.addresses import IPAddress, IPNetwork, embedded_ipv4, in_nets, why_not_global
+from beam_contract.addresses import IPAddress, IPNetwork, embedded_ipv4, endpoint, in_nets, norm_host, why_not_global
 from beam_contract.worker import Env
 from beam_jobrunner.errors import PermanentError, TransientError
 
@@ -68,10 +67,6 @@ class Refused(BaseException):
         self.error = error
 
 
-def _norm_host(host: str) -> str:
-    return host.strip().strip("[]").rstrip(".").lower()
-
-
 def _ip(text: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(text.split("%", 1)[0].strip("[]"))
@@ -87,22 +82,6 @@ def _parse_nets(name: str, raw: str) -> tuple[IPNetwork, ...]:
         except ValueError:
             raise PermanentError(f"configuration: {name} entry {entry!r} is not a CIDR") from None
     return tuple(nets)
-
-
-def _endpoint(text: str) -> tuple[str, int | None] | None:
-    """(host, port) of "host:port", "[v6]:port", "scheme://host:port/..." or a bare host."""
-    text = text.strip()
-    # A scheme of its own: librdkafka's "SASL_SSL://" is no URL scheme (the underscore).
-    m = re.match(r"^([A-Za-z][A-Za-z0-9_+.-]*)://(.*)$", text, re.S)
-    scheme, rest = (m.group(1).lower(), m.group(2)) if m else ("", text)
-    try:
-        u = urlsplit(f"//{rest}")
-        host, port = u.hostname, u.port
-    except ValueError:
-        return None
-    if port is None:
-        port = {"http": 80, "https": 443}.get(scheme)
-    return (_norm_host(host), port) if host else None
 
 
 @dataclass
@@ -135,7 +114,7 @@ class Policy:
                     continue
                 except ValueError:
                     pass
-            host = _norm_host(entry)
+            host = norm_host(entry)
             if host.startswith("*.") and _HOST_RE.match(host[2:]):
                 suffixes.append(host[1:])
             elif _HOST_RE.match(host):
@@ -150,15 +129,15 @@ class Policy:
             allow_suffixes=tuple(suffixes),
             allow_nets=tuple(nets),
             cluster_nets=_parse_nets(Env.CLUSTER_CIDRS, cluster_cidrs),
-            platform=frozenset((_norm_host(h), port) for h, port in platform),
-            managed_kafka=tuple((_norm_host(h), port) for h, port in managed_kafka),
+            platform=frozenset((norm_host(h), port) for h, port in platform),
+            managed_kafka=tuple((norm_host(h), port) for h, port in managed_kafka),
         )
 
     @classmethod
     def from_env(cls) -> Policy:
         # Exempt: the staging store's emulator (dev, tests), which the operator sets, not the
         # tenant; only its host:port. The managed Kafka is compared with, never exempt.
-        emulator = _endpoint(os.environ.get(Env.STORAGE_EMULATOR_HOST, ""))
+        emulator = endpoint(os.environ.get(Env.STORAGE_EMULATOR_HOST, ""))
         return cls.parse(
             os.environ.get(Env.DESTINATION_ALLOW, ""),
             os.environ.get(Env.CLUSTER_CIDRS, ""),
@@ -179,14 +158,14 @@ class Policy:
         return self._managed_addresses
 
     def host_allowed(self, host: str) -> bool:
-        h = _norm_host(host)
+        h = norm_host(host)
         if h in self.allow_names or any(h.endswith(s) for s in self.allow_suffixes):
             return True
         ip = _ip(h)
         return ip is not None and in_nets(ip, self.allow_nets)
 
     def is_platform(self, host: str, port: int | None) -> bool:
-        return (_norm_host(host), port) in self.platform
+        return (norm_host(host), port) in self.platform
 
     def refusal(self, ip: IPAddress, port: int | None = None) -> str | None:
         """Why connecting to ip (port) is refused, or None when it is allowed."""
@@ -223,7 +202,7 @@ def _where(ip: IPAddress, port: int | None, name: str | None = None) -> str:
     hostport = f"[{ip}]" if ip.version == 6 else str(ip)
     if port is not None:
         hostport += f":{port}"
-    if name and _norm_host(name) != str(ip):
+    if name and norm_host(name) != str(ip):
         return f"{name}:{port} ({ip})" if port is not None else f"{name} ({ip})"
     return hostport
 
@@ -370,7 +349,7 @@ def managed_kafka_refusal(label: str, what: str) -> PermanentError:
     )
 
 
-def check_endpoint(label: str, what: str, host: str, port: int | None, p: Policy | None = None) -> None:
+def checkendpoint(label: str, what: str, host: str, port: int | None, p: Policy | None = None) -> None:
     """Resolve host and refuse (PermanentError) if any of its addresses is refused."""
     p = p or policy()
     if p.host_allowed(host):
@@ -395,7 +374,7 @@ def kafka_bootstrap(bootstrap: str, label: str = "") -> list[tuple[str, int]]:
     for part in bootstrap.split(","):
         if not part.strip():
             continue
-        ep = _endpoint(part)
+        ep = endpoint(part)
         if ep is None:
             if label:
                 raise PermanentError(f"{label}: bootstrap server {part.strip()!r} is not host:port")
@@ -413,7 +392,7 @@ def check_kafka_bootstrap(label: str, bootstrap: str, p: Policy | None = None) -
     endpoints = kafka_bootstrap(bootstrap, label)
     managed = p.managed_addresses()
     for host, port in endpoints:
-        if (_norm_host(host), port) in p.managed_kafka:
+        if (norm_host(host), port) in p.managed_kafka:
             raise managed_kafka_refusal(label, f"bootstrap_servers {host}:{port}")
         if managed:
             try:
@@ -424,14 +403,14 @@ def check_kafka_bootstrap(label: str, bootstrap: str, p: Policy | None = None) -
                 ) from None
             if mine & managed:
                 raise managed_kafka_refusal(label, f"bootstrap_servers {host}:{port}")
-        check_endpoint(label, "bootstrap server", host, port, p)
+        checkendpoint(label, "bootstrap server", host, port, p)
 
 
 def check_kafka_brokers(label: str, brokers, p: Policy | None = None) -> None:
     """Check every broker of a cluster's metadata (BrokerMetadata: .id, .host, .port)."""
     p = p or policy()
     for b in brokers:
-        check_endpoint(label, f"advertised broker {b.id}", b.host, b.port, p)
+        checkendpoint(label, f"advertised broker {b.id}", b.host, b.port, p)
 
 
 def check_not_managed(label: str, cluster_id: str | None, brokers, managed, p: Policy | None = None) -> None:

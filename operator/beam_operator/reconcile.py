@@ -12,11 +12,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from beam_contract.addresses import literal_refusal
+from beam_contract.addresses import endpoint, literal_refusal
 from beam_contract.model import BackfillSpec, BackfillStatus, Condition, Phase, parse_timestamp, utc_iso, workflow_id
 from beam_contract.worker import SPEC_CONFIGMAP_MAX_BYTES, StagingResult, parse_failure, worker_chunks
 
@@ -881,16 +880,10 @@ def finalize_actions(
 def _destination_hosts(dest) -> list[str]:
     """The hosts a destination's addresses name, as written."""
     if dest.type == "kafka":
-        entries = (dest.bootstrap_servers or "").split(",")
-        return [h for e in entries if (h := _host_of(e.strip().split("://", 1)[-1]))]
-    urls = [dest.endpoint_url or ""] if dest.type == "sns" else dest.url.split(",")
-    return [h for u in urls if u and (h := urlsplit(u.strip()).hostname)]
-
-
-def _host_of(hostport: str) -> str:
-    if hostport.startswith("["):
-        return hostport[1:].split("]", 1)[0]
-    return hostport.rsplit(":", 1)[0] if hostport.count(":") == 1 else hostport
+        addresses = (dest.bootstrap_servers or "").split(",")
+    else:
+        addresses = [dest.endpoint_url or ""] if dest.type == "sns" else dest.url.split(",")
+    return [found[0] for a in addresses if a.strip() and (found := endpoint(a))]
 
 
 def _inward_literal(spec: BackfillSpec, config: OperatorConfig) -> str | None:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from beam_contract.addresses import endpoint, norm_host
 from beam_contract.worker import Env, destination_env
 from beam_jobrunner import log_tail
 from beam_jobrunner.errors import PermanentError
@@ -135,13 +136,13 @@ def make_sink(dest, ctx: Context) -> Sink:
 
 def endpoint_bound(bound: str, host: str, port: int | None) -> bool:
     """Whether host:port is one of `bound`'s entries (host:port, or *.suffix:port)."""
-    host = host.strip().strip("[]").rstrip(".").lower()
+    host = norm_host(host)
     for entry in filter(None, (e.strip() for e in bound.split(","))):
-        want_host, _, want_port = entry.rpartition(":") if not entry.endswith("]") else (entry, "", "")
-        if not want_host:
-            want_host, want_port = entry, ""
-        want_host = want_host.strip("[]").rstrip(".").lower()
-        if want_port and (port is None or want_port != str(port)):
+        found = endpoint(entry)
+        if found is None:
+            continue
+        want_host, want_port = found
+        if want_port is not None and want_port != port:
             continue
         if want_host == host or (want_host.startswith("*.") and host.endswith(want_host[1:])):
             return True
