@@ -113,6 +113,7 @@ class ChunkWriter:
         self._sink: pa.BufferOutputStream | None = None
         self._writer: pq.ParquetWriter | None = None
         self._rows = 0
+        self._key = seal.key()
 
     def write(self, table: pa.Table) -> None:
         if self.schema is None:
@@ -136,8 +137,8 @@ class ChunkWriter:
         self._writer.close()
         data = self._sink.getvalue().to_pybytes()
         uri = staging.chunk_uri(self.staging_uri, len(self.chunks))
-        if (k := seal.key()) is not None:
-            data = seal.seal(data, uri.removeprefix(self.staging_uri), k)
+        if self._key is not None:
+            data = seal.seal(data, uri.removeprefix(self.staging_uri), self._key)
         storage.write_bytes(uri, data)
         self.chunks.append({"index": len(self.chunks), "uri": uri, "rows": self._rows, "bytes": len(data)})
         log.info("staged chunk %d: %d rows, %d bytes -> %s", len(self.chunks) - 1, self._rows, len(data), uri)
@@ -229,6 +230,7 @@ def run(common: Common) -> dict:
         raise PermanentError(f"staging: unknown {Env.STAGE_STRATEGY} {env(Env.STAGE_STRATEGY)!r} ({choices})") from None
     target = int(env(Env.CHUNK_TARGET_BYTES, str(DEFAULT_CHUNK_TARGET_BYTES)))
     sql.table_name(common.spec.table)  # refuse a bad name before connecting anywhere
+    k = seal.key()  # and a bad key
     t0 = time.monotonic()
     uri = staging.manifest_uri(common.staging_uri)
     if storage.exists(uri):
@@ -236,7 +238,6 @@ def run(common: Common) -> dict:
         # died before it could report (or its report was lost). Transport workers may be reading
         # those chunks already (they start with staging), so they stay as they are.
         manifest = storage.read_json(uri)
-        k = seal.key()
         if k is None or seal.verified(manifest, k):
             log.info(
                 "staged already by an earlier Pod: %d rows in %d chunks", manifest["num_rows"], manifest["num_chunks"]
@@ -263,9 +264,9 @@ def run(common: Common) -> dict:
         "chunks": chunks,
         "created": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
         # Chunks Snowflake unloads are its own writing, not sealed (seal.py).
-        "sealed": seal.key() is not None and strategy == StageStrategy.FETCH,
+        "sealed": k is not None and strategy == StageStrategy.FETCH,
     }
-    if (k := seal.key()) is not None:
+    if k is not None:
         manifest = seal.sign(manifest, k)
     storage.write_json(uri, manifest)
     elapsed = time.monotonic() - t0
