@@ -70,6 +70,17 @@ def fetch() -> dict[str, float]:
     progress("fetch", "promtool: checking cache (first time: built from the Go module proxy, about 5 minutes)")
     promtool_binary()
     times["promtool"] = time.monotonic() - t
+    # The console's browser tests (beam_devstack.browser): Debian's chromium and its chromedriver,
+    # one source package, so their versions always match; nothing is downloaded at test time.
+    from beam_devstack.browser import CHROMEDRIVER, CHROMIUM
+    from beam_devstack.proc import apt_install
+
+    t = time.monotonic()
+    progress("fetch", "browser: Debian's chromium and chromium-driver")
+    for binary, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
+        if not binary.is_file():
+            apt_install(package, "browser")
+    times["browser"] = time.monotonic() - t
     # The real node (tests/node): Debian's containerd, runc, CNI plugins and image builders, the
     # node's Kubernetes binaries, then the images, built from the Dockerfiles when they changed.
     from beam_devstack import images, node

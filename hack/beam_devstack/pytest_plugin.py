@@ -222,3 +222,16 @@ def provision_organization(plane, snowflake, name: str) -> str:
         {**worker, "metadata": {"name": "beam-beam-backfill-worker"}},
     )
     return ns
+
+
+# --- a headless browser for the web console (beam_devstack.browser) --------------------------
+
+
+@pytest.fixture
+def browser():
+    """Debian's headless Chromium under Selenium, fresh profile per test, quit after;
+    beam_devstack.browser.console_errors(driver) and .save_screenshot(driver, path) read it."""
+    from beam_devstack.browser import chromium
+
+    with chromium() as driver:
+        yield driver
