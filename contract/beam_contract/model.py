@@ -471,10 +471,32 @@ class BackfillStatus(BaseModel):
     workflow_id: str | None = Field(default=None, description="beam-backfill-<namespace>-<job_id>.")
     num_chunks: int | None = Field(default=None, description="Parquet files staged; null while staging.")
     chunks_left: int | None = Field(default=None, description="Chunks still to deliver; counts down to 0.")
-    num_rows: int | None = Field(default=None, description="Rows staged.")
+    num_rows: int | None = Field(
+        default=None, description="Rows staged (the window's rows, after the filter); null while staging."
+    )
+    rows_delivered: int | None = Field(
+        default=None,
+        description="Rows of the chunks that reached every destination; counts up to num_rows, and is num_rows "
+        "once completed. While transporting it is the sum of the rows the progress objects of delivered chunks "
+        "name, read only while transport workers have more than one chunk each (with one chunk per worker it "
+        "stays where it was until completion); so it may lag chunks_left, and never counts a row not delivered. "
+        "Kept by a failure, a cancel or a retry that reuses the staged files; null while staging.",
+    )
     error_message: str | None = Field(default=None, description="Why the backfill failed; null otherwise.")
     time_created: str | None = Field(default=None, description="ISO 8601 UTC.")
     time_completed: str | None = Field(default=None, description="ISO 8601 UTC; null until the backfill ends.")
+    time_staging_started: str | None = Field(
+        default=None,
+        description="ISO 8601 UTC: when the attempt's staging Job was first created; null until then. A retry "
+        "that stages again sets it again; one that reuses the staged files keeps it.",
+    )
+    time_transporting_started: str | None = Field(
+        default=None,
+        description="ISO 8601 UTC: when status became transporting (staging finished), so staging took this "
+        "minus time_staging_started and the transport phase ends at time_completed. Null if it never "
+        "transported (an empty window completes from staging). A retry that reuses the staged files keeps it "
+        "(the retry's own start is the Failed condition's lastTransitionTime); one that stages again clears it.",
+    )
     staged_files_deleted: bool | None = Field(
         default=None, description="True once the staged chunks were removed (retention)."
     )

@@ -5,7 +5,8 @@
       manifest.json                                  what `stage` produced; `transport` reads it
       delivered/<destination index>/<chunk>          a chunk reached a non-Kafka destination
       progress/<chunk>                               a chunk reached every destination: what the
-                                                     operator counts for chunks_left
+                                                     operator counts for chunks_left; its custom
+                                                     metadata {"rows": "<n>"} for rows_delivered
 
 The operator computes the URI and deletes the prefix; the jobrunner writes and reads under it.
 """
@@ -52,6 +53,22 @@ def progress_uri(staging_uri: str, chunk: int) -> str:
     """Written by the transport worker once `chunk` reached every destination of the backfill.
     Only a count: exactly once rests on each destination's own marker, never on this."""
     return join(staging_uri, PROGRESS, str(chunk))
+
+
+# The progress object's custom metadata key: the chunk's rows, which a bucket listing returns
+# with each object's name, so that the operator sums rows_delivered without reading any object.
+PROGRESS_ROWS = "rows"
+
+
+def progress_metadata(rows: int | None) -> dict[str, str] | None:
+    """The custom metadata of a chunk's progress object: its rows (none if unknown)."""
+    return {PROGRESS_ROWS: str(rows)} if isinstance(rows, int) and rows >= 0 else None
+
+
+def rows_of_progress(metadata: dict[str, str] | None) -> int | None:
+    """The rows a listed progress object's custom metadata names; None if it names none."""
+    value = (metadata or {}).get(PROGRESS_ROWS)
+    return int(value) if isinstance(value, str) and value.isdigit() and len(value) <= 18 else None
 
 
 def progress_prefix(staging_uri: str) -> str:

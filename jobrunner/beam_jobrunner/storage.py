@@ -35,9 +35,10 @@ def path_of(uri: str) -> str:
     return uri[len("gs://") :]
 
 
-def write_bytes(uri: str, data: bytes) -> None:
+def write_bytes(uri: str, data: bytes, metadata: dict[str, str] | None = None) -> None:
+    """Write an object; `metadata` becomes its custom metadata (GCS returns it in listings)."""
     try:
-        with filesystem().open_output_stream(path_of(uri)) as out:
+        with filesystem().open_output_stream(path_of(uri), metadata=metadata) as out:
             out.write(data)
     except OSError as e:
         raise TransientError(f"storage: cannot write {uri}: {e}") from None
@@ -65,8 +66,8 @@ def list_files(prefix_uri: str) -> list[tuple[str, int]]:
     return sorted((f"gs://{i.path}", i.size) for i in infos)
 
 
-def write_json(uri: str, obj) -> None:
-    write_bytes(uri, json.dumps(obj, indent=1, sort_keys=False).encode() + b"\n")
+def write_json(uri: str, obj, metadata: dict[str, str] | None = None) -> None:
+    write_bytes(uri, json.dumps(obj, indent=1, sort_keys=False).encode() + b"\n", metadata)
 
 
 def read_json(uri: str):

@@ -364,10 +364,13 @@ def run(common: Common) -> dict:
                     if n + 1 < len(todo):
                         download(todo[n + 1])  # downloads while this one is sent: one file ahead
                     results = _deliver_to_each(common, index, current, batch_rows, metrics)
-                    progress = {"chunk": index, "worker": worker, "rows": chunks[index].get("rows"), "time": _now()}
+                    rows = chunks[index].get("rows")
+                    progress = {"chunk": index, "worker": worker, "rows": rows, "time": _now()}
                     storage.write_json(
                         staging.progress_uri(common.staging_uri, index),
                         seal.sign(progress, k) if k is not None else progress,
+                        # The operator sums these from one listing, without reading each object.
+                        staging.progress_metadata(rows),
                     )
             except Exception as e:
                 # The termination message names the chunk (beam_contract.worker.failure_message).

@@ -165,9 +165,10 @@ class Caches:
     keys_by_uid: dict[str, Key] = field(default_factory=dict)
     # Stuck Pods of running Jobs, and when to look for them again (monotonic), by owner uid.
     waiting: dict[str, tuple[float, tuple[WaitingPod, ...]]] = field(default_factory=dict)
-    # Chunks with a progress object in the bucket, and when to read again (monotonic), by owner
-    # uid: only while transport workers have more than one chunk each (_read_progress).
-    progress: dict[str, tuple[float, frozenset[int]]] = field(default_factory=dict)
+    # Chunks with a progress object in the bucket, each with the rows its metadata names, and
+    # when to read again (monotonic), by owner uid: only while transport workers have more than
+    # one chunk each (_read_progress).
+    progress: dict[str, tuple[float, dict[int, int | None]]] = field(default_factory=dict)
 
 
 DESTINATION_TYPES = ("kafka", "webhook", "nats", "sns")
@@ -363,17 +364,20 @@ class Controller:
         return await asyncio.shield(hit[1])
 
     async def _read_progress(self, body: dict[str, Any]) -> None:
-        """Count delivered chunks from the bucket while transport workers have more than one
-        chunk each: the Job's status only says when a worker has delivered all of its chunks.
+        """Count delivered chunks (and their rows: rows_delivered) from the bucket while transport
+        workers have more than one chunk each: the Job's status only says when a worker has
+        delivered all of its chunks.
 
         One listing per backfill at most every progress_interval_seconds, and no more than
         progress_reads_per_second over all of them: with more backfills transporting, each one's
         count is read less often (Job completions still count at once). A failed read leaves the
-        last count: chunks_left only goes down later, nothing else depends on it."""
+        last count: chunks_left only goes down later, rows_delivered only up, nothing else
+        depends on them. A backfill staging (again, after a retry) drops what was read: those
+        objects belong to chunks it stages anew."""
         meta = body["metadata"]
         uid = meta["uid"]
         status = BackfillStatus.model_validate(body.get("status") or {})
-        if status.status in (Phase.COMPLETED, Phase.CANCELLED):
+        if status.status in (Phase.COMPLETED, Phase.CANCELLED, Phase.STAGING):
             self.caches.progress.pop(uid, None)
             return
         jobs = current_jobs(self.observe(body), status) if status.status == Phase.TRANSPORTING else []
@@ -401,7 +405,7 @@ class Controller:
                 meta["name"],
                 e,
             )
-            found = last[1] if last else frozenset()
+            found = last[1] if last else {}
         # A little early: reconcile() wakes the backfill every progress_interval_seconds.
         self.caches.progress[uid] = (now + interval - 0.05, found)
 

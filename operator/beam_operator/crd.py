@@ -287,6 +287,22 @@ def crd() -> dict[str, Any]:
                         },
                         {"name": "Table", "type": "string", "jsonPath": ".spec.table"},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                        # -o wide: what a live list needs (docs/operations.md, "Status fields").
+                        {"name": "Rows", "type": "integer", "jsonPath": ".status.num_rows", "priority": 1},
+                        {"name": "Delivered", "type": "integer", "jsonPath": ".status.rows_delivered", "priority": 1},
+                        {
+                            "name": "Staging-Started",
+                            "type": "date",
+                            "jsonPath": ".status.time_staging_started",
+                            "priority": 1,
+                        },
+                        {
+                            "name": "Transporting-Started",
+                            "type": "date",
+                            "jsonPath": ".status.time_transporting_started",
+                            "priority": 1,
+                        },
+                        {"name": "Completed", "type": "date", "jsonPath": ".status.time_completed", "priority": 1},
                         {"name": "Error", "type": "string", "jsonPath": ".status.error_message", "priority": 1},
                     ],
                     "schema": {

@@ -8,7 +8,7 @@ decision again, and deterministic Job names turn a repeated create into AlreadyE
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -191,8 +191,9 @@ class Observed:
     # not all running after stuck_pod_seconds).
     waiting: tuple[WaitingPod, ...] = ()
     # Chunks whose progress object says they reached every destination (beam_contract.staging),
-    # read from the bucket while transport workers have more than one chunk each; None if unread.
-    progress: frozenset[int] | None = None
+    # each with the rows its custom metadata names (None if it names none), read from the bucket
+    # while transport workers have more than one chunk each; None if unread.
+    progress: Mapping[int, int | None] | None = None
     # Of a backfill not yet started: how many live backfills its namespace held before it (by
     # creation), their specs' bytes, and its own spec's bytes; None once it has started.
     namespace_load: tuple[int, int, int] | None = None
@@ -275,7 +276,7 @@ def indexes(ranges: str) -> list[int]:
     return out
 
 
-def chunks_delivered(job: JobObs | None, num_chunks: int, progress: frozenset[int] | None) -> int:
+def chunks_delivered(job: JobObs | None, num_chunks: int, progress: Iterable[int] | None) -> int:
     """Chunks that reached every destination: those of the transport workers that completed,
     and those with a progress object (a worker that has more to do, or an earlier attempt)."""
     done = set(progress or ())
@@ -284,6 +285,22 @@ def chunks_delivered(job: JobObs | None, num_chunks: int, progress: frozenset[in
         for worker in indexes(job.completed_indexes):
             done.update(worker_chunks(worker, workers, num_chunks))
     return len({c for c in done if 0 <= c < num_chunks})
+
+
+def rows_listed(progress: Mapping[int, int | None] | None, num_chunks: int, num_rows: int | None) -> int | None:
+    """Rows of the chunks whose progress object was listed, as their metadata names them (a
+    chunk whose object names none counts 0), at most num_rows; None if nothing was listed."""
+    if not isinstance(progress, Mapping):
+        return None
+    total = sum(r for c, r in progress.items() if 0 <= c < num_chunks and isinstance(r, int) and r > 0)
+    return total if num_rows is None else min(total, num_rows)
+
+
+def _count_rows(st: BackfillStatus, progress: Mapping[int, int | None] | None) -> None:
+    """rows_delivered of a transporting backfill: what the progress objects listed, never less
+    than it was (a delivered chunk stays delivered; a listing not read keeps the last count)."""
+    listed = rows_listed(progress, st.num_chunks or 0, st.num_rows) or 0
+    st.rows_delivered = max(st.rows_delivered or 0, listed)
 
 
 def workers_share_chunks(job: JobObs | None, num_chunks: int | None) -> bool:
@@ -428,6 +445,8 @@ def _reconcile(obs: Observed, config: OperatorConfig) -> Decision:
         if phase == Phase.FAILED:
             st.error_message = _clip(message)
         failed, completed = phase == Phase.FAILED, phase == Phase.COMPLETED
+        if completed and st.num_rows is not None:
+            st.rows_delivered = st.num_rows  # every chunk reached every destination
         _set_condition(st, "Failed", failed, reason, message if failed else "", now, obs.generation)
         _set_condition(st, "Complete", completed, reason, message if completed else "", now, obs.generation)
         if phase == Phase.CANCELLED:
@@ -459,6 +478,8 @@ def _reconcile(obs: Observed, config: OperatorConfig) -> Decision:
 
     if st.status.terminal:
         return _terminal(obs, st, config, actions, events)
+    if st.status == Phase.TRANSPORTING:
+        _count_rows(st, obs.progress)
 
     # Checks the CRD cannot do: they depend on the operator's configuration.
     try:
@@ -585,7 +606,11 @@ def _reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             actions.append(
                 create(child_jobs.staging_job(obs.name, obs.namespace, obs.uid, spec, config, obs.queue_name, attempt))
             )
+            st.time_staging_started = st.time_staging_started or now
             return Decision(st, actions, events)
+        # The Job's own creation, if this status was not written with its create (an operator
+        # that died between the two, or one from before this field).
+        st.time_staging_started = st.time_staging_started or _iso_or(job.created_at, now)
         if job.failed:
             why, _ = _worker_message(obs.pods, job.name)
             if not why and _within_grace(job, obs.now):
@@ -620,6 +645,7 @@ def _reconcile(obs: Observed, config: OperatorConfig) -> Decision:
             # An empty window is a success with nothing to deliver, not an error.
             return finish(Phase.COMPLETED, "Completed", "the window holds no rows: nothing to deliver")
         st.status = Phase.TRANSPORTING
+        st.time_transporting_started, st.rows_delivered = now, 0
         events.append(
             Event(
                 "Normal",
@@ -733,6 +759,8 @@ def _retry(obs: Observed, st: BackfillStatus, events: list[Event], now: str) -> 
         why = "no staged files to reuse" if st.num_chunks is None else "the staged files are gone"
         what = f"staging again ({why})"
         st.status, st.num_chunks, st.chunks_left, st.num_rows = Phase.STAGING, None, None, None
+        # The new staging's times are its own; nothing of the new chunks is delivered yet.
+        st.rows_delivered, st.time_staging_started, st.time_transporting_started = None, None, None
         _set_condition(st, "Staged", False, "Staging", "exporting the window from Snowflake", now, obs.generation)
     st.error_message = None
     st.time_completed = None
@@ -843,6 +871,14 @@ def _terminal(
         else:
             wake.append((due - obs.now).total_seconds())
     return Decision(st, actions, events, requeue_after=min(wake) if wake else None)
+
+
+def _iso_or(timestamp: str, default: str) -> str:
+    """A Kubernetes timestamp in utc_iso's form, or default if there is none or it does not parse."""
+    try:
+        return utc_iso(parse_timestamp(timestamp)) if timestamp else default
+    except ValueError:
+        return default
 
 
 def running(job: JobObs) -> bool:

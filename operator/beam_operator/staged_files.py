@@ -1,6 +1,6 @@
 """A backfill's staged files as the operator sees them: deleting them (the finalizer, retention
 after success), whether the manifest is still there (a retry), and the transport workers'
-progress objects (chunks_left).
+progress objects (chunks_left, rows_delivered).
 
 google-cloud-storage rather than pyarrow's GCS filesystem, which the jobrunner uses: importing
 pyarrow grew the operator's RSS by about 30 MB at its first deletion (docs/benchmarks.md,
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 
-from beam_contract.staging import MANIFEST, PROGRESS, chunk_of_progress, deletable_prefix
+from beam_contract.staging import MANIFEST, PROGRESS, chunk_of_progress, deletable_prefix, rows_of_progress
 from beam_contract.worker import Env
 
 
@@ -67,15 +67,17 @@ def manifest_exists(staging_uri: str, timeout: float = 30.0) -> bool:
         raise StagedFilesError(f"cannot look for the staged manifest under {staging_uri}: {e}") from None
 
 
-def chunks_with_progress(staging_uri: str, timeout: float = 30.0) -> frozenset[int]:
-    """Chunks whose progress object says they reached every destination (one listing)."""
+def chunks_with_progress(staging_uri: str, timeout: float = 30.0) -> dict[int, int | None]:
+    """Chunks whose progress object says they reached every destination, each with the rows its
+    custom metadata names (None without: a worker of an earlier release). One listing: a GCS
+    listing returns each object's custom metadata, so no object is read."""
     from google.api_core import exceptions
 
     bucket, prefix = deletable_prefix(staging_uri)
     try:
         blobs = _client().list_blobs(bucket, prefix=f"{prefix}{PROGRESS}/", timeout=timeout)
-        return frozenset(c for b in blobs if (c := chunk_of_progress(b.name)) is not None)
+        return {c: rows_of_progress(b.metadata) for b in blobs if (c := chunk_of_progress(b.name)) is not None}
     except exceptions.NotFound:
-        return frozenset()
+        return {}
     except (exceptions.GoogleAPICallError, OSError) as e:
         raise StagedFilesError(f"cannot list the progress of {staging_uri}: {e}") from None

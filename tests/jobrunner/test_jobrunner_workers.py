@@ -1,9 +1,11 @@
 """Transport workers that each deliver many chunks (docs/worker-contract.md, "How chunks are
-shared"): the share of each, the progress objects the operator counts, a worker started with
-staging that waits for the manifest, and a worker killed on a later chunk that resumes there."""
+shared"): the share of each, the progress objects the operator counts (and the rows their
+metadata names), a worker started with staging that waits for the manifest, and a worker killed
+on a later chunk that resumes there."""
 
 from __future__ import annotations
 
+import json
 import signal
 import uuid
 
@@ -36,6 +38,24 @@ def progress(gcs, job: Job) -> set[int]:
     return {staging.chunk_of_progress(i.path) for i in fs.get_file_info(sel)}
 
 
+def listed_rows(gcs, job: Job, monkeypatch) -> dict[int, int | None]:
+    """What the operator's one listing of the progress objects finds (staged_files), on fake-gcs-server."""
+    from beam_operator import staged_files
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.endpoints()["url"])
+    staged_files._client.cache_clear()
+    try:
+        return staged_files.chunks_with_progress(job.staging)
+    finally:
+        staged_files._client.cache_clear()
+
+
+def manifest_rows(gcs, job: Job) -> dict[int, int]:
+    fs = pafs.GcsFileSystem(anonymous=True, endpoint_override=gcs.endpoints()["host_port"], scheme="http")
+    with fs.open_input_stream(staging.manifest_uri(job.staging).removeprefix("gs://")) as f:
+        return {c["index"]: c["rows"] for c in json.loads(f.read())["chunks"]}
+
+
 def keys(kafka, topic: str) -> list[str]:
     return [m.key().decode() for m in consume_all(kafka.bootstrap, managed(topic))]
 
@@ -66,6 +86,31 @@ def test_two_workers_share_the_chunks_and_a_rerun_skips_what_they_delivered(tmp_
     # More workers than chunks: the extra ones have nothing to do and say so.
     idle = job.transport(n, BEAM_TRANSPORT_WORKERS=n + 1)
     assert idle.code == 0 and (idle.json["chunks"], idle.json["skipped"]) == (0, 0)
+
+
+def test_each_progress_object_names_its_chunks_rows_for_the_operators_listing(
+    tmp_path, source, bucket, gcs, kafka, rows, monkeypatch
+):
+    """rows_delivered: a progress object's custom metadata holds its chunk's rows, and the
+    operator's one listing (staged_files.chunks_with_progress) returns chunk -> rows from it."""
+    topic = f"rows-{uuid.uuid4().hex[:8]}"
+    job = Job(tmp_path, spec(topic), snowflake=source, gcs=gcs, kafka=kafka, extra=SMALL_CHUNKS)
+    staged = job.stage().json
+    n = staged["num_chunks"]
+    assert n >= 3
+    assert listed_rows(gcs, job, monkeypatch) == {}, "nothing delivered yet"
+    per_chunk = manifest_rows(gcs, job)
+    assert sum(per_chunk.values()) == staged["num_rows"] == len(expected_ids(rows, blocks=(1000, 2000)))
+
+    assert job.transport(1, BEAM_TRANSPORT_WORKERS=2).code == 0  # chunks 1, 3, ...
+    assert listed_rows(gcs, job, monkeypatch) == {c: per_chunk[c] for c in range(1, n, 2)}
+    assert job.transport(0, BEAM_TRANSPORT_WORKERS=2).code == 0
+    listed = listed_rows(gcs, job, monkeypatch)
+    assert listed == per_chunk and sum(listed.values()) == staged["num_rows"]
+    # the object's own (signed) body says the same
+    fs = pafs.GcsFileSystem(anonymous=True, endpoint_override=gcs.endpoints()["host_port"], scheme="http")
+    with fs.open_input_stream(staging.progress_uri(job.staging, 0).removeprefix("gs://")) as f:
+        assert json.loads(f.read())["rows"] == listed[0]
 
 
 def test_a_worker_started_with_staging_waits_for_the_manifest(tmp_path, source, bucket, gcs, kafka, rows):

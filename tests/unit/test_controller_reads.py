@@ -99,7 +99,7 @@ def test_progress_is_read_only_while_workers_share_chunks_and_within_the_overall
     monkeypatch.setattr(
         controller_module.staged_files,
         "chunks_with_progress",
-        lambda uri, timeout: reads.append(uri) or frozenset({0, 2}),
+        lambda uri, timeout: reads.append(uri) or {0: 100, 2: None},
     )
     config = OperatorConfig(progress_interval_seconds=1.0, progress_reads_per_second=2.0)
     ctl = Controller(config, api=CountingApi(), workers=4)  # type: ignore[arg-type]
@@ -118,11 +118,16 @@ def test_progress_is_read_only_while_workers_share_chunks_and_within_the_overall
 
     asyncio.run(run())
     assert len(reads) == 4, "each sharing backfill read once; the one with a chunk per worker never"
-    assert ctl.observe(shared[0]).progress == frozenset({0, 2})
+    assert ctl.observe(shared[0]).progress == {0: 100, 2: None}, "each chunk with the rows its object names"
     assert ctl.observe(alone).progress is None
     # 4 backfills reading at 2 per second in all: the last one waits 2 s, not 1 s, for its next read.
     due = sorted(d for d, _ in ctl.caches.progress.values())
     assert due[-1] - due[0] >= 1.0
+    # Staging again (a retry without staged files): what was read is dropped, not counted for
+    # the chunks staged anew.
+    shared[0]["status"] = {"status": "staging", "attempt": 2}
+    asyncio.run(ctl._read_progress(shared[0]))
+    assert ctl.observe(shared[0]).progress is None and len(reads) == 4
 
 
 def test_only_jobs_owned_by_the_backfill_in_its_namespace_count():

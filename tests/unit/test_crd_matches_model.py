@@ -6,7 +6,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from beam_contract.model import BackfillSpec
+from beam_contract.model import BackfillSpec, BackfillStatus
 from beam_operator import crd
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -21,8 +21,25 @@ def test_crd_has_status_subresource_and_printer_columns():
     v = yaml.safe_load(crd.render())["spec"]["versions"][0]
     assert v["subresources"] == {"status": {}}
     cols = {c["name"]: c for c in v["additionalPrinterColumns"]}
-    assert list(cols) == ["Status", "Chunks", "Left", "Suspended", "Table", "Age", "Error"]
-    assert cols["Error"]["priority"] == 1
+    default = ["Status", "Chunks", "Left", "Suspended", "Table", "Age"]
+    wide = ["Rows", "Delivered", "Staging-Started", "Transporting-Started", "Completed", "Error"]
+    assert list(cols) == default + wide
+    assert all("priority" not in cols[n] for n in default), "kubectl get bbf keeps its columns"
+    assert all(cols[n]["priority"] == 1 for n in wide), "shown by -o wide"
+    assert [cols[n]["jsonPath"] for n in wide] == [
+        ".status.num_rows",
+        ".status.rows_delivered",
+        ".status.time_staging_started",
+        ".status.time_transporting_started",
+        ".status.time_completed",
+        ".status.error_message",
+    ]
+    assert [cols[n]["type"] for n in wide] == ["integer", "integer", "date", "date", "date", "string"]
+    # every column's path is a status field the model writes (or the spec's, or metadata's)
+    fields = set(BackfillStatus.model_fields)
+    for c in cols.values():
+        if c["jsonPath"].startswith(".status."):
+            assert c["jsonPath"].removeprefix(".status.").split("[")[0] in fields, c
 
 
 def test_every_spec_field_has_a_description_for_kubectl_explain():

@@ -141,7 +141,7 @@ def test_chunks_left_counts_progress_objects_and_workers_that_finished():
     st = transporting_status(10)
     # 4 workers: worker 1 delivered 1, 5 and 9 and completed; progress objects for 0, 4 and 2.
     job = JobObs(XPORT, child_jobs.TRANSPORT, active=3, ready=3, completed_indexes="1", completions=4)
-    d = run(obs(status=st, jobs_=[job], progress=frozenset({0, 4, 2, 5})))
+    d = run(obs(status=st, jobs_=[job], progress=dict.fromkeys({0, 4, 2, 5})))
     assert d.status.chunks_left == 10 - 6
     # workers with more than one chunk each: look again at the progress interval
     assert d.requeue_after == CONFIG.progress_interval_seconds
@@ -345,7 +345,7 @@ def test_transport_failure_names_the_chunk_and_what_the_worker_said():
         finished_at="2026-03-01T11:59:51Z",
         completions=2,
     )
-    d = run(obs(status=st, jobs_=[job], pods=[pod], progress=frozenset({0, 1})))
+    d = run(obs(status=st, jobs_=[job], pods=[pod], progress=dict.fromkeys({0, 1})))
     assert d.status.status == "failed"
     assert (
         d.status.error_message
@@ -998,3 +998,196 @@ def test_a_namespace_at_its_limits_gets_no_new_backfill_started():
     heavy = run(replace(fresh, namespace_load=(1, 9_500, 1_000)), config)
     assert heavy.status.status == "failed" and "config.max_spec_bytes_per_namespace" in heavy.status.error_message
     assert created(run(replace(fresh, namespace_load=None), config)), "a started backfill is never counted again"
+
+
+# --- rows_delivered, time_staging_started, time_transporting_started ---------------------------
+
+
+def _at(minutes: float) -> datetime:
+    return NOW + timedelta(minutes=minutes)
+
+
+def _iso(minutes: float) -> str:
+    return _at(minutes).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+STAGED = JobObs(STAGE, child_jobs.STAGING, complete=True, finished_at="2026-03-01T12:09:30Z")
+
+
+def _transporting_at_10(n=3, rows=300):
+    """Staging Job created at NOW, finished at NOW+10 min: transporting since then."""
+    st = run(obs()).status
+    return run(obs(status=st, jobs_=[STAGED], pods=[staged_pod(n, rows)], now=_at(10))).status
+
+
+def test_staging_then_transporting_then_completed_sets_the_times_and_counts_rows_up():
+    first = run(obs())
+    st = first.status
+    # The staging Job is asked for now: its time is written with the create.
+    assert created(first) and st.time_staging_started == _iso(0)
+    assert (st.rows_delivered, st.time_transporting_started, st.num_rows) == (None, None, None)
+    running = JobObs(STAGE, child_jobs.STAGING, active=1, ready=0, created_at=_iso(0))
+    later = run(obs(status=st, jobs_=[running], now=_at(5))).status
+    assert later.time_staging_started == _iso(0), "set once per attempt"
+
+    moved = run(obs(status=later, jobs_=[STAGED], pods=[staged_pod(3, 300)], now=_at(10)))
+    st = moved.status
+    assert (st.status, st.num_rows, st.rows_delivered) == ("transporting", 300, 0)
+    assert (st.time_staging_started, st.time_transporting_started) == (_iso(0), _iso(10))
+    assert st.time_completed is None
+
+    # 2 workers share 3 chunks (0 and 2; 1): the progress objects' rows are summed.
+    job = JobObs(XPORT, child_jobs.TRANSPORT, active=2, ready=2, completions=2)
+    d = run(obs(status=st, jobs_=[job], progress={0: 120, 2: 80}, now=_at(11)))
+    assert (d.status.rows_delivered, d.status.chunks_left) == (200, 1)
+    assert d.status.time_transporting_started == _iso(10)
+    # Not listed this time (an operator restart, a failed read): the last count stays.
+    same = run(obs(status=d.status, jobs_=[job], progress=None, now=_at(12)))
+    assert same.status.rows_delivered == 200
+    # An object without rows (a worker of an earlier release) counts 0; chunks beyond num_chunks
+    # none; and unverified metadata never makes it more than num_rows.
+    assert run(obs(status=st, jobs_=[job], progress={0: 120, 1: None, 7: 50})).status.rows_delivered == 120
+    assert run(obs(status=st, jobs_=[job], progress={0: 10**12})).status.rows_delivered == 300
+    # A listing that finds less (an object deleted by hand) takes nothing back.
+    assert run(obs(status=d.status, jobs_=[job], progress={0: 120})).status.rows_delivered == 200
+    # Worker 1 completed chunk 1 before its object was listed: chunks_left knows, the rows lag.
+    one_done = replace(job, completed_indexes="1", active=1, ready=1)
+    lag = run(obs(status=d.status, jobs_=[one_done], progress={0: 120, 2: 80}, now=_at(13)))
+    assert (lag.status.chunks_left, lag.status.rows_delivered) == (0, 200)
+
+    done = replace(job, complete=True, completed_indexes="0-1", active=0, ready=0)
+    end = run(obs(status=lag.status, jobs_=[done], now=_at(20)))
+    st = end.status
+    assert (st.status, st.rows_delivered, st.num_rows, st.chunks_left) == ("completed", 300, 300, 0)
+    assert (st.time_staging_started, st.time_transporting_started, st.time_completed) == (_iso(0), _iso(10), _iso(20))
+    # finished: nothing moves any more
+    kept = run(obs(status=st, jobs_=[done], progress={0: 1}, now=_at(30))).status
+    assert (kept.rows_delivered, kept.time_completed) == (300, _iso(20))
+
+
+def test_one_chunk_per_worker_delivers_its_rows_at_completion():
+    """No listing with a chunk per worker (the Job's status gives chunks_left): rows_delivered
+    stays at 0 until the Job completes, then is num_rows."""
+    st = _transporting_at_10(3, 300)
+    job = JobObs(XPORT, child_jobs.TRANSPORT, active=2, ready=2, completed_indexes="0", completions=3)
+    d = run(obs(status=st, jobs_=[job], now=_at(11)))
+    assert (d.status.chunks_left, d.status.rows_delivered, d.requeue_after) == (2, 0, None)
+    done = replace(job, complete=True, completed_indexes="0-2", active=0, ready=0)
+    assert run(obs(status=d.status, jobs_=[done], now=_at(12))).status.rows_delivered == 300
+
+
+def test_the_staging_time_comes_from_the_job_when_the_status_lacks_it():
+    """A status written without the time (an operator that died between the create and the
+    write, or one from before the field): the staging Job's own creation."""
+    st = run(obs()).status
+    st.time_staging_started = None
+    running = JobObs(STAGE, child_jobs.STAGING, active=1, ready=1, created_at="2026-03-01T11:59:50Z")
+    assert run(obs(status=st, jobs_=[running])).status.time_staging_started == "2026-03-01T11:59:50Z"
+    # Created suspended: no staging Job, no staging time.
+    held = run(obs(spec={**SPEC, "suspend": True}))
+    assert not created(held) and held.status.time_staging_started is None
+
+
+def test_an_empty_window_completes_with_no_rows_delivered_and_no_transport_time():
+    st = run(obs()).status
+    d = run(obs(status=st, jobs_=[STAGED], pods=[staged_pod(0, 0)], now=_at(10)))
+    st = d.status
+    assert (st.status, st.num_rows, st.rows_delivered) == ("completed", 0, 0)
+    assert (st.time_staging_started, st.time_transporting_started, st.time_completed) == (_iso(0), None, _iso(10))
+
+
+def test_a_failure_keeps_the_rows_delivered_and_the_times():
+    from beam_contract.worker import failure_message
+
+    st = _transporting_at_10(5, 500)
+    job = JobObs(
+        XPORT,
+        child_jobs.TRANSPORT,
+        failed=True,
+        failed_indexes="1",
+        finished_at=_iso(14),
+        completions=2,
+    )
+    pod = PodObs(XPORT, 1, False, 2, failure_message("webhook destination 'hook' chunk 3: HTTP 403", 3), _iso(14))
+    d = run(obs(status=st, jobs_=[job], pods=[pod], progress={0: 100, 1: 100}, now=_at(15)))
+    st = d.status
+    assert (st.status, st.rows_delivered, st.chunks_left) == ("failed", 200, 3)
+    assert (st.time_staging_started, st.time_transporting_started, st.time_completed) == (_iso(0), _iso(10), _iso(15))
+    # Staging that fails: nothing delivered, never transporting.
+    staging = run(obs()).status
+    broken = JobObs(STAGE, child_jobs.STAGING, failed=True, failure_reason="BackoffLimitExceeded", finished_at=_iso(1))
+    bad = PodObs(STAGE, None, False, 2, "staging: no such table", _iso(1))
+    f = run(obs(status=staging, jobs_=[broken], pods=[bad], now=_at(2))).status
+    assert (f.status, f.rows_delivered, f.time_transporting_started) == ("failed", None, None)
+    assert (f.time_staging_started, f.time_completed) == (_iso(0), _iso(2))
+
+
+@pytest.mark.parametrize("how", ["cancel", "suspend"])
+def test_cancel_and_suspend_keep_the_count_and_the_times(how):
+    st = _transporting_at_10(4, 400)
+    job = JobObs(XPORT, child_jobs.TRANSPORT, active=2, ready=2, completions=2)
+    d = run(obs(status=st, jobs_=[job], progress={0: 100}, spec={**SPEC, how: True}, now=_at(12)))
+    assert d.status.status == ("cancelled" if how == "cancel" else "transporting")
+    assert (d.status.rows_delivered, d.status.time_transporting_started) == (100, _iso(10))
+    assert d.status.time_staging_started == _iso(0)
+
+
+def test_a_retry_reusing_the_staged_files_keeps_the_count_and_the_times():
+    st = _transporting_at_10(4, 400)
+    job = JobObs(XPORT, child_jobs.TRANSPORT, active=2, ready=2, completions=2)
+    st = run(obs(status=st, jobs_=[job], progress={0: 100, 1: 100}, now=_at(11))).status
+    failed_job = replace(job, failed=True, failed_indexes="0", active=1, ready=1, finished_at=_iso(12))
+    pod = PodObs(XPORT, 0, False, 2, "webhook destination 'hook' chunk 2: HTTP 500", _iso(12))
+    failed = run(obs(status=st, jobs_=[failed_job], pods=[pod], now=_at(13))).status
+    assert (failed.status, failed.rows_delivered, failed.time_completed) == ("failed", 200, _iso(13))
+
+    # Retry at NOW+30 min: the last listing (chunks 0, 1) plus what it finds (3 meanwhile).
+    d = run(
+        replace(
+            obs(status=failed, jobs_=[failed_job], spec={**SPEC, "retry": 1}, progress={0: 100, 1: 100, 3: 100}),
+            now=_at(30),
+            staged=True,
+        )
+    )
+    st = d.status
+    assert (st.status, st.attempt, st.rows_delivered, st.num_rows) == ("transporting", 2, 300, 400)
+    assert (st.time_staging_started, st.time_transporting_started, st.time_completed) == (_iso(0), _iso(10), None)
+    retried_at = next(c.lastTransitionTime for c in st.conditions if c.type == "Failed")
+    assert retried_at == _iso(30), "the retry's own start"
+    # the new attempt completes: every row
+    name = child_jobs.child_job_name("usdc", UID, child_jobs.TRANSPORT, 2)
+    done = JobObs(name, child_jobs.TRANSPORT, complete=True, completed_indexes="0-1", completions=2, attempt=2)
+    end = run(obs(status=st, jobs_=[failed_job, done], spec={**SPEC, "retry": 1}, now=_at(40))).status
+    assert (end.status, end.rows_delivered, end.time_completed) == ("completed", 400, _iso(40))
+
+
+def test_a_retry_that_stages_again_starts_the_count_and_the_times_over():
+    st = _transporting_at_10(4, 400)
+    failed = BackfillStatus.model_validate(
+        {
+            **st.document(),
+            "status": "failed",
+            "rows_delivered": 200,
+            "error_message": "transport failed on chunk 2 of 4: x",
+            "time_completed": _iso(13),
+        }
+    )
+    d = run(replace(obs(status=failed, spec={**SPEC, "retry": 1}), now=_at(30), staged=False))
+    st = d.status
+    assert (st.status, st.num_rows, st.rows_delivered, st.time_transporting_started) == ("staging", None, None, None)
+    [job] = created(d)
+    assert job["metadata"]["name"] == child_jobs.child_job_name("usdc", UID, child_jobs.STAGING, 2)
+    assert st.time_staging_started == _iso(30), "the new staging Job's"
+    stage2 = replace(STAGED, name=job["metadata"]["name"], attempt=2)
+    moved = run(obs(status=st, jobs_=[stage2], pods=[staged_pod(2, 250, job=stage2.name)], spec={**SPEC, "retry": 1}))
+    assert (moved.status.status, moved.status.num_rows, moved.status.rows_delivered) == ("transporting", 250, 0)
+    assert moved.status.time_transporting_started == _iso(0)  # NOW, this test's clock
+
+
+def test_a_progress_objects_rows_metadata_reads_back_and_anything_else_is_none():
+    from beam_contract.staging import progress_metadata, rows_of_progress
+
+    assert progress_metadata(1234) == {"rows": "1234"} and rows_of_progress({"rows": "1234"}) == 1234
+    assert progress_metadata(None) is None and progress_metadata(-1) is None
+    for bad in (None, {}, {"rows": ""}, {"rows": "-5"}, {"rows": "1e9"}, {"rows": "9" * 40}, {"other": "3"}):
+        assert rows_of_progress(bad) is None, bad
