@@ -17,6 +17,7 @@ class Command(StrEnum):
 
     STAGE = "stage"
     TRANSPORT = "transport"
+    PREVIEW = "preview"  # count, measure and sample a window (beam_contract.preview); no files written
 
 
 class Env(StrEnum):

@@ -21,6 +21,7 @@ from beam_devstack.proc import ManagedProcess, free_port, progress
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "beam-backfill"
 CRD = ROOT / "crds" / "beambackfills.yaml"
+CRDS = ROOT / "crds"  # BeamBackfill and BeamPreview
 OPERATOR_NS = "beam-system"
 RBAC_KINDS = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"}
 
@@ -33,8 +34,14 @@ def helm_binary() -> str:
 
 
 def install_crd(k8s) -> None:
-    k8s.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
-    k8s.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/beambackfills.beam-backfill.dev")
+    k8s.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRDS))
+    k8s.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/beambackfills.beam-backfill.dev",
+        "crd/beampreviews.beam-backfill.dev",
+    )
 
 
 def install_chart_rbac(

@@ -1,4 +1,4 @@
-"""beam-jobrunner stage | transport (docs/worker-contract.md, beam_contract.worker).
+"""beam-jobrunner stage | transport | preview (docs/worker-contract.md, beam_contract.worker).
 
 Every run ends with a one-line termination message and the contract's exit code: 0 done,
 1 unexpected error, 2 permanent failure, 3 transient failure that outlived its retries.
@@ -41,6 +41,11 @@ def _since_process_start() -> float | None:
 
 
 def _run(command: Command) -> dict:
+    if command == Command.PREVIEW:  # no staging URI, key or bucket: a preview writes no files
+        from beam_jobrunner import preview
+        from beam_jobrunner.config import PreviewConfig
+
+        return preview.run(PreviewConfig.from_env())
     from beam_jobrunner.config import Common
 
     common = Common.from_env()

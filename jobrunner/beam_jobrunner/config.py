@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 
 from beam_contract.model import BackfillSpec
+from beam_contract.preview import PreviewSpec
 from beam_contract.worker import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_TERMINATION_MESSAGE_PATH, Env
 from beam_jobrunner.errors import PermanentError
 
@@ -61,6 +62,32 @@ class Common:
             job_id=require(Env.JOB_ID),
             namespace=env(Env.NAMESPACE, "default"),
             staging_uri=staging.rstrip("/") + "/",
+            connect_timeout=float(env(Env.CONNECT_TIMEOUT_S, str(DEFAULT_CONNECT_TIMEOUT_S))),
+        )
+
+
+@dataclass
+class PreviewConfig:
+    """`beam-jobrunner preview`'s inputs: a PreviewSpec, the Snowflake env (read when it
+    connects, as staging's) and the connect timeout. No staging URI, key or bucket: a preview
+    writes no files (beam_contract.preview)."""
+
+    spec: PreviewSpec
+    job_id: str
+    namespace: str
+    connect_timeout: float
+
+    @classmethod
+    def from_env(cls) -> PreviewConfig:
+        raw, where = _spec_document()
+        try:
+            spec = PreviewSpec.model_validate(json.loads(raw))
+        except Exception as e:
+            raise PermanentError(f"configuration: {where} is not a valid BeamPreview spec: {e}") from None
+        return cls(
+            spec=spec,
+            job_id=env(Env.JOB_ID, ""),  # the preview's uid: only for the log lines
+            namespace=env(Env.NAMESPACE, "default"),
             connect_timeout=float(env(Env.CONNECT_TIMEOUT_S, str(DEFAULT_CONNECT_TIMEOUT_S))),
         )
 

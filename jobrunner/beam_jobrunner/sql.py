@@ -20,8 +20,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Protocol
 
-from beam_contract.model import IDENT_RE, TABLE_RE, BackfillSpec
+from beam_contract.model import IDENT_RE, TABLE_RE, BackfillWindow, Filter
 from beam_jobrunner.errors import PermanentError
 
 # The window's partition_key names a concept; the column that holds it in the provider's tables.
@@ -76,25 +77,19 @@ class Query:
     params: list = field(default_factory=list)
 
 
-def select_query(spec: BackfillSpec, *, inline: bool = False) -> Query:
-    """SELECT <columns> FROM <table> WHERE <partition> >= start AND < end [AND col IN (...)].
+class Source(Protocol):
+    """What the export query reads of a spec: a BackfillSpec, or a PreviewSpec (the same fields)."""
 
-    inline=False gives qmark placeholders and params; inline=True renders literals (unload).
-    """
-    cols = ", ".join(ident(c) for c in spec.columns) if spec.columns else "*"
-    table = table_name(spec.table)
+    table: str
+    backfill_window: BackfillWindow
+    filter: Filter | None
+    columns: list[str] | None
+
+
+def _where(spec: Source, bind) -> str:
+    """<partition> >= start AND < end [AND col IN (...)], each value through bind()."""
     window = spec.backfill_window
     part = PARTITION_COLUMNS[window.partition_key]
-    params: list = []
-
-    def bind(value, cast: str | None = None) -> str:
-        if inline:
-            text = literal(value)
-        else:
-            params.append(value)
-            text = "?"
-        return f"CAST({text} AS {cast})" if cast else text
-
     start, end = window.bounds()
     if window.partition_key == "block_timestamp":
         lo, hi = bind(ts_param(start), "TIMESTAMP_NTZ"), bind(ts_param(end), "TIMESTAMP_NTZ")
@@ -104,10 +99,55 @@ def select_query(spec: BackfillSpec, *, inline: bool = False) -> Query:
     if spec.filter is not None:
         values = ", ".join(bind(v) for v in spec.filter.values)
         where += f" AND {ident(spec.filter.column, 'filter column')} IN ({values})"
+    return where
+
+
+def _binder(params: list, inline: bool):
+    def bind(value, cast: str | None = None) -> str:
+        if inline:
+            text = literal(value)
+        else:
+            params.append(value)
+            text = "?"
+        return f"CAST({text} AS {cast})" if cast else text
+
+    return bind
+
+
+def select_query(spec: Source, *, inline: bool = False) -> Query:
+    """SELECT <columns> FROM <table> WHERE <partition> >= start AND < end [AND col IN (...)].
+
+    inline=False gives qmark placeholders and params; inline=True renders literals (unload).
+    `spec` is a BackfillSpec or anything with its source fields (a PreviewSpec).
+    """
+    cols = ", ".join(ident(c) for c in spec.columns) if spec.columns else "*"
+    table = table_name(spec.table)
+    params: list = []
+    where = _where(spec, _binder(params, inline))
     return Query(f"SELECT {cols} FROM {table} WHERE {where}", params)
 
 
-def unload_sql(spec: BackfillSpec, stage: str, path: str, max_file_size: int) -> str:
+def count_query(spec: Source) -> Query:
+    """SELECT COUNT(*) over select_query()'s table and WHERE (its rows: what staging exports)."""
+    table = table_name(spec.table)
+    params: list = []
+    where = _where(spec, _binder(params, inline=False))
+    return Query(f"SELECT COUNT(*) FROM {table} WHERE {where}", params)
+
+
+def first_rows_query(spec: Source, limit: int) -> Query:
+    """select_query()'s rows, the first `limit` of them in partition order.
+
+    Staging's SELECT has no ORDER BY (its chunks hold the rows in whatever order Snowflake
+    returns them); the rows a user calls "the first" are the window's earliest, by its
+    partition column (which need not be among the projected columns).
+    """
+    q = select_query(spec)
+    part = PARTITION_COLUMNS[spec.backfill_window.partition_key]
+    return Query(f"{q.sql} ORDER BY {part} LIMIT {int(limit)}", q.params)
+
+
+def unload_sql(spec: Source, stage: str, path: str, max_file_size: int) -> str:
     """COPY INTO @stage/path/ FROM (window query) as parquet files of at most max_file_size."""
     stage = table_name(stage)  # [db.][schema.]stage: the same shape as a table name
     segments = [path_segment(s, "stage path segment") for s in path.strip("/").split("/")]

@@ -18,6 +18,7 @@ from kubernetes.utils.quantity import parse_quantity
 
 from beam_contract import staging
 from beam_contract.model import GROUP, KIND, VERSION, BackfillSpec
+from beam_contract.preview import PREVIEW_API_VERSION, PREVIEW_KIND, PreviewSpec
 from beam_contract.worker import (
     SNOWFLAKE_SECRET_KEYS,
     SPEC_CONFIGMAP_KEY,
@@ -419,3 +420,79 @@ def transport_job(
             },
         },
     )
+
+
+# --- previews (beam_contract.preview) ------------------------------------------------------
+
+LABEL_PREVIEW = f"{GROUP}/preview"
+
+
+def preview_job_name(name: str, uid: str) -> str:
+    return f"{_trunc(name.replace('.', '-'), 40)}-{uid[:8]}-preview"
+
+
+def preview_job(name: str, namespace: str, uid: str, spec: PreviewSpec, config: OperatorConfig) -> dict[str, Any]:
+    """The one Pod of a preview: the staging worker's image, identity, Snowflake env and limits,
+    no bucket and no key (it writes nothing). Owned by the BeamPreview, so deleting it deletes
+    the Job; labelled apart from backfills' Jobs (no LABEL_JOB_ID), so the backfill controller
+    never sees it, and with the workers' labels, so the workers' NetworkPolicy applies."""
+    document = json.dumps(spec.model_dump(mode="json", exclude_none=True), separators=(",", ":"))
+    env = [
+        {"name": Env.SPEC, "value": document},
+        {"name": Env.JOB_ID, "value": uid},
+        {"name": Env.NAMESPACE, "value": namespace},
+        {"name": Env.BACKFILL, "value": name},
+        {"name": Env.CONNECT_TIMEOUT_S, "value": str(config.connect_timeout_seconds)},
+    ]
+    taken = {e["name"] for e in env}
+    env += [{"name": k, "value": v} for k, v in sorted(config.worker_env.items()) if k not in taken]
+    env += [_secret_env(snowflake_env(k), config.snowflake_secret, k) for k in SNOWFLAKE_SECRET_KEYS]
+    container: dict[str, Any] = {
+        "name": "jobrunner",
+        "image": config.jobrunner_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["beam-jobrunner", Command.PREVIEW],
+        "env": env,
+        "terminationMessagePolicy": "File",
+        "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
+    }
+    if resources := {k: dict(v) for k, v in config.worker_resources.items() if isinstance(v, dict) and v}:
+        container["resources"] = resources
+    lab = {
+        "app.kubernetes.io/name": "beam-backfill",
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_PREVIEW: uid,
+    }
+    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container], "enableServiceLinks": False}
+    if config.worker_service_account:
+        pod_spec["serviceAccountName"] = config.worker_service_account
+        pod_spec["automountServiceAccountToken"] = False
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": preview_job_name(name, uid),
+            "namespace": namespace,
+            "labels": lab,
+            "ownerReferences": [
+                {
+                    "apiVersion": PREVIEW_API_VERSION,
+                    "kind": PREVIEW_KIND,
+                    "name": name,
+                    "uid": uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "backoffLimit": 0,  # a preview is asked again, not retried
+            "activeDeadlineSeconds": int(config.preview_timeout_seconds),
+            "ttlSecondsAfterFinished": 60,
+            "template": {"metadata": {"labels": lab}, "spec": pod_spec},
+        },
+    }
+
+
+def preview_fits(spec: PreviewSpec) -> bool:
+    return len(json.dumps(spec.model_dump(mode="json", exclude_none=True), separators=(",", ":"))) <= SPEC_INLINE_MAX_BYTES

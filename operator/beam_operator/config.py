@@ -94,6 +94,12 @@ class OperatorConfig(BaseSettings):
     progress_interval_seconds: float = Field(default=1.0, gt=0)
     progress_reads_per_second: float = Field(default=50.0, gt=0)
     job_ttl_seconds: int = 3600
+    # Previews (BeamPreview, docs/console.md): the longest a preview Job may run, how long a
+    # finished BeamPreview stays before the operator deletes it (the REST API deletes its own at
+    # once), and how many preview Jobs may run at once over all organizations.
+    preview_timeout_seconds: float = Field(default=60.0, gt=0)
+    preview_ttl_seconds: float = Field(default=600.0, ge=0)
+    max_running_previews: int = Field(default=10, ge=1)
     # Seconds after a backfill ends when the operator deletes the BeamBackfill itself (and so
     # its Jobs and staged files), unless its spec.ttl_seconds_after_finished says otherwise.
     # None keeps finished backfills until someone deletes them, as Kubernetes keeps Jobs.

@@ -24,11 +24,13 @@ import kopf
 from prometheus_client import start_http_server
 
 from beam_contract.model import GROUP, PLURAL, VERSION
+from beam_contract.preview import PREVIEW_PLURAL
 
 from . import child_jobs, metrics
 from .config import OperatorConfig
 from .controller import Controller, api_connections
 from .kubeclient import KubeApi, http_session, login_via_client
+from .previews import Previews
 
 _state: dict[str, Controller] = {}
 # Read at import, before kopf calls any handler: login() needs it before startup() runs.
@@ -102,6 +104,7 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
     )
     ctl = Controller(config, api, workers=config.workers, event_backlog=config.event_backlog)
     _state["controller"] = ctl
+    _state["previews"] = Previews(config, api)
     metrics.BACKFILLS.source = ctl.count_by_status
     metrics.CONTROLLER.source = ctl.controller_state
     ctl.start()
@@ -140,6 +143,8 @@ async def login(**kwargs) -> kopf.AiohttpSession | None:
 
 @kopf.on.cleanup()
 async def cleanup(**_) -> None:
+    if "previews" in _state:
+        await _state["previews"].stop()
     if "controller" in _state:
         await _state["controller"].stop()
 
@@ -154,3 +159,8 @@ async def backfill_event(event: kopf.RawEvent, **_) -> None:
 @kopf.on.event("batch", "v1", "jobs", labels={child_jobs.LABEL_JOB_ID: kopf.PRESENT})
 async def job_event(event: kopf.RawEvent, **_) -> None:
     controller().on_job(event["type"], event["object"])
+
+
+@kopf.on.event(GROUP, VERSION, PREVIEW_PLURAL)
+async def preview_event(event: kopf.RawEvent, **_) -> None:
+    _state["previews"].on_event(event["type"], event["object"])

@@ -110,6 +110,17 @@ a Role per watched namespace. Each rule says why it is there. */}}
 - apiGroups: ["beam-backfill.dev"]
   resources: ["beambackfills/finalizers"]
   verbs: ["update"]
+# Previews (docs/console.md): watch them, run each one's preview Job (owned by the BeamPreview,
+# hence its finalizers), report the answer in status, delete one preview_ttl_seconds after it ended.
+- apiGroups: ["beam-backfill.dev"]
+  resources: ["beampreviews"]
+  verbs: ["get", "list", "watch", "delete"]
+- apiGroups: ["beam-backfill.dev"]
+  resources: ["beampreviews/status"]
+  verbs: ["patch"]
+- apiGroups: ["beam-backfill.dev"]
+  resources: ["beampreviews/finalizers"]
+  verbs: ["update"]
 # create: one staging Job and one indexed transport Job per backfill. get/list/watch: follow
 # their progress. delete: cancel, fail or delete a backfill. patch: spec.suspend only
 # (spec.suspend of the backfill: pause and resume); nothing else of a Job is changed in place.
