@@ -147,6 +147,8 @@ def chart_values(state: dict, **config) -> dict:
     return {
         "operator": {"image": image(images.OPERATOR)},
         "jobrunner": {"image": image(images.JOBRUNNER)},
+        # The REST API and its web console (docs/console.md), as their Deployment behind a Service.
+        "api": {"enabled": True},
         # The workers' ServiceAccount in the organization's namespace (a Pod uses its own namespace's).
         "worker": {"serviceAccount": {"namespaces": [NAMESPACE]}},
         "config": {
@@ -400,6 +402,17 @@ def run_backfill(state: dict, kube: _Kube, doc: dict, *, say=progress) -> Outcom
     )
 
 
+def console_access(kube: _Kube) -> tuple[str, str]:
+    """The console's URL and a fresh API key for the demo's organization (made as an
+    administrator makes one: docs/api.md)."""
+    from beam_operator.api import keys as keymod
+
+    svc = kube.core.read_namespaced_service(f"{RELEASE}-beam-backfill-api", RELEASE_NAMESPACE)
+    url = f"http://{svc.spec.cluster_ip}:{svc.spec.ports[0].port}/console"
+    _, key = keymod.create_key(kube.core, f"{RELEASE_NAMESPACE}-api-keys", NAMESPACE, "hack/demo")
+    return url, key
+
+
 def run_demo(rows: int, manifest: Path, teardown: bool = False, chunk_bytes: int | None = None) -> int:
     t_all = time.monotonic()
     state, kube = prepare(rows)
@@ -425,7 +438,11 @@ def run_demo(rows: int, manifest: Path, teardown: bool = False, chunk_bytes: int
         f"{out.outside:.0f}s of {out.elapsed:.0f}s ({out.outside / out.elapsed:.0%}); Pods: "
         f"{w.pods.get('staging', 0)} staging, {w.pods.get('transport', 0)} transport"
     )
+    console, key = console_access(kube)
     print(f"""
+The web console (this machine's browser; the Service's ClusterIP, routed by kube-proxy):
+  {console}
+  sign in with this API key of organization {NAMESPACE}: {key}
 Look around:
   export KUBECONFIG={kc}
   kubectl get beambackfills -A            # short name: kubectl get bbf -A

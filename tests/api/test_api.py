@@ -210,6 +210,20 @@ def test_invalid_bodies_answer_422_naming_the_field(api, org, k8s, change, field
     assert json.loads(k8s.kubectl("get", "beambackfills", "-n", ns, "-o", "json").stdout)["items"] == []
 
 
+def test_a_preview_refuses_what_a_create_refuses_before_asking_anyone(api, org, k8s):
+    ns, key = org
+    bad = {**SEED_CREATE, "backfill_window": {"partition_key": "block", "start": 5, "end": 1}}
+    with api.client(key) as c:
+        r = c.post("/backfills/preview", json=bad)
+        assert r.status_code == 422 and "backfill_window" in [d["field"] for d in r.json()["detail"]], r.text
+        assert c.post("/backfills/preview?sample_rows=11", json=SEED_CREATE).status_code == 422
+    with api.client(None) as c:
+        assert c.post("/backfills/preview", json=SEED_CREATE).status_code == 401
+    # nothing was asked of the operator, nothing was created
+    for plural in ("beampreviews", "beambackfills"):
+        assert json.loads(k8s.kubectl("get", plural, "-n", ns, "-o", "json").stdout)["items"] == []
+
+
 def test_missing_fields_are_named(api, org):
     _, key = org
     with api.client(key) as c:

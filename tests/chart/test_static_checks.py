@@ -18,6 +18,7 @@ SCRIPTS = sorted(
         REPO / "hack" / "setup",
         REPO / "hack" / "test",
         REPO / "hack" / "demo",
+        REPO / "hack" / "screenshots",
         REPO / ".ci" / "run",
     ]
 )

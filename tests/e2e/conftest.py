@@ -7,6 +7,7 @@ tests/node; the ones here give them the names these tests use."""
 from __future__ import annotations
 
 import pytest
+from e2e_helpers import RELEASE_NS, make_key
 
 from beam_devstack.k8s import unique_name
 from beam_devstack.kafka import Kafka
@@ -104,3 +105,20 @@ def namespace_factory(k8s, snowflake, request):
     yield make
     for ns in made:
         k8s.delete_namespace(ns)
+
+
+@pytest.fixture(scope="module")
+def api_base(k8s):
+    """The API Service's ClusterIP: kube-proxy routes the test's packets to the API Pod."""
+    svc = k8s.api("GET", f"/api/v1/namespaces/{RELEASE_NS}/services/beam-beam-backfill-api")
+    return f"http://{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}"
+
+
+@pytest.fixture(scope="module")
+def api_url(api_base):
+    return f"{api_base}/api/v1/beam"
+
+
+@pytest.fixture
+def key(k8s, org):
+    return make_key(k8s, org)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.parse
 import uuid
 from collections import Counter
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 from beam_devstack import dataset
 
@@ -156,3 +160,21 @@ def failed_at_its_webhook(k8s, ns: str, name: str) -> str:
         return uid
     finally:
         server.shutdown()
+
+
+RELEASE_NS = "beam-system"
+KEYS_NS = "beam-system-api-keys"  # the chart's default: <release namespace>-api-keys
+
+
+def make_key(k8s, org: str) -> str:
+    """A key for `org`, made the way docs/api.md tells an administrator to."""
+    beam_api = Path(sys.executable).parent / "beam-api"
+    done = subprocess.run(
+        [str(beam_api), "--keys-namespace", KEYS_NS, "keys", "create", "--org", org, "--description", "e2e"],
+        env={**os.environ, "KUBECONFIG": str(k8s.kubeconfig)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()

@@ -5,43 +5,13 @@ administrator makes with `beam-api keys create`, next to kubectl at every step o
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
-import pytest
 from e2e_helpers import WINDOW, backfill
 
 from beam_devstack import dataset
 from beam_devstack.kafka_proxy import END_TXN
-
-RELEASE_NS = "beam-system"
-KEYS_NS = "beam-system-api-keys"  # the chart's default: <release namespace>-api-keys
-
-
-@pytest.fixture(scope="module")
-def api_url(k8s):
-    """The API Service's ClusterIP: kube-proxy routes the test's packets to the API Pod."""
-    svc = k8s.api("GET", f"/api/v1/namespaces/{RELEASE_NS}/services/beam-beam-backfill-api")
-    return f"http://{svc['spec']['clusterIP']}:{svc['spec']['ports'][0]['port']}/api/v1/beam"
-
-
-@pytest.fixture
-def key(k8s, org):
-    """A key for `org`, made the way docs/api.md tells an administrator to."""
-    beam_api = Path(sys.executable).parent / "beam-api"
-    done = subprocess.run(
-        [str(beam_api), "--keys-namespace", KEYS_NS, "keys", "create", "--org", org, "--description", "e2e"],
-        env={**os.environ, "KUBECONFIG": str(k8s.kubeconfig)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
 
 
 def client(api_url, key):

@@ -26,14 +26,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from beam_contract.model import TERMINAL, TIMESTAMP_RE, BackfillSpec, Phase, workflow_id
+from beam_contract.preview import PreviewSpec
+from beam_operator.api import preview as preview_mod
 from beam_operator.api.keys import ApiKey, KeyStore
-from beam_operator.api.kube import Backfills, api_client, status_message
+from beam_operator.api.kube import Backfills, Previews, api_client, status_message
 from beam_operator.api.public_job import (
     CancelResponse,
     CreateResponse,
     ErrorBody,
     Job,
     creation_order,
+    field_path,
     job_view,
     public_status,
 )
@@ -136,6 +139,14 @@ class Settings:
     max_body_bytes: int = 1024 * 1024
     # Backfills per list request to the apiserver (the REST list and cancel page through them).
     list_page_size: int = 100
+    # The console (docs/console.md): the tables its start form offers (the operator's
+    # allowed_tables; empty: a free text field), the secret that signs session cookies (empty: a
+    # random one per process, so sessions end when it restarts and do not cross replicas), how
+    # long a session lasts, and how long a preview may take before the API answers 504.
+    allowed_tables: tuple[str, ...] = ()
+    session_secret: str = ""
+    session_max_age_seconds: int = 8 * 3600
+    preview_timeout_seconds: float = 30.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -147,6 +158,10 @@ class Settings:
             key_cache_seconds=float(env.get("BEAM_API_KEY_CACHE_SECONDS") or cls.key_cache_seconds),
             max_body_bytes=int(env.get("BEAM_API_MAX_BODY_BYTES") or cls.max_body_bytes),
             list_page_size=int(env.get("BEAM_API_LIST_PAGE_SIZE") or cls.list_page_size),
+            allowed_tables=tuple(t.strip() for t in (env.get("BEAM_API_ALLOWED_TABLES") or "").split(",") if t.strip()),
+            session_secret=env.get("BEAM_API_SESSION_SECRET") or "",
+            session_max_age_seconds=int(env.get("BEAM_API_SESSION_MAX_AGE_SECONDS") or cls.session_max_age_seconds),
+            preview_timeout_seconds=float(env.get("BEAM_API_PREVIEW_TIMEOUT_SECONDS") or cls.preview_timeout_seconds),
         )
 
 
@@ -162,18 +177,12 @@ ERRORS = {
 }
 
 
-def _field(loc: Any) -> str:
-    # FastAPI's loc includes "body" and the discriminator's tag (e.g. block_timestamp); the field
-    # a user wrote is what is left.
-    parts = [str(p) for p in loc if p not in ("body", "block", "block_timestamp", "kafka", "webhook", "nats", "sns")]
-    return ".".join(parts)
-
-
 def create_app(settings: Settings | None = None, kubeconfig: str | None = None, *, connect: bool = True) -> FastAPI:
     """connect=False builds the app without Kubernetes access, only to publish its OpenAPI document."""
     settings = settings or Settings.from_env()
     client = api_client(kubeconfig) if connect else None
     backfills = Backfills(client, page_size=settings.list_page_size)
+    previews = Previews(client)
     keys = KeyStore(CoreV1Api(client), settings.keys_namespace, ttl=settings.key_cache_seconds)
     if connect:
         keys.watch()
@@ -196,7 +205,7 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
                     "loc": list(err.get("loc", ())),
                     "msg": err.get("msg", ""),
                     "type": err.get("type", ""),
-                    "field": _field(err.get("loc", ())),
+                    "field": field_path(err.get("loc", ())),
                 }
             )
         return JSONResponse(status_code=422, content={"detail": detail})
@@ -231,8 +240,10 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
         return JSONResponse(status_code=503, content={"detail": "Kubernetes API unreachable"})
 
     @app.exception_handler(StarletteHTTPException)
-    def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         headers = dict(exc.headers or {})
+        if request.url.path.startswith("/console/") and not request.url.path.startswith("/console/api/"):
+            return console_error(request, exc.status_code, str(exc.detail), headers)
         if exc.status_code == 405:
             # Starlette names only the first route that matched the path; list every method.
             methods = sorted(
@@ -396,6 +407,76 @@ def create_app(settings: Settings | None = None, kubeconfig: str | None = None, 
                 }
             )
         raise HTTPException(503, "the backfill kept changing while cancelling; retry")
+
+    def preview_answer(organization: str, spec: PreviewSpec) -> dict[str, Any]:
+        """Run a preview for the organization (a BeamPreview the operator answers) and add the
+        duration estimate; HTTPException for what the caller should see."""
+        try:
+            status = previews.run(
+                organization, spec.model_dump(mode="json", exclude_none=True), settings.preview_timeout_seconds
+            )
+        except TimeoutError:
+            raise HTTPException(
+                504,
+                f"the preview did not answer within {settings.preview_timeout_seconds:g} s; "
+                "the operator may be busy or stopped: try again",
+            ) from None
+        except ApiException as e:
+            if e.status == 404:
+                raise HTTPException(
+                    403, f"organization {organization} is not provisioned: its namespace does not exist"
+                ) from None
+            raise
+        if status.get("phase") != "succeeded":
+            raise HTTPException(422, status.get("error_message") or "the preview failed")
+        history = (o for page in backfills.pages(organization) for o in page)
+        return preview_mod.answer(status, history)
+
+    @app.post(
+        f"{PREFIX}/backfills/preview",
+        response_model=preview_mod.Preview,
+        summary="Preview backfill",
+        operation_id="preview_backfill",
+        description="What creating this body would stage, before anything runs: the window's row count, the "
+        "estimated staged bytes and chunks, the columns with their types, the first rows as a destination "
+        "would receive them, and an estimate of the duration. The body is a create body, validated the same "
+        "way; nothing is created. The counting runs as a short worker Job in the organization's namespace.",
+        responses={
+            **ERRORS,
+            413: {"model": ErrorBody, "description": "The body is larger than the API's limit (api.maxBodyBytes)."},
+            400: {"model": ErrorBody, "description": "The body is not JSON."},
+            422: {
+                "model": ErrorBody,
+                "description": "The body is not valid, or the preview failed (no such table or column, a table "
+                "the operator does not allow): the detail says why.",
+            },
+            403: {"model": ErrorBody, "description": "The organization is not provisioned (no namespace)."},
+            504: {"model": ErrorBody, "description": "The preview did not answer in time (api.previewTimeoutSeconds)."},
+        },
+    )
+    def preview_backfill(
+        spec: BackfillSpec,
+        who: Caller,
+        sample_rows: Annotated[int, Query(ge=0, le=10, description="Rows of the sample to return.")] = 5,
+    ) -> Any:
+        return _json(preview_answer(who.organization, PreviewSpec.of(spec, sample_rows)))
+
+    from beam_operator.console.routes import add_console, error_page
+
+    def console_error(request: Request, code: int, message: str, headers: dict[str, str]) -> Response:
+        return error_page(request, code, message, headers)
+
+    add_console(
+        app,
+        settings=settings,
+        backfills=backfills,
+        previews=previews,
+        keys=keys,
+        core=CoreV1Api(client),
+        identify=identify,
+        buckets=buckets,
+        preview_answer=preview_answer,
+    )
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -195,6 +195,14 @@ class KeyStore:
             return None
         return ApiKey(key_id, organization)
 
+    def identity(self, key_id: str) -> tuple[str, str] | None:
+        """(fingerprint, organization) of a stored key, None once it is revoked: what a console
+        session (which names a key, never holds it) is checked against on every request."""
+        stored = self._stored(key_id, fetch=True)
+        if stored is None:
+            return None
+        return hashlib.sha256(stored[0].encode()).hexdigest()[:16], stored[1]
+
     def known(self, presented: str | None) -> bool:
         """Whether the key's id is one of a stored key (not whether this key is valid)."""
         m = KEY_RE.match(presented or "")

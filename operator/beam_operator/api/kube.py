@@ -92,6 +92,14 @@ class Backfills:
                     return obj
         return None
 
+    def patch_spec(self, namespace: str, name: str, resource_version: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """Change the mutable spec fields (suspend, retry) of the backfill as it was seen: 409 if
+        it changed since."""
+        patch = {"metadata": {"resourceVersion": resource_version}, "spec": spec}
+        return self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name, patch, _content_type="application/merge-patch+json"
+        )
+
     def request_cancel(self, namespace: str, name: str, resource_version: str) -> dict[str, Any]:
         # resourceVersion as a precondition: if the job changed since we judged it cancellable,
         # the apiserver answers 409 and the caller looks again.
@@ -108,3 +116,57 @@ def status_message(e: ApiException) -> tuple[str, list[dict[str, Any]]]:
     except orjson.JSONDecodeError:
         return (e.body or e.reason or "").strip(), []
     return body.get("message") or e.reason or "", (body.get("details") or {}).get("causes") or []
+
+
+def events_of(core: client.CoreV1Api, namespace: str, uid: str, limit: int = 100) -> list[dict[str, Any]]:
+    """The Events about one backfill, oldest first: the operator's transitions and the failed
+    workers' last log lines (masked by the workers before they wrote them)."""
+    resp = core.list_namespaced_event(
+        namespace, field_selector=f"involvedObject.uid={uid}", limit=limit, _preload_content=False
+    )
+    try:
+        items = orjson.loads(resp.data)["items"]
+    finally:
+        resp.release_conn()
+    return sorted(items, key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "")
+
+
+class Previews:
+    """BeamPreviews, as the API uses them: create one, wait for the operator's answer, delete it."""
+
+    def __init__(self, api: ApiClient) -> None:
+        self.custom = client.CustomObjectsApi(api)
+
+    def run(self, namespace: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """The BeamPreview's status once it succeeded or failed, or TimeoutError. The preview is
+        deleted either way (its Job with it); the operator deletes any left behind."""
+        import time
+
+        from beam_contract.preview import PREVIEW_KIND, PREVIEW_PLURAL
+
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": PREVIEW_KIND,
+            "metadata": {"generateName": "preview-", "labels": {"app.kubernetes.io/created-by": "beam-api"}},
+            "spec": spec,
+        }
+        obj = self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PREVIEW_PLURAL, body)
+        name = obj["metadata"]["name"]
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                status = obj.get("status") or {}
+                if status.get("phase") in ("succeeded", "failed"):
+                    return status
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no answer within {timeout:g} s")
+                time.sleep(0.1)
+                obj = self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PREVIEW_PLURAL, name)
+        finally:
+            try:
+                self.custom.delete_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PREVIEW_PLURAL, name, propagation_policy="Background"
+                )
+            except ApiException as e:
+                if e.status != 404:
+                    raise

@@ -141,3 +141,10 @@ def creation_order(obj: dict[str, Any]) -> tuple[str, str, str]:
         (meta.get("annotations") or {}).get(CREATED_AT_ANNOTATION, ""),
         meta.get("name", ""),
     )
+
+
+def field_path(loc: Any) -> str:
+    """The field a 422 item names, as a user wrote it: FastAPI's loc includes "body" and the
+    discriminator's tag (e.g. block_timestamp), and pydantic's the tag; the rest is the field."""
+    parts = [str(p) for p in loc if p not in ("body", "block", "block_timestamp", "kafka", "webhook", "nats", "sns")]
+    return ".".join(parts)
