@@ -88,7 +88,11 @@ def test_api_deployment_runs_under_the_api_identity(helm):
     (c,) = pod["containers"]
     assert c["command"] == ["beam-api", "serve", "--host", "0.0.0.0", "--port", "9000"]
     assert c["image"] == "beam-backfill/operator:0.1.0"
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    # The console's session secret comes from the chart's Secret, never as a value in the manifest.
+    [session] = [e for e in c["env"] if e["name"] == "BEAM_API_SESSION_SECRET"]
+    assert session["valueFrom"]["secretKeyRef"] == {"name": "beam-beam-backfill-api-session", "key": "secret"}
+    assert one(docs, "Secret", "beam-beam-backfill-api-session")["data"]["secret"]
     keys_role = one(docs, "Role", "beam-beam-backfill-api-keys")
     assert env["BEAM_API_KEYS_NAMESPACE"] == keys_role["metadata"]["namespace"] == "beam-api-keys"
     assert (env["BEAM_API_RATE_LIMIT_PER_SECOND"], env["BEAM_API_RATE_LIMIT_BURST"]) == ("2.5", "20")

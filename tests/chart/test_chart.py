@@ -56,6 +56,7 @@ def test_default_render(render):
     assert kinds == sorted(
         [
             "CustomResourceDefinition",
+            "CustomResourceDefinition",
             "Deployment",
             "Service",
             "ServiceAccount",
@@ -68,7 +69,10 @@ def test_default_render(render):
             "RoleBinding",
         ]
     )
-    assert docs.one("CustomResourceDefinition")["metadata"]["name"] == "beambackfills.beam-backfill.dev"
+    assert sorted(d["metadata"]["name"] for d in docs.of("CustomResourceDefinition")) == [
+        "beambackfills.beam-backfill.dev",
+        "beampreviews.beam-backfill.dev",
+    ]
 
     dep = docs.one("Deployment", "beam-beam-backfill")
     spec = dep["spec"]
@@ -165,6 +169,10 @@ OPERATOR_RULES = {
     ("beam-backfill.dev", "beambackfills"): {"get", "list", "watch", "patch", "delete"},
     ("beam-backfill.dev", "beambackfills/status"): {"get", "patch"},
     ("beam-backfill.dev", "beambackfills/finalizers"): {"update"},
+    # previews (docs/console.md): run each one's Job, report in status, delete the ones left behind
+    ("beam-backfill.dev", "beampreviews"): {"get", "list", "watch", "delete"},
+    ("beam-backfill.dev", "beampreviews/status"): {"patch"},
+    ("beam-backfill.dev", "beampreviews/finalizers"): {"update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete", "patch"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "configmaps"): {"create"},
@@ -219,7 +227,11 @@ def test_api_identity_is_off_by_default_and_confined_when_on(render):
     docs = render("--set", "api.enabled=true")
     sa = docs.one("ServiceAccount", "beam-beam-backfill-api")
     api_role = docs.one("ClusterRole", "beam-beam-backfill-api")
-    assert _grants(api_role) == {("beam-backfill.dev", "beambackfills"): {"list", "create", "patch"}}
+    assert _grants(api_role) == {
+        ("beam-backfill.dev", "beambackfills"): {"list", "create", "patch"},
+        ("beam-backfill.dev", "beampreviews"): {"create", "get", "delete"},
+        ("", "events"): {"list"},  # the console's detail page; never Secrets, Pods or logs
+    }
     keys = docs.one("Role", "beam-beam-backfill-api-keys")
     assert keys["metadata"]["namespace"] == "beam-system-api-keys"  # never the release namespace
     assert _grants(keys) == {("", "secrets"): {"get", "list", "watch"}}  # key digests only: the watch of valid key ids
@@ -254,11 +266,14 @@ def test_rbac_and_service_accounts_can_be_left_to_the_cluster_admin(render, helm
         "--set",
         "api.createApiKeysNamespace=false",
     )
-    # The operator's Deployment and metrics Service, and the API's Deployment and Service.
+    # The CRDs, the operator's Deployment and metrics Service, and the API's Deployment, Service
+    # and the Secret that signs the console's sessions (no RBAC object, no identity).
     assert sorted(d["kind"] for d in docs) == [
+        "CustomResourceDefinition",
         "CustomResourceDefinition",
         "Deployment",
         "Deployment",
+        "Secret",
         "Service",
         "Service",
     ]

@@ -126,6 +126,13 @@ def test_api_reads_keys_only_in_its_namespace(installed, k8s):
     # Nor the release namespace, where Helm keeps its release Secrets (sh.helm.release.v1.*).
     assert not can_i(k8s, API, "get", "secrets", OPERATOR_NS)
     assert not can_i(k8s, API, "create", "jobs.batch", ORG)
+    # A preview is asked of the operator through a BeamPreview; the API runs nothing and reads no
+    # Pod or log, only the organization's Events for the console's detail page.
+    assert can_i(k8s, API, "create", "beampreviews.beam-backfill.dev", ORG)
+    assert can_i(k8s, API, "delete", "beampreviews.beam-backfill.dev", ORG)
+    assert not can_i(k8s, API, "patch", "beampreviews.beam-backfill.dev/status", ORG)
+    assert can_i(k8s, API, "list", "events", ORG) and not can_i(k8s, API, "create", "events", ORG)
+    assert not can_i(k8s, API, "get", "pods", ORG) and not can_i(k8s, API, "get", "pods/log", ORG)
 
 
 def test_worker_has_no_api_access(installed, k8s):
