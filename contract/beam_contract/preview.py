@@ -27,7 +27,7 @@ PREVIEW_API_VERSION = f"{GROUP}/{VERSION}"
 SAMPLE_ROWS_MAX = 10
 MEASURE_ROWS = 1000
 # A sample row (its delivered JSON) longer than this is cut, and the result says so.
-SAMPLE_ROW_MAX_CHARS = 600
+SAMPLE_ROW_MAX_CHARS = 4000
 
 _SOURCE = BackfillSpec.model_fields
 
@@ -65,8 +65,10 @@ class PreviewResult(BaseModel):
         description="Parquet bytes per row, measured by writing up to MEASURE_ROWS rows as staging writes them."
     )
     columns: list[PreviewColumn] = Field(description="The columns staging would export, in order, with their types.")
-    sample: list[str] = Field(
-        default_factory=list, description="The first rows in window order, each as the message a destination receives."
+    sample_z: str = Field(
+        default="",
+        description="The first rows in window order, each as the message a destination receives: a JSON list, "
+        "zlib-compressed, base64 (three to four times more rows fit in the kubelet's 4096 bytes).",
     )
     sample_truncated: bool = Field(
         default=False, description="True when a row was cut or rows left out to fit the termination message."
@@ -76,6 +78,21 @@ class PreviewResult(BaseModel):
         description="True when even the columns alone did not fit the termination message (hundreds of "
         "columns): `columns` holds the first ones that fit, and the sample is empty.",
     )
+
+    @staticmethod
+    def pack(rows: list[str]) -> str:
+        import base64
+        import json
+        import zlib
+
+        return base64.b64encode(zlib.compress(json.dumps(rows).encode(), 9)).decode() if rows else ""
+
+    def sample(self) -> list[str]:
+        import base64
+        import json
+        import zlib
+
+        return json.loads(zlib.decompress(base64.b64decode(self.sample_z))) if self.sample_z else []
 
 
 class PreviewPhase(StrEnum):

@@ -16,10 +16,11 @@ sample row is byte for byte the message a destination receives.
 
 The result (PreviewResult) is one line of JSON, the termination message, kept to
 RESULT_MAX_BYTES (under the kubelet's TERMINATION_MESSAGE_MAX_BYTES, as __main__ writes it):
-- each sample row is cut to SAMPLE_ROW_MAX_CHARS characters, then trailing sample rows are
-  dropped until the line fits; either sets `sample_truncated`;
+- the sample rows travel compressed (`sample_z`: a JSON list, zlib, base64), each cut to
+  SAMPLE_ROW_MAX_CHARS characters, then trailing rows dropped until the line fits; either sets
+  `sample_truncated`;
 - if even the columns alone do not fit (hundreds of columns), `columns` keeps the first ones
-  that fit (in export order), `sample` is empty, `columns_truncated` is set (a field this
+  that fit (in export order), the sample is empty, `columns_truncated` is set (a field this
   worker added to PreviewResult), and `sample_truncated` too unless no sample was asked for.
 Failures are staging's: a missing table or a bad column exits 2 (PERMANENT) with staging's
 message, an unreachable Snowflake exits 3 (TRANSIENT).
@@ -111,12 +112,13 @@ def fit(num_rows: int, bytes_per_row: float, columns: list[PreviewColumn], sampl
         num_rows=num_rows,
         bytes_per_row=bytes_per_row,
         columns=columns,
-        sample=cut,
+        sample_z=PreviewResult.pack(cut),
         sample_truncated=cut != sample,
     ).model_dump(mode="json")
     size = len(line(doc))
-    while size > RESULT_MAX_BYTES and doc["sample"]:
-        doc["sample"].pop()
+    while size > RESULT_MAX_BYTES and cut:
+        cut.pop()
+        doc["sample_z"] = PreviewResult.pack(cut)
         doc["sample_truncated"] = True
         size = len(line(doc))
     if size > RESULT_MAX_BYTES:  # the columns alone: keep the first ones that fit
@@ -187,7 +189,7 @@ def run(cfg: PreviewConfig) -> dict:
     if doc["sample_truncated"] or doc["columns_truncated"]:
         log.info(
             "preview: result cut to fit the termination message: %d of %d sample rows, %d of %d columns",
-            len(doc["sample"]),
+            len(PreviewResult.model_validate(doc).sample()),
             len(sample),
             len(doc["columns"]),
             len(columns),

@@ -53,7 +53,7 @@ def status_of(result: PreviewResult, chunk_target_bytes: int) -> PreviewStatus:
         # staging writes at least one chunk for a window with rows, none for an empty one
         estimated_chunks=max(1, math.ceil(estimated / chunk_target_bytes)) if result.num_rows else 0,
         columns=result.columns,
-        sample=result.sample,
+        sample=result.sample(),
         sample_truncated=result.sample_truncated,
         columns_truncated=result.columns_truncated or None,
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from jr_helpers import TABLE, TOKENS, Job, Run, expected_ids, managed
 
-from beam_contract.preview import SAMPLE_ROW_MAX_CHARS
+from beam_contract.preview import SAMPLE_ROW_MAX_CHARS, PreviewResult
 from beam_contract.worker import TERMINATION_MESSAGE_MAX_BYTES, parse_failure
 from beam_devstack.dataset import COLUMNS
 from beam_devstack.kafka import consume_all
@@ -67,6 +67,11 @@ def preview(tmp_path: Path, source, spec: dict, **env) -> Run:
     assert PASSWORD not in p.stderr + p.stdout + message
     assert list(tmp.iterdir()) == [], "a preview writes no files"
     return Run(p.returncode, parse_failure(message)[0], p.stderr, message)
+
+
+def sample_of(got: dict) -> list[str]:
+    """The sample rows of a result: they travel compressed (PreviewResult.sample_z)."""
+    return PreviewResult.model_validate(got).sample()
 
 
 def ok(r: Run) -> dict:
@@ -152,23 +157,24 @@ def test_the_sample_is_what_a_destination_receives(tmp_path, source, bucket, gcs
     first = expected_ids(rows, blocks=(1000, 1010))  # the window's first rows, in block order
     sent = delivered(tmp_path, source, gcs, kafka, spec)
     assert len(sent) == 300
-    assert got["sample"] == [sent[i] for i in first], "byte for byte the messages Kafka got"
+    assert sample_of(got) == [sent[i] for i in first], "byte for byte the messages Kafka got"
     assert got["sample_truncated"] is False and got["columns_truncated"] is False
-    assert list(json.loads(got["sample"][0])) == PROJECTION
-    assert any("Ünicode ✓" in s for s in got["sample"]) and any('\\"Ether\\"' in s for s in got["sample"])
+    assert list(json.loads(sample_of(got)[0])) == PROJECTION
+    assert any("Ünicode ✓" in s for s in sample_of(got)) and any('\\"Ether\\"' in s for s in sample_of(got))
 
 
-def test_full_rows_are_cut_and_left_out_to_fit_and_say_so(tmp_path, source, bucket, gcs, kafka, rows):
+def test_whole_rows_travel_compressed_and_what_does_not_fit_is_left_out(tmp_path, source, bucket, gcs, kafka, rows):
     spec = source_spec({"partition_key": "block", "start": 1000, "end": 1300}, sample_rows=10)
     got = ok(preview(tmp_path, source, spec))
     assert got["columns"] == TABLE_COLUMNS
     sent = delivered(tmp_path, source, gcs, kafka, spec)
     first = [sent[i] for i in expected_ids(rows, blocks=(1000, 1010))]
-    assert all(len(m) > SAMPLE_ROW_MAX_CHARS for m in first), "the dataset's full rows are longer than the cut"
+    assert sum(len(m) for m in first[:5]) > 4096, "five of the dataset's rows would not fit uncompressed"
     assert list(json.loads(first[0])) == [c["name"] for c in TABLE_COLUMNS], "columns in the order delivered"
-    assert 1 <= len(got["sample"]) < 10
-    assert got["sample"] == [m[:SAMPLE_ROW_MAX_CHARS] for m in first[: len(got["sample"])]]
-    assert got["sample_truncated"] is True and got["columns_truncated"] is False
+    n = len(sample_of(got))
+    assert n >= 5, "compressed, more whole rows fit than the termination message holds as text"
+    assert sample_of(got) == first[:n], "whole rows, byte for byte the messages Kafka got"
+    assert got["sample_truncated"] is (n < 10) and got["columns_truncated"] is False
 
 
 def test_long_non_ascii_values_are_cut_by_characters_and_fit_in_bytes(tmp_path, source):
@@ -183,9 +189,9 @@ def test_long_non_ascii_values_are_cut_by_characters_and_fit_in_bytes(tmp_path, 
     got = ok(preview(tmp_path, source, {**spec, "sample_rows": 10}))
     assert got["num_rows"] == 20
     assert got["columns"] == [{"name": "block_number", "type": "NUMBER(38,0)"}, {"name": "note", "type": "TEXT"}]
-    assert 1 <= len(got["sample"]) < 10 and got["sample_truncated"] is True
-    assert all(len(s) == SAMPLE_ROW_MAX_CHARS for s in got["sample"])
-    assert got["sample"][0].startswith('{"block_number":5,"note":"✓\\"✓\\"')
+    assert 1 <= len(sample_of(got)) <= 10 and got["sample_truncated"] is True
+    assert all(len(s) == SAMPLE_ROW_MAX_CHARS for s in sample_of(got)), "each 6,000-character row cut"
+    assert sample_of(got)[0].startswith('{"block_number":5,"note":"✓\\"✓\\"')
 
 
 def test_hundreds_of_columns_keep_the_first_that_fit(tmp_path, source):
@@ -199,7 +205,7 @@ def test_hundreds_of_columns_keep_the_first_that_fit(tmp_path, source):
     spec = {"table": "base.assets.wide_table", "backfill_window": {"partition_key": "block", "start": 0, "end": 10}}
     got = ok(preview(tmp_path, source, spec))
     assert got["num_rows"] == 3 and got["bytes_per_row"] > 0
-    assert got["columns_truncated"] is True and got["sample"] == [] and got["sample_truncated"] is True
+    assert got["columns_truncated"] is True and sample_of(got) == [] and got["sample_truncated"] is True
     want = [{"name": "block_number", "type": "NUMBER(38,0)"}] + [{"name": n, "type": "NUMBER(12,4)"} for n in names]
     n = len(got["columns"])
     assert 10 < n < len(want) and got["columns"] == want[:n]
@@ -215,7 +221,7 @@ def test_an_empty_window_has_columns_and_no_rows(tmp_path, source):
         "num_rows": 0,
         "bytes_per_row": 0.0,
         "columns": TABLE_COLUMNS,
-        "sample": [],
+        "sample_z": "",
         "sample_truncated": False,
         "columns_truncated": False,
     }
@@ -230,11 +236,11 @@ def test_the_projection_is_measured_too(tmp_path, source):
         {"name": "block_number", "type": "NUMBER(38,0)"},
         {"name": "unique_id", "type": "TEXT"},
     ]
-    assert narrow["sample"] == [
+    assert sample_of(narrow) == [
         '{"block_number":1000,"unique_id":"0x0000000000000000000000000000000000000000000000000000000000000000-0"}',
         '{"block_number":1001,"unique_id":"0x0000000000000000000000000000000000000000000000000000000000000001-1"}',
     ]
-    assert full["sample"] == [] and not full["sample_truncated"]
+    assert sample_of(full) == [] and not full["sample_truncated"]
     assert 0 < narrow["bytes_per_row"] < full["bytes_per_row"] / 2
 
 
