@@ -199,7 +199,7 @@ function newPage() {
       el("dt", {}, "Preview took"), el("dd", {}, answer.preview_seconds.toFixed(1) + " s")));
     if (answer.sample.length) {
       out.append(el("h3", {}, "First rows, as delivered" + (answer.sample_truncated ? " (cut to fit)" : "")));
-      for (const row of answer.sample) out.append(el("pre", { class: "sample" }, typeof row === "string" ? row : JSON.stringify(row, null, 1)));
+      for (const row of answer.sample) out.append(el("pre", { class: "sample" }, typeof row === "string" ? row : JSON.stringify(row)));
     }
   });
 }
