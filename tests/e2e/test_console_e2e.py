@@ -21,6 +21,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 from beam_devstack import dataset
 from beam_devstack.browser import console_errors, save_screenshot
 from beam_devstack.kafka_proxy import END_TXN
+from beam_devstack.proc import wait_for
 
 HOSTILE = "<img src=x onerror=\"document.title='pwned'\"><script>document.title='pwned'</script>&amp; \"q\" 'a'"
 
@@ -150,7 +151,12 @@ def test_cancel_mid_transport_from_the_detail_page(k8s, operator, kafka, org, ap
         ]
         == "cancelled"
     )
-    events = browser.find_element(By.CSS_SELECTOR, "table.events").text
+    # The operator records the Event just after the status: wait for it in the cluster, then
+    # the page (rendered at the status change) shows it once reloaded, as a user would.
+    sel = f"involvedObject.uid={uid},reason=Cancelled"
+    wait_for(lambda: k8s.api("GET", f"/api/v1/namespaces/{org}/events?fieldSelector={sel}")["items"], 30, "Event")
+    browser.refresh()
+    events = WebDriverWait(browser, 30).until(lambda d: d.find_element(By.CSS_SELECTOR, "table.events").text)
     assert "Cancelled" in events
 
 
