@@ -254,21 +254,34 @@ def status_schema() -> dict[str, Any]:
     return out
 
 
-def crd() -> dict[str, Any]:
+def _definition(
+    *,
+    kind: str,
+    plural: str,
+    singular: str,
+    short_names: list[str],
+    categories: list[str],
+    columns: list[dict[str, Any]],
+    description: str,
+    spec: dict[str, Any],
+    status: dict[str, Any],
+) -> dict[str, Any]:
+    """A namespaced CRD of our group with one served version, a status subresource and a
+    structural schema of spec and status."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{model.PLURAL}.{model.GROUP}"},
+        "metadata": {"name": f"{plural}.{model.GROUP}"},
         "spec": {
             "group": model.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": model.KIND,
-                "plural": model.PLURAL,
-                "singular": model.SINGULAR,
-                "shortNames": model.SHORT_NAMES,
-                "listKind": f"{model.KIND}List",
-                "categories": ["all", "beam"],
+                "kind": kind,
+                "plural": plural,
+                "singular": singular,
+                "shortNames": short_names,
+                "listKind": f"{kind}List",
+                "categories": categories,
             },
             "versions": [
                 {
@@ -276,47 +289,18 @@ def crd() -> dict[str, Any]:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {"name": "Status", "type": "string", "jsonPath": ".status.status"},
-                        {"name": "Chunks", "type": "integer", "jsonPath": ".status.num_chunks"},
-                        {"name": "Left", "type": "integer", "jsonPath": ".status.chunks_left"},
-                        {
-                            "name": "Suspended",
-                            "type": "string",
-                            "jsonPath": '.status.conditions[?(@.type=="Suspended")].status',
-                        },
-                        {"name": "Table", "type": "string", "jsonPath": ".spec.table"},
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                        # -o wide: what a live list needs (docs/operations.md, "Status fields").
-                        {"name": "Rows", "type": "integer", "jsonPath": ".status.num_rows", "priority": 1},
-                        {"name": "Delivered", "type": "integer", "jsonPath": ".status.rows_delivered", "priority": 1},
-                        {
-                            "name": "Staging-Started",
-                            "type": "date",
-                            "jsonPath": ".status.time_staging_started",
-                            "priority": 1,
-                        },
-                        {
-                            "name": "Transporting-Started",
-                            "type": "date",
-                            "jsonPath": ".status.time_transporting_started",
-                            "priority": 1,
-                        },
-                        {"name": "Completed", "type": "date", "jsonPath": ".status.time_completed", "priority": 1},
-                        {"name": "Error", "type": "string", "jsonPath": ".status.error_message", "priority": 1},
-                    ],
+                    "additionalPrinterColumns": columns,
                     "schema": {
                         "openAPIV3Schema": {
                             "type": "object",
-                            "description": "A backfill of historical blockchain data from a Snowflake table into streams. "
-                            "The namespace is the organization.",
+                            "description": description,
                             "required": ["spec"],
                             "properties": {
                                 "apiVersion": {"type": "string"},
                                 "kind": {"type": "string"},
                                 "metadata": {"type": "object"},
-                                "spec": spec_schema(),
-                                "status": status_schema(),
+                                "spec": spec,
+                                "status": status,
                             },
                         }
                     },
@@ -324,6 +308,49 @@ def crd() -> dict[str, Any]:
             ],
         },
     }
+
+
+def crd() -> dict[str, Any]:
+    return _definition(
+        kind=model.KIND,
+        plural=model.PLURAL,
+        singular=model.SINGULAR,
+        short_names=model.SHORT_NAMES,
+        categories=["all", "beam"],
+        columns=[
+            {"name": "Status", "type": "string", "jsonPath": ".status.status"},
+            {"name": "Chunks", "type": "integer", "jsonPath": ".status.num_chunks"},
+            {"name": "Left", "type": "integer", "jsonPath": ".status.chunks_left"},
+            {
+                "name": "Suspended",
+                "type": "string",
+                "jsonPath": '.status.conditions[?(@.type=="Suspended")].status',
+            },
+            {"name": "Table", "type": "string", "jsonPath": ".spec.table"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+            # -o wide: what a live list needs (docs/operations.md, "Status fields").
+            {"name": "Rows", "type": "integer", "jsonPath": ".status.num_rows", "priority": 1},
+            {"name": "Delivered", "type": "integer", "jsonPath": ".status.rows_delivered", "priority": 1},
+            {
+                "name": "Staging-Started",
+                "type": "date",
+                "jsonPath": ".status.time_staging_started",
+                "priority": 1,
+            },
+            {
+                "name": "Transporting-Started",
+                "type": "date",
+                "jsonPath": ".status.time_transporting_started",
+                "priority": 1,
+            },
+            {"name": "Completed", "type": "date", "jsonPath": ".status.time_completed", "priority": 1},
+            {"name": "Error", "type": "string", "jsonPath": ".status.error_message", "priority": 1},
+        ],
+        description="A backfill of historical blockchain data from a Snowflake table into streams. "
+        "The namespace is the organization.",
+        spec=spec_schema(),
+        status=status_schema(),
+    )
 
 
 def render() -> str:
@@ -345,54 +372,25 @@ def preview_crd() -> dict[str, Any]:
     raw = preview.PreviewStatus.model_json_schema()
     status = _convert(_resolve({k: v for k, v in raw.items() if k != "$defs"}, raw.get("$defs", {})), "status")
     status["description"] = (preview.PreviewStatus.__doc__ or "").strip()
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{preview.PREVIEW_PLURAL}.{model.GROUP}"},
-        "spec": {
-            "group": model.GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "kind": preview.PREVIEW_KIND,
-                "plural": preview.PREVIEW_PLURAL,
-                "singular": preview.PREVIEW_SINGULAR,
-                "shortNames": preview.PREVIEW_SHORT_NAMES,
-                "listKind": f"{preview.PREVIEW_KIND}List",
-                "categories": ["beam"],
-            },
-            "versions": [
-                {
-                    "name": model.VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": [
-                        {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-                        {"name": "Rows", "type": "integer", "jsonPath": ".status.num_rows"},
-                        {"name": "Chunks", "type": "integer", "jsonPath": ".status.estimated_chunks"},
-                        {"name": "Table", "type": "string", "jsonPath": ".spec.table"},
-                        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
-                        {"name": "Error", "type": "string", "jsonPath": ".status.error_message", "priority": 1},
-                    ],
-                    "schema": {
-                        "openAPIV3Schema": {
-                            "type": "object",
-                            "description": "What a backfill of this window would stage, measured by a short worker "
-                            "Job before anything runs. The REST API creates one per preview and deletes it.",
-                            "required": ["spec"],
-                            "properties": {
-                                "apiVersion": {"type": "string"},
-                                "kind": {"type": "string"},
-                                "metadata": {"type": "object"},
-                                "spec": spec,
-                                "status": status,
-                            },
-                        }
-                    },
-                }
-            ],
-        },
-    }
+    return _definition(
+        kind=preview.PREVIEW_KIND,
+        plural=preview.PREVIEW_PLURAL,
+        singular=preview.PREVIEW_SINGULAR,
+        short_names=preview.PREVIEW_SHORT_NAMES,
+        categories=["beam"],
+        columns=[
+            {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+            {"name": "Rows", "type": "integer", "jsonPath": ".status.num_rows"},
+            {"name": "Chunks", "type": "integer", "jsonPath": ".status.estimated_chunks"},
+            {"name": "Table", "type": "string", "jsonPath": ".spec.table"},
+            {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+            {"name": "Error", "type": "string", "jsonPath": ".status.error_message", "priority": 1},
+        ],
+        description="What a backfill of this window would stage, measured by a short worker "
+        "Job before anything runs. The REST API creates one per preview and deletes it.",
+        spec=spec,
+        status=status,
+    )
 
 
 PREVIEW_TARGETS = ("crds/beampreviews.yaml", "charts/beam-backfill/crds/beampreviews.yaml")
