@@ -39,6 +39,19 @@ def _spec_document() -> tuple[str | bytes, str]:
         raise PermanentError(f"configuration: cannot read the spec from {path} ({Env.SPEC_FILE}): {e}") from None
 
 
+def _spec(model, what: str):
+    """The worker's spec as `model`, or a PermanentError naming every bad field."""
+    raw, where = _spec_document()
+    try:
+        return model.model_validate(json.loads(raw))
+    except Exception as e:  # pydantic's message lists every bad field: the user needs it
+        raise PermanentError(f"configuration: {where} is not a valid {what} spec: {e}") from None
+
+
+def _connect_timeout() -> float:
+    return float(env(Env.CONNECT_TIMEOUT_S, str(DEFAULT_CONNECT_TIMEOUT_S)))
+
+
 @dataclass
 class Common:
     spec: BackfillSpec
@@ -49,11 +62,7 @@ class Common:
 
     @classmethod
     def from_env(cls) -> Common:
-        raw, where = _spec_document()
-        try:
-            spec = BackfillSpec.model_validate(json.loads(raw))
-        except Exception as e:  # pydantic's message lists every bad field: the user needs it
-            raise PermanentError(f"configuration: {where} is not a valid BeamBackfill spec: {e}") from None
+        spec = _spec(BackfillSpec, "BeamBackfill")
         staging = require(Env.STAGING_URI)
         if not staging.startswith("gs://"):
             raise PermanentError(f"configuration: {Env.STAGING_URI} must be a gs:// URI, got {staging!r}")
@@ -62,7 +71,7 @@ class Common:
             job_id=require(Env.JOB_ID),
             namespace=env(Env.NAMESPACE, "default"),
             staging_uri=staging.rstrip("/") + "/",
-            connect_timeout=float(env(Env.CONNECT_TIMEOUT_S, str(DEFAULT_CONNECT_TIMEOUT_S))),
+            connect_timeout=_connect_timeout(),
         )
 
 
@@ -79,16 +88,12 @@ class PreviewConfig:
 
     @classmethod
     def from_env(cls) -> PreviewConfig:
-        raw, where = _spec_document()
-        try:
-            spec = PreviewSpec.model_validate(json.loads(raw))
-        except Exception as e:
-            raise PermanentError(f"configuration: {where} is not a valid BeamPreview spec: {e}") from None
+        spec = _spec(PreviewSpec, "BeamPreview")
         return cls(
             spec=spec,
             job_id=env(Env.JOB_ID, ""),  # the preview's uid: only for the log lines
             namespace=env(Env.NAMESPACE, "default"),
-            connect_timeout=float(env(Env.CONNECT_TIMEOUT_S, str(DEFAULT_CONNECT_TIMEOUT_S))),
+            connect_timeout=_connect_timeout(),
         )
 
 
