@@ -495,4 +495,6 @@ def preview_job(name: str, namespace: str, uid: str, spec: PreviewSpec, config: 
 
 
 def preview_fits(spec: PreviewSpec) -> bool:
-    return len(json.dumps(spec.model_dump(mode="json", exclude_none=True), separators=(",", ":"))) <= SPEC_INLINE_MAX_BYTES
+    return (
+        len(json.dumps(spec.model_dump(mode="json", exclude_none=True), separators=(",", ":"))) <= SPEC_INLINE_MAX_BYTES
+    )

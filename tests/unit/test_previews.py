@@ -23,7 +23,9 @@ def pod(succeeded: bool, message: str, exit_code: int = 0) -> PodObs:
 
 
 def test_the_answer_becomes_rows_bytes_and_chunks():
-    result = PreviewResult(num_rows=1000, bytes_per_row=100.0, columns=[{"name": "a", "type": "TEXT"}], sample_z=PreviewResult.pack(["{}"]))
+    result = PreviewResult(
+        num_rows=1000, bytes_per_row=100.0, columns=[{"name": "a", "type": "TEXT"}], sample_z=PreviewResult.pack(["{}"])
+    )
     st = answer(pod(True, result.model_dump_json()), chunk_target_bytes=40_000)
     assert (st.phase, st.num_rows, st.estimated_bytes, st.estimated_chunks) == ("succeeded", 1000, 100_000, 3)
     assert st.columns[0].name == "a" and st.sample == ["{}"]
