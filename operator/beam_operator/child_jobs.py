@@ -232,15 +232,7 @@ def _job(
     lab = {**labels(name, uid, phase), LABEL_ATTEMPT: str(attempt)}
     job_labels = {**lab, QUEUE_NAME_LABEL: queue_name} if queue_name else lab
     pod_labels = {**lab, **((pod_meta or {}).get("labels", {}))}
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "containers": [container],
-        "enableServiceLinks": False,
-        **(pod_extra or {}),
-    }
-    if config.worker_service_account:
-        pod_spec["serviceAccountName"] = config.worker_service_account
-        pod_spec["automountServiceAccountToken"] = False
+    pod_spec = _pod_spec(container, config, pod_extra)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -258,6 +250,21 @@ def _job(
             "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
         },
     }
+
+
+def _pod_spec(container: dict[str, Any], config: OperatorConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every worker Pod's spec: one container, never restarted in place, the workers' identity
+    without an API token."""
+    spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "containers": [container],
+        "enableServiceLinks": False,
+        **(extra or {}),
+    }
+    if config.worker_service_account:
+        spec["serviceAccountName"] = config.worker_service_account
+        spec["automountServiceAccountToken"] = False
+    return spec
 
 
 def worker_resources(spec: BackfillSpec, config: OperatorConfig) -> dict[str, Any]:
@@ -463,10 +470,7 @@ def preview_job(name: str, namespace: str, uid: str, spec: PreviewSpec, config: 
         "app.kubernetes.io/managed-by": MANAGED_BY,
         LABEL_PREVIEW: uid,
     }
-    pod_spec: dict[str, Any] = {"restartPolicy": "Never", "containers": [container], "enableServiceLinks": False}
-    if config.worker_service_account:
-        pod_spec["serviceAccountName"] = config.worker_service_account
-        pod_spec["automountServiceAccountToken"] = False
+    pod_spec = _pod_spec(container, config)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from beam_contract.model import GROUP, KIND, VERSION, parse_timestamp
+from beam_contract.model import GROUP, KIND, TERMINAL, VERSION, parse_timestamp
 from beam_operator.api.public_job import job_view, public_status
 
 # Annotations and labels of our own making, left out of the manifest a user copies for Argo CD.
@@ -48,7 +48,7 @@ def progress_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str,
         "table": view["table"],
         "status": view["status"],
         "suspended": suspended,
-        "cancel_requested": bool((obj.get("spec") or {}).get("cancel")) and view["status"] not in _ENDED,
+        "cancel_requested": bool((obj.get("spec") or {}).get("cancel")) and view["status"] not in TERMINAL,
         "num_chunks": num,
         "chunks_done": (num - chunks_left) if num is not None and chunks_left is not None else None,
         "rows_staged": rows_staged,
@@ -63,11 +63,8 @@ def progress_view(obj: dict[str, Any], now: datetime | None = None) -> dict[str,
     }
 
 
-_ENDED = {"completed", "failed", "cancelled"}
-
-
 def ended(obj: dict[str, Any]) -> bool:
-    return public_status(obj) in _ENDED
+    return public_status(obj) in TERMINAL
 
 
 def manifest_yaml(obj: dict[str, Any]) -> str:
@@ -90,6 +87,6 @@ def actions(obj: dict[str, Any]) -> list[str]:
     spec = obj.get("spec") or {}
     if status == "failed":
         return ["retry"]
-    if status in _ENDED or spec.get("cancel"):
+    if status in TERMINAL or spec.get("cancel"):
         return []
     return ["cancel", "resume" if spec.get("suspend") else "suspend"]
