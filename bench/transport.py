@@ -8,6 +8,9 @@ chunk, and measures in one run:
     same tuned idempotent producer, no serialization in the loop;
   - transport (read parquet from GCS, encode JSON, produce) with transactions on and off,
     as a ratio of that ceiling;
+  - transport with transactions through spec.transforms (docs/transforms.md): the identity
+    transform, and a typical one (one computed field, half of the rows dropped by a condition),
+    each as a ratio of transport without transforms in the same round (target: typical >= 0.5);
   - staging rows/s with `fetch` (fakesnow -> Arrow -> zstd parquet -> GCS) vs a DuckDB COPY of
     the same window to zstd parquet.
 Writes the figures table into docs/benchmarks.md, section "jobrunner" (the rest of the section,
@@ -80,23 +83,27 @@ class CpuMeter:
     """CPU seconds used by this process (all threads: Python, DuckDB, librdkafka) and by the
     broker's JVM over a measurement: on 2 cores, where the time goes decides what is possible."""
 
-    def __init__(self, broker_pid: int) -> None:
+    def __init__(self, broker_pid: int, sandboxes: tuple[int, ...] = ()) -> None:
         self.broker_pid = broker_pid
+        self.sandboxes = sandboxes  # transforms' sandbox processes: the client's CPU too
 
-    def _broker(self) -> float:
-        f = open(f"/proc/{self.broker_pid}/stat").read().rsplit(")", 1)[1].split()
+    @staticmethod
+    def _cpu(pid: int) -> float:
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
         return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
-    def __enter__(self):
+    def _client(self) -> float:
         r = resource.getrusage(resource.RUSAGE_SELF)
-        self.t0, self.c0, self.b0 = time.perf_counter(), r.ru_utime + r.ru_stime, self._broker()
+        return r.ru_utime + r.ru_stime + sum(self._cpu(p) for p in self.sandboxes)
+
+    def __enter__(self):
+        self.t0, self.c0, self.b0 = time.perf_counter(), self._client(), self._cpu(self.broker_pid)
         return self
 
     def __exit__(self, *exc) -> None:
-        r = resource.getrusage(resource.RUSAGE_SELF)
         self.wall = time.perf_counter() - self.t0
-        self.client = r.ru_utime + r.ru_stime - self.c0
-        self.broker = self._broker() - self.b0
+        self.client = self._client() - self.c0
+        self.broker = self._cpu(self.broker_pid) - self.b0
 
     def describe(self, n: int) -> str:
         return (
@@ -140,7 +147,17 @@ def ceiling(bootstrap: str, topic: str, values, keys, headers, transactional: bo
     return len(values) / (time.perf_counter() - t0)
 
 
-def transport_once(common, chunk_uri: str, topic: str, transactions: bool) -> float:
+# spec.transforms measured against transport without them: rows/s counts the chunk's rows.
+IDENTITY = "function transform(row) { return row; }"
+TYPICAL = """function transform(row) {
+  if (row.transaction_index % 2 === 1) return null;  // half of the rows
+  row.usd_amount_rounded = Math.round(row.usd_amount * 100) / 100;
+  return row;
+}"""
+TRANSFORMS = {"identity": IDENTITY, "typical": TYPICAL}
+
+
+def transport_once(common, chunk_uri: str, topic: str, transactions: bool, transformer=None) -> float:
     """What `beam-jobrunner transport` does for one Kafka destination (transport.run)."""
     from beam_jobrunner.sinks import Context
     from beam_jobrunner.sinks.kafka import KafkaSink
@@ -161,7 +178,7 @@ def transport_once(common, chunk_uri: str, topic: str, transactions: bool) -> fl
         sink = KafkaSink(Dest(), ctx, transactions=transactions)
         try:
             # a worker asks whether the chunk was delivered already: part of its cost
-            assert deliver_chunk(sink, download, DEFAULT_BATCH_ROWS) is not None
+            assert deliver_chunk(sink, download, DEFAULT_BATCH_ROWS, transformer) is not None
         finally:
             sink.close()
         rows = download.result().num_rows
@@ -183,6 +200,7 @@ def main() -> None:
     )
     ap.add_argument("--no-stage", action="store_true", help="skip the staging measurement (and the doc update)")
     ap.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    ap.add_argument("--no-transforms", action="store_true", help="skip the spec.transforms measurements")
     ap.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = ap.parse_args()
 
@@ -243,8 +261,13 @@ def main() -> None:
         from confluent_kafka.admin import AdminClient
 
         admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
-        meter = CpuMeter(kafka.proc.pid)
-        names = ("ceiling", "ceiling_txn", "txn", "notxn")
+        names = ("ceiling", "ceiling_txn", "txn", "notxn") + (() if args.no_transforms else tuple(TRANSFORMS))
+        from beam_jobrunner.transform import Transformer
+
+        # Compiled once, as a worker does: their start-up is not in the timed part.
+        transformers = {} if args.no_transforms else {k: Transformer([v]).start() for k, v in TRANSFORMS.items()}
+        sandboxes = tuple(pid for t in transformers.values() for pid in t.sandbox_pids)
+        meter = CpuMeter(kafka.proc.pid, sandboxes)
         runs: dict[str, list[float]] = {}
         # The first rounds warm up (JIT of the broker, transaction coordinator) and are not counted.
         for attempt in range(args.warmup + args.rounds):
@@ -258,10 +281,12 @@ def main() -> None:
                 with meter:
                     if k.startswith("ceiling"):
                         rate[k] = ceiling(kafka.bootstrap, topics[k], values, keys, headers, k == "ceiling_txn")
+                    elif k in transformers:  # exactly-once, as "txn"
+                        rate[k] = transport_once({"staging": staging}, chunk, topics[k], True, transformers[k])
                     else:
                         rate[k] = transport_once({"staging": staging}, chunk, topics[k], k == "txn")
                 cpu[k] = meter
-                meter = CpuMeter(kafka.proc.pid)
+                meter = CpuMeter(kafka.proc.pid, sandboxes)
             top = rate["ceiling"]
             say(
                 f"round {attempt}{' (warm-up, not counted)' if attempt < args.warmup else ''}: "
@@ -270,6 +295,10 @@ def main() -> None:
                 f"[{cpu['ceiling_txn'].describe(args.rows)}]; "
                 f"transport txn {rate['txn']:,.0f} rows/s = {rate['txn'] / top:.2f}x [{cpu['txn'].describe(args.rows)}]; "
                 f"no txn {rate['notxn']:,.0f} rows/s = {rate['notxn'] / top:.2f}x [{cpu['notxn'].describe(args.rows)}]"
+                + "".join(
+                    f"; {k} transform {rate[k]:,.0f} rows/s = {rate[k] / rate['txn']:.2f}x of txn [{cpu[k].describe(args.rows)}]"
+                    for k in transformers
+                )
             )
             if attempt < args.warmup:
                 continue
@@ -287,12 +316,16 @@ def main() -> None:
                 runs.setdefault(f"cpu_bound_{k}", []).append(
                     (cpu["ceiling"].client + cpu["ceiling"].broker) / (cpu[k].client + cpu[k].broker)
                 )
+            for k in transformers:  # against transport without transforms, same round
+                runs.setdefault(f"ratio_{k}", []).append(rate[k] / rate["txn"])
             runs.setdefault("ratio_txn", []).append(rate["txn"] / top)
             runs.setdefault("ratio_notxn", []).append(rate["notxn"] / top)
             runs.setdefault("ratio_ceiling_txn", []).append(rate["ceiling_txn"] / top)
             # exactly-once transport against the same loop in a transaction (begin ... commit)
             runs.setdefault("ratio_txn_to_txn_ceiling", []).append(rate["txn"] / rate["ceiling_txn"])
         results = {k: (statistics.median(v), min(v), max(v)) for k, v in runs.items()}
+        for t in transformers.values():
+            t.close()
         for k, (med, lo, hi) in results.items():
             say(f"{k}: median {med:,.2f} (min {lo:,.2f}, max {hi:,.2f}) over {args.rounds} rounds")
         results["encode_rate"], results["encode_cpu"], results["avg"] = encode_rate, encode_cpu, avg
@@ -391,13 +424,19 @@ def figures_table(r) -> str:
     def us(k: str) -> str:
         return f"{r[k + '_client_us'][0]:.2f} | {r[k + '_broker_us'][0]:.2f}"
 
+    transforms = "".join(
+        f"| transport with transactions, {k} transform (docs/transforms.md); client CPU includes its sandbox's "
+        f"| {rng(k)} | {rng('ratio_' + k, '.2f')} of transport without transforms | {us(k)} |\n"
+        for k in TRANSFORMS
+        if k in r
+    )
     return f"""| measurement | rows/s | ratio to ceiling | client CPU µs/row | broker CPU µs/row |
 |---|---|---|---|---|
 | raw produce ceiling: the same pre-encoded bytes, keys, headers, producer settings, loop | {rng("ceiling")} | 1.00 | {us("ceiling")} |
 | the same ceiling inside one transaction (begin_transaction … commit_transaction) | {rng("ceiling_txn")} | {rng("ratio_ceiling_txn", ".2f")} | {us("ceiling_txn")} |
 | transport, transactions on (exactly-once) | {rng("txn")} | {rng("ratio_txn", ".2f")}; {rng("ratio_txn_to_txn_ceiling", ".2f")} of the ceiling in a transaction | {us("txn")} |
 | transport, transactions off | {rng("notxn")} | {rng("ratio_notxn", ".2f")} | {us("notxn")} |
-| transport's client CPU beyond the ceiling's (both modes) | | | {rng("extra_us", ".2f")} | |
+{transforms}| transport's client CPU beyond the ceiling's (both modes) | | | {rng("extra_us", ".2f")} | |
 | cores busy (client + broker): ceiling; transport with / without transactions | | {rng("ceiling_cores", ".2f")}; {rng("txn_cores", ".2f")} / {rng("notxn_cores", ".2f")} | | |
 | the CPU bound: ceiling's CPU per row / transport's (with / without transactions) | | {rng("cpu_bound_txn", ".2f")} / {rng("cpu_bound_notxn", ".2f")} | | |
 | encoding alone (parquet file -> JSON bytes, one polars thread, best of 3) | {r["encode_rate"]:,.0f} | | {r["encode_cpu"]:.2f} | |

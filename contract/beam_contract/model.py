@@ -323,6 +323,49 @@ DESTINATION_TYPES = {
 }
 
 
+# Transforms (docs/transforms.md): JavaScript run by the transport workers on every row.
+TRANSFORMS_MAX = 4
+TRANSFORM_SCRIPT_MAX_LENGTH = 32 * 1024
+# What the API server and the REST API check of a script, without a JavaScript engine: that it
+# declares `transform` (`function transform(`, or `const|let|var transform =`), as a token (not
+# the tail of another name or a property). The cheapest test that is never wrong about a script
+# that does define it; a script that only mentions it (in a comment, a string) passes here, and
+# the workers compile every script (staging before any row is staged, transport before any row
+# is delivered) and refuse it there with the line and column.
+TRANSFORM_DEFINITION_RE = r"(^|[^A-Za-z0-9_$.])(function\s+transform\s*\(|(const|let|var)\s+transform\s*=)"
+TRANSFORM_DEFINITION_MESSAGE = (
+    "a transform script must define a function named transform: "
+    "function transform(row) { ...; return row; } (or const transform = (row) => ...)"
+)
+
+
+class Transform(_Model):
+    """A JavaScript function applied to every row before it is delivered (docs/transforms.md)."""
+
+    type: Literal["v8"] = Field(description="The engine: v8 (JavaScript as V8 runs it, in a sandbox).")
+    script: str = Field(
+        min_length=1,
+        max_length=TRANSFORM_SCRIPT_MAX_LENGTH,
+        description="JavaScript defining function transform(row): it gets each row as an object (the columns "
+        "as docs/message-format.md delivers them) and returns the row to deliver, null or undefined to drop it, "
+        "or an array of rows. No network, file system, environment, timers or modules; the operator sets its "
+        "memory and time limits. Checked here for a definition of transform; compiled by the workers before "
+        f"any row moves. At most {TRANSFORM_SCRIPT_MAX_LENGTH} characters.",
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": f"self.matches(r'{TRANSFORM_DEFINITION_RE}')", "message": TRANSFORM_DEFINITION_MESSAGE}
+            ]
+        },
+    )
+
+    @field_validator("script")
+    @classmethod
+    def _defines_transform(cls, v: str) -> str:
+        if not re.search(TRANSFORM_DEFINITION_RE, v):
+            raise ValueError(TRANSFORM_DEFINITION_MESSAGE)
+        return v
+
+
 class BackfillSpec(_Model):
     """What to backfill: a window of a Snowflake table, optionally filtered, to one or more destinations."""
 
@@ -352,6 +395,13 @@ class BackfillSpec(_Model):
         min_length=1,
         max_length=500,
         description="Columns to export (projection); omit for all columns.",
+    )
+    transforms: list[Transform] | None = Field(
+        default=None,
+        max_length=TRANSFORMS_MAX,
+        description=f"JavaScript transforms applied in order to every row before it is delivered to any "
+        f"destination, each {{type: v8, script}} (docs/transforms.md); at most {TRANSFORMS_MAX}. An extension of "
+        "the public API's create body.",
     )
     parallelism: int | None = Field(
         default=None,

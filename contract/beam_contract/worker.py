@@ -51,6 +51,11 @@ class Env(StrEnum):
     # "false": a Kafka or NATS Secret without the key `endpoints` may be sent anywhere (config.secret_endpoints_required)
     SECRET_ENDPOINTS_REQUIRED = "BEAM_SECRET_ENDPOINTS_REQUIRED"
     CLUSTER_CIDRS = "BEAM_CLUSTER_CIDRS"
+    # spec.transforms (docs/transforms.md): the JavaScript heap's limit and the time one batch
+    # may take, from the operator's transform_memory_mib and transform_timeout_seconds; set on
+    # both workers of a backfill with transforms (staging compiles them, transport runs them).
+    TRANSFORM_MEMORY_MIB = "BEAM_TRANSFORM_MEMORY_MIB"
+    TRANSFORM_TIMEOUT_S = "BEAM_TRANSFORM_TIMEOUT_S"
     # Kubernetes' default; a test runs the worker outside a Pod with its own path.
     TERMINATION_MESSAGE_PATH = "TERMINATION_MESSAGE_PATH"
 

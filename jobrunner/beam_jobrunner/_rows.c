@@ -545,6 +545,157 @@ done:
     return out;
 }
 
+static PyObject *one_message(Buf buf, size_t size) {
+    Slab *slab = PyObject_New(Slab, &SlabType);
+    if (slab == NULL) {
+        give_buf(buf);
+        return NULL;
+    }
+    slab->buf = buf;
+    Message *m = PyObject_New(Message, &MessageType);
+    if (m != NULL) {
+        m->slab = Py_NewRef((PyObject *)slab);
+        m->data = buf.data;
+        m->size = (Py_ssize_t)size;
+    }
+    Py_DECREF(slab);
+    return (PyObject *)m;
+}
+
+/* array(columns: list[tuple], n: int) -> Message: rows 0 .. n-1 as one JSON array,
+ * `[row,row,...]`, written without the GIL into one slab (what a transform gets: one engine call
+ * per batch, beam_jobrunner.transform). */
+static PyObject *array(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *spec;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "O!n", &PyList_Type, &spec, &n))
+        return NULL;
+    if (n < 0) {
+        PyErr_SetString(PyExc_ValueError, "_rows: negative row count");
+        return NULL;
+    }
+    Py_ssize_t ncols = PyList_GET_SIZE(spec);
+    Column *cols = PyMem_Calloc(ncols ? ncols : 1, sizeof(Column));
+    PyObject *out = NULL;
+    Buf buf = {NULL, 0};
+    int err = OK, have_buf = 0;
+    if (cols == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < ncols; k++)
+        if (parse_column(PyList_GET_ITEM(spec, k), &cols[k]) < 0)
+            goto done;
+    if (check_rows(cols, ncols, n) < 0)
+        goto done;
+    size_t total = 0;
+    buf = take_buf();
+    have_buf = 1;
+    Py_BEGIN_ALLOW_THREADS
+    err = reserve(&buf, 2);
+    if (err == OK)
+        buf.data[total++] = '[';
+    for (Py_ssize_t i = 0; i < n && err == OK; i++) {
+        size_t bound;
+        const char *tail = i + 1 < n ? "}," : "}";
+        err = bound_row(cols, ncols, i, 2, &bound);
+        if (err == OK)
+            err = reserve(&buf, total + bound + 1);
+        if (err == OK)
+            total = (size_t)(write_row(buf.data + total, cols, ncols, i, tail, strlen(tail)) - buf.data);
+    }
+    if (err == OK)
+        buf.data[total++] = ']';
+    Py_END_ALLOW_THREADS
+    if (err != OK) {
+        raise(err);
+        goto done;
+    }
+    have_buf = 0;
+    out = one_message(buf, total);
+done:
+    if (have_buf)
+        give_buf(buf);
+    if (cols != NULL)
+        free_columns(cols, ncols);
+    return out;
+}
+
+/* lines(text: bytes-like, as_str: bool) -> list[Message | str]: the lines of `text` (split at
+ * \n; empty text, no line). Messages are views of one slab the text is copied into, without the
+ * GIL; a str is decoded from the text itself. What a transform's output becomes for the sinks. */
+static PyObject *lines(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer view;
+    int as_str;
+    if (!PyArg_ParseTuple(args, "y*p", &view, &as_str))
+        return NULL;
+    const char *text = view.buf;
+    size_t len = (size_t)view.len;
+    PyObject *list = NULL, *slab = NULL;
+    Py_ssize_t n = 0;
+    if (len > 0) {
+        n = 1;
+        for (const char *p = text; (p = memchr(p, '\n', (size_t)(text + len - p))) != NULL; p++)
+            n++;
+    }
+    list = PyList_New(n);
+    if (list == NULL || n == 0)
+        goto done;
+    const char *base = text;
+    if (!as_str) {
+        Buf buf = take_buf();
+        int err;
+        Py_BEGIN_ALLOW_THREADS
+        err = reserve(&buf, len);
+        if (err == OK)
+            memcpy(buf.data, text, len);
+        Py_END_ALLOW_THREADS
+        if (err != OK) {
+            give_buf(buf);
+            raise(err);
+            Py_CLEAR(list);
+            goto done;
+        }
+        slab = (PyObject *)PyObject_New(Slab, &SlabType);
+        if (slab == NULL) {
+            give_buf(buf);
+            Py_CLEAR(list);
+            goto done;
+        }
+        ((Slab *)slab)->buf = buf;
+        base = buf.data;
+    }
+    const char *start = base, *end = base + len;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const char *nl = i + 1 < n ? memchr(start, '\n', (size_t)(end - start)) : end;
+        size_t size = (size_t)(nl - start);
+        PyObject *item;
+        if (as_str) {
+            item = PyUnicode_DecodeUTF8(start, (Py_ssize_t)size, "strict");
+        } else {
+            Message *m = PyObject_New(Message, &MessageType);
+            if (m != NULL) {
+                m->slab = Py_NewRef(slab);
+                m->data = start;
+                m->size = (Py_ssize_t)size;
+            }
+            item = (PyObject *)m;
+        }
+        if (item == NULL) {
+            Py_CLEAR(list);
+            goto done;
+        }
+        PyList_SET_ITEM(list, i, item);
+        start = nl + 1;
+    }
+done:
+    Py_XDECREF(slab);
+    PyBuffer_Release(&view);
+    return list;
+}
+
 /* values(column: tuple, n: int, as_str: bool) -> list[bytes | str | None]: one column's
  * values as they are (the Kafka key), None for a null. */
 static PyObject *values(PyObject *self, PyObject *args) {
@@ -596,6 +747,8 @@ done:
 static PyMethodDef methods[] = {
     {"rows", rows, METH_VARARGS, "rows(columns, tail, n, as_str) -> (one JSON text per row, their UTF-8 size)"},
     {"values", values, METH_VARARGS, "values(column, n, as_str) -> one column's values, None for null"},
+    {"array", array, METH_VARARGS, "array(columns, n) -> the n rows as one JSON array (a Message)"},
+    {"lines", lines, METH_VARARGS, "lines(text, as_str) -> its lines, as Messages over one slab or as str"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -212,17 +212,9 @@ def _frame(table: pa.Table) -> pl.DataFrame:
     return pl.from_arrow(table)
 
 
-def parquet_batches(
-    path: str, batch_rows: int, *, as_bytes: bool = False, first_batch_rows: int | None = None
-) -> Iterator[tuple[list, list, int]]:
-    """(values, keys, UTF-8 size of the values) of a local parquet file, at most batch_rows at a
-    time, in row order.
-
-    Decoded one row group at a time (staged chunks have 65,536-row groups, see stage.py), so
-    memory holds one row group's columns (decoded and rendered) and the batches' JSON not yet
-    freed by the consumer. first_batch_rows: a smaller first batch, so whoever waits for it (the
-    producer, idle until then) starts sooner.
-    """
+def _slices(path: str, batch_rows: int, first_batch_rows: int | None) -> Iterator[tuple[tuple, int, int]]:
+    """(rendered row group, first row, rows) of a local parquet file, at most batch_rows at a
+    time, in row order; decoded and rendered one row group at a time."""
     import pyarrow.parquet as pq
 
     with pq.ParquetFile(path) as meta:
@@ -240,8 +232,39 @@ def parquet_batches(
             while start < n:
                 rows = min(batch_rows if first_batch_rows is None else min(first_batch_rows, batch_rows), n - start)
                 first_batch_rows = None
-                yield encode_rendered(rendered, start, rows, as_bytes)
+                yield rendered, start, rows
                 start += rows
+
+
+def parquet_batches(
+    path: str, batch_rows: int, *, as_bytes: bool = False, first_batch_rows: int | None = None
+) -> Iterator[tuple[list, list, int]]:
+    """(values, keys, UTF-8 size of the values) of a local parquet file, at most batch_rows at a
+    time, in row order.
+
+    Decoded one row group at a time (staged chunks have 65,536-row groups, see stage.py), so
+    memory holds one row group's columns (decoded and rendered) and the batches' JSON not yet
+    freed by the consumer. first_batch_rows: a smaller first batch, so whoever waits for it (the
+    producer, idle until then) starts sooner.
+    """
+    for rendered, start, rows in _slices(path, batch_rows, first_batch_rows):
+        yield encode_rendered(rendered, start, rows, as_bytes)
+
+
+def encode_array(rendered: tuple, start: int, n: int, as_bytes: bool) -> tuple[object, list]:
+    """Rows start .. start + n of a render()ed frame as one JSON array (UTF-8, a bytes-like
+    _rows.Message), and their keys (bytes with as_bytes, else str): what a transform gets
+    (beam_jobrunner.transform), written in one native call, no object per row."""
+    specs, key_spec, _ = rendered
+    return _rows.array([_from(c, start) for c in specs], n), _rows.values(_from(key_spec, start), n, not as_bytes)
+
+
+def parquet_arrays(
+    path: str, batch_rows: int, *, as_bytes: bool = False, first_batch_rows: int | None = None
+) -> Iterator[tuple[object, list]]:
+    """parquet_batches(), each batch as one JSON array and its keys (encode_array)."""
+    for rendered, start, rows in _slices(path, batch_rows, first_batch_rows):
+        yield encode_array(rendered, start, rows, as_bytes)
 
 
 def encode(table: pa.Table, as_bytes: bool = False) -> tuple[list, list]:

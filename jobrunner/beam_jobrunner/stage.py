@@ -29,7 +29,7 @@ from beam_contract.worker import (
     StagingResult,
     snowflake_env,
 )
-from beam_jobrunner import seal, sql, storage, termination
+from beam_jobrunner import seal, sql, storage, termination, transform
 from beam_jobrunner.config import DEFAULT_CHUNK_TARGET_BYTES, Common, env
 from beam_jobrunner.errors import JobError, PermanentError, TransientError
 
@@ -231,6 +231,9 @@ def run(common: Common) -> dict:
     target = int(env(Env.CHUNK_TARGET_BYTES, str(DEFAULT_CHUNK_TARGET_BYTES)))
     sql.table_name(common.spec.table)  # refuse a bad name before connecting anywhere
     k = seal.key()  # and a bad key
+    # and a transform that does not compile or defines no transform (docs/transforms.md): the
+    # earliest place with a JavaScript engine, before any row is staged
+    transform.check(common.spec)
     t0 = time.monotonic()
     uri = staging.manifest_uri(common.staging_uri)
     if storage.exists(uri):

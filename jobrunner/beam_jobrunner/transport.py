@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from beam_contract import logs, staging
 from beam_contract.worker import Env, worker_chunks
-from beam_jobrunner import reach, seal, serialize, storage
+from beam_jobrunner import reach, seal, serialize, storage, transform
 from beam_jobrunner.config import Common, env, require
 from beam_jobrunner.errors import PermanentError, TransientError
 from beam_jobrunner.sinks import Batch, Context, make_sink
@@ -143,13 +143,23 @@ class EncodedBatches:
     _done = object()
 
     def __init__(
-        self, local: Callable[[], LocalChunk], batch_rows: int, prefetch: int = 2, *, as_bytes: bool = False
+        self,
+        local: Callable[[], LocalChunk],
+        batch_rows: int,
+        prefetch: int = 2,
+        *,
+        as_bytes: bool = False,
+        transformer: transform.Transformer | None = None,
+        chunk: int = 0,
     ) -> None:
         self._q: queue.Queue = queue.Queue(maxsize=prefetch)
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._work, args=(local, batch_rows, as_bytes), name="encode", daemon=True
+        self.rows_out = 0  # rows handed to the sink: the chunk's, or what its transforms made of them
+        target = self._work if transformer is None else self._work_transformed
+        args = (
+            (local, batch_rows, as_bytes) if transformer is None else (local, batch_rows, as_bytes, transformer, chunk)
         )
+        self._thread = threading.Thread(target=target, args=args, name="encode", daemon=True)
         self._thread.start()
 
     def _put(self, item) -> bool:
@@ -171,10 +181,41 @@ class EncodedBatches:
                     if not self._put(Batch(values, keys, first, nbytes)):
                         return
                     first += len(values)
+                    self.rows_out = first
             finally:
                 encoded.close()  # in this thread, which owns the open parquet file
             self._put(self._done)
         except BaseException as e:  # handed to the consumer, which raises it in its own thread
+            self._put(e)
+
+    def _work_transformed(
+        self,
+        local: Callable[[], LocalChunk],
+        batch_rows: int,
+        as_bytes: bool,
+        transformer: transform.Transformer,
+        chunk: int,
+    ) -> None:
+        """_work() with spec.transforms: each batch goes to the JavaScript sandbox as one JSON
+        array, and what comes back (fewer rows, more, other keys) is the sink's batch. Batches
+        are the transforms' (transform.BATCH_ROWS): one engine call each."""
+        try:
+            path = local().path
+            rows = min(batch_rows, transformer.limits.batch_rows)
+            arrays = serialize.parquet_arrays(path, rows, as_bytes=as_bytes, first_batch_rows=FIRST_BATCH_ROWS)
+            out = transformer.stream(arrays, chunk=chunk, as_bytes=as_bytes)
+            try:
+                first_out = 0
+                for values, keys, nbytes in out:
+                    if values and not self._put(Batch(values, keys, first_out, nbytes)):
+                        return
+                    first_out += len(values)
+                    self.rows_out = first_out
+            finally:
+                out.close()  # in this thread, which owns the open parquet file and the sandboxes' pipes
+                arrays.close()
+            self._put(self._done)
+        except BaseException as e:
             self._put(e)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -197,15 +238,25 @@ class EncodedBatches:
                 pass
 
 
-def deliver_chunk(sink, download: ChunkDownload, batch_rows: int) -> int | None:
-    """Open the sink and deliver the chunk to it: the bytes sent, or None if it already was.
-    The caller closes the sink."""
-    batches = EncodedBatches(download.result, batch_rows, as_bytes=getattr(sink, "takes_bytes", False))
+def deliver_chunk(
+    sink, download: ChunkDownload, batch_rows: int, transformer: transform.Transformer | None = None
+) -> int | None:
+    """Open the sink and deliver the chunk to it (through the spec's transforms, if any): the
+    bytes sent, or None if it already was. The caller closes the sink."""
+    batches = EncodedBatches(
+        download.result,
+        batch_rows,
+        as_bytes=getattr(sink, "takes_bytes", False),
+        transformer=transformer,
+        chunk=sink.ctx.chunk,
+    )
     try:
         sink.open()
         if sink.already_delivered():
             return None
-        return sink.deliver(batches)
+        sent = sink.deliver(batches)
+        sink.rows_out = batches.rows_out
+        return sent
     finally:
         batches.close()
 
@@ -262,6 +313,7 @@ def delivered_chunks(staging_uri: str, k: bytes | None = None) -> set[int]:
 def _deliver_to_each(common: Common, index: int, download: ChunkDownload, batch_rows: int, metrics) -> list[dict]:
     """One chunk to every destination of the spec, in order: a result per destination."""
     results = []
+    transformer = transform.for_spec(common.spec)
     for dest_index, dest in enumerate(common.spec.destinations):
         ctx = Context(
             job_id=common.job_id,
@@ -275,7 +327,7 @@ def _deliver_to_each(common: Common, index: int, download: ChunkDownload, batch_
         t0 = time.monotonic()
         with reach.destination(sink.label):
             try:
-                nbytes = deliver_chunk(sink, download, batch_rows)
+                nbytes = deliver_chunk(sink, download, batch_rows, transformer)
             except reach.Refused as r:
                 raise r.error from None
             except Exception:
@@ -293,9 +345,10 @@ def _deliver_to_each(common: Common, index: int, download: ChunkDownload, batch_
         elapsed = time.monotonic() - t0
         rows = download.result().num_rows
         log.info(
-            "%s: delivered %d rows, %d bytes in %.2fs (%.0f rows/s)",
+            "%s: delivered %d rows%s, %d bytes in %.2fs (%.0f rows/s)",
             sink.label,
             rows,
+            f" as {sink.rows_out} messages after the transforms" if transformer is not None else "",
             nbytes,
             elapsed,
             rows / elapsed if elapsed else 0,
@@ -303,7 +356,10 @@ def _deliver_to_each(common: Common, index: int, download: ChunkDownload, batch_
         if metrics:
             metrics[0].labels(dest.name).inc(rows)
             metrics[1].labels(dest.name).inc(nbytes)
-        results.append({"destination": dest.name, "type": dest.type, "rows": rows, "bytes": nbytes, "seconds": elapsed})
+        result = {"destination": dest.name, "type": dest.type, "rows": rows, "bytes": nbytes, "seconds": elapsed}
+        if transformer is not None:
+            result["messages"] = sink.rows_out
+        results.append(result)
     return results
 
 
@@ -342,6 +398,9 @@ def run(common: Common) -> dict:
         len(mine) - len(todo),
         len(todo),
     )
+    transformer = transform.for_spec(common.spec)
+    if transformer is not None and todo:
+        transformer.start()  # a script that does not compile fails the worker before any row moves
     totals: dict[int, dict] = {}
     rows_staged = 0
     downloads: dict[int, ChunkDownload] = {}
@@ -394,6 +453,8 @@ def run(common: Common) -> dict:
                     | {"seconds": 0.0},
                 )
                 t["rows"] += r["rows"]
+                if "messages" in r:
+                    t["messages"] = t.get("messages", 0) + r["messages"]
                 t["bytes"] += r["bytes"]
                 t["skipped" if r.get("skipped") else "chunks"] += 1
                 t["seconds"] += r.get("seconds", 0.0)

@@ -208,6 +208,9 @@ def _common_env(
     ]
     if config.gcs_endpoint:
         env.append({"name": Env.STORAGE_EMULATOR_HOST, "value": config.gcs_endpoint})
+    if spec.transforms:  # staging compiles them, transport runs them (docs/transforms.md)
+        env.append({"name": Env.TRANSFORM_MEMORY_MIB, "value": str(config.transform_memory_mib)})
+        env.append({"name": Env.TRANSFORM_TIMEOUT_S, "value": str(config.transform_timeout_seconds)})
     taken = {e["name"] for e in env}
     env += [{"name": k, "value": v} for k, v in sorted(config.worker_env.items()) if k not in taken]
     return env

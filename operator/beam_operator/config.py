@@ -126,6 +126,12 @@ class OperatorConfig(BaseSettings):
     max_worker_resources: dict[str, str] = Field(default_factory=lambda: {"cpu": "4", "memory": "16Gi"})
     # The most spec.backoff_limit_per_index may be: every retry re-reads and re-sends a chunk.
     max_backoff_limit_per_index: int = Field(default=5, ge=0)
+    # spec.transforms (docs/transforms.md): the JavaScript heap's limit of a worker's sandbox and
+    # how long one batch of rows (transform.BATCH_ROWS) may take in it; past either the chunk
+    # fails for good. The sandbox's memory comes on top of the worker's own: a worker Pod's
+    # memory limit must hold both (about this plus 0.5 GiB for the worker).
+    transform_memory_mib: int = Field(default=256, ge=16, le=16384)
+    transform_timeout_seconds: float = Field(default=10.0, gt=0, le=3600)
     # Extra env for every worker (tuning such as BEAM_CHUNK_ROW_GROUP_ROWS, log levels); never
     # secrets, which reach workers only as secretKeyRef.
     worker_env: dict[str, str] = Field(default_factory=dict)

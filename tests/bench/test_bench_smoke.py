@@ -46,10 +46,32 @@ def test_transport_bench_runs(tmp_path):
         "bench/transport.py",
         *("--rows", "20000", "--stage-rows", "5000", "--rounds", "1", "--warmup", "0", "--no-write"),
     )
-    for key in ("ceiling", "ceiling_txn", "txn", "notxn", "ratio_txn", "ratio_notxn"):
+    for key in (
+        "ceiling",
+        "ceiling_txn",
+        "txn",
+        "notxn",
+        "ratio_txn",
+        "ratio_notxn",
+        "identity",
+        "typical",
+        "ratio_typical",
+    ):
         med, lo, hi = f[key]
         assert 0 < lo <= med <= hi, (key, f[key])
     assert f["stage_fetch"] > 0 and f["encode_rate"] > 0
+
+
+def test_js_engines_bench_runs(tmp_path):
+    f = bench(tmp_path, "bench/js_engines.py", *("--rows", "2000", "--rounds", "1", "--no-write"))
+    v8 = f["engines"]["v8"]
+    assert v8["rows_per_s"]["identity"] > 0 and v8["rows_per_s"]["typical"] > 0 and v8["startup"]["import_s"] > 0
+    assert v8["errors"]["thrown"] == "3:11" and v8["errors"]["syntax"] == "2:11", v8["errors"]
+    assert set(v8["hostile"]) == {"alloc_2gb", "heap_grows", "typed_arrays", "infinite_loop", "recursion"}
+    assert "require" not in v8["globals"]["present"] and "setTimeout" not in v8["globals"]["after_prelude"]
+    assert f["engines"]["quickjs-ng"]["rows_per_s"]["typical"] > 0, "the dev group installs quickjs-ng"
+    assert f["shipped"]["rows_per_s"]["typical"] > 0
+    assert all(h["survived"] for h in f["shipped"]["hostile"].values()), f["shipped"]["hostile"]
 
 
 def test_api_list_bench_runs(tmp_path):

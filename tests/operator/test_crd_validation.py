@@ -58,6 +58,23 @@ def test_seed_examples_are_accepted(k8s, crd_installed, namespace):
     assert got["spec"]["static_egress_ip"] is False and got["spec"]["cancel"] is False
 
 
+def test_transforms_are_accepted_and_immutable(k8s, crd_installed, namespace):
+    scripts = [
+        "function transform(row) {\n  row.label = row.token_symbol;\n  return row;\n}",
+        "const transform = (row) => row.amount > 0 ? row : null;",
+    ]
+    obj = with_spec(transforms=[{"type": "v8", "script": s} for s in scripts])
+    # the largest the CRD takes, to show CEL's cost budget holds it
+    obj["spec"]["transforms"].append({"type": "v8", "script": "function transform(r) { return r; }".ljust(32768)})
+    obj["spec"]["transforms"].append(obj["spec"]["transforms"][-1])
+    create(k8s, namespace, obj)
+    path = f"/apis/beam-backfill.dev/v1alpha1/namespaces/{namespace}/beambackfills/usdc"
+    assert [t["script"] for t in k8s.api("GET", path)["spec"]["transforms"][:2]] == scripts
+    with pytest.raises(ApiError) as e:
+        k8s.api("PATCH", path, {"spec": {"transforms": [{"type": "v8", "script": scripts[1]}]}})
+    assert "spec is immutable after creation" in e.value.body
+
+
 BAD = [
     (
         "start after end",
@@ -221,6 +238,27 @@ BAD = [
         "sns arn malformed",
         with_spec(destinations=[{"type": "sns", "name": "s", "topic_arn": "arn:aws:sqs:x"}]),
         "spec.destinations[0].topic_arn",
+    ),
+    # spec.transforms (docs/transforms.md): the textual check; the workers compile them.
+    (
+        "transform script without a transform function",
+        with_spec(transforms=[{"type": "v8", "script": "function transformRow(row) { return row; }"}]),
+        "a transform script must define a function named transform",
+    ),
+    (
+        "transform of another engine",
+        with_spec(transforms=[{"type": "lua", "script": "function transform(row) { return row; }"}]),
+        'spec.transforms[0].type: Unsupported value: "lua"',
+    ),
+    (
+        "too many transforms",
+        with_spec(transforms=[{"type": "v8", "script": "function transform(r) { return r; }"}] * 5),
+        "spec.transforms: Too many: 5: must have at most 4 items",
+    ),
+    (
+        "transform script over 32768 characters",
+        with_spec(transforms=[{"type": "v8", "script": "function transform(r) { return r; }" + " " * 32768}]),
+        "spec.transforms[0].script: Too long: may not be more than 32768",
     ),
 ]
 
