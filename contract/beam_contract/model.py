@@ -339,6 +339,10 @@ TRANSFORM_DEFINITION_MESSAGE = (
 )
 
 
+# How every error of a transform begins, in a worker's message and a backfill's error_message.
+TRANSFORM_ERROR_PREFIX = "transforms: "
+
+
 class Transform(_Model):
     """A JavaScript function applied to every row before it is delivered (docs/transforms.md)."""
 

@@ -1,6 +1,6 @@
 """A preview: what a backfill would stage, measured before anything runs (docs/console.md).
 
-A BeamPreview names a table, a window, an optional filter and columns, exactly as a backfill's
+A BeamPreview names a table, a window, an optional filter, columns and transforms, exactly as a backfill's
 spec does. The operator runs it as a short Job of the jobrunner (`beam-jobrunner preview`) in
 the organization's namespace, because the Snowflake credentials live there and nowhere else;
 the worker answers with one line of JSON in its termination message (PreviewResult), which
@@ -15,7 +15,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from beam_contract.model import GROUP, IDENT_RE, VERSION, BackfillSpec, BackfillWindow, Filter, _Model
+from beam_contract.model import GROUP, IDENT_RE, VERSION, BackfillSpec, BackfillWindow, Filter, Transform, _Model
 
 PREVIEW_KIND = "BeamPreview"
 PREVIEW_PLURAL = "beampreviews"
@@ -39,6 +39,7 @@ class PreviewSpec(_Model):
     backfill_window: BackfillWindow = _SOURCE["backfill_window"]
     filter: Filter | None = _SOURCE["filter"]
     columns: list[Annotated[str, Field(pattern=IDENT_RE, max_length=255)]] | None = _SOURCE["columns"]
+    transforms: list[Transform] | None = _SOURCE["transforms"]
     sample_rows: int = Field(default=5, ge=0, le=SAMPLE_ROWS_MAX, description="Rows of the sample to return.")
 
     @classmethod
@@ -48,6 +49,7 @@ class PreviewSpec(_Model):
             backfill_window=spec.backfill_window,
             filter=spec.filter,
             columns=spec.columns,
+            transforms=spec.transforms,
             sample_rows=sample_rows,
         )
 

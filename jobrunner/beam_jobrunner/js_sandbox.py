@@ -228,8 +228,16 @@ PRELUDE = r"""
 _FIRST = re.compile(r"^(?P<file>.*?):(?P<line>\d+): (?P<text>.*)$")
 
 
-def position(message: str, script: str) -> dict:
-    """Line, column and text of a compile-time error in `script`, from mini-racer's message."""
+# Put before a script to parse it on its own (not as a function's body) without running any of it.
+PARSE_ONLY = "throw 0;"
+
+
+def position(message: str, script: str, alone=None) -> dict:
+    """Line, column and text of a compile-time error in `script`, from mini-racer's message.
+
+    An error V8 places in the wrapper's closing lines comes from a script that closes more
+    blocks than it opens (its extra `}` closed the wrapper) or leaves one open: `alone(script)`,
+    the message of parsing the script by itself, then places it in the script."""
     lines = message.splitlines()
     m = _FIRST.match(lines[0]) if lines else None
     if m is None:
@@ -241,7 +249,13 @@ def position(message: str, script: str) -> dict:
             column -= len(PREFIX)
     text = m["text"]
     last = script.count("\n") + 1
-    if line > last:  # in the wrapper's closing lines: the script left a block, string or comment open
+    if line > last:
+        own = alone(script) if alone else None
+        if own and "Illegal return" not in own:  # (a top-level return is legal in a transform)
+            found = position(own, script)
+            if found["line"] == 1:
+                found["column"] += len(PREFIX) - len(PARSE_ONLY)
+            return found
         line, column = last, len(script.rsplit("\n", 1)[-1]) + 1
         text += " (at the end of the script: is a block, a string or a comment not closed?)"
     return {"message": text, "line": line, "column": max(column, 0)}
@@ -340,6 +354,16 @@ def main(argv: list[str]) -> int:
     def fail(info: dict) -> None:
         chan.write(b"E", json.dumps(info).encode())
 
+    def parse_alone(script: str) -> str | None:
+        # Only after a failed compile: the sandbox ends with it, so what this declares is moot.
+        try:
+            mr.eval(PARSE_ONLY + script, timeout_sec=timeout_s)
+        except JSParseException as e:
+            return str(e)
+        except Exception:  # parsed (and threw the 0 before any of it ran)
+            return None
+        return None
+
     def whereabouts() -> tuple[int, int]:
         row, step = struct.unpack_from("<ii", progress)
         return row, step
@@ -362,7 +386,7 @@ def main(argv: list[str]) -> int:
                     fail({**base, "kind": "memory", "message": "its top-level code ran past the memory limit"})
                     break
                 except JSParseException as e:
-                    fail({**base, "kind": "compile", **position(str(e), script)})
+                    fail({**base, "kind": "compile", **position(str(e), script, alone=parse_alone)})
                     break
                 except JSEvalException as e:  # its top-level code threw, or outgrew the memory limit
                     if mr.was_hard_memory_limit_reached():

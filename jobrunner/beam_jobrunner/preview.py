@@ -22,12 +22,18 @@ RESULT_MAX_BYTES (under the kubelet's TERMINATION_MESSAGE_MAX_BYTES, as __main__
 - if even the columns alone do not fit (hundreds of columns), `columns` keeps the first ones
   that fit (in export order), the sample is empty, `columns_truncated` is set (a field this
   worker added to PreviewResult), and `sample_truncated` too unless no sample was asked for.
+With spec.transforms, the window's first MEASURE_ROWS rows (as encoded above) run through the
+scripts in one sandbox, as transport runs them (transform.py), and the sample is the first
+`sample_rows` rows they make. A script that does not compile fails the preview before anything
+connects; one that throws on a row fails it with transport's message (chunk 0, the row's
+unique_id, the line and column), exit 2.
 Failures are staging's: a missing table or a bad column exits 2 (PERMANENT) with staging's
 message, an unreachable Snowflake exits 3 (TRANSIENT).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -35,7 +41,7 @@ import time
 
 from beam_contract.preview import MEASURE_ROWS, SAMPLE_ROW_MAX_CHARS, PreviewColumn, PreviewResult, PreviewSpec
 from beam_contract.worker import TERMINATION_MESSAGE_MAX_BYTES
-from beam_jobrunner import sql, stage
+from beam_jobrunner import sql, stage, transform
 from beam_jobrunner.config import PreviewConfig, env
 from beam_jobrunner.errors import JobError
 
@@ -166,6 +172,19 @@ def measure(spec: PreviewSpec, conn) -> tuple[int, list[PreviewColumn], _Measure
 def run(cfg: PreviewConfig) -> dict:
     spec = cfg.spec
     sql.first_rows_query(spec, MEASURE_ROWS)  # refuse a bad name before connecting anywhere
+    # and a script that does not compile (one sandbox: a sample is a few rows)
+    transformer = transform.Transformer.of(
+        spec.transforms, dataclasses.replace(transform.Limits.from_env(), sandboxes=1)
+    )
+    try:
+        return _run(cfg, transformer.start() if transformer else None)
+    finally:
+        if transformer:
+            transformer.close()
+
+
+def _run(cfg: PreviewConfig, transformer) -> dict:
+    spec = cfg.spec
     t0 = time.monotonic()
     import snowflake.connector  # noqa: F401  (half a second or more: not the connection's time)
 
@@ -177,7 +196,13 @@ def run(cfg: PreviewConfig) -> dict:
     finally:
         conn.close()
     bytes_per_row = len(writer.data) / writer.rows if writer.rows else 0.0
-    sample = _sample(writer.data, min(spec.sample_rows, writer.rows))
+    if transformer:  # every row read runs through the scripts: a wider try than the sample
+        read = _sample(writer.data, writer.rows)
+        made = transform.transform_messages(transformer, read)
+        log.info("preview: the transforms made %d rows of the first %d rows", len(made), len(read))
+        sample = made[: spec.sample_rows]
+    else:
+        sample = _sample(writer.data, min(spec.sample_rows, writer.rows))
     doc = fit(num_rows, bytes_per_row, columns, sample)
     log.info(
         "preview: %s rows in the window, %.1f bytes per row measured on %d rows, in %.2f s",

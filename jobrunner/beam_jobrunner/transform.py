@@ -593,17 +593,29 @@ def check(spec) -> None:
         t.close()
 
 
+def transform_messages(transformer: Transformer | None, messages: Sequence[str]) -> list[str]:
+    """What a backfill delivers for these messages (rows as docs/message-format.md writes them,
+    in window order from the chunk's first row) after `transformer`'s scripts: a preview's
+    sample. TransformError as in transport, naming chunk 0."""
+    if transformer is None or not messages:
+        return list(messages)
+    keys = []
+    for m in messages:
+        k = json.loads(m).get("unique_id") if m.startswith("{") else None
+        keys.append(None if k is None else str(k))
+    array = ("[" + ",".join(messages) + "]").encode()
+    values, _, _ = transformer.start().apply(array, keys, chunk=0, first_row=0, as_bytes=False)
+    return [str(v) for v in values]
+
+
 def transform_rows(transforms, rows: Sequence[dict], limits: Limits | None = None) -> list[dict]:
     """The rows a backfill with `transforms` would deliver for these rows (JSON objects as
-    docs/message-format.md writes them), in order: for a preview. TransformError as in transport."""
+    docs/message-format.md writes them), in order, in a sandbox started for the call."""
     t = Transformer.of(transforms, limits)
     if t is None:
         return list(rows)
     try:
-        array = ("[" + ",".join(json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in rows) + "]").encode()
-        keys = [r.get("unique_id") if isinstance(r, dict) else None for r in rows]
-        keys = [None if k is None else str(k) for k in keys]
-        values, _, _ = t.start().apply(array, keys, chunk=0, first_row=0, as_bytes=False)
-        return [json.loads(v) for v in values]
+        messages = [json.dumps(r, ensure_ascii=False, separators=(",", ":")) for r in rows]
+        return [json.loads(v) for v in transform_messages(t, messages)]
     finally:
         t.close()

@@ -208,9 +208,7 @@ def _common_env(
     ]
     if config.gcs_endpoint:
         env.append({"name": Env.STORAGE_EMULATOR_HOST, "value": config.gcs_endpoint})
-    if spec.transforms:  # staging compiles them, transport runs them (docs/transforms.md)
-        env.append({"name": Env.TRANSFORM_MEMORY_MIB, "value": str(config.transform_memory_mib)})
-        env.append({"name": Env.TRANSFORM_TIMEOUT_S, "value": str(config.transform_timeout_seconds)})
+    env += _transform_env(spec, config)
     taken = {e["name"] for e in env}
     env += [{"name": k, "value": v} for k, v in sorted(config.worker_env.items()) if k not in taken]
     return env
@@ -437,6 +435,17 @@ def transport_job(
 LABEL_PREVIEW = f"{GROUP}/preview"
 
 
+def _transform_env(spec: BackfillSpec | PreviewSpec, config: OperatorConfig) -> list[dict[str, str]]:
+    """The sandbox's limits, for a worker that runs spec.transforms: staging compiles them,
+    transport and previews run them (docs/transforms.md)."""
+    if not spec.transforms:
+        return []
+    return [
+        {"name": Env.TRANSFORM_MEMORY_MIB, "value": str(config.transform_memory_mib)},
+        {"name": Env.TRANSFORM_TIMEOUT_S, "value": str(config.transform_timeout_seconds)},
+    ]
+
+
 def preview_job_name(name: str, uid: str) -> str:
     return f"{_trunc(name.replace('.', '-'), 40)}-{uid[:8]}-preview"
 
@@ -453,6 +462,7 @@ def preview_job(name: str, namespace: str, uid: str, spec: PreviewSpec, config: 
         {"name": Env.NAMESPACE, "value": namespace},
         {"name": Env.BACKFILL, "value": name},
         {"name": Env.CONNECT_TIMEOUT_S, "value": str(config.connect_timeout_seconds)},
+        *_transform_env(spec, config),
     ]
     taken = {e["name"] for e in env}
     env += [{"name": k, "value": v} for k, v in sorted(config.worker_env.items()) if k not in taken]

@@ -139,8 +139,8 @@ class Previews:
             return failed(f"table {spec.table} is not allowed by this operator; allowed tables: {allowed}")
         if not child_jobs.preview_fits(spec):
             return failed(
-                "the filter is too large to preview (over 32 KiB of values); preview with fewer values, "
-                "the backfill itself takes up to 10,000"
+                "the filter and transforms are too large to preview (over 32 KiB together); preview with "
+                "fewer filter values (the backfill itself takes up to 10,000) or shorter scripts"
             )
         async with self.running:
             job = child_jobs.preview_job(name, ns, uid, spec, self.config)

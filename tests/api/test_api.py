@@ -142,6 +142,18 @@ def test_seed_create_examples_are_accepted_and_listed_in_the_seed_shape(api, org
     assert obj["metadata"]["creationTimestamp"] == ts["time_created"]
 
 
+def test_transforms_in_the_create_body_reach_the_resource_and_the_list_keeps_the_seed_shape(api, org, k8s):
+    ns, key = org
+    transforms = [{"type": "v8", "script": "function transform(row) {\n  row.x = 1;\n  return row;\n}"}]
+    with api.client(key) as c:
+        r = c.post("/backfills", json={**SEED_CREATE, "transforms": transforms})
+        assert r.status_code == 200, r.text
+        [listed] = c.get("/backfills").json()
+    assert_seed_shape(listed)
+    assert "transforms" not in listed
+    assert get_bbf_by_uid(k8s, ns, r.json()["job_id"])["spec"]["transforms"] == transforms
+
+
 def test_list_filters_by_status_and_limit(api, org, k8s):
     ns, key = org
     with api.client(key) as c:
@@ -199,6 +211,8 @@ def test_list_filters_by_status_and_limit(api, org, k8s):
         ({"destinations": [{"type": "kafka", "name": "has space"}]}, "destinations.0.name"),
         ({"filter": {"column": "token_address", "values": []}}, "filter.values"),
         ({"colour": "blue"}, "colour"),
+        ({"transforms": [{"type": "v8", "script": "return row;"}]}, "transforms.0.script"),
+        ({"transforms": [{"type": "quickjs", "script": "function transform(r) { return r; }"}]}, "transforms.0.type"),
     ],
 )
 def test_invalid_bodies_answer_422_naming_the_field(api, org, k8s, change, field):

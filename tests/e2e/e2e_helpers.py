@@ -17,6 +17,20 @@ from beam_devstack import dataset
 
 WINDOW = {"partition_key": "block_timestamp", "start": "2026-03-01T00:00:00", "end": "2026-04-01T00:00:00"}
 
+WEEK = {**WINDOW, "end": "2026-03-08T00:00:00"}
+WETH = "0x4200000000000000000000000000000000000006"
+# A transform that drops one token's rows and adds a field (docs/transforms.md).
+DROP_WETH_AND_LABEL = {
+    "type": "v8",
+    "script": (
+        "function transform(row) {\n"
+        f'  if (row.token_address === "{WETH}") return null;\n'
+        '  row.label = row.token_symbol + "#" + row.block_number;\n'
+        "  return row;\n"
+        "}\n"
+    ),
+}
+
 
 def expected_ids(conn, window=WINDOW, token=dataset.USDC) -> set[str]:
     return dataset.expected_ids(conn, window, token)

@@ -7,6 +7,7 @@ Screenshots of the list and of the start form go to $BEAM_CONSOLE_SCREENSHOTS wh
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -14,7 +15,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_helpers import WINDOW, backfill, expected_ids, make_key, read_topic
+from e2e_helpers import (
+    DROP_WETH_AND_LABEL,
+    WEEK,
+    WETH,
+    WINDOW,
+    assert_exactly,
+    backfill,
+    expected_ids,
+    make_key,
+    read_topic,
+    wait_status,
+)
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -131,6 +143,52 @@ def test_start_the_seed_backfill_from_the_form_and_watch_it_complete(
     if shots() and not live:
         save_screenshot(browser, shots() / "console-list.png")
     assert not [e for e in console_errors(browser) if "favicon" not in e]
+
+
+def test_step_4_tries_a_transform_on_sample_rows_then_the_backfill_delivers_what_it_makes(
+    k8s, operator, kafka, seeded, org, api_base, browser
+):
+    sign_in(browser, api_base, make_key(k8s, org))
+    fill_start_form(browser, api_base, name="console transform", topic="console-transform", window=WEEK)
+    browser.find_element(By.ID, "filter_values").send_keys("\n" + WETH)
+    script = browser.find_element(By.ID, "transform_script")
+
+    # A script that does not compile: the preview's worker says where, under the script.
+    script.send_keys("function transform(row) {\n  return row +;\n}")
+    browser.find_element(By.ID, "preview-button").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_element(By.ID, "err-transform_script").is_displayed())
+    said = browser.find_element(By.ID, "err-transform_script").text
+    assert "transform 1 of 1 does not compile: SyntaxError: Unexpected token ';' at line 2, column 15" in said, said
+    assert not browser.find_elements(By.ID, "p-rows")
+
+    # Fixed: the preview shows the window's rows and the first rows as the transform makes them.
+    script.clear()
+    script.send_keys(DROP_WETH_AND_LABEL["script"])
+    browser.find_element(By.ID, "preview-button").click()
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.ID, "p-rows"))
+    assert not browser.find_element(By.ID, "err-transform_script").is_displayed()
+    usdc, weth = expected_ids(seeded, WEEK), expected_ids(seeded, WEEK, token=WETH)
+    assert browser.find_element(By.ID, "p-rows").text == f"{len(usdc) + len(weth):,}"
+    heading = browser.find_element(By.CSS_SELECTOR, "#preview-out h3").text
+    assert "after the transform" in heading, heading
+    samples = [json.loads(p.text) for p in browser.find_elements(By.CSS_SELECTOR, "pre.sample")]
+    assert len(samples) == 5
+    for row in samples:
+        assert row["token_address"] == dataset.USDC and row["label"] == f"{row['token_symbol']}#{row['block_number']}"
+
+    uid = submit(browser)
+    [obj] = [
+        o
+        for o in k8s.api("GET", f"/apis/beam-backfill.dev/v1alpha1/namespaces/{org}/beambackfills")["items"]
+        if o["metadata"]["uid"] == uid
+    ]
+    assert obj["spec"]["transforms"] == [DROP_WETH_AND_LABEL], "the script as typed"
+    wait_status(k8s, org, obj["metadata"]["name"], "completed", timeout=240)
+    msgs = read_topic(kafka.bootstrap, f"{org}.console-transform")
+    assert_exactly(msgs, usdc)
+    assert all(row["label"] == f"{row['token_symbol']}#{row['block_number']}" for _, row in msgs)
+    # The browser logs the refused preview's 422 (the broken script); nothing else.
+    assert not [e for e in console_errors(browser) if "favicon" not in e and "api/preview" not in e]
 
 
 def test_cancel_mid_transport_from_the_detail_page(k8s, operator, kafka, org, api_base, browser):

@@ -163,6 +163,51 @@ def test_the_sample_is_what_a_destination_receives(tmp_path, source, bucket, gcs
     assert any("Ünicode ✓" in s for s in sample_of(got)) and any('\\"Ether\\"' in s for s in sample_of(got))
 
 
+EVEN_BLOCKS_LABELLED = {
+    "type": "v8",
+    "script": "function transform(row) {\n  if (row.block_number % 2) return null;\n"
+    '  row.label = row.token_symbol + "#" + row.block_number;\n  return row;\n}\n',
+}
+
+
+def test_with_transforms_the_sample_is_what_they_deliver(tmp_path, source, bucket, gcs, kafka, rows):
+    spec = source_spec(
+        {"partition_key": "block", "start": 1000, "end": 1300}, transforms=[EVEN_BLOCKS_LABELLED], sample_rows=5
+    )
+    got = ok(preview(tmp_path, source, spec))
+    assert got["num_rows"] == 300, "the count is of the window: what staging exports"
+    sent = delivered(tmp_path, source, gcs, kafka, spec)
+    assert len(sent) == 150
+    kept = [i for i in expected_ids(rows, blocks=(1000, 1010)) if i in sent]
+    assert len(kept) == 5
+    assert sample_of(got) == [sent[i] for i in kept], "byte for byte the messages Kafka got"
+    first = json.loads(sample_of(got)[0])
+    assert first["label"] == f"{first['token_symbol']}#{first['block_number']}"
+
+
+def test_a_transform_that_fails_fails_the_preview_with_transports_message(tmp_path, source):
+    window = {"partition_key": "block", "start": 1000, "end": 1300}
+    throws = {
+        "type": "v8",
+        "script": "function transform(row) {\n  if (row.block_number === 1003) row.x.y = 1;\n  return row;\n}",
+    }
+    r = preview(tmp_path, source, source_spec(window, transforms=[throws]))
+    assert r.code == 2, r.stderr[-2000:]
+    assert r.message.startswith("transforms: transform 1 of 1 threw on chunk 0, row with unique_id "), r.message
+    assert "TypeError: Cannot set properties of undefined (setting 'y') at line 2, column 42" in r.message, r.message
+
+    # A script that does not compile is refused before anything connects: here to nothing at all.
+    from beam_devstack.proc import free_port
+
+    broken = {"type": "v8", "script": "function transform(row) {\n  return row +;\n}"}
+    r = preview(tmp_path, source, source_spec(window, transforms=[broken]), BEAM_SNOWFLAKE_PORT=free_port())
+    assert r.code == 2, r.stderr[-2000:]
+    assert (
+        r.message
+        == "transforms: transform 1 of 1 does not compile: SyntaxError: Unexpected token ';' at line 2, column 15"
+    )
+
+
 def test_whole_rows_travel_compressed_and_what_does_not_fit_is_left_out(tmp_path, source, bucket, gcs, kafka, rows):
     spec = source_spec({"partition_key": "block", "start": 1000, "end": 1300}, sample_rows=10)
     got = ok(preview(tmp_path, source, spec))

@@ -176,6 +176,42 @@ def test_nats_message_ids_of_multiplied_rows_are_distinct(tmp_path, source, buck
     assert sorted(got) == sorted(f"{u}#{n}" for u in want for n in (0, 1)), "both copies, neither deduplicated away"
 
 
+def test_sns_fifo_keeps_both_rows_a_transform_made_of_one(tmp_path, source, bucket, gcs, sns, rows):
+    # FIFO deduplicates by MessageDeduplicationId (the key's SHA-256): `<unique_id>#0` and `#1`
+    # must differ, or the topic would drop the second copy.
+    sns_c, sqs_c = sns.client("sns"), sns.client("sqs")
+    name = f"beam-{uuid.uuid4().hex[:8]}.fifo"
+    arn = sns_c.create_topic(Name=name, Attributes={"FifoTopic": "true", "ContentBasedDeduplication": "false"})[
+        "TopicArn"
+    ]
+    q = sqs_c.create_queue(QueueName=name, Attributes={"FifoQueue": "true"})["QueueUrl"]
+    qarn = sqs_c.get_queue_attributes(QueueUrl=q, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns_c.subscribe(TopicArn=arn, Protocol="sqs", Endpoint=qarn, Attributes={"RawMessageDelivery": "true"})
+    job = Job(
+        tmp_path,
+        spec(
+            {"type": "sns", "name": "sns", "topic_arn": arn, "endpoint_url": sns.endpoints()["url"], "secret": "aws"},
+            'function transform(r) { return [{...r, side: "from"}, {...r, side: "to"}]; }',
+            window={"partition_key": "block", "start": 2000, "end": 2100},
+        ),
+        snowflake=source,
+        gcs=gcs,
+        extra={"BEAM_DEST_0_AWS_ACCESS_KEY_ID": "testing", "BEAM_DEST_0_AWS_SECRET_ACCESS_KEY": "testing"},
+    )
+    job.transport_all(job.stage().json["num_chunks"])
+    got = []
+    while True:
+        msgs = sqs_c.receive_message(QueueUrl=q, MaxNumberOfMessages=10, WaitTimeSeconds=0).get("Messages", [])
+        if not msgs:
+            break
+        got.extend((json.loads(m["Body"])["unique_id"], json.loads(m["Body"])["side"]) for m in msgs)
+        sqs_c.delete_message_batch(
+            QueueUrl=q, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs)]
+        )
+    want = expected_ids(rows, blocks=(2000, 2100))
+    assert sorted(got) == sorted((u, side) for u in want for side in ("from", "to"))
+
+
 def test_staging_refuses_a_script_that_does_not_compile_before_staging_any_row(tmp_path, source, bucket, gcs):
     bad = "function transform(row) {\n  row.x = ;\n  return row;\n}"
     job = Job(tmp_path, spec({"type": "kafka", "name": "never"}, ADD_AND_DROP, bad), snowflake=source, gcs=gcs)

@@ -287,6 +287,9 @@ def test_preview_helper():
             1,
         ),
         ("function transform(r) {\n  return r;\n", "does not compile: SyntaxError", 3, 1),
+        # One `}` too many closes the wrapper the script is compiled in; the error is still the script's.
+        ("function transform(r) {\n  return r;\n  }}\n", "does not compile: SyntaxError: Unexpected token '}'", 3, 4),
+        ("function transform(r) { return r; }}", "does not compile: SyntaxError: Unexpected token '}'", 1, 36),
         (
             "function transform(r) { return r; }\nthrow new Error('not ready');",
             "throws when it loads: Error: not ready",

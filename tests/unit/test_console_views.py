@@ -63,6 +63,20 @@ def test_each_refusal_lands_next_to_the_field_it_names():
     assert forms.field_of({"field": "destinations.0.url"}, [2]) == "dest-2-url"
 
 
+def test_step_4s_script_is_the_one_transform_and_its_refusal_lands_under_it():
+    body, _ = forms.body_of({**FORM, "transform_script": "function transform(r) {\r\n  return r;\r\n}"})
+    assert body["transforms"] == [{"type": "v8", "script": "function transform(r) {\n  return r;\n}"}]
+    assert "transforms" not in forms.body_of({**FORM, "transform_script": "  \n"})[0]
+    body, slots = forms.body_of({**FORM, "transform_script": "return row;"})
+    try:
+        BackfillSpec.model_validate(body)
+    except ValidationError as e:
+        detail = [{"field": field_path(err["loc"]), "msg": err["msg"]} for err in e.errors()]
+    errors = forms.errors_by_field(detail, slots)
+    assert list(errors) == ["transform_script"], errors
+    assert "must define a function named transform" in errors["transform_script"][0]
+
+
 def test_a_row_shows_rate_and_time_left_from_the_status():
     now = datetime(2026, 3, 1, 0, 1, 40, tzinfo=UTC)
     obj = {

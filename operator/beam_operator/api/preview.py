@@ -33,7 +33,9 @@ class Preview(BaseModel):
     estimated_seconds: float = Field(description="From create to completed, at this organization's past rate.")
     estimate_basis: str = Field(description="What estimated_seconds rests on.")
     columns: list[PreviewColumn] = Field(description="The columns the backfill would output, with their types.")
-    sample: list[Any] = Field(description="The first rows in window order, each as a destination receives it.")
+    sample: list[Any] = Field(
+        description="The first rows in window order, each as a destination receives it (after spec.transforms: what they make of the window's first 1,000 rows)."
+    )
     sample_truncated: bool = Field(description="True when rows were cut or left out to keep the answer small.")
     columns_truncated: bool = Field(description="True when columns were left out to keep the answer small.")
     preview_seconds: float = Field(description="How long the preview worker took, from its Job's creation.")

@@ -59,7 +59,7 @@ def _bound(value: str, partition_key: str) -> str | int:
 
 
 def source_of(form: Mapping[str, str]) -> dict[str, Any]:
-    """table, window, filter and columns: a preview's spec (and half of a create body)."""
+    """table, window, filter, columns and the transform: a preview's spec (and half of a create body)."""
     pk = form.get("partition_key", "block_timestamp")
     body: dict[str, Any] = {
         "table": form.get("table", "").strip(),
@@ -75,6 +75,9 @@ def source_of(form: Mapping[str, str]) -> dict[str, Any]:
     columns = [c for c in _SPLIT.split(form.get("columns", "").strip()) if c]
     if columns:
         body["columns"] = columns
+    script = form.get("transform_script", "").replace("\r\n", "\n")
+    if script.strip():  # the console offers one transform; the API takes up to four
+        body["transforms"] = [{"type": "v8", "script": script}]
     return body
 
 
@@ -117,6 +120,8 @@ def field_of(item: dict[str, Any], slots: list[int] = ()) -> str:
         return "filter_" + field.split(".")[1]
     if field.startswith("columns"):
         return "columns"
+    if field.startswith("transforms"):
+        return "transform_script"
     return field or "form"
 
 

@@ -24,7 +24,7 @@ from kubernetes.client import ApiException
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from beam_contract.model import Phase
+from beam_contract.model import TRANSFORM_ERROR_PREFIX, Phase
 from beam_contract.preview import PreviewSpec
 from beam_operator.api.kube import events_of, status_message
 from beam_operator.api.public_job import creation_order, field_path, public_status
@@ -370,7 +370,9 @@ def add_console(app: FastAPI, *, settings, backfills, previews, keys, core, iden
         try:
             answer = await run_in_threadpool(preview_answer, s.organization, spec)
         except HTTPException as e:
-            return _errors({"form": [str(e.detail)]}, e.status_code)
+            # A script the worker refused or that failed on a row: shown under the script.
+            field = "transform_script" if TRANSFORM_ERROR_PREFIX in str(e.detail) else "form"
+            return _errors({field: [str(e.detail)]}, e.status_code)
         return Response(orjson.dumps(answer), media_type="application/json")
 
 

@@ -197,9 +197,12 @@ function newPage() {
       el("dt", {}, "Duration (estimate)"), el("dd", { id: "p-duration" }, duration(answer.estimated_seconds)),
       el("dt", {}, "Estimated from"), el("dd", {}, answer.estimate_basis),
       el("dt", {}, "Preview took"), el("dd", {}, answer.preview_seconds.toFixed(1) + " s")));
+    const transformed = document.getElementById("transform_script").value.trim() !== "";
     if (answer.sample.length) {
-      out.append(el("h3", {}, "First rows, as delivered" + (answer.sample_truncated ? " (cut to fit)" : "")));
+      out.append(el("h3", {}, "First rows, as delivered" + (transformed ? " (after the transform)" : "") + (answer.sample_truncated ? " (cut to fit)" : "")));
       for (const row of answer.sample) out.append(el("pre", { class: "sample" }, typeof row === "string" ? row : JSON.stringify(row)));
+    } else if (transformed && answer.num_rows) {
+      out.append(el("p", { class: "help", id: "p-none" }, "The transform dropped every one of the first rows it was tried on."));
     }
   });
 }
