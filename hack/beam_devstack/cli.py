@@ -1,6 +1,7 @@
 """`beam-dev`: the local stack for people (the tests use the same modules through fixtures).
 
-    beam-dev fetch    get and cache every binary and jar (Kubernetes is built from source)
+    beam-dev fetch    get and cache every binary and jar (Kubernetes is built from source);
+                      --tests adds what only tests use (promtool, the browser)
     beam-dev up       start the stack in the background; prints endpoints and start times
     beam-dev status   what is running
     beam-dev down     stop everything `up` started
@@ -50,8 +51,10 @@ def _module(name: str):
     return importlib.import_module(f"beam_devstack.{name}")
 
 
-def fetch() -> dict[str, float]:
-    """Everything the stack and the tests need, fetched or built once and cached."""
+def fetch(test_tools: bool = False) -> dict[str, float]:
+    """What the stack needs, fetched or built once and cached; with `test_tools`, also what only
+    tests use (promtool for the alert rules, the browser for the console's tests), which the
+    demo never needs: promtool alone takes minutes to build on a fresh machine."""
     times = {}
     for name, (mod, _) in COMPONENTS.items():
         t = time.monotonic()
@@ -64,6 +67,23 @@ def fetch() -> dict[str, float]:
     progress("fetch", "helm: checking cache")
     helm_binary()
     times["helm"] = time.monotonic() - t
+    if test_tools:
+        times.update(fetch_test_tools())
+    # The real node (tests/node): Debian's containerd, runc, CNI plugins and image builders, the
+    # node's Kubernetes binaries, then the images, built from the Dockerfiles when they changed.
+    from beam_devstack import images, node
+
+    t = time.monotonic()
+    progress("fetch", "node: Debian packages, kubelet, kube-proxy, kube-scheduler, images")
+    subprocess.run(["bash", str(ROOT / "hack" / "node" / "install-packages.sh")], check=True)
+    node.ensure_installed()
+    images.ensure_built()
+    times["node"] = time.monotonic() - t
+    return times
+
+
+def fetch_test_tools() -> dict[str, float]:
+    times = {}
     from beam_devstack.promtool import promtool_binary
 
     t = time.monotonic()
@@ -81,16 +101,6 @@ def fetch() -> dict[str, float]:
         if not binary.is_file():
             apt_install(package, "browser")
     times["browser"] = time.monotonic() - t
-    # The real node (tests/node): Debian's containerd, runc, CNI plugins and image builders, the
-    # node's Kubernetes binaries, then the images, built from the Dockerfiles when they changed.
-    from beam_devstack import images, node
-
-    t = time.monotonic()
-    progress("fetch", "node: Debian packages, kubelet, kube-proxy, kube-scheduler, images")
-    subprocess.run(["bash", str(ROOT / "hack" / "node" / "install-packages.sh")], check=True)
-    node.ensure_installed()
-    images.ensure_built()
-    times["node"] = time.monotonic() - t
     return times
 
 
@@ -210,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="beam-dev", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("fetch", help="fetch and build everything into the cache")
+    fetch_p = sub.add_parser("fetch", help="fetch and build what the stack needs into the cache")
+    fetch_p.add_argument("--tests", action="store_true", help="and the tools only tests use (promtool, the browser)")
     sub.add_parser("up", help="start the stack in the background")
     sub.add_parser("down", help="stop the stack")
     sub.add_parser("status", help="show what runs")
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     cons.add_argument("--max", type=int, default=5)
     args = p.parse_args(argv)
     if args.cmd == "fetch":
-        times = fetch()
+        times = fetch(test_tools=args.tests)
         progress("fetch", "done: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
         return 0
     if args.cmd == "up":

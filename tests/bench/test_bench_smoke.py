@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -79,6 +81,7 @@ def test_api_list_bench_runs(tmp_path):
     assert f["backfills"] == 5 and f["api_ms"]["p50"] > 0 and f["apiserver_ms"]["p99"] > 0
 
 
+@pytest.mark.node
 def test_scale_bench_runs(tmp_path):
     f = bench(
         tmp_path,
@@ -94,6 +97,7 @@ def test_scale_bench_runs(tmp_path):
     assert {k: v["n"] for k, v in parts.items()} == {"until_finalizer": 4, "finalizer": 4, "until_job": 4, "job": 4}, f
 
 
+@pytest.mark.node
 def test_e2e_bench_runs(tmp_path):
     f = bench(
         tmp_path,
