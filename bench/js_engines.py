@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -35,15 +34,12 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from run_context import machine  # bench/ is the script's own directory: first on sys.path
+from transport import IDENTITY, TYPICAL  # the transforms transport's benchmark measures
+
 ROOT = Path(__file__).resolve().parent.parent
 ENGINES = ("v8", "quickjs-ng", "quickjs")
 MEMORY_MIB, TIMEOUT_S = 256, 5.0
-IDENTITY = "function transform(row) { return row; }"
-TYPICAL = """function transform(row) {
-  if (row.transaction_index % 2 === 1) return null;  // half of the rows
-  row.usd_amount_rounded = Math.round(row.usd_amount * 100) / 100;
-  return row;
-}"""
 HOSTILE = {
     "alloc_2gb": "function transform(row) { const a = new Array(2 ** 28).fill(0); return row; }",
     "heap_grows": "function transform(row) { const a = []; for (;;) a.push({n: a.length, s: 'x'.repeat(1024) + a.length}); }",
@@ -464,16 +460,7 @@ def figures_table(r: dict) -> str:
 
 
 def write_doc(args, table: str) -> None:
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    say(
-        f"run context: `.venv/bin/python bench/js_engines.py --rows {args.rows} --rounds {args.rounds}`; "
-        f"{os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}; "
-        f"{time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}"
-    )
+    say(f"run context: `.venv/bin/python bench/js_engines.py --rows {args.rows} --rounds {args.rounds}`; {machine()}")
     doc = ROOT / "docs" / "benchmarks.md"
     text = doc.read_text()
     section = re.search(r"^## JavaScript engines for transforms\n.*?(?=^## |\Z)", text, flags=re.S | re.M)

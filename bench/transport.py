@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import re
 import resource
@@ -37,6 +36,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from run_context import machine  # bench/ is the script's own directory: first on sys.path
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -450,16 +450,9 @@ def write_doc(args, r) -> None:
     the section's prose and its hand-kept history of earlier runs stay as they are. The run's
     context (command, machine, load) is printed for the person updating them."""
     table = figures_table(r)
-    cpu = "unknown CPU"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     say(
         f"run context: `.venv/bin/python bench/transport.py --rows {args.rows} --stage-rows {args.stage_rows} "
-        f"--rounds {args.rounds}`; {os.cpu_count()} cores ({cpu}), {platform.system()} {platform.release()}, "
-        f"Python {platform.python_version()}; {time.strftime('%Y-%m-%d %H:%M')}, load average {os.getloadavg()[0]:.1f}; "
-        f"average message {r['avg']:.0f} bytes"
+        f"--rounds {args.rounds}`; {machine()}; average message {r['avg']:.0f} bytes"
     )
     doc = ROOT / "docs" / "benchmarks.md"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n"

@@ -448,6 +448,14 @@ static int check_rows(const Column *cols, Py_ssize_t ncols, Py_ssize_t n) {
     return 0;
 }
 
+/* Every column of `spec` into `cols`, each holding at least `n` rows. */
+static int parse_columns(PyObject *spec, Column *cols, Py_ssize_t ncols, Py_ssize_t n) {
+    for (Py_ssize_t k = 0; k < ncols; k++)
+        if (parse_column(PyList_GET_ITEM(spec, k), &cols[k]) < 0)
+            return -1;
+    return check_rows(cols, ncols, n);
+}
+
 static void free_columns(Column *cols, Py_ssize_t n) {
     for (Py_ssize_t k = 0; k < n; k++)
         PyMem_Free((void *)cols[k].buffers);
@@ -480,10 +488,7 @@ static PyObject *rows(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    for (Py_ssize_t k = 0; k < ncols; k++)
-        if (parse_column(PyList_GET_ITEM(spec, k), &cols[k]) < 0)
-            goto done;
-    if (check_rows(cols, ncols, n) < 0)
+    if (parse_columns(spec, cols, ncols, n) < 0)
         goto done;
     const char *tail = PyBytes_AS_STRING(tail_obj);
     size_t tail_len = (size_t)PyBytes_GET_SIZE(tail_obj);
@@ -584,10 +589,7 @@ static PyObject *array(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    for (Py_ssize_t k = 0; k < ncols; k++)
-        if (parse_column(PyList_GET_ITEM(spec, k), &cols[k]) < 0)
-            goto done;
-    if (check_rows(cols, ncols, n) < 0)
+    if (parse_columns(spec, cols, ncols, n) < 0)
         goto done;
     size_t total = 0;
     buf = take_buf();

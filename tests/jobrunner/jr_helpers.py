@@ -186,3 +186,71 @@ def expected_ids(rows, start=None, end=None, blocks=None, tokens=None) -> list[s
             continue
         out.append(r["unique_id"])
     return out
+
+
+def nats_stream(nats) -> str:
+    """The subject of a fresh JetStream stream on the test's nats-server."""
+    import asyncio
+
+    import nats as nats_py
+
+    subject = f"beam.{uuid.uuid4().hex[:8]}"
+
+    async def make_stream():
+        nc = await nats_py.connect(nats.endpoints()["url"])
+        await nc.jetstream().add_stream(name=subject.replace(".", "_"), subjects=[subject])
+        await nc.close()
+
+    asyncio.run(make_stream())
+    return subject
+
+
+def read_nats(nats, subject: str) -> list[tuple[str | None, dict]]:
+    """Every message of the subject's stream, as (Nats-Msg-Id, JSON body), acknowledged."""
+    import asyncio
+
+    import nats as nats_py
+
+    async def read_back():
+        nc = await nats_py.connect(nats.endpoints()["url"])
+        sub = await nc.jetstream().pull_subscribe(subject, durable=None)
+        out = []
+        while True:
+            try:
+                msgs = await sub.fetch(500, timeout=5)
+            except TimeoutError:  # nats-py raises its own subclass or asyncio's
+                break
+            for m in msgs:
+                out.append(((m.headers or {}).get("Nats-Msg-Id"), json.loads(m.data)))
+                await m.ack()
+        await nc.close()
+        return out
+
+    return asyncio.run(read_back())
+
+
+def sns_topic_to_queue(sns, *, fifo: bool = False) -> tuple[str, str]:
+    """An SNS topic (moto) whose messages land raw in an SQS queue: (topic ARN, queue URL)."""
+    sns_c, sqs_c = sns.client("sns"), sns.client("sqs")
+    name = f"beam-{uuid.uuid4().hex[:8]}" + (".fifo" if fifo else "")
+    attrs = {"FifoTopic": "true", "ContentBasedDeduplication": "false"} if fifo else {}
+    arn = sns_c.create_topic(Name=name, Attributes=attrs)["TopicArn"]
+    q = sqs_c.create_queue(QueueName=name, Attributes={"FifoQueue": "true"} if fifo else {})["QueueUrl"]
+    qarn = sqs_c.get_queue_attributes(QueueUrl=q, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns_c.subscribe(TopicArn=arn, Protocol="sqs", Endpoint=qarn, Attributes={"RawMessageDelivery": "true"})
+    return arn, q
+
+
+def drain_queue(sns, queue_url: str) -> list[dict]:
+    """The JSON bodies of every message waiting in the queue, deleted as they are read."""
+    sqs_c = sns.client("sqs")
+    got = []
+    while True:
+        msgs = sqs_c.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=0).get("Messages", [])
+        if not msgs:
+            return got
+        got.extend(json.loads(m["Body"]) for m in msgs)
+        sqs_c.delete_message_batch(
+            QueueUrl=queue_url,
+            Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs)],
+        )

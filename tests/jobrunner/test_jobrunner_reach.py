@@ -17,7 +17,7 @@ from collections import namedtuple
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from jr_helpers import Job, expected_ids, managed
+from jr_helpers import Job, expected_ids, managed, sns_topic_to_queue
 
 from beam_jobrunner import reach
 from beam_jobrunner.errors import PermanentError, excerpt
@@ -263,12 +263,8 @@ def test_a_nats_server_on_loopback_is_refused_unless_allowed(tmp_path, source, b
 
 
 def test_an_sns_endpoint_on_loopback_is_refused_unless_allowed(tmp_path, source, bucket, gcs, sns):
-    sns_c, sqs_c = sns.client("sns"), sns.client("sqs")
-    name = f"reach-{uuid.uuid4().hex[:8]}"
-    arn = sns_c.create_topic(Name=name)["TopicArn"]
-    q = sqs_c.create_queue(QueueName=name)["QueueUrl"]
-    qarn = sqs_c.get_queue_attributes(QueueUrl=q, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    sns_c.subscribe(TopicArn=arn, Protocol="sqs", Endpoint=qarn, Attributes={"RawMessageDelivery": "true"})
+    sqs_c = sns.client("sqs")
+    arn, q = sns_topic_to_queue(sns)
     endpoint = sns.endpoints()["url"]
     assert endpoint.startswith("http://127.0.0.1:")
     job = Job(

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
 import threading
 import time
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pyarrow.fs as pafs
 import pytest
-from jr_helpers import Job, expected_ids
+from jr_helpers import Job, drain_queue, expected_ids, nats_stream, read_nats, sns_topic_to_queue
 
 from beam_contract import staging
 
@@ -179,39 +177,14 @@ def test_https_webhook_trusts_the_ca_of_its_secret_and_only_then(tmp_path, sourc
 
 
 def test_nats_jetstream(tmp_path, source, bucket, gcs, nats, rows):
-    import nats as nats_py
-
-    subject = f"beam.{uuid.uuid4().hex[:8]}"
-
-    async def make_stream():
-        nc = await nats_py.connect(nats.endpoints()["url"])
-        await nc.jetstream().add_stream(name=subject.replace(".", "_"), subjects=[subject])
-        await nc.close()
-
-    asyncio.run(make_stream())
+    subject = nats_stream(nats)
     job = Job(
         tmp_path, spec({"type": "nats", "name": subject, "url": nats.endpoints()["url"]}), snowflake=source, gcs=gcs
     )
     staged = job.stage().json
     job.transport_all(staged["num_chunks"])
 
-    async def read_back():
-        nc = await nats_py.connect(nats.endpoints()["url"])
-        js = nc.jetstream()
-        sub = await js.pull_subscribe(subject, durable=None)
-        out = []
-        while True:
-            try:
-                msgs = await sub.fetch(500, timeout=5)
-            except TimeoutError:  # nats-py raises its own subclass or asyncio's
-                break
-            for m in msgs:
-                out.append(((m.headers or {}).get("Nats-Msg-Id"), json.loads(m.data)))
-                await m.ack()
-        await nc.close()
-        return out
-
-    got = asyncio.run(read_back())
+    got = read_nats(nats, subject)
     ids = [doc["unique_id"] for _, doc in got]
     assert len(ids) == len(set(ids))
     assert set(ids) == set(expected_ids(rows, blocks=(2000, 2300)))
@@ -230,14 +203,7 @@ def test_nats_jetstream(tmp_path, source, bucket, gcs, nats, rows):
 
 @pytest.mark.parametrize("fifo", [False, True])
 def test_sns_via_sqs(tmp_path, source, bucket, gcs, sns, rows, fifo):
-    sns_c, sqs_c = sns.client("sns"), sns.client("sqs")
-    name = f"beam-{uuid.uuid4().hex[:8]}" + (".fifo" if fifo else "")
-    attrs = {"FifoTopic": "true", "ContentBasedDeduplication": "false"} if fifo else {}
-    arn = sns_c.create_topic(Name=name, Attributes=attrs)["TopicArn"]
-    q = sqs_c.create_queue(QueueName=name, Attributes={"FifoQueue": "true"} if fifo else {})["QueueUrl"]
-    qarn = sqs_c.get_queue_attributes(QueueUrl=q, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    sns_c.subscribe(TopicArn=arn, Protocol="sqs", Endpoint=qarn, Attributes={"RawMessageDelivery": "true"})
-
+    arn, q = sns_topic_to_queue(sns, fifo=fifo)
     creds = {"BEAM_DEST_0_AWS_ACCESS_KEY_ID": "testing", "BEAM_DEST_0_AWS_SECRET_ACCESS_KEY": "testing"}
     job = Job(
         tmp_path,
@@ -249,16 +215,7 @@ def test_sns_via_sqs(tmp_path, source, bucket, gcs, sns, rows, fifo):
     staged = job.stage().json
     job.transport_all(staged["num_chunks"])
 
-    got = []
-    while True:
-        r = sqs_c.receive_message(QueueUrl=q, MaxNumberOfMessages=10, WaitTimeSeconds=0)
-        msgs = r.get("Messages", [])
-        if not msgs:
-            break
-        got.extend(json.loads(m["Body"])["unique_id"] for m in msgs)
-        sqs_c.delete_message_batch(
-            QueueUrl=q, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs)]
-        )
+    got = [doc["unique_id"] for doc in drain_queue(sns, q)]
     assert len(got) == len(set(got))
     assert set(got) == set(expected_ids(rows, blocks=(2000, 2300)))
 

@@ -5,13 +5,12 @@ error a user can act on."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import uuid
 
 import pyarrow.fs as pafs
-from jr_helpers import TOKENS, Job, expected_ids, managed
+from jr_helpers import TOKENS, Job, drain_queue, expected_ids, managed, nats_stream, read_nats, sns_topic_to_queue
 from test_jobrunner_sinks import KEY, Receiver
 
 from beam_contract import staging
@@ -133,16 +132,7 @@ def test_webhook_batches_keep_their_idempotency_keys_and_rows_across_a_rerun(tmp
 
 
 def test_nats_message_ids_of_multiplied_rows_are_distinct(tmp_path, source, bucket, gcs, nats, rows):
-    import nats as nats_py
-
-    subject = f"beam.{uuid.uuid4().hex[:8]}"
-
-    async def make_stream():
-        nc = await nats_py.connect(nats.endpoints()["url"])
-        await nc.jetstream().add_stream(name=subject.replace(".", "_"), subjects=[subject])
-        await nc.close()
-
-    asyncio.run(make_stream())
+    subject = nats_stream(nats)
     window = {"partition_key": "block", "start": 2000, "end": 2100}
     job = Job(
         tmp_path,
@@ -155,23 +145,7 @@ def test_nats_message_ids_of_multiplied_rows_are_distinct(tmp_path, source, buck
         gcs=gcs,
     )
     job.transport_all(job.stage().json["num_chunks"])
-
-    async def read_back():
-        nc = await nats_py.connect(nats.endpoints()["url"])
-        sub = await nc.jetstream().pull_subscribe(subject, durable=None)
-        out = []
-        while True:
-            try:
-                msgs = await sub.fetch(500, timeout=5)
-            except TimeoutError:
-                break
-            for m in msgs:
-                out.append((m.headers or {}).get("Nats-Msg-Id"))
-                await m.ack()
-        await nc.close()
-        return out
-
-    got = asyncio.run(read_back())
+    got = [mid for mid, _ in read_nats(nats, subject)]
     want = expected_ids(rows, blocks=(2000, 2100))
     assert sorted(got) == sorted(f"{u}#{n}" for u in want for n in (0, 1)), "both copies, neither deduplicated away"
 
@@ -179,14 +153,7 @@ def test_nats_message_ids_of_multiplied_rows_are_distinct(tmp_path, source, buck
 def test_sns_fifo_keeps_both_rows_a_transform_made_of_one(tmp_path, source, bucket, gcs, sns, rows):
     # FIFO deduplicates by MessageDeduplicationId (the key's SHA-256): `<unique_id>#0` and `#1`
     # must differ, or the topic would drop the second copy.
-    sns_c, sqs_c = sns.client("sns"), sns.client("sqs")
-    name = f"beam-{uuid.uuid4().hex[:8]}.fifo"
-    arn = sns_c.create_topic(Name=name, Attributes={"FifoTopic": "true", "ContentBasedDeduplication": "false"})[
-        "TopicArn"
-    ]
-    q = sqs_c.create_queue(QueueName=name, Attributes={"FifoQueue": "true"})["QueueUrl"]
-    qarn = sqs_c.get_queue_attributes(QueueUrl=q, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    sns_c.subscribe(TopicArn=arn, Protocol="sqs", Endpoint=qarn, Attributes={"RawMessageDelivery": "true"})
+    arn, q = sns_topic_to_queue(sns, fifo=True)
     job = Job(
         tmp_path,
         spec(
@@ -199,15 +166,7 @@ def test_sns_fifo_keeps_both_rows_a_transform_made_of_one(tmp_path, source, buck
         extra={"BEAM_DEST_0_AWS_ACCESS_KEY_ID": "testing", "BEAM_DEST_0_AWS_SECRET_ACCESS_KEY": "testing"},
     )
     job.transport_all(job.stage().json["num_chunks"])
-    got = []
-    while True:
-        msgs = sqs_c.receive_message(QueueUrl=q, MaxNumberOfMessages=10, WaitTimeSeconds=0).get("Messages", [])
-        if not msgs:
-            break
-        got.extend((json.loads(m["Body"])["unique_id"], json.loads(m["Body"])["side"]) for m in msgs)
-        sqs_c.delete_message_batch(
-            QueueUrl=q, Entries=[{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(msgs)]
-        )
+    got = [(doc["unique_id"], doc["side"]) for doc in drain_queue(sns, q)]
     want = expected_ids(rows, blocks=(2000, 2100))
     assert sorted(got) == sorted((u, side) for u in want for side in ("from", "to"))
 
