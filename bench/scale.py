@@ -552,16 +552,16 @@ def figures_from(args, plane, watcher, sent, names, t0, t_end, usage, metrics_te
     with watcher.lock:
         backfills = dict(watcher.backfills)
         jobs = list(watcher.jobs.values())
-    by_phase = {}
+    by_kind = {}
     jobs_per: Counter = Counter()
     for j in jobs:
-        by_phase[(j.namespace, j.backfill, j.phase)] = j
-        jobs_per[(j.namespace, j.backfill, j.phase)] += 1
+        by_kind[(j.namespace, j.backfill, j.kind)] = j
+        jobs_per[(j.namespace, j.backfill, j.kind)] += 1
     lat_stage, lat_done, lifetimes = [], [], {}
     for key in names:
         b = backfills.get(key)
-        stage = by_phase.get((key[0], key[1], "staging"))
-        xport = by_phase.get((key[0], key[1], "transport"))
+        stage = by_kind.get((key[0], key[1], "staging"))
+        xport = by_kind.get((key[0], key[1], "transport"))
         if stage and key in sent:
             lat_stage.append(stage.created - sent[key])
         if b and "completed" in b.status_at and xport and xport.finished:

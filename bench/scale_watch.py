@@ -69,7 +69,7 @@ class JobSeen:
     namespace: str
     name: str
     backfill: str
-    phase: str
+    kind: str  # staging or transport (the Job's label beam-backfill.dev/phase)
     uids: set[str] = field(default_factory=set)
     created: float = 0.0  # first sighting
     finished: float = 0.0  # first sighting with a finished condition

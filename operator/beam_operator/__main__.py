@@ -13,16 +13,17 @@ def tune_malloc(arenas: int = 2, trim_threshold: int = 64 * 1024) -> None:
     MALLOC_TRIM_THRESHOLD_ in the environment wins.
 
     Arenas: glibc gives each thread that allocates its own arena (up to 8 per core), and freed
-    memory stays in them: with 16 API threads that measured +30 MB of RSS at 300 backfills. The
-    API calls no longer use threads, but kopf's executor, the Prometheus server and the staged
-    files' deletion still do.
+    memory stays in them: with the API calls in threads that was tens of MB of RSS
+    (docs/benchmarks.md, "Earlier figures behind the operator's settings"). The API calls no
+    longer use threads, but kopf's executor, the Prometheus server and the staged files'
+    deletion still do.
 
     Trim threshold: by default glibc raises its trim and mmap thresholds each time a large block
     is freed, so that the 256 KiB TLS buffers of pooled connections, and large API answers, end
-    up inside its heap, which it then keeps. 300 backfills expiring left 26 MB of such free
-    memory in the operator (128 MB RSS, 102 MB after malloc_trim); with a fixed 64 KiB threshold,
-    the value dask sets for its workers, the same run ended at 107 MB and its backfills, all
-    ended, held 97 MB instead of 115 MB (docs/benchmarks.md, "Finished backfills expiring").
+    up inside its heap, which it then keeps: after a mass expiry, a fifth of the operator's RSS
+    was such free memory. A fixed 64 KiB threshold, the value dask sets for its workers, keeps
+    it from piling up (docs/benchmarks.md, "Finished backfills expiring", the table "300
+    backfills × 1 chunk, operator RSS").
     """
     try:
         import ctypes

@@ -14,8 +14,6 @@ import json
 from enum import StrEnum
 from typing import Any
 
-from kubernetes.utils.quantity import parse_quantity
-
 from beam_contract import staging
 from beam_contract.model import GROUP, KIND, VERSION, BackfillSpec
 from beam_contract.preview import PREVIEW_API_VERSION, PREVIEW_KIND, PreviewSpec
@@ -32,9 +30,12 @@ from beam_contract.worker import (
 )
 
 from .config import OperatorConfig
+from .quantity import parse_quantity
 
 LABEL_JOB_ID = f"{GROUP}/job-id"
-LABEL_PHASE = f"{GROUP}/phase"
+# The Job's kind (JobKind). The label's key says "phase" for a historical reason and stays as it is:
+# deployed Jobs, selectors in docs and tests, and people's kubectl commands select on it.
+LABEL_KIND = f"{GROUP}/phase"
 LABEL_BACKFILL = f"{GROUP}/backfill"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
 # Kueue's: a BeamBackfill carrying it has its Jobs queued (created suspended, admitted by Kueue).
@@ -43,7 +44,7 @@ MANAGED_BY = "beam-backfill-operator"
 
 
 class JobKind(StrEnum):
-    """The two child Jobs of a backfill (label LABEL_PHASE); not the backfill's status."""
+    """The two child Jobs of a backfill (label LABEL_KIND); not the backfill's status."""
 
     STAGING = "staging"
     TRANSPORT = "transport"
@@ -57,7 +58,7 @@ def _trunc(name: str, n: int) -> str:
     return name[:n].rstrip("-.")
 
 
-def child_job_name(name: str, uid: str, phase: JobKind, attempt: int = 1) -> str:
+def child_job_name(name: str, uid: str, kind: JobKind, attempt: int = 1) -> str:
     """The Kubernetes name of a backfill's Job (not the spec's job_name, a display name)."""
     # Pod hostnames of an Indexed Job are <job>-<index>: a DNS label, so no dots (a backfill
     # name may have them) and at most 63 characters. The uid part keeps names distinct. A
@@ -65,20 +66,20 @@ def child_job_name(name: str, uid: str, phase: JobKind, attempt: int = 1) -> str
     # the first attempt's names are the ones Jobs have had since the first release.
     base = name.replace(".", "-")
     if attempt == 1:
-        return f"{_trunc(base, 36)}-{uid[:8]}-{phase}"
-    return f"{_trunc(base, 32)}-{uid[:8]}-{phase}-{attempt}"
+        return f"{_trunc(base, 36)}-{uid[:8]}-{kind}"
+    return f"{_trunc(base, 32)}-{uid[:8]}-{kind}-{attempt}"
 
 
 def staging_uri(config: OperatorConfig, namespace: str, uid: str) -> str:
     return staging.job_staging_uri(config.staging_bucket, config.staging_prefix, namespace, uid)
 
 
-def labels(name: str, uid: str, phase: JobKind) -> dict[str, str]:
+def labels(name: str, uid: str, kind: JobKind) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "beam-backfill",
         "app.kubernetes.io/managed-by": MANAGED_BY,
         LABEL_JOB_ID: uid,
-        LABEL_PHASE: phase,
+        LABEL_KIND: kind,
         LABEL_BACKFILL: _trunc(name, 63),
     }
 
@@ -160,7 +161,7 @@ def _owned_meta(object_name: str, name: str, namespace: str, uid: str) -> dict[s
     return {
         "name": object_name,
         "namespace": namespace,
-        "labels": {k: v for k, v in labels(name, uid, JobKind.STAGING).items() if k != LABEL_PHASE},
+        "labels": {k: v for k, v in labels(name, uid, JobKind.STAGING).items() if k != LABEL_KIND},
         "ownerReferences": [_owner(name, uid)],
     }
 
@@ -219,7 +220,7 @@ def _job(
     name: str,
     namespace: str,
     uid: str,
-    phase: JobKind,
+    kind: JobKind,
     config: OperatorConfig,
     container: dict[str, Any],
     extra_spec: dict[str, Any],
@@ -229,8 +230,8 @@ def _job(
     queue_name: str = "",
     attempt: int = 1,
 ) -> dict[str, Any]:
-    jname = child_job_name(name, uid, phase, attempt)
-    lab = {**labels(name, uid, phase), LABEL_ATTEMPT: str(attempt)}
+    jname = child_job_name(name, uid, kind, attempt)
+    lab = {**labels(name, uid, kind), LABEL_ATTEMPT: str(attempt)}
     job_labels = {**lab, QUEUE_NAME_LABEL: queue_name} if queue_name else lab
     pod_labels = {**lab, **((pod_meta or {}).get("labels", {}))}
     pod_spec = _pod_spec(container, config, pod_extra)
@@ -331,7 +332,7 @@ def staging_job(
         name=name,
         namespace=namespace,
         uid=uid,
-        phase=STAGING,
+        kind=STAGING,
         config=config,
         container=_container(Command.STAGE, env, config, spec),
         pod_extra=_spec_volume(name, uid, spec),
@@ -400,7 +401,7 @@ def transport_job(
         name=name,
         namespace=namespace,
         uid=uid,
-        phase=TRANSPORT,
+        kind=TRANSPORT,
         config=config,
         container=_container(Command.TRANSPORT, env, config, spec),
         pod_meta=pod_meta,

@@ -80,8 +80,9 @@ class OperatorConfig(BaseSettings):
     stuck_pod_seconds: float = Field(default=300.0, gt=0)
     # Unschedulable Pods wait longer: a burst beyond the cluster's capacity ("Too many pods",
     # "Insufficient cpu") passes as Pods finish or an autoscaler adds nodes; a request no node
-    # can ever fit reads the same, and ends after this (bench/scale.py's 1,000 backfills on one
-    # node waited minutes for Pod slots). spec.active_deadline_seconds bounds the whole.
+    # can ever fit reads the same, and ends after this (a burst on one node waited minutes for
+    # Pod slots: docs/benchmarks.md, "Finished backfills expiring", "The first run also found a
+    # defect"). spec.active_deadline_seconds bounds the whole.
     unschedulable_seconds: float = Field(default=3600.0, gt=0)
     # Staging that has run this long (from its Job's creation, its Pod running) gets its
     # transport Job at once: its Pods start and wait for the manifest, so no Pod starts between
@@ -150,8 +151,9 @@ class OperatorConfig(BaseSettings):
     log_level: str = "INFO"
     # kopf's /healthz; empty in the environment keeps the default, so the chart always sets it.
     liveness_endpoint: str = "http://0.0.0.0:8081/healthz"
-    # Reconcile workers. 32: with the API calls on the event loop, twice the workers took apply
-    # -> staging Job p50 from 3.4 s to 0.55-0.98 s in a 1,000-backfill burst, for 8 MB.
+    # Reconcile workers. 32: with the API calls on the event loop, twice the workers cut what a
+    # new backfill waits for in a burst to a fraction, for a few MB (docs/benchmarks.md, "The
+    # controller's API calls on asyncio").
     workers: int = 32
     # Connections of the controller's API session; 0: 2 per worker plus one per Event lane.
     api_connections: int = 0
@@ -163,7 +165,8 @@ class OperatorConfig(BaseSettings):
     # The apiserver ends each watch after this; a restarted apiserver is noticed within it.
     watch_server_timeout: int = 300
     watch_client_timeout: int = 330
-    # Paged lists: an unpaged list of every Job arrived as one response (+60 MB at 1,000 backfills).
+    # Paged lists: an unpaged list of every Job arrived as one response, all of it in memory at
+    # once (docs/benchmarks.md, "Earlier figures behind the operator's settings").
     # 50: a page of backfills with 1 MB filters is 50 MB of JSON (kopf holds one page at a time),
     # what a restarted operator reads before its cache slims them (issue 25).
     list_chunk_size: int = 50

@@ -4,10 +4,10 @@ logic and no settings of its own here.
 kopf watches and the Controller does the rest, deletion included: it adds and removes the
 backfill's finalizer itself (controller.FINALIZER) and cleans up in its own queue. kopf's
 @kopf.on.delete held the full body of every backfill being deleted in one of its per-object
-workers until its clean-up ended, which is what kept the operator's memory up after 1,000
-backfills expired together (docs/benchmarks.md). With no on.create/update/delete handler kopf
-adds no finalizer, and removes only its own (settings.persistence.finalizer, left at kopf's
-default: it must never be ours, or kopf would remove ours).
+workers until its clean-up ended, which is what kept the operator's memory up after a mass
+expiry (docs/benchmarks.md, "Finished backfills expiring"). With no on.create/update/delete
+handler kopf adds no finalizer, and removes only its own (settings.persistence.finalizer, left
+at kopf's default: it must never be ours, or kopf would remove ours).
 
 Watch settings are deliberate (docs/operations.md): the API server ends each watch after
 `server_timeout` seconds and kopf re-lists, and the client gives up on a silent connection
@@ -46,8 +46,9 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
     kopf builds the diff-base of every watch event, Pods and Jobs included, by deep-copying the
     whole body, and stores it in an annotation (one more patch per backfill). Only handlers
-    that react to changes read it; ours read the cache. py-spy at 1,000 backfills: the deep
-    copies were the largest single item (15 % of samples). Add a real storage back before
+    that react to changes read it; ours read the cache. Profiled at scale, the deep copies were
+    the largest single item of the operator's CPU (docs/benchmarks.md, "Earlier figures behind
+    the operator's settings"). Add a real storage back before
     adding a handler that needs `old`/`new`/`diff`.
     """
 
@@ -84,13 +85,14 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
     settings.networking.request_timeout = 30
     # Memory at a full list (start-up, or after kube-apiserver restarted): unpaged, the list of
     # every Job arrives as one response parsed at once, and each object's kopf worker keeps its
-    # last full body for `idle_timeout` (5 s by default) after handling it, so all ~3,000
-    # bodies of 1,000 backfills were alive together (+60 MB, docs/benchmarks.md). Our handlers
+    # last full body for `idle_timeout` (5 s by default) after handling it, so the bodies of
+    # every backfill and Job were alive together (docs/benchmarks.md, "Earlier figures behind
+    # the operator's settings"). Our handlers
     # only copy a few fields into the controller's cache, so workers may exit sooner.
     settings.watching.chunk_size = config.list_chunk_size or None
     settings.queueing.idle_timeout = config.kopf_idle_seconds
     # Filter on the server: without a selector every Job of the cluster, ours or not, would be
-    # sent to us, parsed and dropped. Pods are not watched (controller.py reads the few needed).
+    # sent to us, parsed and dropped. Pods are not watched (observe.py reads the few needed).
     settings.watching.label_selectors["batch", "v1", "jobs"] = child_jobs.LABEL_JOB_ID
     # kopf logs one "Handler succeeded" line per watch event at INFO: tens of thousands of lines
     # at scale, each costing CPU. The controller logs what matters (Jobs, transitions).
@@ -122,9 +124,10 @@ async def startup(settings: kopf.OperatorSettings, logger: logging.Logger, **_) 
 async def login(**kwargs) -> kopf.AiohttpSession | None:
     """kopf's own credentials, in an HTTP session with a bounded connection pool.
 
-    kopf's default session allows unlimited connections: when 1,000 backfills arrived at once,
-    its per-object workers patched their finalizers concurrently over a few hundred TLS
-    connections, about 18 MB of the operator's peak memory (memray, docs/benchmarks.md).
+    kopf's default session allows unlimited connections: when a burst of backfills arrived at
+    once, its per-object workers patched them concurrently over a few hundred TLS connections,
+    a large part of the operator's peak memory (docs/benchmarks.md, "Operator at scale": "What
+    the benchmark changed in the operator").
     Requests beyond the pool wait for a free connection instead. The long-lived watches (3)
     hold connections too, hence the margin.
     """

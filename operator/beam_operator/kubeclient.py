@@ -1,10 +1,10 @@
 """The handful of Kubernetes API calls the controller makes, as coroutines on one aiohttp session.
 
 Why not the `kubernetes` client: its calls block, so the controller ran them in a thread pool
-(two threads per worker), and at 1,000 backfills those threads fought the event loop for the
-GIL: kopf's own watch handling lagged, and more workers made a burst of new backfills slower,
-not faster (docs/benchmarks.md, "Operator at scale"). Here every call is a coroutine on the
-event loop kopf already runs, and JSON stays plain dicts (no model objects).
+(two threads per worker), and at scale those threads fought the event loop for the GIL:
+kopf's own watch handling lagged, and more workers made a burst of new backfills slower, not
+faster (docs/benchmarks.md, "The controller's API calls on asyncio"). Here every call is a
+coroutine on the event loop kopf already runs, and JSON stays plain dicts (no model objects).
 
 Decisions (docs/operations.md):
 - one ClientSession with a bounded connector (`connections`): the bound, not a thread count,
@@ -36,7 +36,8 @@ from beam_contract.model import GROUP, KIND, PLURAL, VERSION
 
 from . import child_jobs, leader, metrics
 from .config import OperatorConfig
-from .reconcile import MAX_EVENT_MESSAGE, STUCK_HINTS, Event, JobObs, PodObs, WaitingPod
+from .observe import JobObs, PodObs, WaitingPod, owner_job_name, pod_may_write, waiting_of
+from .runtime.events import MAX_EVENT_MESSAGE, Event
 
 log = logging.getLogger("beam_operator.kubeclient")
 
@@ -337,7 +338,7 @@ class KubeApi:
         )
         found = {}
         for pod in doc["items"]:
-            if _owner_job_name(pod) != job_name:
+            if owner_job_name(pod) != job_name:
                 continue  # its label says this Job, its owner does not: not what the worker said
             obs = PodObs.from_pod(pod)
             if obs is not None:
@@ -346,7 +347,7 @@ class KubeApi:
 
     async def pending_pods(self, namespace: str) -> dict[str, list[WaitingPod]]:
         """Every Pending worker Pod of a namespace that waits for a reason that will not pass by
-        itself, by Job name: one list serves every backfill of the namespace (Controller)."""
+        itself, by Job name: one list serves every backfill of the namespace (observe.Observer)."""
         _, doc = await self.request(
             "GET",
             f"/api/v1/namespaces/{namespace}/pods",
@@ -414,49 +415,3 @@ class KubeApi:
             )
         except (TimeoutError, ApiError, aiohttp.ClientError) as e:
             log.warning("could not record event %s on %s/%s: %s", ev.reason, meta["namespace"], meta["name"], e)
-
-
-def waiting_of(job: str, pod: dict[str, Any]) -> WaitingPod | None:
-    """Why a Pending Pod does not start, if it is a reason of STUCK_HINTS."""
-    meta, status = pod.get("metadata", {}), pod.get("status") or {}
-    for cs in status.get("containerStatuses") or []:
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") in STUCK_HINTS:
-            return WaitingPod(
-                job,
-                meta.get("name", ""),
-                waiting["reason"],
-                waiting.get("message") or "",
-                meta.get("creationTimestamp") or "",
-            )
-    for c in status.get("conditions") or []:
-        if c.get("type") == "PodScheduled" and c.get("status") == "False" and c.get("reason") == "Unschedulable":
-            since = c.get("lastTransitionTime") or meta.get("creationTimestamp") or ""
-            return WaitingPod(job, meta.get("name", ""), "Unschedulable", c.get("message") or "", since)
-    return None
-
-
-def _controller_ref(pod: dict[str, Any]) -> dict[str, Any]:
-    refs = (pod.get("metadata") or {}).get("ownerReferences") or []
-    return next((r for r in refs if r.get("controller") and r.get("kind") == "Job"), {})
-
-
-def _owner_job_name(pod: dict[str, Any]) -> str | None:
-    return _controller_ref(pod).get("name")
-
-
-LOST_POD_S = 120  # beyond any worker's grace period: a Pod still terminating is on a lost node
-
-
-def pod_may_write(pod: dict[str, Any], now: datetime) -> bool:
-    """Whether a worker Pod could still write to the staged prefix: not finished, and not
-    terminating for longer than any grace period (a lost node never confirms the end; the Pod
-    garbage collector removes it once the Node is deleted). A Pod whose Job is gone (deleted
-    with --cascade=orphan) counts while it runs: it ends by itself, and then no longer counts."""
-    if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-        return False
-    deleting = (pod.get("metadata") or {}).get("deletionTimestamp")
-    if deleting:
-        since = datetime.fromisoformat(deleting.replace("Z", "+00:00"))
-        return (now - since).total_seconds() < LOST_POD_S
-    return True

@@ -32,7 +32,7 @@ from beam_contract.worker import parse_failure
 from . import child_jobs
 from .config import OperatorConfig
 from .kubeclient import ApiError, KubeApi
-from .reconcile import PodObs
+from .observe import PodObs
 
 log = logging.getLogger("beam_operator.previews")
 

@@ -3,8 +3,9 @@ after success), whether the manifest is still there (a retry), and the transport
 progress objects (chunks_left, rows_delivered).
 
 google-cloud-storage rather than pyarrow's GCS filesystem, which the jobrunner uses: importing
-pyarrow grew the operator's RSS by about 30 MB at its first deletion (docs/benchmarks.md,
-"Operator at scale"), and the operator's image has no pyarrow at all.
+pyarrow grew the operator's RSS at its first deletion by several times what google-cloud-storage
+costs (docs/benchmarks.md, "Operator at scale": "What the benchmark changed in the operator"),
+and the operator's image has no pyarrow at all.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ def wait_status(k8s, ns, name, statuses, timeout=60.0):
         raise AssertionError(f"{e}; statuses seen: {seen}") from None
 
 
-def jobs_of(k8s, ns, uid, phase=None):
-    sel = f"beam-backfill.dev/job-id={uid}" + (f",beam-backfill.dev/phase={phase}" if phase else "")
+def jobs_of(k8s, ns, uid, kind=None):
+    sel = f"beam-backfill.dev/job-id={uid}" + (f",beam-backfill.dev/phase={kind}" if kind else "")
     import urllib.parse
 
     return k8s.api("GET", f"/apis/batch/v1/namespaces/{ns}/jobs?labelSelector={urllib.parse.quote(sel)}")["items"]

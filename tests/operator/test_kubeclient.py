@@ -14,7 +14,7 @@ from beam_operator import metrics
 from beam_operator.config import OperatorConfig
 from beam_operator.controller import Controller
 from beam_operator.kubeclient import ApiError, KubeApi
-from beam_operator.reconcile import Event
+from beam_operator.runtime.events import Event
 
 
 def _connection_info(kubeconfig, token: str | None = None) -> kopf.ConnectionInfo:
@@ -214,10 +214,10 @@ def test_events_go_out_through_their_lane_and_a_full_lane_drops(k8s, operator_ku
         api = KubeApi(OperatorConfig(), login=lambda: _connection_info(operator_kubeconfig), connections=4, timeout=20)
         ctl = Controller(OperatorConfig(), api, workers=1, event_backlog=1)
         # Not started yet: nothing takes Events off the lane, so the second finds it full.
-        ctl._queue_event((namespace, "bf"), body, Event("Normal", "Staging", "first"))
-        ctl._queue_event((namespace, "bf"), body, Event("Normal", "Transporting", "second"))
+        ctl.events.record((namespace, "bf"), body, Event("Normal", "Staging", "first"))
+        ctl.events.record((namespace, "bf"), body, Event("Normal", "Transporting", "second"))
         ctl.start()
-        await asyncio.wait_for(ctl._events[0].join(), 30)  # posted, not only taken off the queue
+        await asyncio.wait_for(ctl.events.lanes[0].join(), 30)  # posted, not only taken off the queue
         await ctl.stop()
 
     asyncio.run(main())

@@ -14,7 +14,7 @@ from typing import Any
 from beam_operator import controller as controller_module
 from beam_operator.config import OperatorConfig
 from beam_operator.controller import FINALIZER, Controller
-from beam_operator.reconcile import JobObs, WaitingPod
+from beam_operator.observe import JobObs, WaitingPod
 
 SPEC = {
     "job_name": "seed",
@@ -80,17 +80,17 @@ def test_backfills_of_a_namespace_share_one_list_of_waiting_pods():
     }
 
     async def run() -> None:
-        await asyncio.gather(*(ctl._read_waiting(b) for b in bodies))
+        await asyncio.gather(*(ctl.observer.read_waiting(b) for b in bodies))
 
     asyncio.run(run())
     assert sorted(api.lists) == ["org-a", "org-b"], "one list per namespace, not one per backfill"
     # each backfill got what its own Job waits for, from the shared list
-    assert [w.pod for w in ctl.caches.waiting["uid-org-a-b0"][1]] == ["b0-staging-x"]
-    assert ctl.caches.waiting["uid-org-a-b1"][1] == ()
+    assert [w.pod for w in ctl.backfills[("org-a", "b0")].waiting[1]] == ["b0-staging-x"]
+    assert ctl.backfills[("org-a", "b1")].waiting[1] == ()
     # A Job whose Pods do not exist at all (active 0) asks for its FailedCreate Event, alone.
     lone = _backfill(ctl, "org-c", "q", {"status": "staging"})
     _job(ctl, lone, "staging", active=0, ready=0)
-    asyncio.run(ctl._read_waiting(lone))
+    asyncio.run(ctl.observer.read_waiting(lone))
     assert api.events == ["q-staging"] and api.lists[-1] == "org-c"
 
 
@@ -112,28 +112,28 @@ def test_progress_is_read_only_while_workers_share_chunks_and_within_the_overall
 
     async def run() -> None:
         for body in [*shared, alone]:
-            await ctl._read_progress(body)
+            await ctl.observer.read_progress(body)
         for body in shared:  # again at once: each is within its interval
-            await ctl._read_progress(body)
+            await ctl.observer.read_progress(body)
 
     asyncio.run(run())
     assert len(reads) == 4, "each sharing backfill read once; the one with a chunk per worker never"
-    assert ctl.observe(shared[0]).progress == {0: 100, 2: None}, "each chunk with the rows its object names"
-    assert ctl.observe(alone).progress is None
+    assert ctl.observer.observed(shared[0]).progress == {0: 100, 2: None}, "each chunk with the rows its object names"
+    assert ctl.observer.observed(alone).progress is None
     # 4 backfills reading at 2 per second in all: the last one waits 2 s, not 1 s, for its next read.
-    due = sorted(d for d, _ in ctl.caches.progress.values())
+    due = sorted(b.progress[0] for b in ctl.backfills.values() if b.progress)
     assert due[-1] - due[0] >= 1.0
     # Staging again (a retry without staged files): what was read is dropped, not counted for
     # the chunks staged anew.
     shared[0]["status"] = {"status": "staging", "attempt": 2}
-    asyncio.run(ctl._read_progress(shared[0]))
-    assert ctl.observe(shared[0]).progress is None and len(reads) == 4
+    asyncio.run(ctl.observer.read_progress(shared[0]))
+    assert ctl.observer.observed(shared[0]).progress is None and len(reads) == 4
 
 
 def test_only_jobs_owned_by_the_backfill_in_its_namespace_count():
     """A Job is the backfill's only with its ownerReference and in its namespace; the label
     alone (anyone's to write, and the uid is in webhook bodies) is not enough."""
-    ctl = Controller(CountingApi(), OperatorConfig())
+    ctl = Controller(OperatorConfig(), api=CountingApi())  # type: ignore[arg-type]
     body = _backfill(ctl, "org-a", "bf", {"status": "staging"})
     uid = body["metadata"]["uid"]
     labels = {"beam-backfill.dev/job-id": uid, "beam-backfill.dev/phase": "staging"}
@@ -146,6 +146,6 @@ def test_only_jobs_owned_by_the_backfill_in_its_namespace_count():
     ]
     for meta in decoys:
         ctl.on_job("ADDED", {"metadata": meta, "status": failed})
-    assert ctl.observe(body).jobs == ()
+    assert ctl.observer.observed(body).jobs == ()
     _job(ctl, body, "staging")
-    assert [j.name for j in ctl.observe(body).jobs] == ["bf-staging"]
+    assert [j.name for j in ctl.observer.observed(body).jobs] == ["bf-staging"]

@@ -19,7 +19,7 @@ import pytest
 from beam_operator import controller as controller_module
 from beam_operator.config import OperatorConfig
 from beam_operator.controller import FINALIZER, Controller
-from beam_operator.reconcile import JobObs
+from beam_operator.observe import JobObs
 
 KEY = ("ns", "bf")
 SPEC = {
@@ -111,17 +111,17 @@ def _deleting_backfill(ctl: Controller, api: RecordingApi, name: str = "bf", uid
     )
     for job in (f"{name}-staging", f"{name}-transport"):
         _job_event(ctl, job, "ADDED", deleting=False, uid=uid)
-    api.jobs = [JobObs(name=f"{name}-staging", phase="staging"), JobObs(name=f"{name}-transport", phase="transport")]
+    api.jobs = [JobObs(name=f"{name}-staging", kind="staging"), JobObs(name=f"{name}-transport", kind="transport")]
 
 
 async def _round(ctl: Controller, key=KEY) -> None:
-    """What a worker does with a key the queue hands it (Controller._next takes it off first)."""
-    ctl._due.pop(key, None)
+    """What a worker does with a key the queue hands it (its queue's get() takes it off first)."""
+    ctl.queue._due.pop(key, None)
     await ctl.process(key)
 
 
 def _due_in(ctl: Controller, key=KEY) -> float | None:
-    due = ctl._due.get(key)
+    due = ctl.queue._due.get(key)
     return None if due is None else due - time.monotonic()
 
 
@@ -173,12 +173,12 @@ def test_a_deleting_job_is_not_deleted_again_and_an_empty_cache_never_releases_w
     ctl = Controller(OperatorConfig(), api=api, workers=4)  # type: ignore[arg-type]
     # A restarted operator whose Job watch has not listed yet: the apiserver still has a Job.
     ctl.on_backfill("MODIFIED", _body(deletionTimestamp="2026-01-01T00:00:01Z", finalizers=[FINALIZER]))
-    api.jobs = [JobObs(name="bf-transport", phase="transport")]
+    api.jobs = [JobObs(name="bf-transport", kind="transport")]
     asyncio.run(_round(ctl))
     assert [c[0] for c in api.calls] == ["live_children", "delete_job"]
     assert 0 < _due_in(ctl) <= 1.0  # the cache shows no Job to wait for: read again in a second
     # The next round: the Job is being deleted (Foreground, its Pods going first).
-    api.jobs = [JobObs(name="bf-transport", phase="transport", deleting=True)]
+    api.jobs = [JobObs(name="bf-transport", kind="transport", deleting=True)]
     asyncio.run(_round(ctl))
     assert [c[0] for c in api.calls] == ["live_children", "delete_job", "live_children"]
     assert staged == []
@@ -205,15 +205,15 @@ def test_deletions_beyond_workers_over_four_wait_without_a_worker_and_in_order(s
         api.reading = asyncio.Event()
         first = asyncio.create_task(_round(ctl, ("ns", "bf1")))
         await asyncio.sleep(0.05)
-        ctl._due.clear()
+        ctl.queue._due.clear()
         # The others return at once: no API call, no worker held, nothing queued yet.
         await asyncio.wait_for(_round(ctl, ("ns", "bf3")), 1)
         await asyncio.wait_for(_round(ctl, ("ns", "bf2")), 1)
-        assert [c[0] for c in api.calls] == ["live_children"] and not ctl._due
+        assert [c[0] for c in api.calls] == ["live_children"] and not ctl.queue._due
         api.reading.set()
         await first
         # The first parked is due once the running one ends.
-        assert list(ctl._due) == [("ns", "bf3")]
+        assert list(ctl.queue._due) == [("ns", "bf3")]
 
     asyncio.run(run())
     assert staged == ["gs://beam-backfill-staging/backfills/ns/uid-1/"]
@@ -239,7 +239,7 @@ def test_a_new_backfill_gets_the_finalizer_before_any_job_and_nothing_without_it
     assert secret["metadata"]["name"] == "bf-uid-1-staging-key" and secret["immutable"] is True
     assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     assert len(base64.b64decode(secret["stringData"]["key"])) == 32
-    assert ctl.caches.backfills[KEY]["metadata"]["finalizers"] == [FINALIZER]
+    assert ctl.backfills[KEY].body["metadata"]["finalizers"] == [FINALIZER]
     api.calls.clear()
     # Once it has it, no reconcile asks again.
     ctl.on_backfill("MODIFIED", {**api.add_answer, "status": {"status": "staging"}})
@@ -262,12 +262,12 @@ def test_an_expired_backfill_is_deleted_once_even_with_reconciles_queued_before_
     deletes = [c for c in api.calls if c[0] == "delete_backfill"]
     # With its uid as precondition: never a newer backfill that took the same name.
     assert deletes == [("delete_backfill", "ns", "bf", "uid-1")]
-    assert ctl.caches.backfills[KEY]["metadata"]["deletionTimestamp"]
+    assert ctl.backfills[KEY].body["metadata"]["deletionTimestamp"]
     # The reconciles after the delete are clean-up rounds: the prefix went, the finalizer too.
     assert "remove_finalizer" in [c[0] for c in api.calls]
     assert staged == ["gs://beam-backfill-staging/backfills/ns/uid-1/"]
     # The Expired Event was queued once.
-    assert sum(q.qsize() for q in ctl._events) == 1
+    assert sum(q.qsize() for q in ctl.events.lanes) == 1
 
 
 def test_pods_without_a_job_are_looked_at_every_recheck_not_every_second(staged):
@@ -285,7 +285,7 @@ def test_pods_without_a_job_are_looked_at_every_recheck_not_every_second(staged)
 def test_only_pods_that_could_still_write_hold_the_finalizer():
     from datetime import UTC, datetime, timedelta
 
-    from beam_operator.kubeclient import LOST_POD_S, pod_may_write
+    from beam_operator.observe import LOST_POD_S, pod_may_write
 
     now = datetime(2026, 1, 1, tzinfo=UTC)
 

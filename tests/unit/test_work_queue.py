@@ -1,6 +1,6 @@
 """The controller's work queue: order, coalescing and busy keys, without a cluster.
 
-No API call is made here: only Controller._next and enqueue run, on caches filled by hand.
+No API call is made here: only the Controller's queue (runtime.queue.WorkQueue) runs, on caches filled by hand.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def _backfill(ctl: Controller, name: str, status: str | None) -> tuple[str, str]
 
 def _drain(ctl: Controller, n: int) -> list[str]:
     async def take() -> list[str]:
-        return [(await asyncio.wait_for(ctl._next(), 1))[1] for _ in range(n)]
+        return [(await asyncio.wait_for(ctl.queue.get(), 1))[1] for _ in range(n)]
 
     return asyncio.run(take())
 
@@ -45,15 +45,15 @@ def test_events_for_a_queued_key_coalesce_and_a_busy_key_waits():
     ctl = _controller()
     a = _backfill(ctl, "a", "transporting")
     _backfill(ctl, "b", "transporting")
-    ctl.enqueue(a)
-    ctl.enqueue(a)  # already due: no second entry
+    ctl.queue.add(a)
+    ctl.queue.add(a)  # already due: no second entry
     assert _drain(ctl, 2) == ["a", "b"]
-    ctl._busy.add(a)
-    ctl.enqueue(a)
+    ctl.queue._busy.add(a)
+    ctl.queue.add(a)
     c = _backfill(ctl, "c", "transporting")
     # a is being reconciled: it is set aside (again after its worker ends), c comes out.
     assert _drain(ctl, 1) == ["c"]
-    assert a in ctl._again and c not in ctl._due
+    assert a in ctl.queue._again and c not in ctl.queue._due
 
 
 def test_a_watch_event_older_than_our_own_write_is_not_taken():
@@ -67,11 +67,11 @@ def test_a_watch_event_older_than_our_own_write_is_not_taken():
     ctl.on_backfill("MODIFIED", body)  # as _write_status caches the patch's answer
     stale = {"metadata": {**body["metadata"], "resourceVersion": "117"}, "spec": {}, "status": {"status": "staging"}}
     ctl.on_backfill("MODIFIED", stale)
-    assert ctl.caches.backfills[key]["status"] == {"status": "transporting"}
+    assert ctl.backfills[key].body["status"] == {"status": "transporting"}
     newer = {"metadata": {**body["metadata"], "resourceVersion": "121"}, "spec": {}, "status": {"status": "completed"}}
     ctl.on_backfill("MODIFIED", newer)
-    assert ctl.caches.backfills[key]["status"] == {"status": "completed"}
+    assert ctl.backfills[key].body["status"] == {"status": "completed"}
     # Versions that are not integers (not etcd) are never judged older: the event is taken.
     odd = {"metadata": {**body["metadata"], "resourceVersion": "x1"}, "spec": {}, "status": {"status": "failed"}}
     ctl.on_backfill("MODIFIED", odd)
-    assert ctl.caches.backfills[key]["status"] == {"status": "failed"}
+    assert ctl.backfills[key].body["status"] == {"status": "failed"}

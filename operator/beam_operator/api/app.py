@@ -166,7 +166,7 @@ class Settings:
 
 
 def _json(content: Any) -> Response:
-    # Serialized directly: the answers are plain dicts already, and a 1,000-job list through
+    # Serialized directly: the answers are plain dicts already, and a long list through
     # response_model validation would cost more than reading it from the apiserver.
     return Response(orjson.dumps(content), media_type="application/json")
 

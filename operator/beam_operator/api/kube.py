@@ -69,8 +69,8 @@ class Backfills:
             kwargs: dict[str, Any] = {"limit": self.page_size, "_preload_content": False}
             if token:
                 kwargs["_continue"] = token
-            # The raw body parsed with orjson: the generated client's own decoding of 1,000
-            # backfills costs more than the request itself.
+            # The raw body parsed with orjson: the generated client's own decoding of a large
+            # page costs more than the request itself.
             resp = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, **kwargs)
             try:
                 doc = orjson.loads(resp.data)

@@ -18,8 +18,8 @@ from beam_contract.preview import PreviewColumn
 
 # Start-up of a backfill (Jobs, Pods, connections) before rows move, whatever its size.
 FIXED_SECONDS = 10.0
-# Without any completed backfill of the organization: the local stack's end-to-end rate
-# (docs/benchmarks.md, the demo: 652,124 rows in 26.9-29.4 s).
+# Without any completed backfill of the organization: the local stack's end-to-end rate, rounded
+# down (docs/benchmarks.md, "End to end: the demo").
 DEFAULT_ROWS_PER_SECOND = 20_000.0
 HISTORY = 20  # completed backfills the rate is taken from, newest first
 
