@@ -2,7 +2,7 @@
 
   .venv/bin/python bench/api_list.py [--backfills 1000] [--requests 200]
 
-Starts its own control plane (beam_devstack.k8s), installs the CRD and the chart's API
+Starts its own control plane (beam_devstack.substrate.k8s), installs the CRD and the chart's API
 identity, runs `beam-api serve` under that ServiceAccount, creates the backfills through the API
 and gives each an operator-like status (transporting, counts, conditions), so every listed
 object has the size it has in production. Then lists sequentially from one client and reports
@@ -32,8 +32,8 @@ import orjson  # noqa: E402
 from apiproc import KEYS_NS, ApiProcess, install_chart_identities  # noqa: E402
 from kubernetes.client import CoreV1Api, CustomObjectsApi  # noqa: E402
 
-from beam_devstack.k8s import ControlPlane  # noqa: E402
 from beam_devstack.operator_proc import helm_binary, install_crd  # noqa: E402
+from beam_devstack.substrate.k8s import ControlPlane  # noqa: E402
 from beam_operator.api import keys as keymod  # noqa: E402
 from beam_operator.api.kube import Backfills, api_client  # noqa: E402
 from beam_operator.api.public_job import creation_order, job_view  # noqa: E402

@@ -7,8 +7,8 @@
 
 What runs: etcd, kube-apiserver (with an audit log of the operator's requests and BeamBackfill creates),
 kube-controller-manager, the stack's real node (kube-scheduler, containerd, kubelet, kube-proxy:
-beam_devstack.node, on a bridge of its own), fake-gcs-server, and the real operator process under
-the chart's RBAC, on the host, so that /proc gives its RSS and CPU and a profiler can wrap it.
+beam_devstack.substrate.node, on a bridge of its own), fake-gcs-server, and the real operator
+process under the chart's RBAC, on the host, so that /proc gives its RSS and CPU and a profiler can wrap it.
 Workers are containers of bench/scale_standin (its Dockerfile, built like the project's images):
 a sh script that sleeps briefly and keeps the worker contract, so that the operator, not Python
 start-ups of thousands of workers, is what is measured. Every Pod is a real container, so the
@@ -55,11 +55,11 @@ from scale_watch import Client, Watcher, admin_ssl  # noqa: E402
 
 from beam_contract.model import Phase  # noqa: E402
 from beam_devstack import images  # noqa: E402
-from beam_devstack.gcs import FakeGcs  # noqa: E402
-from beam_devstack.k8s import K8S_VERSION, SERVICE_CIDR, ControlPlane  # noqa: E402
-from beam_devstack.node import Node, NodeSettings  # noqa: E402
 from beam_devstack.operator_proc import OperatorProcess, helm_binary, install_chart_rbac, install_crd  # noqa: E402
-from beam_devstack.proc import progress  # noqa: E402
+from beam_devstack.substrate.gcs import FakeGcs  # noqa: E402
+from beam_devstack.substrate.k8s import K8S_VERSION, SERVICE_CIDR, ControlPlane  # noqa: E402
+from beam_devstack.substrate.node import Node, NodeSettings  # noqa: E402
+from beam_devstack.substrate.proc import progress  # noqa: E402
 
 STANDIN = images.ProjectImage(
     "scale-standin", BENCH / "scale_standin" / "Dockerfile", "beam-backfill/scale-standin", BENCH / "scale_standin"

@@ -12,7 +12,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from beam_devstack.proc import debian_tool
+from beam_devstack.substrate.proc import debian_tool
 
 # Run inside the operator: every object the collector tracks, and among them the Kubernetes
 # bodies (dicts with metadata.uid) and the controller's per-Job records, by namespace/name.

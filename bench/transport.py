@@ -204,9 +204,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the figures here as JSON")
     args = ap.parse_args()
 
-    from beam_devstack.gcs import FakeGcs
-    from beam_devstack.kafka import Kafka
-    from beam_devstack.snowflake import FakeSnowflake
+    from beam_devstack.substrate.gcs import FakeGcs
+    from beam_devstack.substrate.kafka import Kafka
+    from beam_devstack.substrate.snowflake import FakeSnowflake
 
     run = Path(tempfile.mkdtemp(prefix="beam-bench-"))
     servers = []

@@ -7,7 +7,7 @@ NODE_FIXTURES = {"node_cluster", "node_servers", "node_operator"}
 
 def pytest_collection_modifyitems(session, config, items):
     """The benchmarks' smoke runs first: two of them start a real node of their own, and one
-    node runs per machine (beam_devstack.node), so they must run before the session's own
+    node runs per machine (beam_devstack.substrate.node), so they must run before the session's own
     node fixtures start one (which then lives until the session ends).
 
     Every test that needs the real node is marked `node`, so `-m "not node"` is the fast

@@ -23,15 +23,15 @@ import sys
 import time
 from pathlib import Path
 
-from beam_devstack.proc import progress, stop_pid_dir
+from beam_devstack.substrate.proc import progress, stop_pid_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 STACK = Path(os.environ.get("BEAM_DEVSTACK_DIR", ROOT / ".devstack"))
 STATE = STACK / "state.json"
 PIDS = STACK / "pids"
 
-# The dev stack's node (beam_devstack.node): a bridge and ranges of its own, apart from the
-# test suite's (tests/node). One node runs per machine: a second one is refused with NodeBusy.
+# The dev stack's node (beam_devstack.substrate.node): a bridge and ranges of its own, apart from
+# the test suite's (tests/node). One node runs per machine: a second one is refused with NodeBusy.
 NODE = {"bridge": "beamdev0", "node_ip": "10.213.8.1", "pod_cidr": "10.213.8.0/24"}
 # Servers that Pods use listen on the node's address.
 ON_NODE = {"kafka", "gcs", "snowflake"}
@@ -48,7 +48,7 @@ COMPONENTS = {
 
 
 def _module(name: str):
-    return importlib.import_module(f"beam_devstack.{name}")
+    return importlib.import_module(f"beam_devstack.substrate.{name}")
 
 
 def fetch(test_tools: bool = False) -> dict[str, float]:
@@ -71,7 +71,8 @@ def fetch(test_tools: bool = False) -> dict[str, float]:
         times.update(fetch_test_tools())
     # The real node (tests/node): Debian's containerd, runc, CNI plugins and image builders, the
     # node's Kubernetes binaries, then the images, built from the Dockerfiles when they changed.
-    from beam_devstack import images, node
+    from beam_devstack import images
+    from beam_devstack.substrate import node
 
     t = time.monotonic()
     progress("fetch", "node: Debian packages, kubelet, kube-proxy, kube-scheduler, images")
@@ -84,16 +85,17 @@ def fetch(test_tools: bool = False) -> dict[str, float]:
 
 def fetch_test_tools() -> dict[str, float]:
     times = {}
-    from beam_devstack.promtool import promtool_binary
+    from beam_devstack.substrate.promtool import promtool_binary
 
     t = time.monotonic()
     progress("fetch", "promtool: checking cache (first time: built from the Go module proxy, about 5 minutes)")
     promtool_binary()
     times["promtool"] = time.monotonic() - t
-    # The console's browser tests (beam_devstack.browser): Debian's chromium and its chromedriver,
-    # one source package, so their versions always match; nothing is downloaded at test time.
-    from beam_devstack.browser import CHROMEDRIVER, CHROMIUM
-    from beam_devstack.proc import apt_install
+    # The console's browser tests (beam_devstack.substrate.browser): Debian's chromium and its
+    # chromedriver, one source package, so their versions always match; nothing is downloaded at
+    # test time.
+    from beam_devstack.substrate.browser import CHROMEDRIVER, CHROMIUM
+    from beam_devstack.substrate.proc import apt_install
 
     t = time.monotonic()
     progress("fetch", "browser: Debian's chromium and chromium-driver")
@@ -121,7 +123,7 @@ def up(components: list[str] | None = None) -> dict:
     state = {"components": {}, "start_seconds": {}, "fetch_seconds": fetch_times}
     t0 = time.monotonic()
     from beam_devstack import images
-    from beam_devstack.node import Node
+    from beam_devstack.substrate.node import Node
 
     node = Node(node_settings(images=images.ensure_built()))
     try:
@@ -170,14 +172,14 @@ def _all_alive() -> bool:
 
 
 def node_settings(**kw):
-    from beam_devstack import k8s
-    from beam_devstack.node import NodeSettings
+    from beam_devstack.substrate import k8s
+    from beam_devstack.substrate.node import NodeSettings
 
     return NodeSettings(state_dir=STACK / "node", service_cidr=k8s.SERVICE_CIDR, detach=True, **NODE, **kw)
 
 
 def down(quiet: bool = False) -> list[str]:
-    from beam_devstack.node import NodeBusy, cleanup
+    from beam_devstack.substrate.node import NodeBusy, cleanup
 
     # The control plane and the servers first: kube-apiserver is bound on the node's bridge
     # address, which the node's cleanup removes.

@@ -20,7 +20,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from beam_devstack.proc import progress
+from beam_devstack.substrate.proc import progress
 
 TABLE = "base.assets.erc20_token_transfers"
 USDC = "0x833589fcd6edb6e08f4c7c32d4f71b54bda02913"

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import yaml
 
-from beam_devstack import cli, dataset, k8s
-from beam_devstack.proc import progress
+from beam_devstack import cli, dataset
+from beam_devstack.substrate import k8s
+from beam_devstack.substrate.proc import progress
 
 NAMESPACE = "org123"
 BUCKET = "beam-staging"
@@ -78,7 +79,7 @@ class _Kube:
         raise TimeoutError(f"namespace {name} has no default ServiceAccount")
 
     def kubeconfig_for_service_account(self, namespace: str, name: str, create: bool = False) -> Path:
-        from beam_devstack.k8s import _kubeconfig
+        from beam_devstack.substrate.k8s import _kubeconfig
 
         tr = self.core.create_namespaced_service_account_token(
             name, namespace, {"spec": {"expirationSeconds": 7 * 24 * 3600}}
@@ -102,7 +103,7 @@ class _Kube:
 
 
 def _snowflake_conn(sf: dict):
-    from beam_devstack.snowflake import connect
+    from beam_devstack.substrate.snowflake import connect
 
     return connect(sf, "base", "assets")
 
@@ -128,7 +129,7 @@ def _ensure_bucket(gcs_url: str) -> None:
 
 
 def _snowflake_secret(kube: _Kube, sf: dict) -> None:
-    from beam_devstack.snowflake import connection_secret
+    from beam_devstack.snowflake_secret import connection_secret
 
     secret = connection_secret(sf, name=SNOWFLAKE_SECRET)
     kube.kubectl("apply", "-n", NAMESPACE, "-f", "-", input=json.dumps(secret))

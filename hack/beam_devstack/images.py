@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from beam_devstack.node import image_archive
-from beam_devstack.proc import CACHE, progress
+from beam_devstack.substrate.node import image_archive
+from beam_devstack.substrate.proc import CACHE, progress
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_IMAGES = ROOT / "hack" / "node" / "build-images.sh"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from beam_devstack.proc import ManagedProcess, free_port, progress
+from beam_devstack.substrate.proc import ManagedProcess, free_port, progress
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "beam-backfill"

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-# --- Kubernetes control plane (beam_devstack.k8s) ------------------------------------------
+# --- Kubernetes control plane (beam_devstack.substrate.k8s) --------------------------------
 
 
 @pytest.fixture(scope="session")
 def k8s(tmp_path_factory):
     """etcd + kube-apiserver + kube-controller-manager; .kubeconfig (admin), .server,
     .kubectl(...), .api(...), .kubeconfig_for_service_account(ns, name)."""
-    from beam_devstack.k8s import ControlPlane
+    from beam_devstack.substrate.k8s import ControlPlane
 
     plane = ControlPlane(tmp_path_factory.mktemp("k8s"))
     plane.start()
@@ -26,7 +26,7 @@ def k8s(tmp_path_factory):
 @pytest.fixture
 def namespace(k8s, request):
     """A fresh namespace named after the test, with its default ServiceAccount; deleted after."""
-    from beam_devstack.k8s import unique_name
+    from beam_devstack.substrate.k8s import unique_name
 
     name = k8s.create_namespace(unique_name(request.node.name[:40]))
     yield name
@@ -39,7 +39,8 @@ def namespace(k8s, request):
 def _broker(module: str, cls: str, tmp_path_factory):
     import importlib
 
-    server = getattr(importlib.import_module(f"beam_devstack.{module}"), cls)(tmp_path_factory.mktemp(module))
+    server_class = getattr(importlib.import_module(f"beam_devstack.substrate.{module}"), cls)
+    server = server_class(tmp_path_factory.mktemp(module))
     server.start()
     return server
 
@@ -84,7 +85,7 @@ def sns(tmp_path_factory):
     server.stop()
 
 
-# --- a real node, its servers and the chart (beam_devstack.node, .images) -------------------
+# --- a real node, its servers and the chart (substrate.node, beam_devstack.images) ----------
 # One per session, shared by every test directory that uses it: one node runs per machine, and
 # one operator watches the whole cluster.
 
@@ -104,8 +105,9 @@ def node_cluster():
     import tempfile
     from pathlib import Path
 
-    from beam_devstack import images, k8s
-    from beam_devstack.node import Node, NodeSettings
+    from beam_devstack import images
+    from beam_devstack.substrate import k8s
+    from beam_devstack.substrate.node import Node, NodeSettings
 
     # A short path: containerd's socket lives under it, and a unix socket path has 108 bytes.
     run = Path(tempfile.mkdtemp(prefix="bbn", dir="/tmp"))
@@ -132,9 +134,9 @@ def node_servers(node_cluster, tmp_path_factory):
     from google.cloud import storage
 
     from beam_devstack import dataset
-    from beam_devstack.gcs import FakeGcs
-    from beam_devstack.kafka import Kafka
-    from beam_devstack.snowflake import FakeSnowflake
+    from beam_devstack.substrate.gcs import FakeGcs
+    from beam_devstack.substrate.kafka import Kafka
+    from beam_devstack.substrate.snowflake import FakeSnowflake
 
     run = tmp_path_factory.mktemp("node-servers")
     host = NODE["node_ip"]
@@ -163,8 +165,9 @@ def node_operator(node_cluster, node_servers):
 
     import yaml
 
-    from beam_devstack import dataset, images, k8s
+    from beam_devstack import dataset, images
     from beam_devstack.operator_proc import CHART, helm_binary, install_crd
+    from beam_devstack.substrate import k8s
 
     plane, _ = node_cluster
     install_crd(plane)
@@ -211,7 +214,7 @@ def node_operator(node_cluster, node_servers):
 def provision_organization(plane, snowflake, name: str) -> str:
     """An organization as an administrator provisions one (the chart's README): a namespace, its
     Snowflake Secret, and the workers' ServiceAccount (a Pod uses one of its own namespace)."""
-    from beam_devstack.snowflake import connection_secret
+    from beam_devstack.snowflake_secret import connection_secret
 
     ns = plane.create_namespace(name)
     plane.api("POST", f"/api/v1/namespaces/{ns}/secrets", connection_secret(snowflake.endpoints()))
@@ -224,14 +227,15 @@ def provision_organization(plane, snowflake, name: str) -> str:
     return ns
 
 
-# --- a headless browser for the web console (beam_devstack.browser) --------------------------
+# --- a headless browser for the web console (beam_devstack.substrate.browser) ----------------
 
 
 @pytest.fixture
 def browser():
     """Debian's headless Chromium under Selenium, fresh profile per test, quit after;
-    beam_devstack.browser.console_errors(driver) and .save_screenshot(driver, path) read it."""
-    from beam_devstack.browser import chromium
+    beam_devstack.substrate.browser.console_errors(driver) and .save_screenshot(driver, path)
+    read it."""
+    from beam_devstack.substrate.browser import chromium
 
     with chromium() as driver:
         yield driver

@@ -12,7 +12,7 @@ import httpx
 import yaml
 
 from beam_devstack.operator_proc import CHART
-from beam_devstack.proc import ManagedProcess, free_port, progress
+from beam_devstack.substrate.proc import ManagedProcess, free_port, progress
 
 # A release and namespaces of its own: tests/chart installs the chart as release "beam" into
 # beam-system later in the same session, and must not find objects of ours there.

@@ -59,7 +59,7 @@ def org(namespace, admin_core):
 
 @pytest.fixture
 def other_org(k8s, admin_core, request):
-    from beam_devstack.k8s import unique_name
+    from beam_devstack.substrate.k8s import unique_name
 
     name = k8s.create_namespace(unique_name("other"), wait_service_account=False)
     _, key = keymod.create_key(admin_core, KEYS_NS, name, "test")

@@ -502,7 +502,7 @@ def test_a_flood_of_bad_keys_never_holds_back_a_valid_key_after_a_restart(
     """Bad keys from one address (all clients behind one ingress share it) exhaust that
     address's failure limit. A valid key this process has never seen, after a restart, and one
     created during the flood, still get 200: the API knows every stored key id from its watch."""
-    from beam_devstack.proc import wait_for
+    from beam_devstack.substrate.proc import wait_for
 
     def flood(proc: ApiProcess) -> None:
         with proc.client(None) as c:

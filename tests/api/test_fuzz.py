@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from beam_devstack.proc import progress
+from beam_devstack.substrate.proc import progress
 
 
 def test_openapi_fuzzing_finds_no_server_errors(api, org, tmp_path):

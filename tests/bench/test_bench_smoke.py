@@ -3,7 +3,7 @@ change breaks the suite, not the next person who measures. Only that they run an
 asserted; what the figures are is docs/benchmarks.md's business, measured alone on the machine.
 
 The benchmarks that start a real node run before any test of the session has one (one node per
-machine, beam_devstack.node): tests/conftest.py puts this module first."""
+machine, beam_devstack.substrate.node): tests/conftest.py puts this module first."""
 
 from __future__ import annotations
 

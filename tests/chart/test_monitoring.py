@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from beam_devstack.promql_names import DASHBOARD, RULES, dashboard_exprs, exposed_names, metric_names, rule_exprs
-from beam_devstack.promtool import promtool_binary
+from beam_devstack.substrate.promtool import promtool_binary
 
 ROOT = RULES.parents[3]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 from e2e_helpers import RELEASE_NS, make_key
 
-from beam_devstack.k8s import unique_name
-from beam_devstack.kafka import Kafka
 from beam_devstack.pytest_plugin import NODE, provision_organization
+from beam_devstack.substrate.k8s import unique_name
+from beam_devstack.substrate.kafka import Kafka
 
 
 @pytest.fixture(scope="module")

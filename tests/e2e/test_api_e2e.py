@@ -11,7 +11,7 @@ import httpx
 from e2e_helpers import WINDOW, backfill
 
 from beam_devstack import dataset
-from beam_devstack.kafka_proxy import END_TXN
+from beam_devstack.substrate.kafka_proxy import END_TXN
 
 
 def client(api_url, key):

@@ -31,9 +31,9 @@ from e2e_helpers import (
     wait_status,
 )
 
-from beam_devstack.kafka_proxy import END_TXN
-from beam_devstack.proc import wait_for
 from beam_devstack.pytest_plugin import NODE
+from beam_devstack.substrate.kafka_proxy import END_TXN
+from beam_devstack.substrate.proc import wait_for
 
 
 def test_seed_example_completes_with_exactly_the_window_in_kafka(k8s, operator, kafka, seeded, bucket, org):
@@ -122,7 +122,7 @@ def test_one_backfill_delivers_over_sasl_ssl_kafka_and_a_signed_https_webhook(
     kafka = tenant_kafka
     import ssl
 
-    from beam_devstack import pki
+    from beam_devstack.substrate import pki
 
     ca, ca_key = pki.make_ca(tmp_path / "hook-ca", "e2e-webhook-ca")
     crt, key = pki.issue_cert(tmp_path / "hook", ca, ca_key, "receiver", server=True, ips=(NODE["node_ip"],))
@@ -256,7 +256,7 @@ def test_a_cancel_inside_a_transaction_does_not_stall_consumers_of_the_topic(k8s
     # instead of after the broker's transaction timeout (15 minutes).
     from confluent_kafka import Producer
 
-    from beam_devstack.kafka import consume_all
+    from beam_devstack.substrate.kafka import consume_all
 
     topic = f"{org}.e2e-cancel-txn"  # the managed Kafka's topic of destination e2e-cancel-txn
     uid = apply(k8s, org, backfill("cancel-txn", "e2e-cancel-txn", parallelism=1))["metadata"]["uid"]

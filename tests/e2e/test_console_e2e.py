@@ -31,9 +31,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from beam_devstack import dataset
-from beam_devstack.browser import console_errors, save_screenshot
-from beam_devstack.kafka_proxy import END_TXN
-from beam_devstack.proc import wait_for
+from beam_devstack.substrate.browser import console_errors, save_screenshot
+from beam_devstack.substrate.kafka_proxy import END_TXN
+from beam_devstack.substrate.proc import wait_for
 
 HOSTILE = "<img src=x onerror=\"document.title='pwned'\"><script>document.title='pwned'</script>&amp; \"q\" 'a'"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from e2e_helpers import API, WINDOW, apply, assert_exactly, backfill, expected_ids, jobs, read_topic, wait_status
 
 from beam_devstack.images import jobrunner_job
-from beam_devstack.proc import wait_for
+from beam_devstack.substrate.proc import wait_for
 
 
 def _failing_job(name: str, labels: dict[str, str]) -> dict:

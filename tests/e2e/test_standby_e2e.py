@@ -8,8 +8,8 @@ from collections import Counter
 
 from e2e_helpers import API, WINDOW, apply, assert_exactly, backfill, expected_ids, jobs, read_topic, wait_status
 
-from beam_devstack.kafka_proxy import END_TXN
-from beam_devstack.proc import wait_for
+from beam_devstack.substrate.kafka_proxy import END_TXN
+from beam_devstack.substrate.proc import wait_for
 
 NS, DEPLOYMENT = "beam-system", "beam-beam-backfill"
 LEASE = f"/apis/coordination.k8s.io/v1/namespaces/{NS}/leases/{DEPLOYMENT}"

@@ -24,8 +24,8 @@ from e2e_helpers import (
 )
 
 from beam_devstack import dataset
-from beam_devstack.proc import wait_for
 from beam_devstack.pytest_plugin import NODE
+from beam_devstack.substrate.proc import wait_for
 
 
 def _both_tokens(name: str, topic: str, window=WINDOW, **spec) -> dict:

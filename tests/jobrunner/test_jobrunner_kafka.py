@@ -12,8 +12,8 @@ from confluent_kafka import Producer
 from jr_helpers import TOKENS, Job, expected_ids, managed
 
 from beam_contract import staging
-from beam_devstack.kafka import consume_all
-from beam_devstack.kafka_proxy import END_TXN
+from beam_devstack.substrate.kafka import consume_all
+from beam_devstack.substrate.kafka_proxy import END_TXN
 
 
 def spec(topic: str, window: dict, **extra) -> dict:
@@ -182,7 +182,7 @@ def test_sigterm_inside_a_transaction_aborts_it_so_consumers_of_the_topic_go_on(
 
 
 def test_unreachable_broker_and_missing_secret(tmp_path, source, bucket, gcs, kafka):
-    from beam_devstack.proc import free_port
+    from beam_devstack.substrate.proc import free_port
 
     dead = f"127.0.0.1:{free_port()}"
     job = Job(

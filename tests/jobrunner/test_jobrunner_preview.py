@@ -17,7 +17,7 @@ from jr_helpers import TABLE, TOKENS, Job, Run, expected_ids, managed
 from beam_contract.preview import SAMPLE_ROW_MAX_CHARS, PreviewResult
 from beam_contract.worker import TERMINATION_MESSAGE_MAX_BYTES, parse_failure
 from beam_devstack.dataset import COLUMNS
-from beam_devstack.kafka import consume_all
+from beam_devstack.substrate.kafka import consume_all
 
 # The dataset's declared types as Snowflake describes them in a query's result.
 SNOWFLAKE_TYPES = {
@@ -197,7 +197,7 @@ def test_a_transform_that_fails_fails_the_preview_with_transports_message(tmp_pa
     assert "TypeError: Cannot set properties of undefined (setting 'y') at line 2, column 42" in r.message, r.message
 
     # A script that does not compile is refused before anything connects: here to nothing at all.
-    from beam_devstack.proc import free_port
+    from beam_devstack.substrate.proc import free_port
 
     broken = {"type": "v8", "script": "function transform(row) {\n  return row +;\n}"}
     r = preview(tmp_path, source, source_spec(window, transforms=[broken]), BEAM_SNOWFLAKE_PORT=free_port())
@@ -307,7 +307,7 @@ def test_failures_are_stagings(tmp_path, source, bucket, gcs):
 
 
 def test_an_unreachable_snowflake_is_transient(tmp_path, source):
-    from beam_devstack.proc import free_port
+    from beam_devstack.substrate.proc import free_port
 
     window = {"partition_key": "block", "start": 1, "end": 2}
     r = preview(tmp_path, source, source_spec(window), BEAM_SNOWFLAKE_PORT=free_port(), BEAM_CONNECT_TIMEOUT_S=2)

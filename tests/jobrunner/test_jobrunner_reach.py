@@ -293,7 +293,7 @@ def _topics(kafka) -> set[str]:
 
 
 def test_a_kafka_bootstrap_on_loopback_is_refused_before_any_connection(tmp_path, source, bucket, gcs, kafka):
-    from beam_devstack.kafka import consume_all
+    from beam_devstack.substrate.kafka import consume_all
 
     topic = f"reach-{uuid.uuid4().hex[:8]}"
     assert kafka.bootstrap.startswith("127.0.0.1:")
@@ -315,7 +315,7 @@ def test_a_kafka_cluster_advertising_a_broker_inward_is_refused_before_any_produ
 ):
     """The bootstrap name is allowed (`localhost`), but the broker the cluster advertises,
     127.0.0.1, is not: the real broker's metadata is checked before anything is produced."""
-    from beam_devstack.kafka import consume_all
+    from beam_devstack.substrate.kafka import consume_all
 
     topic = f"reach-{uuid.uuid4().hex[:8]}"
     port = kafka.bootstrap.rsplit(":", 1)[1]
@@ -337,7 +337,7 @@ def test_a_kafka_cluster_advertising_a_broker_inward_is_refused_before_any_produ
 
 def test_the_platforms_own_endpoints_need_no_allow_entry(tmp_path, source, bucket, gcs, kafka):
     """The managed Kafka (BEAM_KAFKA_BOOTSTRAP) and the staging emulator are on loopback here."""
-    from beam_devstack.kafka import consume_all
+    from beam_devstack.substrate.kafka import consume_all
 
     topic = f"reach-{uuid.uuid4().hex[:8]}"
     job = Job(tmp_path, spec({"type": "kafka", "name": topic}), snowflake=source, gcs=gcs, kafka=kafka)
@@ -361,7 +361,7 @@ def test_the_managed_kafka_under_any_other_spelling_is_refused_before_any_row(tm
     """Another organization's topics on the managed Kafka are <their namespace>.<name>; a tenant
     who reaches that Kafka through bootstrap_servers writes the bare name, so each spelling of
     it must be refused, even where loopback itself is allowed, and the topic stays empty."""
-    from beam_devstack.kafka import consume_all
+    from beam_devstack.substrate.kafka import consume_all
 
     port = int(kafka.bootstrap.rsplit(":", 1)[1])
     assert kafka.bootstrap == f"127.0.0.1:{port}"

@@ -18,7 +18,7 @@ import pytest
 from jr_helpers import Job, expected_ids, managed
 
 from beam_contract import staging
-from beam_devstack.kafka import consume_all
+from beam_devstack.substrate.kafka import consume_all
 
 WINDOW = {"partition_key": "block", "start": 1000, "end": 2000}
 

@@ -146,7 +146,7 @@ def test_webhook_4xx_fails_chunk_without_leaking_secrets(tmp_path, source, bucke
 
 
 def test_https_webhook_trusts_the_ca_of_its_secret_and_only_then(tmp_path, source, bucket, gcs, rows):
-    from beam_devstack import pki
+    from beam_devstack.substrate import pki
 
     ca, ca_key = pki.make_ca(tmp_path / "ca", "private-webhook-ca")
     recv = Receiver(KEY, tls=pki.issue_cert(tmp_path / "recv", ca, ca_key, "receiver", server=True, ips=("127.0.0.1",)))

@@ -10,7 +10,7 @@ from jr_helpers import Job, managed
 from sqlglot import exp
 
 from beam_contract.model import BackfillSpec
-from beam_devstack.kafka import consume_all
+from beam_devstack.substrate.kafka import consume_all
 from beam_jobrunner import sql
 from beam_jobrunner.errors import PermanentError
 

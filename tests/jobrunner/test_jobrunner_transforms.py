@@ -15,8 +15,8 @@ from test_jobrunner_sinks import KEY, Receiver
 
 from beam_contract import staging
 from beam_contract.worker import LOG_TAIL_MARK
-from beam_devstack.kafka import consume_all
-from beam_devstack.kafka_proxy import END_TXN
+from beam_devstack.substrate.kafka import consume_all
+from beam_devstack.substrate.kafka_proxy import END_TXN
 
 WINDOW = {"partition_key": "block", "start": 1000, "end": 1600}
 # Adds a field and drops the rows of one token (TOKENS[1]); what the e2e test does on the node.

@@ -13,8 +13,8 @@ import pyarrow.fs as pafs
 from jr_helpers import Job, expected_ids, managed
 
 from beam_contract import staging
-from beam_devstack.kafka import consume_all
-from beam_devstack.kafka_proxy import END_TXN
+from beam_devstack.substrate.kafka import consume_all
+from beam_devstack.substrate.kafka_proxy import END_TXN
 
 WINDOW = {"partition_key": "block", "start": 1000, "end": 2000}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from beam_devstack.k8s import unique_name
 from beam_devstack.pytest_plugin import provision_organization
+from beam_devstack.substrate.k8s import unique_name
 
 
 @pytest.fixture

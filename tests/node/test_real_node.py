@@ -8,9 +8,9 @@ import urllib.parse
 
 from beam_devstack import dataset
 from beam_devstack.images import JOBRUNNER, OPERATOR, jobrunner_job
-from beam_devstack.kafka import consume_all
-from beam_devstack.kafka_proxy import END_TXN
-from beam_devstack.proc import wait_for
+from beam_devstack.substrate.kafka import consume_all
+from beam_devstack.substrate.kafka_proxy import END_TXN
+from beam_devstack.substrate.proc import wait_for
 
 WINDOW = {"partition_key": "block_timestamp", "start": "2026-03-01T00:00:00", "end": "2026-04-01T00:00:00"}
 

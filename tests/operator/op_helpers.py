@@ -1,6 +1,6 @@
 """Polling helpers for the operator tests (a module of its own: every test dir has a conftest)."""
 
-from beam_devstack.proc import wait_for
+from beam_devstack.substrate.proc import wait_for
 
 __all__ = ["get_bbf", "wait_for", "wait_status"]
 

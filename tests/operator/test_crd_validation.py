@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from beam_devstack.k8s import ApiError
+from beam_devstack.substrate.k8s import ApiError
 
 BASE = {
     "apiVersion": "beam-backfill.dev/v1alpha1",

@@ -10,8 +10,8 @@ import re
 
 from op_helpers import backfill_body, get_bbf, jobs_of, wait_for
 
-from beam_devstack.k8s import unique_name
 from beam_devstack.operator_proc import OperatorProcess
+from beam_devstack.substrate.k8s import unique_name
 
 PATH = "/apis/beam-backfill.dev/v1alpha1/namespaces/{ns}/beambackfills"
 CHART_OPERATOR_LIMIT_MB = 512  # charts/beam-backfill/values.yaml, operator.resources.limits.memory

@@ -9,8 +9,8 @@ import urllib.parse
 
 from op_helpers import backfill_body, get_bbf, wait_for
 
-from beam_devstack.k8s import unique_name
 from beam_devstack.operator_proc import OperatorProcess, install_chart_rbac
+from beam_devstack.substrate.k8s import unique_name
 
 
 def _can_i(k8s, who: str, verb: str, resource: str, namespace: str | None) -> bool:

@@ -141,11 +141,11 @@ def test_kafka_read_committed_hides_aborted_transactions(kafka):
 
 
 def test_kafka_proxy_holds_the_commits_of_one_transactional_id_after_letting_some_through(kafka):
-    """The fault tests' hold (beam_devstack.kafka_proxy): only commits whose transactional.id
-    has the prefix are counted, and the first `after` of them go through."""
+    """The fault tests' hold (beam_devstack.substrate.kafka_proxy): only commits whose
+    transactional.id has the prefix are counted, and the first `after` of them go through."""
     import threading
 
-    from beam_devstack.kafka_proxy import END_TXN
+    from beam_devstack.substrate.kafka_proxy import END_TXN
 
     topic = _unique("held")
     _create_topic(kafka.bootstrap, topic, 1)
@@ -180,7 +180,7 @@ def test_kafka_proxy_holds_the_commits_of_one_transactional_id_after_letting_som
 def test_kafka_sasl_ssl_listener_takes_its_user_and_its_ca_only(kafka, tmp_path):
     from confluent_kafka.admin import AdminClient
 
-    from beam_devstack import pki
+    from beam_devstack.substrate import pki
 
     topic = _unique("sasl")
     p = Producer(kafka.sasl_ssl_client_config())

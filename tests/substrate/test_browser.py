@@ -1,5 +1,5 @@
 """The browser substrate of the console's tests: Debian's headless Chromium under Selenium
-(beam_devstack.browser, the `browser` fixture) runs a page's own script, honours its
+(beam_devstack.substrate.browser, the `browser` fixture) runs a page's own script, honours its
 Content-Security-Policy, reports the violation in its console, and takes screenshots.
 
 The page is served by a tiny http.server on 127.0.0.1, as the console will be: a labelled form
@@ -16,7 +16,7 @@ import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from beam_devstack.browser import console_errors, save_screenshot
+from beam_devstack.substrate.browser import console_errors, save_screenshot
 
 CSP = "default-src 'self'; script-src 'self'"
 TITLE = "substrate"

@@ -10,8 +10,8 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from beam_devstack.k8s import K8S_VERSION, ApiError, ControlPlane
-from beam_devstack.proc import port_open
+from beam_devstack.substrate.k8s import K8S_VERSION, ApiError, ControlPlane
+from beam_devstack.substrate.proc import port_open
 
 pytestmark = pytest.mark.k8s
 

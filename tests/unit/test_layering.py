@@ -1,4 +1,5 @@
-"""The top-level parts import only downward: contract <- operator, jobrunner <- dev stack.
+"""The top-level parts import only downward: contract <- operator, jobrunner <- dev stack; and
+the dev stack's substrate (beam_devstack.substrate) imports nothing of the project.
 
 import-linter reads the real import graph of the installed packages; the layers are in
 pyproject.toml ([tool.importlinter]). An upward import (the contract importing the operator, the

@@ -8,7 +8,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from beam_devstack.proc import ManagedProcess, free_port, progress, start_ready
+from beam_devstack.substrate.proc import ManagedProcess, free_port, progress, start_ready
 
 REGION = "us-east-1"
 READY_TIMEOUT = 60.0

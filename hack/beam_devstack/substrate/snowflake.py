@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from beam_devstack.proc import ManagedProcess, free_port, port_open, progress, start_ready
+from beam_devstack.substrate.proc import ManagedProcess, free_port, port_open, progress, start_ready
 
 READY_TIMEOUT = 60.0
 ACCOUNT, USER, PASSWORD = "fakesnow", "fake", "snow"
@@ -106,29 +106,3 @@ class FakeSnowflake:
         if self.proc is not None:
             self.proc.stop()
             self.proc = None
-
-
-def connection_secret(
-    endpoints: dict, name: str = "beam-snowflake", database: str = "base", schema: str = "assets"
-) -> dict:
-    """The Secret an administrator creates in an organization's namespace for this server: the
-    keys the operator maps into the staging Job (beam_contract.worker.SNOWFLAKE_SECRET_KEYS)."""
-    import base64
-
-    data = {
-        "account": endpoints["account"],
-        "user": endpoints["user"],
-        "password": endpoints["password"],
-        "host": endpoints["host"],
-        "port": str(endpoints["port"]),
-        "protocol": endpoints["protocol"],
-        "database": database,
-        "schema": schema,
-    }
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": name},
-        "type": "Opaque",
-        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
-    }

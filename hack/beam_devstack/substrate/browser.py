@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from beam_devstack.proc import _die_with_parent
+from beam_devstack.substrate.proc import _die_with_parent
 
 if TYPE_CHECKING:
     from selenium.webdriver import Chrome
@@ -140,7 +140,8 @@ def chromium(*, width: int = 1366, height: int = 900, downloads: Path | None = N
         # so nothing is left in the home directory; chromedriver passes its environment on.
         env={**os.environ, "SE_OFFLINE": "true", "CHROME_CONFIG_HOME": str(profile)},
         # chromedriver dies with the test process even when that one is killed with SIGKILL, as
-        # every server beam_devstack.proc starts; Chromium follows it (--remote-debugging-pipe).
+        # every server beam_devstack.substrate.proc starts; Chromium follows it
+        # (--remote-debugging-pipe).
         popen_kw={"preexec_fn": _die_with_parent},
     )
     driver = None

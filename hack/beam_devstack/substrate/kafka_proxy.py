@@ -5,8 +5,8 @@ holding EndTxn (the commit) leaves a chunk's rows in an open transaction for as 
 needs, as a broker that stops answering would. A held request is never sent on: when the hold
 ends its connection is cut, as if the broker had died mid-request (a live client reconnects and
 retries; a killed one's commit never arrives). The broker advertises a second listener at the
-proxy's port (beam_devstack.kafka), so every connection a client makes after bootstrapping goes
-through it too.
+proxy's port (beam_devstack.substrate.kafka), so every connection a client makes after
+bootstrapping goes through it too.
 
 Only the request framing is read (a 4-byte size, then the 2-byte api key); everything else is
 forwarded byte for byte, in both directions.

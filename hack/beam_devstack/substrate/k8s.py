@@ -4,7 +4,7 @@ kube-controller-manager, with no node and no container runtime.
 This is what controller-runtime's envtest runs, plus a controller manager so that the
 behaviour the operator relies on is real: Jobs create Pods, ownerReferences are garbage
 collected, finished Jobs expire, namespaces are finalized and get their default ServiceAccount.
-Pods stay Pending unless a node runs them: with node_ip, beam_devstack.node is that node.
+Pods stay Pending unless a node runs them: with node_ip, beam_devstack.substrate.node is that node.
 
 The binaries cannot be downloaded as releases on our CI machines, so hack/build-control-plane.sh
 builds them from the Go module proxy once and caches them by version.
@@ -29,12 +29,12 @@ from typing import Any
 
 import yaml
 
-from beam_devstack.pki import issue_cert, make_ca
-from beam_devstack.proc import CACHE, ManagedProcess, free_port, progress
+from beam_devstack.substrate.pki import issue_cert, make_ca
+from beam_devstack.substrate.proc import CACHE, ManagedProcess, free_port, progress
 
 K8S_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.4"
-BUILD_SCRIPT = Path(__file__).resolve().parents[1] / "build-control-plane.sh"
+BUILD_SCRIPT = Path(__file__).resolve().parents[2] / "build-control-plane.sh"
 
 ETCD_BIN = CACHE / "bin" / f"etcd-{ETCD_VERSION}" / "etcd"
 APISERVER_BIN = CACHE / "bin" / f"kubernetes-{K8S_VERSION}" / "kube-apiserver"
@@ -488,7 +488,8 @@ def unique_name(prefix: str) -> str:
 
 
 def main() -> None:
-    """`python -m beam_devstack.k8s [RUN_DIR]`: run a control plane in the foreground until Ctrl-C."""
+    """`python -m beam_devstack.substrate.k8s [RUN_DIR]`: run a control plane in the foreground
+    until Ctrl-C."""
     import sys
     import tempfile
 
