@@ -62,9 +62,11 @@ def test_two_organizations_at_once_see_only_their_own_data_and_jobs(
     march_1 = {**WINDOW, "end": "2026-03-16T00:00:00"}
     march_2 = {**WINDOW, "start": "2026-03-16T00:00:00"}
     # The same destination name in both: on the managed Kafka each organization's topic is its
-    # own (<namespace>.<name>), so neither writes into the other's.
-    a = apply(k8s, org, backfill("first-half", "e2e-shared", window=march_1))
-    b = apply(k8s, other, backfill("second-half", "e2e-shared", window=march_2))
+    # own (<namespace>.<name>), so neither writes into the other's. Two workers each: the suite's
+    # node (2 CPUs, 250m per worker) runs both at once, and no Pod waits for room past the
+    # suite's unschedulable_seconds (10 s), which a busy machine could otherwise make it do.
+    a = apply(k8s, org, backfill("first-half", "e2e-shared", window=march_1, parallelism=2))
+    b = apply(k8s, other, backfill("second-half", "e2e-shared", window=march_2, parallelism=2))
     wait_status(k8s, org, "first-half", "completed")
     wait_status(k8s, other, "second-half", "completed")
     assert_exactly(read_topic(kafka.bootstrap, f"{org}.e2e-shared"), expected_ids(seeded, march_1))
