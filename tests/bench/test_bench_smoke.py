@@ -108,3 +108,18 @@ def test_e2e_bench_runs(tmp_path):
     [run] = f["backfills"]
     assert run["exactly_once"] and run["pods"]["staging"] == 1 and run["pods"]["transport"] >= 1, run
     assert set(f["staging"]["median"]) == {"host", "container"} and f["staging"]["ratio"] > 0, f["staging"]
+
+
+def test_the_run_context_the_benchmarks_print_names_cores_python_and_load():
+    # transport.py and js_engines.py print it only when they write docs/benchmarks.md, which
+    # their smoke runs above do not (--no-write): run it here, as they import it.
+    done = subprocess.run(
+        [sys.executable, "-c", "from run_context import machine; print(machine())"],
+        cwd=ROOT / "bench",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    line = done.stdout.strip()
+    assert line.startswith(f"{os.cpu_count()} cores (") and "Python 3." in line and "load average " in line, line
