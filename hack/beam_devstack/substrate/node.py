@@ -676,7 +676,7 @@ class Node:
         self.timings["kubelet_ready"] = time.monotonic() - t0
 
     def _node_ready(self) -> bool:
-        node = self._api("GET", f"/api/v1/nodes/{self.s.node_name}", user="kubelet")
+        node = read_node(self.s.apiserver_url, self.pki, "kubelet", self.s.node_name)
         return any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"].get("conditions", []))
 
     def _start_kube_proxy(self) -> None:
@@ -693,12 +693,20 @@ class Node:
             f"writing the rules of the kubernetes Service {want}",
         )
 
-    def _api(self, method: str, path: str, *, user: str) -> Any:
-        ctx = ssl.create_default_context(cafile=str(self.pki / "ca.crt"))
-        ctx.load_cert_chain(str(self.pki / f"{user}.crt"), str(self.pki / f"{user}.key"))
-        req = urllib.request.Request(self.s.apiserver_url + path, method=method)
-        with urllib.request.urlopen(req, context=ctx, timeout=5) as resp:
-            return json.loads(resp.read())
+
+def read_node(server: str, pki: Path, user: str, name: str) -> dict:
+    """The Node `name` as JSON, read from the apiserver at `server` with the kubernetes client as
+    `user` (pki/<user>.crt and .key, trusting pki/ca.crt). The answer's JSON, not the client's
+    model: a wait polls this, and a field the model's validation refuses must not stall it."""
+    from kubernetes import client
+
+    cfg = client.Configuration()
+    cfg.host = server
+    cfg.ssl_ca_cert = str(pki / "ca.crt")
+    cfg.cert_file, cfg.key_file = str(pki / f"{user}.crt"), str(pki / f"{user}.key")
+    with client.ApiClient(cfg) as api:
+        answer = client.CoreV1Api(api).read_node(name, _request_timeout=5, _preload_content=False)
+        return json.loads(answer.data)
 
 
 # --- cleanup -----------------------------------------------------------------------------

@@ -6,6 +6,9 @@ Every server of the dev stack and the test suite is a ManagedProcess. Two guaran
   process group so that stop() reaches its children too (Kafka's JVM, fakesnow's workers).
 - A process started by `beam-dev up` is detached (it must outlive the CLI) and is recorded in a
   pid file under the stack's run directory, so that `beam-dev down` finds it again.
+
+mirakuru was tried for this and is not used: docs/development.md, "hack/: kept libraries and our
+own code", says why.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,7 +58,28 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def http_ok(url: str, timeout: float = 2.0) -> bool:
+    """Whether a plain-HTTP GET of `url` answers 2xx: a server's readiness probe."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return 200 <= resp.status < 300
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def tcp_ok(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether host:port accepts a connection."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 class ManagedProcess:
+    """url: a plain-HTTP URL that answers 2xx to GET once the server is ready; tcp: a (host, port)
+    it listens on. Either makes `probe` for wait_ready."""
+
     def __init__(
         self,
         name: str,
@@ -64,6 +90,8 @@ class ManagedProcess:
         cwd: Path | None = None,
         detach: bool = False,
         pid_dir: Path | None = None,
+        url: str | None = None,
+        tcp: tuple[str, int] | None = None,
     ) -> None:
         self.name = name
         self.argv = [str(a) for a in argv]
@@ -72,22 +100,22 @@ class ManagedProcess:
         self.cwd = cwd
         self.detach = detach
         self.pid_dir = pid_dir
+        self.url, self.tcp = url, tcp
         self.popen: subprocess.Popen | None = None
 
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.popen = subprocess.Popen(
-            self.argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=self.env,
-            cwd=self.cwd,
-            start_new_session=True,
-            preexec_fn=None if self.detach else _die_with_parent,
-        )
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                self.argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+                preexec_fn=None if self.detach else _die_with_parent,
+            )
         if self.pid_dir is not None:
             self.pid_dir.mkdir(parents=True, exist_ok=True)
             (self.pid_dir / f"{self.name}.pid").write_text(str(self.popen.pid))
@@ -103,6 +131,13 @@ class ManagedProcess:
 
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
+
+    def probe(self) -> bool:
+        """The readiness check of `url` or `tcp`."""
+        if self.url is not None:
+            return http_ok(self.url)
+        assert self.tcp is not None, f"{self.name}: no url or tcp to probe"
+        return tcp_ok(*self.tcp)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -142,27 +177,72 @@ def start_ready(
     argv: Sequence[str],
     *,
     log_path: Path,
-    checks: Sequence[tuple[Callable[[], bool], str]],
+    ready: str,
+    url: str | None = None,
+    tcp: tuple[str, int] | None = None,
+    checks: Sequence[tuple[Callable[[], bool], str]] = (),
     timeout: float,
     component: str,
     describe: str,
     detach: bool = False,
     pid_dir: Path | None = None,
     env: Mapping[str, str] | None = None,
+    grace: float = 10.0,
+    t0: float | None = None,
 ) -> ManagedProcess:
-    """Start a server and wait until each readiness check passes in turn; on any failure (or
-    interrupt) stop it before raising, so a half-started server is never left behind. Prints
-    `<describe> in <seconds>` when ready."""
-    t0 = time.monotonic()
-    proc = ManagedProcess(name, argv, log_path=log_path, env=env, detach=detach, pid_dir=pid_dir).start()
+    """Start a server, wait until the probe of `url` or `tcp` passes (`ready` says what that
+    means), then each further check in turn; on any failure (or interrupt) stop it before raising,
+    so a half-started server is never left behind. Prints `<describe> in <seconds>` (since t0,
+    by default the start) when ready."""
+    assert url or tcp, f"{name}: start_ready probes a url or a tcp port first"
+    t0 = time.monotonic() if t0 is None else t0
+    proc = ManagedProcess(name, argv, log_path=log_path, env=env, detach=detach, pid_dir=pid_dir, url=url, tcp=tcp)
     try:
-        for check, what in checks:
+        proc.start()
+        for check, what in [(proc.probe, ready), *checks]:
             proc.wait_ready(check, timeout, what)
     except BaseException:
-        proc.stop()
+        proc.stop(grace)
         raise
     progress(component, f"{describe} in {time.monotonic() - t0:.1f}s")
     return proc
+
+
+class Server:
+    """The frame of a server module's class (docs/development.md, Conventions): its files under
+    run_dir/<component>, `detach` and `pid_dir` for ManagedProcess, the `host` it listens on
+    (127.0.0.1, or a real node's bridge address for servers that Pods use), and stop()."""
+
+    component = ""
+    grace = 10.0
+
+    def __init__(
+        self, run_dir: Path, *, detach: bool = False, pid_dir: Path | None = None, host: str = "127.0.0.1"
+    ) -> None:
+        self.run_dir = Path(run_dir) / self.component
+        self.host = host
+        self.detach = detach
+        self.pid_dir = pid_dir
+        self.port: int | None = None
+        self.proc: ManagedProcess | None = None
+
+    def _start(self, name: str, argv: Sequence[Any], *, log: str, **kw: Any) -> None:
+        """start_ready with this server's settings; the log goes to run_dir/<log>."""
+        self.proc = start_ready(
+            name,
+            argv,
+            log_path=self.run_dir / log,
+            component=self.component,
+            detach=self.detach,
+            pid_dir=self.pid_dir,
+            grace=self.grace,
+            **kw,
+        )
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(self.grace)
+            self.proc = None
 
 
 def kill_group(pid: int, grace: float = 10.0, popen: subprocess.Popen | None = None) -> None:

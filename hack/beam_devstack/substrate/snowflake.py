@@ -11,9 +11,8 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from beam_devstack.substrate.proc import ManagedProcess, free_port, port_open, progress, start_ready
+from beam_devstack.substrate.proc import Server, free_port, progress
 
 READY_TIMEOUT = 60.0
 ACCOUNT, USER, PASSWORD = "fakesnow", "fake", "snow"
@@ -50,18 +49,8 @@ def connect(endpoints: dict, database: str | None = None, schema: str | None = N
     return snowflake.connector.connect(**params)
 
 
-class FakeSnowflake:
-    """host: 127.0.0.1, or a real node's bridge address (node.py) for servers that Pods use."""
-
-    def __init__(
-        self, run_dir: Path, *, detach: bool = False, pid_dir: Path | None = None, host: str = "127.0.0.1"
-    ) -> None:
-        self.run_dir = Path(run_dir) / "snowflake"
-        self.host = host
-        self.detach = detach
-        self.pid_dir = pid_dir
-        self.port: int | None = None
-        self.proc: ManagedProcess | None = None
+class FakeSnowflake(Server):
+    component = "snowflake"
 
     def endpoints(self) -> dict:
         return {
@@ -84,16 +73,15 @@ class FakeSnowflake:
         # directory, it goes when the run does.
         tmp = self.run_dir / "tmp"
         tmp.mkdir(exist_ok=True)
-        self.proc = start_ready(
+        self._start(
             "fakesnow",
             [sys.executable, "-m", "fakesnow", "-s", "-p", self.port, "--host", self.host],
-            log_path=self.run_dir / "fakesnow.log",
-            checks=[(lambda: port_open(self.port, self.host), "listening"), (self._answers_sql, "answering SQL")],
+            log="fakesnow.log",
+            tcp=(self.host, self.port),
+            ready="listening",
+            checks=[(self._answers_sql, "answering SQL")],
             timeout=READY_TIMEOUT,
-            component="snowflake",
             describe=f"fakesnow ready on {self.host}:{self.port}",
-            detach=self.detach,
-            pid_dir=self.pid_dir,
             env={**os.environ, "TMPDIR": str(tmp)},
         )
         return self
@@ -101,8 +89,3 @@ class FakeSnowflake:
     def _answers_sql(self) -> bool:
         with self.connect() as conn:
             return conn.cursor().execute("SELECT 1").fetchone() == (1,)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None

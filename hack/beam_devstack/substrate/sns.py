@@ -5,10 +5,8 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
-import urllib.request
-from pathlib import Path
 
-from beam_devstack.substrate.proc import ManagedProcess, free_port, progress, start_ready
+from beam_devstack.substrate.proc import Server, free_port, progress
 
 REGION = "us-east-1"
 READY_TIMEOUT = 60.0
@@ -23,17 +21,12 @@ def ensure_installed() -> None:
         importlib.invalidate_caches()
 
 
-class Sns:
-    def __init__(self, run_dir: Path, *, detach: bool = False, pid_dir: Path | None = None) -> None:
-        self.run_dir = Path(run_dir) / "sns"
-        self.detach = detach
-        self.pid_dir = pid_dir
-        self.port: int | None = None
-        self.proc: ManagedProcess | None = None
+class Sns(Server):
+    component = "sns"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     def endpoints(self) -> dict:
         return {"url": self.url, "region": REGION}
@@ -47,26 +40,14 @@ class Sns:
         ensure_installed()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        self.proc = start_ready(
+        self._start(
             "moto-server",
             # The interpreter that runs us has moto; a bare `moto_server` on PATH may be another.
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", self.port],
-            log_path=self.run_dir / "moto.log",
-            checks=[(self._answers, "answering")],
+            [sys.executable, "-m", "moto.server", "-H", self.host, "-p", self.port],
+            log="moto.log",
+            url=f"{self.url}/moto-api/data.json",  # moto's own API: a cheap GET that needs no AWS signing
+            ready="answering",
             timeout=READY_TIMEOUT,
-            component="sns",
             describe=f"moto (SNS, SQS) ready on {self.url}",
-            detach=self.detach,
-            pid_dir=self.pid_dir,
         )
         return self
-
-    def _answers(self) -> bool:
-        # moto's own API: a cheap GET that needs no AWS signing.
-        with urllib.request.urlopen(f"{self.url}/moto-api/data.json", timeout=2) as r:
-            return r.status == 200
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
