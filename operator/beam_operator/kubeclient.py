@@ -174,10 +174,12 @@ class KubeApi:
         body: Any = None,
         content_type: str | None = None,
         ok: tuple[int, ...] = (),
+        fenced: bool = True,
     ) -> tuple[int, Any]:
         """One call; returns (status, parsed JSON body). Statuses below 300 or listed in `ok`
-        are answers, any other raises ApiError."""
-        if method != "GET":
+        are answers, any other raises ApiError. Writes are `fenced` by the leader Lease, except
+        the election's own."""
+        if fenced and method != "GET":
             # Each write may follow an await of any length (a slow read, a full loop): the lease
             # is checked again here, not only when the reconcile began.
             leader.before_writing()
