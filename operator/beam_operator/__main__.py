@@ -50,10 +50,11 @@ def main() -> None:
     liveness = config.liveness_endpoint or None
     lease = None
     if config.leader_election_lease:
+        from .kubeclient import KubeApi
         from .leader import Lease
 
         namespace = config.leader_election_namespace or os.environ.get("POD_NAMESPACE") or "default"
-        lease = Lease(namespace, config.leader_election_lease)
+        lease = Lease(namespace, config.leader_election_lease, lambda: KubeApi(config, connections=2, timeout=10))
         lease.acquire(liveness)  # standing by until then
         lease.keep()
     # standalone: no kopf peering objects; one active replica is the Lease's business.

@@ -5,6 +5,9 @@ Why not the `kubernetes` client: its calls block, so the controller ran them in 
 kopf's own watch handling lagged, and more workers made a burst of new backfills slower, not
 faster (docs/benchmarks.md, "The controller's API calls on asyncio"). Here every call is a
 coroutine on the event loop kopf already runs, and JSON stays plain dicts (no model objects).
+kubernetes_asyncio, the same design as a library, was measured against this module and costs
+more CPU and memory for the same requests (docs/benchmarks.md, "One Kubernetes client"). This is
+the operator's one client: the leader Lease's requests go through it too.
 
 Decisions (docs/operations.md):
 - one ClientSession with a bounded connector (`connections`): the bound, not a thread count,
@@ -174,10 +177,12 @@ class KubeApi:
         body: Any = None,
         content_type: str | None = None,
         ok: tuple[int, ...] = (),
+        fenced: bool = True,
     ) -> tuple[int, Any]:
         """One call; returns (status, parsed JSON body). Statuses below 300 or listed in `ok`
-        are answers, any other raises ApiError."""
-        if method != "GET":
+        are answers, any other raises ApiError. Writes are `fenced` by the leader Lease, except
+        the election's own."""
+        if fenced and method != "GET":
             # Each write may follow an await of any length (a slow read, a full loop): the lease
             # is checked again here, not only when the reconcile began.
             leader.before_writing()

@@ -1,7 +1,9 @@
 """One active operator among replicas: a Lease (coordination.k8s.io), as controller-runtime elects.
 
 A replica waits here, standing by, until it holds the Lease; then kopf starts and a thread renews
-the Lease every RENEW_S. A replica that cannot renew for LEASE_S (the apiserver unreachable, or
+the Lease every RENEW_S, on an event loop of its own so that a busy controller loop never delays
+a renewal. The calls go through the operator's one client (kubeclient.KubeApi), an instance
+per event loop. A replica that cannot renew for LEASE_S (the apiserver unreachable, or
 the Lease taken by another) exits at once: two operators must never act together, and the
 Deployment restarts it as a standby. On a clean stop (SIGTERM, a rollout) the Lease is released,
 so the standby takes over within RETRY_S; after a crash (SIGKILL, a lost node) within LEASE_S +
@@ -20,14 +22,17 @@ never the end of the renewal thread or of a standby's wait (docs/operations.md).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from typing import Any, Protocol
+from urllib.parse import quote, urlsplit
 
 log = logging.getLogger("beam_operator.leader")
 
@@ -36,19 +41,24 @@ RENEW_S = 5
 RETRY_S = 2
 
 
+class LeaseApi(Protocol):
+    """What the election needs of kubeclient.KubeApi: a request and a close."""
+
+    async def request(
+        self, method: str, path: str, *, body: Any = None, ok: tuple[int, ...] = (), fenced: bool = True
+    ) -> tuple[int, Any]: ...
+
+    async def close(self) -> None: ...
+
+
 def identity() -> str:
     """The Pod's name (the chart passes it), or the host's: unique among replicas."""
     return os.environ.get("POD_NAME") or os.uname().nodename
 
 
-def _api():
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
-    return client.CoordinationV1Api(), client
+def _micro_time(t: datetime) -> str:
+    """A MicroTime as the API writes it."""
+    return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @contextmanager
@@ -101,9 +111,10 @@ def step_down(why: str) -> None:
 
 
 class Lease:
-    def __init__(self, namespace: str, name: str, me: str | None = None) -> None:
+    def __init__(self, namespace: str, name: str, new_api: Callable[[], LeaseApi], me: str | None = None) -> None:
         self.namespace, self.name, self.me = namespace, name, me or identity()
-        self.api, self.client = _api()
+        self.path = f"/apis/coordination.k8s.io/v1/namespaces/{quote(namespace)}/leases"
+        self._new_api = new_api
         self._stop = threading.Event()
         self.renewed = 0.0  # time.monotonic() when the last successful acquire or renewal was sent
         self._observed: tuple[str, str] | None = None  # another holder's Lease: (holder, resourceVersion)
@@ -111,96 +122,103 @@ class Lease:
 
     def acquire(self, liveness_endpoint: str | None = None) -> None:
         """Block until this replica holds the Lease."""
-        waited_for = None
         with _standby_health(liveness_endpoint):
-            while not self._try_acquire():
-                holder = self._holder()
-                if holder != waited_for:
-                    log.info("standing by: lease %s/%s is held by %s", self.namespace, self.name, holder)
-                    waited_for = holder
-                time.sleep(RETRY_S)
+            asyncio.run(self._with_api(self._acquire))
         log.info("acquired lease %s/%s as %s: this replica is the active operator", self.namespace, self.name, self.me)
 
-    def _holder(self) -> str | None:
+    async def _with_api(self, step):
+        api = self._new_api()
         try:
-            return self.api.read_namespaced_lease(self.name, self.namespace).spec.holder_identity
+            return await step(api)
+        finally:
+            await api.close()
+
+    async def _acquire(self, api: LeaseApi) -> None:
+        waited_for = None
+        while not await self._try_acquire(api):
+            holder = await self._holder(api)
+            if holder != waited_for:
+                log.info("standing by: lease %s/%s is held by %s", self.namespace, self.name, holder)
+                waited_for = holder
+            await asyncio.sleep(RETRY_S)
+
+    async def _read(self, api: LeaseApi) -> dict[str, Any] | None:
+        status, lease = await api.request("GET", f"{self.path}/{quote(self.name)}", ok=(404,))
+        return None if status == 404 else lease
+
+    async def _holder(self, api: LeaseApi) -> str | None:
+        try:
+            lease = await self._read(api)
         except Exception:
             return None
+        return None if lease is None else (lease.get("spec") or {}).get("holderIdentity")
 
-    def _try_acquire(self) -> bool:
+    async def _try_acquire(self, api: LeaseApi) -> bool:
         sent = time.monotonic()  # a renewal counts from when it was sent, not answered
         try:
-            won = self._try(sent)
-        except Exception as e:  # urllib3's MaxRetryError, a timeout, a 5xx: try again later
+            won = await self._try(api, sent)
+        except Exception as e:  # a refused connection, a timeout, a 5xx: try again later
             log.warning("cannot reach lease %s/%s: %s", self.namespace, self.name, _short(e))
             return False
         if won:
             self.renewed = sent
         return won
 
-    def _expired(self, spec, version: str, now: float) -> bool:
+    def _expired(self, spec: dict[str, Any], version: str, now: float) -> bool:
         """Whether another holder's Lease has gone unchanged for its duration, on this replica's
         own clock since it first saw this version."""
-        if not spec.holder_identity:
+        if not spec.get("holderIdentity"):
             return True
-        seen = (spec.holder_identity, version)
+        seen = (spec["holderIdentity"], version)
         if seen != self._observed:
             self._observed, self._observed_at = seen, now
             return False
-        return now - self._observed_at > (spec.lease_duration_seconds or LEASE_S)
+        return now - self._observed_at > (spec.get("leaseDurationSeconds") or LEASE_S)
 
-    def _try(self, now: float) -> bool:
-        from kubernetes.client.rest import ApiException
-
-        c = self.client
-        stamp = datetime.now(UTC)  # written for people reading the Lease; never compared
-        try:
-            lease = self.api.read_namespaced_lease(self.name, self.namespace)
-        except ApiException as e:
-            if e.status != 404:
-                log.warning("cannot read lease %s/%s: %s %s", self.namespace, self.name, e.status, e.reason)
-                return False
-            body = c.V1Lease(
-                metadata=c.V1ObjectMeta(name=self.name, namespace=self.namespace),
-                spec=c.V1LeaseSpec(
-                    holder_identity=self.me,
-                    lease_duration_seconds=LEASE_S,
-                    acquire_time=stamp,
-                    renew_time=stamp,
-                    lease_transitions=0,
-                ),
-            )
-            try:
-                self.api.create_namespaced_lease(self.namespace, body)
-                return True
-            except ApiException:
-                return False  # another replica created it first
-        spec = lease.spec
-        if spec.holder_identity != self.me and not self._expired(spec, lease.metadata.resource_version, now):
+    async def _try(self, api: LeaseApi, now: float) -> bool:
+        stamp = _micro_time(datetime.now(UTC))  # written for people reading the Lease; never compared
+        lease = await self._read(api)
+        if lease is None:
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {"name": self.name, "namespace": self.namespace},
+                "spec": {
+                    "holderIdentity": self.me,
+                    "leaseDurationSeconds": LEASE_S,
+                    "acquireTime": stamp,
+                    "renewTime": stamp,
+                    "leaseTransitions": 0,
+                },
+            }
+            status, _ = await api.request("POST", self.path, body=body, ok=(409,), fenced=False)
+            return status != 409  # 409: another replica created it first
+        spec = lease.setdefault("spec", {})
+        if spec.get("holderIdentity") != self.me and not self._expired(spec, lease["metadata"]["resourceVersion"], now):
             return False
-        if spec.holder_identity != self.me:
-            spec.lease_transitions = (spec.lease_transitions or 0) + 1
-            spec.acquire_time = stamp
-        spec.holder_identity, spec.renew_time, spec.lease_duration_seconds = self.me, stamp, LEASE_S
-        try:  # resourceVersion in the body: a replica that raced us gets 409, not the lease
-            self.api.replace_namespaced_lease(self.name, self.namespace, lease)
-            return True
-        except ApiException:
-            return False
+        if spec.get("holderIdentity") != self.me:
+            spec["leaseTransitions"] = (spec.get("leaseTransitions") or 0) + 1
+            spec["acquireTime"] = stamp
+        spec.update(holderIdentity=self.me, renewTime=stamp, leaseDurationSeconds=LEASE_S)
+        # resourceVersion in the body: a replica that raced us gets 409, not the lease.
+        status, _ = await api.request("PUT", f"{self.path}/{quote(self.name)}", body=lease, ok=(409,), fenced=False)
+        return status != 409
 
     def keep(self) -> None:
         """Renew in a thread; exit the process when leadership cannot be proven any more."""
         global _held
         _held = self
-        threading.Thread(target=self._renew, name="lease-renewal", daemon=True).start()
+        thread = threading.Thread(target=asyncio.run, args=(self._with_api(self._renew),), name="lease-renewal")
+        thread.daemon = True
+        thread.start()
 
-    def _renew(self) -> None:
-        while not self._stop.wait(RENEW_S):
+    async def _renew(self, api: LeaseApi) -> None:
+        while not await asyncio.to_thread(self._stop.wait, RENEW_S):
             if not still_leader():  # frozen past the lease: another replica may be active now
                 step_down(f"lease {self.namespace}/{self.name} not renewed for {time.monotonic() - self.renewed:.0f}s")
-            if self._try_acquire():
+            if await self._try_acquire(api):
                 continue
-            holder = self._holder()
+            holder = await self._holder(api)
             if holder not in (None, self.me) or not still_leader():
                 step_down(f"lost lease {self.namespace}/{self.name} (held by {holder})")
 
@@ -208,16 +226,20 @@ class Lease:
         """On a clean stop: let the standby take over now rather than after LEASE_S."""
         self._stop.set()
         try:
-            lease = self.api.read_namespaced_lease(self.name, self.namespace)
-            if lease.spec.holder_identity == self.me:
-                lease.spec.holder_identity = None
-                lease.spec.renew_time = None
-                self.api.replace_namespaced_lease(self.name, self.namespace, lease)
-                log.info("released lease %s/%s", self.namespace, self.name)
+            asyncio.run(self._with_api(self._release))
         except Exception as e:  # the standby takes over after LEASE_S anyway
-            log.warning("could not release lease %s/%s: %s", self.namespace, self.name, e)
+            log.warning("could not release lease %s/%s: %s", self.namespace, self.name, _short(e))
+
+    async def _release(self, api: LeaseApi) -> None:
+        lease = await self._read(api)
+        if lease is None or (lease.get("spec") or {}).get("holderIdentity") != self.me:
+            return
+        lease["spec"]["holderIdentity"] = None
+        lease["spec"]["renewTime"] = None
+        await api.request("PUT", f"{self.path}/{quote(self.name)}", body=lease, fenced=False)
+        log.info("released lease %s/%s", self.namespace, self.name)
 
 
 def _short(e: Exception) -> str:
-    """One line of an exception: urllib3's carry the whole retry history."""
+    """One line of an exception: some carry a whole retry history."""
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
