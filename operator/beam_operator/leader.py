@@ -113,7 +113,8 @@ def step_down(why: str) -> None:
 class Lease:
     def __init__(self, namespace: str, name: str, new_api: Callable[[], LeaseApi], me: str | None = None) -> None:
         self.namespace, self.name, self.me = namespace, name, me or identity()
-        self.path = f"/apis/coordination.k8s.io/v1/namespaces/{quote(namespace)}/leases"
+        self.collection = f"/apis/coordination.k8s.io/v1/namespaces/{quote(namespace)}/leases"
+        self.path = f"{self.collection}/{quote(name)}"
         self._new_api = new_api
         self._stop = threading.Event()
         self.renewed = 0.0  # time.monotonic() when the last successful acquire or renewal was sent
@@ -143,7 +144,7 @@ class Lease:
             await asyncio.sleep(RETRY_S)
 
     async def _read(self, api: LeaseApi) -> dict[str, Any] | None:
-        status, lease = await api.request("GET", f"{self.path}/{quote(self.name)}", ok=(404,))
+        status, lease = await api.request("GET", self.path, ok=(404,))
         return None if status == 404 else lease
 
     async def _holder(self, api: LeaseApi) -> str | None:
@@ -191,7 +192,7 @@ class Lease:
                     "leaseTransitions": 0,
                 },
             }
-            status, _ = await api.request("POST", self.path, body=body, ok=(409,), fenced=False)
+            status, _ = await api.request("POST", self.collection, body=body, ok=(409,), fenced=False)
             return status != 409  # 409: another replica created it first
         spec = lease.setdefault("spec", {})
         if spec.get("holderIdentity") != self.me and not self._expired(spec, lease["metadata"]["resourceVersion"], now):
@@ -201,7 +202,7 @@ class Lease:
             spec["acquireTime"] = stamp
         spec.update(holderIdentity=self.me, renewTime=stamp, leaseDurationSeconds=LEASE_S)
         # resourceVersion in the body: a replica that raced us gets 409, not the lease.
-        status, _ = await api.request("PUT", f"{self.path}/{quote(self.name)}", body=lease, ok=(409,), fenced=False)
+        status, _ = await api.request("PUT", self.path, body=lease, ok=(409,), fenced=False)
         return status != 409
 
     def keep(self) -> None:
@@ -236,7 +237,7 @@ class Lease:
             return
         lease["spec"]["holderIdentity"] = None
         lease["spec"]["renewTime"] = None
-        await api.request("PUT", f"{self.path}/{quote(self.name)}", body=lease, fenced=False)
+        await api.request("PUT", self.path, body=lease, fenced=False)
         log.info("released lease %s/%s", self.namespace, self.name)
 
 

@@ -108,18 +108,15 @@ import os
 import re
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from beam_devstack.substrate.pki import issue_cert
-from beam_devstack.substrate.proc import CACHE, ManagedProcess, free_port, progress
+from beam_devstack.substrate.proc import CACHE, ManagedProcess, free_port, http_ok, progress
 
 K8S_VERSION = "v1.34.4"
 BIN_DIR = CACHE / "bin" / f"kubernetes-{K8S_VERSION}"
@@ -654,7 +651,9 @@ class Node:
                 "--authentication-skip-lookup=true",
             ],
         )
-        proc.wait_ready(lambda: _http_ok(f"https://127.0.0.1:{self.s.scheduler_port}/healthz"), 60, "healthy")
+        proc.wait_ready(
+            lambda: http_ok(f"https://127.0.0.1:{self.s.scheduler_port}/healthz", verify=False), 60, "healthy"
+        )
 
     def _start_kubelet(self) -> None:
         t0 = time.monotonic()
@@ -671,7 +670,7 @@ class Node:
                 "-v=1",
             ],
         )
-        proc.wait_ready(lambda: _http_ok(f"http://127.0.0.1:{self.s.kubelet_healthz_port}/healthz"), 60, "healthy")
+        proc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{self.s.kubelet_healthz_port}/healthz"), 60, "healthy")
         proc.wait_ready(self._node_ready, 120, f"registered and Ready as Node {self.s.node_name}")
         self.timings["kubelet_ready"] = time.monotonic() - t0
 
@@ -1252,15 +1251,6 @@ def _archive_ref(archive: Path) -> str:
     with tarfile.open(archive) as tar:
         index = json.load(tar.extractfile("index.json"))
     return index["manifests"][0].get("annotations", {}).get("org.opencontainers.image.ref.name", "")
-
-
-def _http_ok(url: str) -> bool:
-    ctx = ssl._create_unverified_context() if url.startswith("https://") else None  # noqa: S323 - self-signed
-    try:
-        with urllib.request.urlopen(url, context=ctx, timeout=2) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
 
 
 def main(argv: list[str] | None = None) -> None:
