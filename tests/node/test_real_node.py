@@ -195,7 +195,13 @@ def test_a_pod_whose_image_is_missing_shows_the_real_reason(node_operator, org):
         return None
 
     assert wait_for(waiting, 60, "a waiting reason") == "ErrImageNeverPull"
-    described = plane.kubectl("describe", "pod", "-n", org, "no-image").stdout
+
+    # The kubelet sets the waiting reason first and posts its Event (the message) after it.
+    def described_with_the_message():
+        text = plane.kubectl("describe", "pod", "-n", org, "no-image").stdout
+        return text if "not present with pull policy of Never" in text else None
+
+    described = wait_for(described_with_the_message, 60, "the kubelet's Event in kubectl describe")
     assert "ErrImageNeverPull" in described and "not present with pull policy of Never" in described, described
     # What the operator makes of that Pod (the kubelet's own status): stuck, with the remedy.
     from dataclasses import replace
